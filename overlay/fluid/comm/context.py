@@ -1,0 +1,154 @@
+"""CommContext: the process group, its communication stream, and the async handle.
+
+One CommContext is created per process group (expert-parallel group, context-parallel group) by
+the layer that owns the group, and passed explicitly to every all-to-all; there are no module-level
+streams. On CUDA the context owns a dedicated stream: an all-to-all launched through it first
+makes that stream wait for the compute stream (the input is ready), runs NCCL there, and returns
+a CommHandle; `handle.wait()` makes the *current* stream wait for the communication. The caller
+decides where to wait, so compute can be issued in between (this is how the backward scheduler
+fills the window with weight gradients).
+
+On CPU (gloo) there is no stream: the collective is started with `async_op=True` (gloo runs it on
+its own thread) and `wait()` blocks on the work object. The semantics are the same.
+
+Event protocol on CUDA, for one all-to-all:
+  1. compute stream records `ready`                 (inputs written)
+  2. comm stream waits `ready`, launches NCCL, records `done`
+  3. caller issues unrelated compute on the compute stream (optional)
+  4. handle.wait(): compute stream waits `done`; the handle drops its tensor references, so the
+     caching allocator cannot hand the input/output buffers to other work before NCCL is done.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+
+def _link_is_slow(group) -> bool:
+    """True when the all-to-all of `group` does not run over direct GPU peer links.
+
+    Over NVLink a Hopper all-to-all of tens of MiB takes a fraction of a millisecond, and running it
+    beside a GEMM costs more (SM and memory contention) than it hides; measured in
+    ../shared/docs/baseline.md. Through host memory (`NCCL_P2P_DISABLE=1`, the multi-node stand-in)
+    or between nodes it takes milliseconds and hides almost fully behind a GEMM.
+    """
+    if os.environ.get("NCCL_P2P_DISABLE", "0") not in ("", "0"):
+        return True
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if local and local < world:
+        # The group spans nodes only if its ranks are not all on this node; ranks are laid out
+        # node-major by torchrun, so compare node indices of the group's global ranks.
+        ranks = dist.get_process_group_ranks(group) if group is not None else list(range(world))
+        return len({r // local for r in ranks}) > 1
+    return False
+
+
+@dataclass
+class CommHandle:
+    """An all-to-all in flight. `wait()` once; later calls are no-ops.
+
+    Attributes:
+        nbytes: bytes this rank sends (for the scheduler's overlap policy and stats).
+        tensors: input and output kept alive until the wait (see module docstring).
+    """
+
+    nbytes: int
+    work: Optional[object] = None  # gloo work object
+    done: Optional[torch.cuda.Event] = None  # CUDA: recorded on the comm stream
+    start_event: Optional[torch.cuda.Event] = None  # CUDA timing only
+    tensors: tuple = ()
+    waited: bool = False
+
+    def wait(self) -> None:
+        if self.waited:
+            return
+        if self.work is not None:
+            self.work.wait()
+        if self.done is not None:
+            torch.cuda.current_stream().wait_event(self.done)
+        self.tensors = ()
+        self.waited = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.wait()
+
+
+@dataclass
+class CommContext:
+    """A process group plus the stream its all-to-alls run on.
+
+    Args:
+        group: the torch.distributed process group (EP or CP group). Required: FluidMoE never
+            falls back to a global group.
+        overlap: "auto" (overlap compute with this group's all-to-alls only where the link is slow,
+            see `_link_is_slow`), "always" or "never". Default from env FLUID_OVERLAP.
+    """
+
+    group: object
+    overlap: str = field(default_factory=lambda: os.environ.get("FLUID_OVERLAP", "auto"))
+    stream: Optional[torch.cuda.Stream] = None
+    _slow_link: Optional[bool] = None
+
+    def __post_init__(self):
+        if self.group is None:
+            raise ValueError("CommContext needs an explicit process group")
+        if self.overlap not in ("auto", "always", "never"):
+            raise ValueError(f"FLUID_OVERLAP must be auto, always or never, not {self.overlap!r}")
+        self.size = dist.get_world_size(self.group)
+        self.rank = dist.get_rank(self.group)
+        self.is_nccl = dist.get_backend(self.group) == "nccl"
+
+    def comm_stream(self) -> Optional[torch.cuda.Stream]:
+        if not self.is_nccl:
+            return None
+        if self.stream is None:
+            self.stream = torch.cuda.Stream()
+        return self.stream
+
+    def should_overlap(self) -> bool:
+        """Whether compute should be issued while this group's all-to-alls are in flight."""
+        if self.overlap != "auto":
+            return self.overlap == "always"
+        if not self.is_nccl:
+            return True  # gloo: the collective runs on its own thread, overlap is free
+        if self._slow_link is None:
+            self._slow_link = _link_is_slow(self.group)
+        return self._slow_link
+
+    def all_to_all_single(
+        self,
+        output: torch.Tensor,
+        input: torch.Tensor,
+        output_splits: Optional[list[int]],
+        input_splits: Optional[list[int]],
+        timing: bool = False,
+    ) -> CommHandle:
+        """Start `all_to_all_single` (dim 0, uneven splits allowed) and return its handle."""
+        nbytes = input.numel() * input.element_size()
+        if not self.is_nccl:
+            work = dist.all_to_all_single(
+                output, input, output_splits, input_splits, group=self.group, async_op=True
+            )
+            return CommHandle(nbytes, work=work, tensors=(input, output))
+        stream = self.comm_stream()
+        ready = torch.cuda.Event()
+        ready.record()
+        start = None
+        with torch.cuda.stream(stream):
+            stream.wait_event(ready)
+            if timing:
+                start = torch.cuda.Event(enable_timing=True)
+                start.record()
+            dist.all_to_all_single(output, input, output_splits, input_splits, group=self.group)
+            done = torch.cuda.Event(enable_timing=timing)
+            done.record()
+        return CommHandle(nbytes, done=done, start_event=start, tensors=(input, output))

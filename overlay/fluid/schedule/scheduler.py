@@ -1,0 +1,279 @@
+"""BackwardScheduler: weight gradients (dW) deferred into the windows of backward all-to-alls.
+
+In backward, a Fluid layer computes dX at once (the next op needs it) and hands its dW to the
+scheduler as a closure (`defer`). When a Fluid all-to-all's backward has launched its
+communication, it calls `run_while(handle, comm)`: the queued dW closures run on the compute stream
+while the all-to-all is in flight, then the compute stream waits for it. Per layer that turns
+T_dX + T_dW + T_a2a into T_dX + max(T_dW, T_a2a).
+
+Protocol (one backward pass, i.e. one `torch.autograd.backward` call):
+  1. A Fluid op's backward calls `defer(fn)`. Outside a backward, or with the scheduler disabled,
+     `fn` runs inline, exactly where stock Megatron computes dW. Otherwise it is queued and, once
+     per backward pass, an end-of-backward callback is armed on the autograd engine.
+  2. A Fluid all-to-all's backward launches its collective and calls `run_while`. If the link is
+     slow enough for overlap to pay (CommContext.should_overlap) every queued task runs before the
+     wait; otherwise after it. Either way the queue drains at every all-to-all, so the closures
+     (which hold activations) live no longer than one layer: memory stays as stock.
+  3. When the engine finishes the backward pass, the armed callback flushes whatever is left
+     (e.g. the first layer's QKV dW, which has no all-to-all after it).
+
+No dW is lost or late: each closure ends in `accumulate_weight_grad`, which hands the gradient to
+autograd for that parameter, so `param.grad` accumulation, Megatron DDP's per-parameter hook
+(`main_grad.add_`, and with `overlap_grad_reduce` the bucket's grad-ready count) fire when the dW
+exists, never before. Buckets cannot reduce early, `finalize_model_grads` and the optimizer run
+after the backward call returned (after step 3), and the next micro-batch starts from a flushed
+queue.
+
+Failure: a closure that raises clears the queue before the exception propagates. If another op
+raises, the engine never reaches step 3; the stale closures are dropped (with a warning) the next
+time a Fluid layer runs forward or defers from a different backward pass, so no activation is held
+past the next step and the next step's gradients are not polluted.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def _env_flag(name: str, default: bool) -> bool:
+    v = os.environ.get(name)
+    if v is None or v == "":
+        return default
+    return v.strip().lower() not in ("0", "false", "off", "no")
+
+
+def _graph_task_id() -> int:
+    """Id of the autograd graph task running on this thread; -1 outside backward."""
+    return torch._C._current_graph_task_id()
+
+
+@dataclass
+class _Task:
+    fn: Callable[[], None]
+    name: str
+    graph_task: int
+
+
+@dataclass
+class _Window:
+    """CUDA events of one all-to-all window (timing mode only)."""
+
+    a2a_start: object
+    a2a_end: object
+    dw_start: Optional[object]
+    dw_end: Optional[object]
+    end: Optional[object]
+
+
+class BackwardScheduler:
+    """One per process (`get_backward_scheduler()`).
+
+    Args:
+        enabled: defer dW into all-to-all windows (env FLUID_SCHEDULER, default on). Disabled,
+            every dW runs inline in its op's backward, giving bit-identical gradients.
+        timing: record CUDA events per window (env FLUID_SCHEDULER_TIMING, default off; reading
+            them in `get_stats()` synchronizes the device).
+    """
+
+    def __init__(self, enabled: Optional[bool] = None, timing: Optional[bool] = None):
+        self.enabled = _env_flag("FLUID_SCHEDULER", True) if enabled is None else enabled
+        self.timing = _env_flag("FLUID_SCHEDULER_TIMING", False) if timing is None else timing
+        self._queue: deque[_Task] = deque()
+        self._armed_for: Optional[int] = None
+        self._in_window = False
+        self.reset_stats()
+
+    # -- switches ---------------------------------------------------------------------------
+    def enable(self) -> None:
+        self.enabled = True
+
+    def disable(self) -> None:
+        """Run every dW inline from now on (pending tasks, if any, are flushed first)."""
+        self.flush()
+        self.enabled = False
+
+    def set_timing(self, on: bool) -> None:
+        self.timing = on
+
+    @property
+    def num_pending(self) -> int:
+        return len(self._queue)
+
+    # -- producer side ----------------------------------------------------------------------
+    def defer(self, fn: Callable[[], None], name: str = "") -> None:
+        """Queue a dW closure (or run it inline; see the module docstring, step 1)."""
+        self._stats["total_dw_tasks"] += 1
+        gid = _graph_task_id()
+        if not self.enabled or gid == -1:
+            self._run(_Task(fn, name, gid), kind="inline")
+            return
+        if self._queue and self._queue[0].graph_task != gid:
+            self._drop_stale("a new backward pass started")
+        self._queue.append(_Task(fn, name, gid))
+        if self._armed_for != gid:
+            self._armed_for = gid
+            torch.autograd.Variable._execution_engine.queue_callback(self._on_backward_end)
+
+    def on_forward(self) -> None:
+        """Called by Fluid layers at forward: tasks still queued outside backward are stale."""
+        if self._queue and _graph_task_id() == -1:
+            self._drop_stale("backward did not finish (an exception?)")
+
+    # -- consumer side ----------------------------------------------------------------------
+    def run_while(self, handle, comm) -> None:
+        """Fill the window of an in-flight all-to-all with queued dW, then wait for it."""
+        self._stats["a2a_calls"] += 1
+        overlap = bool(self._queue) and self.enabled and comm.should_overlap()
+        cuda = handle.done is not None
+        dw_start = dw_end = end = None
+        if overlap:
+            self._stats["overlapped_windows"] += 1
+            if self.timing:
+                dw_start = self._mark(cuda)
+            self._drain(kind="overlapped")
+            if self.timing:
+                dw_end = self._mark(cuda)
+            handle.wait()
+        else:
+            handle.wait()
+            if self.timing:
+                end = self._mark(cuda)
+            if self._queue:
+                self._drain(kind="after_wait")
+        if self.timing:
+            if overlap:
+                end = self._mark(cuda)
+            if cuda:
+                self._windows.append(_Window(handle.start_event, handle.done, dw_start, dw_end, end))
+            else:  # CPU: wall-clock; the a2a alone is not observable when dW runs beside it
+                t = self._cpu_times
+                t["dw"] += (dw_end - dw_start) if overlap else 0.0
+                t["window"] += (end - dw_start) if overlap else 0.0
+
+    def flush(self) -> None:
+        """Run every pending dW now (end of backward, or before reading gradients by hand)."""
+        if self._queue:
+            self._drain(kind="flushed")
+
+    def clear(self) -> None:
+        """Drop pending tasks without running them (their gradients are lost)."""
+        self._queue.clear()
+        self._armed_for = None
+
+    # -- internals --------------------------------------------------------------------------
+    def _on_backward_end(self) -> None:
+        self._armed_for = None
+        self.flush()
+
+    def _drop_stale(self, why: str) -> None:
+        n = len(self._queue)
+        log.warning("FluidMoE: dropping %d stale dW task(s): %s", n, why)
+        self._stats["dropped_stale_tasks"] += n
+        self.clear()
+
+    def _drain(self, kind: str) -> None:
+        while self._queue:
+            self._run(self._queue.popleft(), kind)
+
+    def _run(self, task: _Task, kind: str) -> None:
+        try:
+            task.fn()
+        except BaseException:
+            self.clear()
+            raise
+        self._stats["completed_dw_tasks"] += 1
+        self._stats[f"{kind}_dw_tasks"] += 1
+
+    @staticmethod
+    def _mark(cuda: bool):
+        if not cuda:
+            return time.perf_counter()
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        return ev
+
+    # -- stats ------------------------------------------------------------------------------
+    def reset_stats(self) -> None:
+        self._stats = {
+            k: 0
+            for k in (
+                "total_dw_tasks",
+                "completed_dw_tasks",
+                "overlapped_dw_tasks",
+                "after_wait_dw_tasks",
+                "inline_dw_tasks",
+                "flushed_dw_tasks",
+                "dropped_stale_tasks",
+                "a2a_calls",
+                "overlapped_windows",
+            )
+        }
+        self._windows: list[_Window] = []
+        self._cpu_times = {"dw": 0.0, "window": 0.0}
+
+    def get_stats(self) -> dict:
+        """Counters since `reset_stats()`, plus timings when timing is on.
+
+        Keys: enabled, timing, pending_dw_tasks, total_dw_tasks, completed_dw_tasks,
+        overlapped_dw_tasks (ran while an all-to-all was in flight), after_wait_dw_tasks (ran
+        right after a short all-to-all, see CommContext.should_overlap), inline_dw_tasks
+        (scheduler off, or outside backward), flushed_dw_tasks (end of backward),
+        dropped_stale_tasks, a2a_calls, overlapped_windows. With timing on (CUDA): a2a_ms (sum of
+        all backward all-to-alls, comm-stream events), overlapped_a2a_ms, dw_in_window_ms,
+        window_ms (launch of the dW to the end of the wait, overlapped windows only) and
+        overlap_efficiency = (T_a2a + T_dW - T_window) / min(T_a2a, T_dW) summed over overlapped
+        windows: 1 means the shorter of the two was fully hidden, 0 serial. The component times
+        are measured while overlapped (so include contention); benchmarks/ reports the
+        end-to-end efficiency against separately timed serial runs. Reading them synchronizes.
+        """
+        s = dict(self._stats)
+        s.update(enabled=self.enabled, timing=self.timing, pending_dw_tasks=len(self._queue))
+        if not self.timing:
+            return s
+        if self._windows:
+            torch.cuda.synchronize()
+            a2a = ov_a2a = dw = win = hidden = denom = 0.0
+            for w in self._windows:
+                t_a2a = w.a2a_start.elapsed_time(w.a2a_end) if w.a2a_start is not None else 0.0
+                a2a += t_a2a
+                if w.dw_start is not None:
+                    t_dw = w.dw_start.elapsed_time(w.dw_end)
+                    t_win = w.dw_start.elapsed_time(w.end)
+                    ov_a2a += t_a2a
+                    dw += t_dw
+                    win += t_win
+                    hidden += t_a2a + t_dw - t_win
+                    denom += min(t_a2a, t_dw)
+            s.update(
+                a2a_ms=a2a,
+                overlapped_a2a_ms=ov_a2a,
+                dw_in_window_ms=dw,
+                window_ms=win,
+                overlap_efficiency=(hidden / denom) if denom > 0 else None,
+            )
+        else:
+            s.update(
+                dw_in_window_ms=1e3 * self._cpu_times["dw"],
+                window_ms=1e3 * self._cpu_times["window"],
+            )
+        return s
+
+
+_SCHEDULER: Optional[BackwardScheduler] = None
+
+
+def get_backward_scheduler() -> BackwardScheduler:
+    """The process's BackwardScheduler (created on first use from the environment)."""
+    global _SCHEDULER
+    if _SCHEDULER is None:
+        _SCHEDULER = BackwardScheduler()
+    return _SCHEDULER

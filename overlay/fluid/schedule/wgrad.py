@@ -1,0 +1,153 @@
+"""Deferred weight gradients: how a dW closure hands its result to autograd, DDP and the optimizer.
+
+Fluid ops pass their weights to their autograd Functions *detached*, so the autograd graph has no
+edge to the weight and the engine never calls the weight's AccumulateGrad during the main backward
+(if it did with a None gradient, Megatron DDP's per-parameter hook would fire before the dW exists:
+with `overlap_grad_reduce` that is an assertion, or a bucket reduced too early). The dW closure
+then calls `accumulate_weight_grad(param, dW)`, which runs a tiny backward from the parameter
+itself: AccumulateGrad adds `dW` into `param.grad` and fires every hook registered on it, exactly as
+stock Megatron's linears do with `gradient_accumulation_fusion=False`:
+  - no DDP: `param.grad` accumulates across micro-batches as in plain PyTorch;
+  - Megatron DDP: its hook adds `param.grad` into the fp32 `param.main_grad`, clears `param.grad`,
+    and with `overlap_grad_reduce` reports the parameter ready to its bucket.
+
+With `gradient_accumulation_fusion` and a `main_grad` (DDP), `fused_accumulate` writes dW straight
+into `main_grad` with apex's fused kernel when it is installed, marks `grad_added_to_main_grad`, and
+fires the hooks with a placeholder gradient, as Megatron's LinearWithGradAccumulation does. Without
+the kernel it falls back to the unfused path above (with a one-time warning).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+
+log = logging.getLogger(__name__)
+
+try:  # apex's fused wgrad kernel; absent on the project's GPU image
+    import fused_weight_gradient_mlp_cuda  # type: ignore
+
+    HAVE_FUSED_WGRAD = True
+except ImportError:
+    fused_weight_gradient_mlp_cuda = None
+    HAVE_FUSED_WGRAD = False
+
+_warned_no_fusion = False
+
+
+def accumulate_weight_grad(param: torch.nn.Parameter, grad: torch.Tensor) -> None:
+    """Give `grad` (same shape as `param`) to autograd as `param`'s gradient (see module doc)."""
+    if not param.requires_grad:
+        return
+    if grad.dtype != param.dtype:
+        grad = grad.to(param.dtype)
+    with torch.enable_grad():
+        torch.autograd.backward(param, grad)
+
+
+def wants_fused_accumulation(param: torch.nn.Parameter, gradient_accumulation_fusion: bool) -> bool:
+    """True where dW should be written straight into `param.main_grad` by apex's kernel."""
+    global _warned_no_fusion
+    if not (gradient_accumulation_fusion and hasattr(param, "main_grad")):
+        return False
+    if not HAVE_FUSED_WGRAD or param.main_grad.dtype not in (torch.float32, torch.float16):
+        if not _warned_no_fusion:
+            log.warning(
+                "FluidMoE: gradient_accumulation_fusion requested but apex's "
+                "fused_weight_gradient_mlp_cuda is not installed: using unfused dW accumulation"
+            )
+            _warned_no_fusion = True
+        return False
+    return True
+
+
+def fused_accumulate(param: torch.nn.Parameter, x_2d: torch.Tensor, dy_2d: torch.Tensor) -> None:
+    """`param.main_grad += dy_2d^T @ x_2d` in place (apex kernel), then fire param's hooks."""
+    if param.main_grad.dtype == torch.float32:
+        fused_weight_gradient_mlp_cuda.wgrad_gemm_accum_fp32(x_2d, dy_2d, param.main_grad)
+    else:
+        fused_weight_gradient_mlp_cuda.wgrad_gemm_accum_fp16(x_2d, dy_2d, param.main_grad)
+    param.grad_added_to_main_grad = True
+    # DDP's hook skips the add when grad_added_to_main_grad is set; it only needs a gradient.
+    accumulate_weight_grad(param, torch.empty_like(param))
+
+
+class _DeferredLinear(torch.autograd.Function):
+    """y = x @ W^T (+ b). Backward: dX now; dW (and db) deferred to the BackwardScheduler."""
+
+    @staticmethod
+    def forward(ctx, x, weight_detached, bias_detached, anchor, params, name, fusion):
+        ctx.save_for_backward(x, weight_detached)
+        ctx.params, ctx.name, ctx.fusion = params, name, fusion
+        ctx.x_requires_grad = x.requires_grad
+        y = torch.matmul(x, weight_detached.t())
+        if bias_detached is not None:
+            y = y + bias_detached
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        from fluid.schedule.scheduler import get_backward_scheduler
+
+        x, w = ctx.saved_tensors
+        weight, bias = ctx.params
+        ctx.params = None  # the closure below keeps what it needs; drop the rest now
+        dx = torch.matmul(dy, w) if ctx.x_requires_grad else None
+        fusion = ctx.fusion
+
+        def dw_task(x=x, dy=dy):
+            x2 = x.reshape(-1, x.shape[-1])
+            dy2 = dy.reshape(-1, dy.shape[-1])
+            if weight.requires_grad:
+                if wants_fused_accumulation(weight, fusion):
+                    fused_accumulate(weight, x2, dy2)
+                else:
+                    accumulate_weight_grad(weight, torch.matmul(dy2.t(), x2))
+            if bias is not None and bias.requires_grad:
+                accumulate_weight_grad(bias, dy2.sum(0))
+
+        get_backward_scheduler().defer(dw_task, ctx.name)
+        return dx, None, None, None, None, None, None
+
+
+def deferred_linear(
+    x: torch.Tensor,
+    weight: torch.nn.Parameter,
+    bias: Optional[torch.nn.Parameter] = None,
+    *,
+    name: str = "",
+    gradient_accumulation_fusion: bool = False,
+) -> torch.Tensor:
+    """`x @ weight^T + bias` whose weight/bias gradients go through the BackwardScheduler.
+
+    Args:
+        x: `[..., in]`; weight: `[out, in]`; bias: `[out]` or None. Returns `[..., out]`.
+        name: label for stats and debugging.
+    """
+    # When x does not need a gradient, the output would not either (the weight is detached);
+    # an empty leaf that requires grad keeps this op in the backward graph so dW still runs.
+    needs_anchor = not x.requires_grad and (
+        weight.requires_grad or (bias is not None and bias.requires_grad)
+    )
+    anchor = _anchor(x.device) if needs_anchor else None
+    return _DeferredLinear.apply(
+        x,
+        weight.detach(),
+        None if bias is None else bias.detach(),
+        anchor,
+        (weight, bias),
+        name,
+        gradient_accumulation_fusion,
+    )
+
+
+_ANCHORS: dict = {}
+
+
+def _anchor(device) -> torch.Tensor:
+    key = str(device)
+    if key not in _ANCHORS:
+        _ANCHORS[key] = torch.empty(0, device=device, requires_grad=True)
+    return _ANCHORS[key]

@@ -1,0 +1,88 @@
+"""`print_status()`: what FluidMoE runs on: pinned upstream, mode, patches, scheduler settings.
+
+The pin comes from `patches/upstream.lock` of the checkout the overlay is installed from (editable
+install), the mode and the applied patches from `.build/setup-state.json`, which `make setup`
+writes, and both are cross-checked against what Python actually imports.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+PINNED_COMMIT = "5be9626709af2722333bf54797c954c09edeada3"
+PINNED_TAG = "core_v0.19.0"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+STATE_FILE = REPO_ROOT / ".build" / "setup-state.json"
+
+
+def _lock() -> dict:
+    lock = {"commit": PINNED_COMMIT, "tag": PINNED_TAG}
+    path = REPO_ROOT / "patches" / "upstream.lock"
+    if path.exists():
+        for line in path.read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key in ("commit", "tag", "megatron-core"):
+                lock[key] = value.strip()
+    return lock
+
+
+def _imported_megatron() -> dict:
+    spec = importlib.util.find_spec("megatron.core")
+    if spec is None:
+        return {"megatron_core": None, "megatron_training": False, "patched": False}
+    core_dir = Path(spec.origin).parent
+    training = importlib.util.find_spec("megatron.training") is not None and (
+        core_dir.parent / "training" / "training.py"
+    ).exists()
+    cfg = (core_dir / "transformer" / "transformer_config.py").read_text()
+    specs = (core_dir / "models" / "gpt" / "gpt_layer_specs.py").read_text()
+    return {
+        "megatron_core": str(core_dir),
+        "megatron_training": training,
+        "patched": "use_fluid_moe: bool = False" in cfg and "_apply_layer_spec_hooks" in specs,
+    }
+
+
+def status() -> dict:
+    """Everything print_status shows, as a dict."""
+    from fluid.schedule import get_backward_scheduler
+
+    state = json.loads(STATE_FILE.read_text()) if STATE_FILE.exists() else {}
+    sched = get_backward_scheduler()
+    return {
+        "fluid_version": __import__("fluid").__version__,
+        "upstream": _lock(),
+        "mode": state.get("mode", "unknown (make setup not run)"),
+        "applied_patches": state.get("applied_patches", []),
+        "skipped_patches": state.get("skipped_patches", []),
+        **_imported_megatron(),
+        "scheduler": {
+            "enabled": sched.enabled,
+            "timing": sched.timing,
+            "overlap": os.environ.get("FLUID_OVERLAP", "auto"),
+            "CUDA_DEVICE_MAX_CONNECTIONS": os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS"),
+        },
+    }
+
+
+def print_status() -> dict:
+    """Print and return `status()`."""
+    s = status()
+    up = s["upstream"]
+    print("FluidMoE", s["fluid_version"])
+    print(f"  upstream pin : {up.get('tag')} {up.get('commit')}")
+    print(f"  mode         : {s['mode']}")
+    print(f"  megatron.core: {s['megatron_core']} (patched: {s['patched']})")
+    print(f"  training     : {'available' if s['megatron_training'] else 'unavailable (core-only)'}")
+    print(f"  patches      : {', '.join(s['applied_patches']) or 'none'}")
+    if s["skipped_patches"]:
+        print(f"  skipped      : {', '.join(s['skipped_patches'])}")
+    sc = s["scheduler"]
+    print(
+        f"  scheduler    : enabled={sc['enabled']} timing={sc['timing']} overlap={sc['overlap']}"
+        f" CUDA_DEVICE_MAX_CONNECTIONS={sc['CUDA_DEVICE_MAX_CONNECTIONS']}"
+    )
+    return s

@@ -1,0 +1,349 @@
+#!/usr/bin/env python3
+"""The patch series on the pinned Megatron-LM: apply, check, refresh, lock.
+
+The series lives in `patches/`: `series` lists one patch file a line (quilt order), each patch is
+a DEP-3-style header (Description / Test / Forwarded), a line `---`, then a git-style unified diff
+with `a/` and `b/` prefixes and no `index` lines. `patches/upstream.lock` records the pinned commit
+and the git blob hash of every upstream file the series touches, so a tree that is not a git
+checkout (the `megatron-core` wheel or sdist in core-only mode) can still be checked byte for byte.
+
+A "tree" is a directory that holds `megatron/core/...`: the submodule, or the core-only copy.
+
+Commands (all exit non-zero with a message on failure):
+  apply   --tree DIR      apply the series (zero fuzz; patches already applied are skipped;
+                          patches that only touch files absent from a core-only tree are skipped)
+  verify  --tree DIR      the pristine files in DIR match the blob hashes in upstream.lock
+  check   --tree DIR      DIR is pristine: series/files agree, headers complete, lock matches,
+                          the whole series applies with no fuzz to a copy, refresh is a no-op
+  refresh --tree DIR      rewrite the patch files from an applied tree (DIR) against the pristine
+                          files of the pinned commit (taken from DIR's git, or from --pristine)
+  lock    --tree DIR      rewrite upstream.lock from the pristine files of DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+HEADER_FIELDS = ("Description", "Test", "Forwarded")
+CORE_PREFIX = "megatron/core/"
+
+
+class PatchError(RuntimeError):
+    """A user-facing failure: the message says what is wrong and what to do."""
+
+
+@dataclass(frozen=True)
+class Patch:
+    name: str
+    path: Path
+    header: str  # everything before the `---` separator line, with its trailing newline
+    diff: str  # the unified diff, starting at the first `diff --git`
+
+    @property
+    def files(self) -> list[str]:
+        return re.findall(r"^diff --git a/(\S+) b/\S+$", self.diff, flags=re.M)
+
+
+def git_blob_hash(data: bytes) -> str:
+    """The id git gives a file's content (`git hash-object`), computed without git."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def read_patch(path: Path) -> Patch:
+    text = path.read_text()
+    head, sep, rest = text.partition("\n---\n")
+    if not sep or "diff --git " not in rest:
+        raise PatchError(f"{path.name}: no header/diff separator ('---' line, then 'diff --git')")
+    diff = rest[rest.index("diff --git ") :]
+    return Patch(path.name, path, head + "\n", diff)
+
+
+def read_series(patch_dir: Path) -> list[Patch]:
+    series = patch_dir / "series"
+    if not series.exists():
+        raise PatchError(f"{series} is missing")
+    names = [ln.strip() for ln in series.read_text().splitlines()]
+    names = [n for n in names if n and not n.startswith("#")]
+    missing = [n for n in names if not (patch_dir / n).exists()]
+    if missing:
+        raise PatchError(f"patches named in series but missing: {', '.join(missing)}")
+    return [read_patch(patch_dir / n) for n in names]
+
+
+def read_lock(patch_dir: Path) -> dict:
+    lock = {"files": {}}
+    for line in (patch_dir / "upstream.lock").read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, _, value = line.partition(" ")
+        if key in ("commit", "tag", "megatron-core"):
+            lock[key] = value.strip()
+        else:  # "<blob> <path>"
+            lock["files"][value.strip()] = key
+    return lock
+
+
+def check_series_files(patch_dir: Path, patches: list[Patch]) -> None:
+    """Every *.patch in the folder is in series, and every header has the DEP-3 fields."""
+    listed = {p.name for p in patches}
+    unlisted = sorted(p.name for p in patch_dir.glob("*.patch") if p.name not in listed)
+    if unlisted:
+        raise PatchError(f"patch files not listed in patches/series: {', '.join(unlisted)}")
+    for p in patches:
+        for field in HEADER_FIELDS:
+            if not re.search(rf"^{field}: \S", p.header, flags=re.M):
+                raise PatchError(f"{p.name}: header lacks a '{field}:' line")
+
+
+def is_core_only(tree: Path) -> bool:
+    return not (tree / "megatron" / "training").is_dir() or not (tree / "pretrain_gpt.py").exists()
+
+
+def applicable(patch: Patch, tree: Path) -> bool:
+    """False for a patch whose files are absent (megatron/training in a core-only tree)."""
+    present = [(tree / f).exists() for f in patch.files]
+    if all(present):
+        return True
+    if not any(present) and not all(f.startswith(CORE_PREFIX) for f in patch.files):
+        return False
+    missing = [f for f, ok in zip(patch.files, present) if not ok]
+    raise PatchError(f"{patch.name}: files missing from {tree}: {', '.join(missing)}")
+
+
+def _git_apply(tree: Path, patch: Patch, *extra: str) -> subprocess.CompletedProcess:
+    # Paths are relative to `tree`, so git runs from there. git apply never fuzzes: any context
+    # mismatch is a failure.
+    return subprocess.run(
+        ["git", "apply", "--whitespace=nowarn", *extra, "-"],
+        cwd=tree,
+        input=patch.diff,
+        text=True,
+        capture_output=True,
+        # Outside a checkout, stop git from finding an enclosing repository (it would then resolve
+        # the patch's paths against that repository's root instead of `tree`).
+        env=None if (tree / ".git").exists() else {**os.environ, "GIT_CEILING_DIRECTORIES": str(tree.parent)},
+    )
+
+
+def apply_series(tree: Path, patch_dir: Path, log=print) -> list[str]:
+    """Apply every patch not yet applied; return the names applied now or already present."""
+    done = []
+    for p in read_series(patch_dir):
+        if not applicable(p, tree):
+            log(f"  skip {p.name}: touches {', '.join(p.files)}, absent in a core-only tree")
+            continue
+        if _git_apply(tree, p, "--check").returncode == 0:
+            res = _git_apply(tree, p)
+            if res.returncode:
+                raise PatchError(f"{p.name} failed to apply:\n{res.stderr}")
+            log(f"  applied {p.name}")
+        elif _git_apply(tree, p, "--check", "--reverse").returncode == 0:
+            log(f"  already applied {p.name}")
+        else:
+            res = _git_apply(tree, p, "--check", "-v")
+            raise PatchError(f"{p.name} does not apply (no fuzz allowed) to {tree}:\n{res.stderr}")
+        done.append(p.name)
+    return done
+
+
+def verify_lock(tree: Path, patch_dir: Path, files: list[str] | None = None) -> None:
+    """Each locked upstream file present in `tree` has the locked blob hash (pristine check)."""
+    lock = read_lock(patch_dir)
+    bad = []
+    for rel, blob in sorted(lock["files"].items()):
+        if files is not None and rel not in files:
+            continue
+        f = tree / rel
+        if not f.exists():
+            if rel.startswith(CORE_PREFIX):
+                bad.append(f"{rel}: missing")
+            continue
+        got = git_blob_hash(f.read_bytes())
+        if got != blob:
+            bad.append(f"{rel}: blob {got}, locked {blob}")
+    if bad:
+        raise PatchError(
+            "upstream files differ from patches/upstream.lock (pinned "
+            f"{lock.get('commit', '?')}):\n  " + "\n  ".join(bad)
+        )
+
+
+def render_diff(rel: str, old: str, new: str) -> str:
+    """A git-style unified diff (a/ b/ prefixes, 3 lines of context, no index line)."""
+    body = difflib.unified_diff(
+        old.splitlines(True), new.splitlines(True), f"a/{rel}", f"b/{rel}", n=3
+    )
+    lines = list(body)
+    if not lines:
+        return ""
+    for i, ln in enumerate(lines):
+        if not ln.endswith("\n"):
+            lines[i] = ln + "\n\\ No newline at end of file\n"
+    # difflib writes "--- a/x\n" with no trailing tab/date when no dates are given.
+    return f"diff --git a/{rel} b/{rel}\n" + "".join(lines)
+
+
+def _copy_tree_files(src: Path, dst: Path, rels: list[str]) -> None:
+    for rel in rels:
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src / rel, dst / rel)
+
+
+def refreshed_patches(applied: Path, pristine: Path, patch_dir: Path) -> dict[str, str]:
+    """Re-derive each patch's text from the applied tree, keeping headers.
+
+    Patches are replayed one by one on a scratch copy of the pristine files, so each patch's diff
+    is computed against the state left by the patches before it, as quilt does.
+    """
+    patches = read_series(patch_dir)
+    rels = sorted({f for p in patches for f in p.files})
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        present = [r for r in rels if (pristine / r).exists()]
+        _copy_tree_files(pristine, work, present)
+        (work / "megatron" / "core").mkdir(parents=True, exist_ok=True)
+        for p in patches:
+            if not all((work / f).exists() for f in p.files):
+                out[p.name] = p.path.read_text()  # not in this tree: keep as is
+                continue
+            before = {f: (work / f).read_text() for f in p.files}
+            res = _git_apply(work, p)
+            if res.returncode:
+                raise PatchError(f"{p.name} does not apply to the pristine files:\n{res.stderr}")
+            diff = ""
+            for f in p.files:
+                final = (applied / f).read_text()
+                # This patch's change is what it did to `before`; later patches touching the same
+                # file are attributed to themselves when their turn comes.
+                after = (work / f).read_text()
+                if final != after and not any(f in q.files for q in patches[patches.index(p) + 1 :]):
+                    after = final  # the applied tree was edited: fold the edit into this patch
+                    (work / f).write_text(final)
+                diff += render_diff(f, before[f], after)
+            out[p.name] = p.header + "---\n" + diff
+    return out
+
+
+def pristine_from_git(tree: Path, commit: str, rels: list[str], dst: Path) -> None:
+    for rel in rels:
+        res = subprocess.run(
+            ["git", "-C", str(tree), "show", f"{commit}:{rel}"], capture_output=True
+        )
+        if res.returncode:
+            continue  # file absent at that commit
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        (dst / rel).write_bytes(res.stdout)
+
+
+def check(tree: Path, patch_dir: Path, log=print) -> None:
+    """The full consistency check (make check-patches). `tree` must be pristine."""
+    patches = read_series(patch_dir)
+    check_series_files(patch_dir, patches)
+    lock = read_lock(patch_dir)
+    rels = sorted({f for p in patches for f in p.files})
+    unlocked = [r for r in rels if r not in lock["files"]]
+    if unlocked:
+        raise PatchError(f"files touched by the series but not in upstream.lock: {unlocked}")
+    verify_lock(tree, patch_dir)
+    log(f"  lock: {len(lock['files'])} upstream files match {lock.get('commit', '?')[:12]}")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp) / "tree"
+        work.mkdir()
+        present = [r for r in rels if (tree / r).exists()]
+        _copy_tree_files(tree, work, present)
+        if not is_core_only(tree):  # keep the mode of the original tree
+            (work / "megatron" / "training").mkdir(parents=True, exist_ok=True)
+            (work / "pretrain_gpt.py").write_text("")
+        apply_series(work, patch_dir, log=lambda m: log("  " + m.strip()))
+        fresh = refreshed_patches(work, tree, patch_dir)
+        stale = [n for n, text in fresh.items() if text != (patch_dir / n).read_text()]
+        if stale:
+            raise PatchError(
+                f"refreshing would change {', '.join(stale)}: run `make refresh-patches`"
+            )
+    log("  refresh: no-op")
+
+
+def write_lock(tree: Path, patch_dir: Path, commit: str, tag: str, core_version: str) -> None:
+    rels = sorted({f for p in read_series(patch_dir) for f in p.files})
+    lines = [
+        "# Pinned upstream and the git blob hash of each upstream file the series touches.",
+        "# Written by `tools/patches.py lock`; checked by `make check-patches` and `make setup`.",
+        f"commit {commit}",
+        f"tag {tag}",
+        f"megatron-core {core_version}",
+    ]
+    for rel in rels:
+        lines.append(f"{git_blob_hash((tree / rel).read_bytes())} {rel}")
+    (patch_dir / "upstream.lock").write_text("\n".join(lines) + "\n")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("command", choices=["apply", "verify", "check", "refresh", "lock"])
+    ap.add_argument("--tree", type=Path, required=True, help="directory holding megatron/")
+    ap.add_argument("--patches", type=Path, default=ROOT / "patches")
+    ap.add_argument("--pristine", type=Path, help="pristine tree for refresh (default: git)")
+    ap.add_argument("--commit", help="commit for lock/refresh (default: upstream.lock's)")
+    ap.add_argument("--tag", default=None)
+    ap.add_argument("--core-version", default=None)
+    args = ap.parse_args(argv)
+    tree, pdir = args.tree.resolve(), args.patches.resolve()
+    try:
+        if args.command == "apply":
+            patches = read_series(pdir)
+            rels = [f for p in patches for f in p.files if (tree / f).exists()]
+            touched = [
+                p for p in patches
+                if applicable(p, tree) and _git_apply(tree, p, "--check").returncode == 0
+            ]
+            # Only files that are still pristine can be checked against the lock.
+            verify_lock(tree, pdir, files=sorted({f for p in touched for f in p.files} & set(rels)))
+            apply_series(tree, pdir)
+        elif args.command == "verify":
+            verify_lock(tree, pdir)
+        elif args.command == "check":
+            check(tree, pdir)
+            print("check-patches: OK")
+        elif args.command == "refresh":
+            commit = args.commit or read_lock(pdir)["commit"]
+            with tempfile.TemporaryDirectory() as tmp:
+                pristine = args.pristine
+                if pristine is None:
+                    pristine = Path(tmp)
+                    rels = sorted({f for p in read_series(pdir) for f in p.files})
+                    pristine_from_git(tree, commit, rels, pristine)
+                for name, text in refreshed_patches(tree, pristine.resolve(), pdir).items():
+                    if (pdir / name).read_text() != text:
+                        (pdir / name).write_text(text)
+                        print(f"  refreshed {name}")
+        elif args.command == "lock":
+            old = read_lock(pdir) if (pdir / "upstream.lock").exists() else {}
+            write_lock(
+                tree,
+                pdir,
+                args.commit or old["commit"],
+                args.tag or old.get("tag", "?"),
+                args.core_version or old.get("megatron-core", "?"),
+            )
+    except PatchError as e:
+        print(f"patches: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
