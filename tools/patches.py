@@ -18,6 +18,10 @@ Commands (all exit non-zero with a message on failure):
   refresh --tree DIR      rewrite the patch files from an applied tree (DIR) against the pristine
                           files of the pinned commit (taken from DIR's git, or from --pristine)
   lock    --tree DIR      rewrite upstream.lock from the pristine files of DIR
+
+Library functions used by the upstream tools (rebase_upstream.py, diff_report.py): `replay_3way`
+applies the series to a git work tree at a new upstream commit with `git apply --3way` as the
+fallback, and `failing_hunks` names the hunks of a patch that no longer apply.
 """
 
 from __future__ import annotations
@@ -289,6 +293,171 @@ def write_lock(tree: Path, patch_dir: Path, commit: str, tag: str, core_version:
     for rel in rels:
         lines.append(f"{git_blob_hash((tree / rel).read_bytes())} {rel}")
     (patch_dir / "upstream.lock").write_text("\n".join(lines) + "\n")
+
+
+def split_hunks(diff: str) -> list[tuple[str, str, list[str]]]:
+    """The hunks of a unified diff: (file, file header, [hunk text, ...]) per file section.
+
+    The file header is the `diff --git`/`---`/`+++` lines; each hunk text starts at its `@@` line.
+    """
+    out = []
+    for section in re.split(r"(?m)^(?=diff --git )", diff):
+        if not section.strip():
+            continue
+        m = re.match(r"diff --git a/(\S+) b/\S+\n", section)
+        if not m:
+            continue
+        parts = re.split(r"(?m)^(?=@@ )", section)
+        out.append((m.group(1), parts[0], [h for h in parts[1:] if h.strip()]))
+    return out
+
+
+@dataclass(frozen=True)
+class FailedHunk:
+    file: str
+    header: str  # the `@@ -a,b +c,d @@` line
+    first_change: str  # the first -/+ line of the hunk, to recognise it by eye
+    reason: str  # "file missing" or "context or removed lines do not match"
+
+    def describe(self) -> str:
+        return f"{self.file}: hunk {self.header} ({self.reason}); first change: {self.first_change}"
+
+
+def failing_hunks(tree: Path, patch: Patch) -> list[FailedHunk]:
+    """The hunks of `patch` that do not apply (with no fuzz) to the files in `tree`.
+
+    Each hunk is checked alone (`git apply --check` of a one-hunk diff), so a hunk that fails only
+    because an earlier hunk of the same patch failed is not blamed; git's own offset search
+    still applies, so a hunk whose context merely moved is not reported.
+    """
+    failed = []
+    for rel, file_header, hunks in split_hunks(patch.diff):
+        for hunk in hunks:
+            header = hunk.splitlines()[0]
+            header = header[: header.index("@@", 2) + 2] if "@@" in header[2:] else header
+            change = next((ln for ln in hunk.splitlines()[1:] if ln[:1] in "+-"), "")
+            if not (tree / rel).exists():
+                failed.append(FailedHunk(rel, header, change, "file missing"))
+                continue
+            one = Patch(patch.name, patch.path, patch.header, file_header + hunk)
+            if _git_apply(tree, one, "--check").returncode:
+                failed.append(
+                    FailedHunk(rel, header, change, "context or removed lines do not match")
+                )
+    return failed
+
+
+def _git(repo: Path, *args: str, input: bytes | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", "-C", str(repo), *args], input=input, capture_output=True)
+
+
+def _with_index_lines(diff: str, blobs: dict[str, tuple[str, str]]) -> str:
+    """Insert `index PRE..POST` lines so that `git apply --3way` can find the preimage blobs."""
+
+    def add(m: re.Match) -> str:
+        rel = m.group(1)
+        if rel not in blobs:
+            return m.group(0)
+        pre, post = blobs[rel]
+        return f"{m.group(0)}index {pre}..{post}\n"
+
+    return re.sub(r"(?m)^diff --git a/(\S+) b/\S+\n", add, diff)
+
+
+@dataclass
+class ReplayResult:
+    patch: str
+    status: str  # clean | 3way | conflict | skipped | not-tried
+    files: list[str]
+    failed: list[FailedHunk]  # hunks that do not apply strictly (for 3way and conflict)
+    conflicted: list[str]  # files left with conflict markers by the 3-way merge
+    message: str = ""
+
+
+def replay_3way(
+    repo: Path, base_rev: str, patch_dir: Path, stop_on_conflict: bool = True, log=print
+) -> list[ReplayResult]:
+    """Apply the series to the work tree of git repository `repo`, falling back to a 3-way merge.
+
+    `repo`'s work tree must hold the new upstream files, pristine; `base_rev` is a commit of
+    `repo` holding the old pin, to which the series applies with no fuzz. Each patch is tried
+    with a strict `git apply` first; when that fails, its preimage (the pin's file with the
+    earlier patches applied, computed here and written to repo's object store) is put in `index`
+    lines and `git apply --3way` merges the patch's change into the new file.
+
+    On a conflict the patch's files are put back as they were before that patch (no conflict
+    markers are left behind) and, with stop_on_conflict, the remaining patches are not tried;
+    otherwise later patches that touch a file of a failed patch are marked not-tried. The index
+    of `repo` is left matching HEAD for every file the series touches (the 3-way merge stages
+    its result; that is undone here) so the tree looks like `tools/patches.py apply` made it.
+    """
+    patches = read_series(patch_dir)
+    touched = sorted({f for p in patches for f in p.files})
+    results: list[ReplayResult] = []
+    blocked: set[str] = set()
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(tmp)  # the pin's files with the patches so far applied (quilt's view)
+        pristine_from_git(repo, base_rev, touched, base)
+        for i, p in enumerate(patches):
+            if not all((repo / f).exists() for f in p.files) and not all(
+                f.startswith(CORE_PREFIX) for f in p.files
+            ) and not any((repo / f).exists() for f in p.files):
+                results.append(ReplayResult(p.name, "skipped", p.files, [], [], "files absent"))
+                continue
+            if blocked & set(p.files):
+                results.append(
+                    ReplayResult(p.name, "not-tried", p.files, [], [], "an earlier patch failed")
+                )
+                continue
+            blobs = {}
+            base_ok = _git_apply(base, p, "--check").returncode == 0
+            if base_ok:
+                for f in p.files:
+                    pre = (base / f).read_bytes() if (base / f).exists() else b""
+                    pre_id = _git(repo, "hash-object", "-w", "--stdin", input=pre).stdout
+                    blobs[f] = (pre_id.decode().strip(), "")
+                _git_apply(base, p)
+                for f in p.files:
+                    post = (base / f).read_bytes() if (base / f).exists() else b""
+                    blobs[f] = (blobs[f][0], git_blob_hash(post))
+            if _git_apply(repo, p, "--check").returncode == 0:
+                _git_apply(repo, p)
+                results.append(ReplayResult(p.name, "clean", p.files, [], []))
+                log(f"  applied {p.name}")
+                continue
+            failed = failing_hunks(repo, p)
+            saved = {f: (repo / f).read_bytes() for f in p.files if (repo / f).exists()}
+            res = None
+            if base_ok and all((repo / f).exists() for f in p.files):
+                # --3way implies --index: the index must match the work tree for these files.
+                _git(repo, "add", "--", *p.files)
+                diff3 = _with_index_lines(p.diff, blobs)
+                res = subprocess.run(
+                    ["git", "apply", "--3way", "--whitespace=nowarn", "-"],
+                    cwd=repo, input=diff3, text=True, capture_output=True,
+                )
+            if res is not None and res.returncode == 0:
+                results.append(ReplayResult(p.name, "3way", p.files, failed, []))
+                log(f"  applied {p.name} with a 3-way merge")
+                continue
+            conflicted = [
+                f for f in p.files
+                if (repo / f).exists() and b"\n<<<<<<< " in b"\n" + (repo / f).read_bytes()
+            ]
+            why = res.stderr.strip() if res is not None else "no 3-way merge possible"
+            # Put the patch's files back as they were before this patch; clear unmerged entries.
+            _git(repo, "reset", "-q", "--", *p.files)
+            for f, data in saved.items():
+                (repo / f).write_bytes(data)
+            results.append(ReplayResult(p.name, "conflict", p.files, failed, conflicted, why))
+            log(f"  CONFLICT in {p.name}")
+            blocked |= set(p.files)
+            if stop_on_conflict:
+                for q in patches[i + 1 :]:
+                    results.append(ReplayResult(q.name, "not-tried", q.files, [], [], "stopped"))
+                break
+    _git(repo, "reset", "-q", "--", *touched)
+    return results
 
 
 def main(argv=None) -> int:

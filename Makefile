@@ -1,0 +1,108 @@
+# FluidMoE: `make setup`, then `make test`. `make help` lists every target.
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+.DEFAULT_GOAL := help
+
+# Python 3.12 (Megatron requires it); found by tools/find-python.sh unless PYTHON= is given.
+PYTHON ?=
+VENV := .venv
+VPY := $(VENV)/bin/python
+# A Megatron-LM mirror to clone the submodule from (path or URL); default: .gitmodules' URL.
+MEGATRON_LM_URL ?=
+# Pins. The GPU hosts run torch 2.11 (cu130); megatron-core must equal the submodule's pin.
+TORCH_VERSION ?= 2.11.0
+REQS := torch==$(TORCH_VERSION) megatron-core==0.19.0 numpy packaging six regex pyyaml pydantic \
+        einops pytest setuptools wheel matplotlib
+PYTEST_ARGS ?=
+REF ?=
+FROM ?=
+TO ?=
+NPROC ?= $(shell python3 -c 'import os;print(os.environ.get("NPROC") or "")' 2>/dev/null)
+
+.PHONY: help setup venv deps megatron overlay status test test-cpu test-dist test-gpu \
+        check-patches refresh-patches rebase-upstream diff-report upstream-report train bench clean
+
+help:
+	@echo "make setup            venv (Python 3.12), pinned torch + megatron-core, Megatron-LM submodule"
+	@echo "                      (or core-only from the package index), patch series, fluid overlay"
+	@echo "                      options: PYTHON=/path/python3.12 MEGATRON_LM_URL=<mirror>"
+	@echo "make test             pytest over tests/ (cpu, dist, gpu tiers; gpu skips without CUDA)"
+	@echo "make check-patches    series/files/headers/lock consistent, applies with no fuzz, refresh no-op"
+	@echo "make refresh-patches  rewrite patches/*.patch from the applied submodule"
+	@echo "make rebase-upstream REF=<tag|commit|branch>   move the pin, re-apply, re-lock, API check"
+	@echo "make diff-report [FROM=<pin>] [TO=<ref>]       upstream diff + API report (markdown)"
+	@echo "make upstream-report  CI's report: pin vs newest megatron-core on the package index"
+	@echo "make train            small Mixtral-like model, stock pretrain_gpt.py --use-fluid-moe, all local GPUs"
+	@echo "make status           fluid.print_status()"
+
+setup: venv deps megatron overlay status
+
+venv:
+	@py=$$(PYTHON="$(PYTHON)" tools/find-python.sh) || exit 1; \
+	if [ -x $(VPY) ] && ! $(VPY) -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null; then \
+	  echo "setup: $(VENV) is not Python 3.12; recreating"; rm -rf $(VENV); fi; \
+	if [ ! -x $(VPY) ]; then echo "setup: creating $(VENV) with $$py"; "$$py" -m venv $(VENV); fi
+
+# Re-installed only when the pins change (the stamp records them).
+deps: venv
+	@want="$(REQS)"; stamp=$(VENV)/.fluid-deps; \
+	if [ -f $$stamp ] && [ "$$(cat $$stamp)" = "$$want" ]; then echo "setup: dependencies up to date"; \
+	else echo "setup: installing $$want"; \
+	  $(VPY) -m pip install -q --disable-pip-version-check $$want 2>&1 | { grep -v "^WARNING: Location" || true; } ; \
+	  $(VPY) -W ignore -c 'import torch, megatron.core' 2>/dev/null && echo "$$want" > $$stamp; fi
+	@test -f $(VENV)/.fluid-deps || { echo "setup: dependency install failed" >&2; exit 1; }
+
+megatron: deps
+	@MEGATRON_LM_URL="$(MEGATRON_LM_URL)" $(VPY) tools/setup_megatron.py
+
+overlay: deps
+	@if ! $(VPY) -c 'import importlib.metadata as m, sys; d = m.distribution("fluidmoe"); \
+	  sys.exit(0 if "overlay" in (d.read_text("direct_url.json") or "") else 1)' 2>/dev/null; then \
+	  echo "setup: installing the fluid overlay (editable)"; \
+	  $(VPY) -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e overlay \
+	    2>&1 | { grep -v "^WARNING: Location" || true; }; \
+	else echo "setup: fluid overlay already installed (editable)"; fi
+
+status:
+	@$(VPY) -W ignore -c 'import fluid; fluid.print_status()'
+
+test:
+	@test -x $(VPY) || { echo "test: run 'make setup' first" >&2; exit 1; }
+	$(VPY) -m pytest tests $(PYTEST_ARGS)
+
+test-cpu:
+	$(VPY) -m pytest tests/cpu $(PYTEST_ARGS)
+
+test-dist:
+	$(VPY) -m pytest tests/dist $(PYTEST_ARGS)
+
+test-gpu:
+	$(VPY) -m pytest tests/gpu $(PYTEST_ARGS)
+
+# check-patches runs against a pristine tree: the pinned commit of the submodule (git archive of
+# the touched files) in full mode, the package-index core in core-only mode.
+check-patches:
+	@$(VPY) tools/check_patches.py
+
+refresh-patches:
+	@test -d Megatron-LM/megatron/core || { echo "refresh-patches needs the Megatron-LM submodule (make setup MEGATRON_LM_URL=...)" >&2; exit 1; }
+	$(VPY) tools/patches.py refresh --tree Megatron-LM
+
+rebase-upstream:
+	@test -n "$(REF)" || { echo "usage: make rebase-upstream REF=<tag|commit|branch> [MEGATRON_LM_URL=...]" >&2; exit 2; }
+	$(VPY) tools/rebase_upstream.py --ref "$(REF)" $(if $(MEGATRON_LM_URL),--url "$(MEGATRON_LM_URL)")
+
+diff-report:
+	$(VPY) tools/diff_report.py $(if $(FROM),--from "$(FROM)") $(if $(TO),--to "$(TO)") --out out/diff-report.md
+
+upstream-report:
+	bash ci/upstream_report.sh
+
+train:
+	@$(VPY) tools/train.py $(if $(NPROC),--nproc $(NPROC))
+
+bench:
+	@echo "Benchmarks run on GPU hosts: see docs/benchmarks/README.md for the exact commands."
+
+clean:
+	rm -rf .build out .pytest_cache

@@ -1,0 +1,250 @@
+#!/usr/bin/env python3
+"""Make the patched, pinned Megatron the one the venv imports (called by `make setup`).
+
+Two modes, chosen by what can be had:
+  full       the `Megatron-LM/` submodule at the pinned commit (cloned from the .gitmodules URL, or
+             from MEGATRON_LM_URL for a mirror). The series is applied in the submodule; the venv
+             imports `megatron.*` (core and training) from it, and `pretrain_gpt.py` can run.
+  core-only  no submodule (no network to GitHub, as on CI): `megatron/core` is taken from the
+             `megatron-core==<pin>` distribution on the package index (wheel, else sdist), each
+             file the series touches is checked against the blob hashes in patches/upstream.lock
+             (refusing on mismatch), the core patches are applied to a copy in
+             .build/megatron-core, and the venv imports `megatron.core` from there. Patches that
+             touch megatron/training are skipped; `pretrain_gpt.py` and `megatron.training` are
+             unavailable, and everything that needs them says so.
+
+Idempotent: a second run finds the series applied and the import path in place and changes
+nothing. The chosen mode and the applied patches are written to .build/setup-state.json, which
+`fluid.print_status()` reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import glob
+import json
+import os
+import shutil
+import site
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+import patches as P  # noqa: E402
+
+SUBMODULE = ROOT / "Megatron-LM"
+BUILD = ROOT / ".build"
+CORE_COPY = BUILD / "megatron-core"
+PTH_NAME = "fluidmoe_megatron.pth"
+
+
+def sh(*cmd, cwd=ROOT, check=True, timeout=None, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        cmd, cwd=cwd, check=check, text=True, capture_output=True, timeout=timeout, env=env
+    )
+
+
+def pinned_commit() -> str:
+    return P.read_lock(ROOT / "patches")["commit"]
+
+
+def try_submodule(url: str | None) -> bool:
+    """Populate Megatron-LM/ at the gitlink; True if it is there afterwards."""
+    if (SUBMODULE / "megatron" / "core").is_dir() and _submodule_head() == pinned_commit():
+        return True
+    if not (ROOT / ".git").exists():
+        return False
+    cmd = ["git", "-c", "protocol.file.allow=always"]
+    if url:
+        cmd += ["-c", f"submodule.Megatron-LM.url={url}"]
+    cmd += ["submodule", "update", "--init", "--", "Megatron-LM"]
+    env = {**os.environ, "GIT_TERMINAL_PROMPT": "0"}
+    try:
+        res = subprocess.run(cmd, cwd=ROOT, text=True, capture_output=True, timeout=600, env=env)
+    except subprocess.TimeoutExpired:
+        print("  submodule: clone timed out")
+        return False
+    if res.returncode:
+        last = (res.stderr.strip().splitlines() or ["?"])[-1]
+        print(f"  submodule: cannot fetch Megatron-LM ({last})")
+        return False
+    return (SUBMODULE / "megatron" / "core").is_dir() and _submodule_head() == pinned_commit()
+
+
+def _submodule_head() -> str | None:
+    if not (SUBMODULE / ".git").exists():
+        return None
+    res = sh("git", "-C", str(SUBMODULE), "rev-parse", "HEAD", check=False)
+    return res.stdout.strip() if res.returncode == 0 else None
+
+
+def _download_core(version: str, dest: Path) -> Path:
+    """The megatron-core distribution from the package index: a wheel if one fits, else sdist."""
+    dest.mkdir(parents=True, exist_ok=True)
+    have = sorted(dest.glob(f"megatron_core-{version}*"))
+    if have:
+        return have[0]
+    pip = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(dest)]
+    res = subprocess.run(pip + [f"megatron-core=={version}"], text=True, capture_output=True)
+    if res.returncode:
+        res = subprocess.run(
+            pip + ["--no-binary", ":all:", f"megatron-core=={version}"],
+            text=True,
+            capture_output=True,
+        )
+    have = sorted(dest.glob(f"megatron_core-{version}*"))
+    if res.returncode or not have:
+        raise SystemExit(
+            f"setup: could not download megatron-core=={version} from the package index:\n"
+            f"{res.stderr}"
+        )
+    return have[0]
+
+
+def _extract_core(dist: Path, out: Path) -> None:
+    """Extract megatron/core/** from a wheel or sdist into out/megatron/core."""
+    out.mkdir(parents=True)
+    if dist.suffix == ".whl":
+        with zipfile.ZipFile(dist) as z:
+            for name in z.namelist():
+                if name.startswith("megatron/core/") and not name.endswith("/"):
+                    z.extract(name, out)
+    else:
+        with tarfile.open(dist) as t:
+            for m in t.getmembers():
+                parts = m.name.split("/", 1)
+                if len(parts) == 2 and parts[1].startswith("megatron/core/") and m.isfile():
+                    m.name = parts[1]
+                    t.extract(m, out, filter="data")
+
+
+def _same_tree(a: Path, b: Path) -> bool:
+    if not b.exists():
+        return False
+    cmp = filecmp.dircmp(a, b)
+
+    def equal(c) -> bool:
+        if c.left_only or c.right_only or c.diff_files or c.funny_files:
+            return False
+        _, mismatch, errors = filecmp.cmpfiles(c.left, c.right, c.common_files, shallow=False)
+        return not mismatch and not errors and all(equal(s) for s in c.subdirs.values())
+
+    return equal(cmp)
+
+
+def setup_core_only(version: str) -> tuple[list[str], list[str]]:
+    dist = _download_core(version, BUILD / "dist")
+    print(f"  core-only: megatron/core from {dist.name}")
+    with tempfile.TemporaryDirectory(dir=BUILD) as tmp:
+        fresh = Path(tmp) / "megatron-core"
+        _extract_core(dist, fresh)
+        P.verify_lock(fresh, ROOT / "patches")  # refuses if a touched file differs from the pin
+        applied, skipped = _apply(fresh)
+        if _same_tree(fresh, CORE_COPY):
+            print("  core-only: .build/megatron-core already up to date")
+        else:
+            shutil.rmtree(CORE_COPY, ignore_errors=True)
+            shutil.move(str(fresh), CORE_COPY)
+    return applied, skipped
+
+
+def _apply(tree: Path) -> tuple[list[str], list[str]]:
+    """Apply the series to `tree`; return (applied or already applied, skipped) patch names."""
+    done = P.apply_series(tree, ROOT / "patches", log=lambda m: print("  " + m.strip()))
+    skipped = [p.name for p in P.read_series(ROOT / "patches") if p.name not in done]
+    return done, skipped
+
+
+def setup_full() -> tuple[list[str], list[str]]:
+    rels = sorted({f for p in P.read_series(ROOT / "patches") for f in p.files})
+    # Files not yet patched must be pristine (byte-identical to the pin).
+    pending = [
+        f for p in P.read_series(ROOT / "patches")
+        if P._git_apply(SUBMODULE, p, "--check").returncode == 0 for f in p.files
+    ]
+    P.verify_lock(SUBMODULE, ROOT / "patches", files=[f for f in rels if f in pending])
+    applied, skipped = _apply(SUBMODULE)
+    # The dataset helper extension: reuse the one the wheel ships, so Megatron does not try to
+    # compile it at start-up (see ../shared/docs/baseline.md).
+    dst = SUBMODULE / "megatron" / "core" / "datasets"
+    for so in _site_packages_glob("megatron/core/datasets/helpers_cpp*.so"):
+        target = dst / Path(so).name
+        if not target.exists() or not filecmp.cmp(so, target, shallow=False):
+            shutil.copy2(so, target)
+            os.utime(target)  # newer than helpers.cpp
+    return applied, skipped
+
+
+def _site_packages_glob(pattern: str) -> list[str]:
+    out = []
+    for sp in site.getsitepackages():
+        out += glob.glob(os.path.join(sp, pattern))
+    return out
+
+
+def write_pth(path_first: Path) -> None:
+    """Put the patched tree first on sys.path of this venv (before the wheel's megatron)."""
+    sp = Path(site.getsitepackages()[0])
+    pth = sp / PTH_NAME
+    text = f"import sys; sys.path.insert(0, {str(path_first)!r})\n"
+    if not pth.exists() or pth.read_text() != text:
+        pth.write_text(text)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--url", default=os.environ.get("MEGATRON_LM_URL") or None)
+    ap.add_argument("--core-version", default=None)
+    ap.add_argument(
+        "--mode", choices=["auto", "full", "core-only"], default=os.environ.get("MEGATRON_MODE", "auto")
+    )
+    args = ap.parse_args(argv)
+    BUILD.mkdir(exist_ok=True)
+    version = args.core_version or P.read_lock(ROOT / "patches")["megatron-core"]
+    try:
+        full = args.mode != "core-only" and try_submodule(args.url)
+        if args.mode == "full" and not full:
+            raise SystemExit("setup: MEGATRON_MODE=full but the Megatron-LM submodule is not available")
+        if full:
+            mode = "full"
+            print(f"setup: FULL mode: Megatron-LM submodule at {pinned_commit()[:12]}")
+            applied, skipped = setup_full()
+            write_pth(SUBMODULE)
+        else:
+            mode = "core-only"
+            print(
+                "setup: CORE-ONLY mode: the Megatron-LM submodule cannot be fetched here "
+                "(pass MEGATRON_LM_URL=<mirror> for the full tree)"
+            )
+            applied, skipped = setup_core_only(version)
+            write_pth(CORE_COPY)
+            print(
+                "  unavailable in core-only mode: Megatron-LM/pretrain_gpt.py and megatron.training"
+                " (make train, the end-to-end tests); everything in megatron.core works"
+            )
+    except P.PatchError as e:
+        print(f"setup: {e}", file=sys.stderr)
+        return 1
+    state = {
+        "mode": mode,
+        "pinned_commit": pinned_commit(),
+        "megatron_core_version": version,
+        "megatron_path": str(SUBMODULE if mode == "full" else CORE_COPY),
+        "applied_patches": applied,
+        "skipped_patches": skipped,
+    }
+    text = json.dumps(state, indent=2, sort_keys=True) + "\n"
+    sf = BUILD / "setup-state.json"
+    if not sf.exists() or sf.read_text() != text:
+        sf.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
