@@ -399,9 +399,9 @@ def replay_3way(
         base = Path(tmp)  # the pin's files with the patches so far applied (quilt's view)
         pristine_from_git(repo, base_rev, touched, base)
         for i, p in enumerate(patches):
-            if not all((repo / f).exists() for f in p.files) and not all(
-                f.startswith(CORE_PREFIX) for f in p.files
-            ) and not any((repo / f).exists() for f in p.files):
+            present = [(repo / f).exists() for f in p.files]
+            outside_core = not all(f.startswith(CORE_PREFIX) for f in p.files)
+            if is_core_only(repo) and outside_core and not any(present):
                 results.append(ReplayResult(p.name, "skipped", p.files, [], [], "files absent"))
                 continue
             if blocked & set(p.files):
