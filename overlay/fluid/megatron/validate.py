@@ -1,0 +1,57 @@
+"""Build-time validation of a TransformerConfig for FluidMoE.
+
+Every unsupported combination fails here, when the model is built, with a message that says what
+to change; nothing is left to fail (or hang) in the first step. The Fluid layers check their own
+shapes again in their constructors (the checks here are the ones that concern the whole model).
+"""
+
+from __future__ import annotations
+
+
+class FluidConfigError(ValueError):
+    """A configuration FluidMoE cannot run; the message names the flag to change."""
+
+
+def validate_config(config) -> None:
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise FluidConfigError(f"--use-fluid-moe: {msg}")
+
+    need(bool(config.num_moe_experts), "needs an MoE model: set --num-experts")
+    tp = config.tensor_model_parallel_size
+    need(
+        tp == 1,
+        f"tensor parallelism is not supported (--tensor-model-parallel-size {tp}); use 1 and "
+        "scale with --context-parallel-size (Ulysses) and --expert-model-parallel-size",
+    )
+    etp = config.expert_tensor_parallel_size or 1
+    need(etp == 1, f"expert tensor parallelism is not supported (--expert-tensor-parallel-size {etp}); use 1")
+    ep = config.expert_model_parallel_size
+    need(
+        config.num_moe_experts % ep == 0,
+        f"--num-experts {config.num_moe_experts} is not divisible by --expert-model-parallel-size {ep}",
+    )
+    cp = config.context_parallel_size
+    need(
+        config.num_attention_heads % cp == 0,
+        f"--num-attention-heads {config.num_attention_heads} is not divisible by "
+        f"--context-parallel-size {cp} (Ulysses splits heads over CP ranks)",
+    )
+    need(
+        not config.multi_latent_attention,
+        "multi-latent attention is not supported: drop --multi-latent-attention",
+    )
+    need(
+        not config.overlap_moe_expert_parallel_comm,
+        "--overlap-moe-expert-parallel-comm (combined 1F1B) bypasses the layer forward and is not "
+        "supported; FluidMoE's backward scheduler does the overlap: drop that flag",
+    )
+    need(
+        not config.delay_wgrad_compute,
+        "--delay-wgrad-compute is Transformer Engine's dW deferral; FluidMoE defers dW itself: drop it",
+    )
+    need(
+        config.moe_token_dispatcher_type in ("alltoall", "allgather"),
+        f"--moe-token-dispatcher-type {config.moe_token_dispatcher_type} is replaced by FluidMoE's "
+        "all-to-all dispatcher; use alltoall",
+    )

@@ -1,0 +1,1 @@
+"""FluidMoE tests (see tests/conftest.py for the tiers)."""

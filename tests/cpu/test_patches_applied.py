@@ -1,0 +1,54 @@
+"""Tier: cpu. The patch series is what Python imports: the `use_fluid_moe` field (0001), the
+`--use-fluid-moe` flag in Megatron's own argument parser (full tree), the log-hook seam (0003)."""
+
+import inspect
+
+import pytest
+
+from tests.conftest import needs_full_tree
+
+
+def _cfg(**kw):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    base = dict(num_layers=2, hidden_size=64, num_attention_heads=4, use_cpu_initialization=True)
+    base.update(kw)
+    return TransformerConfig(**base)
+
+
+def test_config_has_use_fluid_moe_default_false():
+    cfg = _cfg(num_moe_experts=4)
+    assert cfg.use_fluid_moe is False
+    assert _cfg(num_moe_experts=4, use_fluid_moe=True).use_fluid_moe is True
+
+
+def test_use_fluid_moe_on_dense_model_fails_with_a_message():
+    with pytest.raises(ValueError, match="num_moe_experts"):
+        _cfg(use_fluid_moe=True)
+
+
+@needs_full_tree
+def test_megatron_parser_accepts_use_fluid_moe(monkeypatch):
+    import sys
+
+    from megatron.training.arguments import parse_args
+
+    monkeypatch.setattr(sys, "argv", ["pretrain_gpt.py", "--use-fluid-moe"])
+    assert parse_args(ignore_unknown_args=True).use_fluid_moe is True
+    monkeypatch.setattr(sys, "argv", ["pretrain_gpt.py"])
+    assert parse_args(ignore_unknown_args=True).use_fluid_moe is False
+
+
+@needs_full_tree
+def test_training_log_calls_the_log_hook_group():
+    from megatron.training import training
+
+    src = inspect.getsource(training.training_log)
+    assert 'entry_points(group="megatron.training.log_hooks")' in src
+
+
+def test_fluid_log_hook_is_installed_as_entry_point():
+    from importlib.metadata import entry_points
+
+    names = {ep.value for ep in entry_points(group="megatron.training.log_hooks")}
+    assert "fluid.megatron.log_hook:log_scheduler_stats" in names
