@@ -335,7 +335,9 @@ def failing_hunks(tree: Path, patch: Patch) -> list[FailedHunk]:
         for hunk in hunks:
             header = hunk.splitlines()[0]
             header = header[: header.index("@@", 2) + 2] if "@@" in header[2:] else header
-            change = next((ln for ln in hunk.splitlines()[1:] if ln[:1] in "+-"), "")
+            change = next(
+                (ln for ln in hunk.splitlines()[1:] if ln[:1] in "+-" and ln[1:].strip()), ""
+            )
             if not (tree / rel).exists():
                 failed.append(FailedHunk(rel, header, change, "file missing"))
                 continue

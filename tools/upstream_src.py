@@ -137,6 +137,17 @@ def materialize(side: Side, repo: Path | None, dest: Path, extra: list[str]) -> 
     tar_path.unlink()
 
 
+def _python_files_only(dest: Path) -> None:
+    """Core-only comparisons: keep *.py with one file mode. A wheel drops the READMEs and adds
+    compiled helpers, and modes differ between git and dists; none of that is an upstream change."""
+    for f in list((dest / "megatron").rglob("*")):
+        if f.is_file():
+            if f.suffix != ".py":
+                f.unlink()
+            else:
+                f.chmod(0o644)
+
+
 @dataclass(frozen=True)
 class Scratch:
     repo: Path
@@ -163,6 +174,8 @@ def build_scratch(old: Side, new: Side, repo: Path | None, extra: list[str], des
             if child.name != ".git":
                 shutil.rmtree(child) if child.is_dir() else child.unlink()
         materialize(side, repo, dest, extra)
+        if core_only:
+            _python_files_only(dest)
         git(dest, "add", "-A")
         git(dest, "-c", "user.name=fluid", "-c", "user.email=fluid@localhost",
             "commit", "-q", "--allow-empty", "-m", side.label)
