@@ -1,0 +1,278 @@
+"""FluidTokenDispatcher: permute, uneven all-to-all dispatch, expert-major sort, and back.
+
+Shape legend: T local tokens, H hidden, E experts, P = ep size, G = num_local_experts (E = P*G),
+R = rows this rank sends (T*topk when dropless), C = number of pipeline chunks.
+
+One forward, in order (the stage names are Megatron's MoEAlltoAllTokenDispatcher's):
+  1. `dispatch_preprocess(hidden, routing_map, probs)`:
+     counts_E = routing_map.sum(0) on the device; an equal-split all-to-all of counts_E over the EP
+     group gives recv_PG (rows each rank sends to each of this rank's experts); both are copied to
+     the host *at once* (non_blocking into pinned memory on CUDA) and the copy is only waited for
+     at the first all-to-all, after the permutation kernels were queued. That is the layer's only
+     device->host synchronization. Permutation (as megatron.core.transformer.moe.moe_utils.permute,
+     unfused): rows expert-major, and with C > 1 chunk-major first (see `chunk_of_rows`).
+  2. `token_dispatch` / `launch_dispatch`: per chunk, one all-to-all of the rows and one of their
+     probs through `fluid_all_to_all` (uneven splits; async, so the caller can compute meanwhile).
+  3. `dispatch_postprocess(tokens, probs, chunk)`: received rows are ordered (source rank, local
+     expert); reorder them to (local expert, source rank) so each expert's rows are contiguous.
+  4. experts run on the chunk (FluidGroupedMLP).
+  5. `combine_preprocess(out, chunk)`: the inverse reorder; `token_combine` / `launch_combine`:
+     the all-to-all back with the splits swapped.
+  6. `combine_postprocess(chunks)`: concatenate the chunks (the order rows were sent in) and
+     unpermute (scatter-add of each token's top-k rows, as Megatron's unfused unpermute).
+
+Chunking (forward pipelining): every (expert e, sending rank) segment of n rows is cut into C
+pieces at rows floor(c*n/C). Both sides know n (the sender from counts_E, the receiver from
+recv_PG), so every chunk's splits follow from the one count exchange, with no extra
+communication or synchronization; chunk c+1's all-to-all then overlaps chunk c's experts.
+Each row is computed exactly as with C = 1; only GEMM row blocking and the order of the top-k
+additions in the unpermute differ.
+
+Metadata of the forward in flight lives in `self.plan` (a DispatchPlan), because Megatron's stage
+methods are called one after another without passing it; the dispatcher is therefore not
+re-entrant (one forward at a time per layer, as Megatron's own dispatchers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron.core.transformer.moe.moe_utils import unpermute
+
+from fluid.comm import CommContext, fluid_all_to_all
+from fluid.moe.grouped_gemm import offsets_for
+
+
+def chunk_bounds(n: int, num_chunks: int) -> list[int]:
+    """Row boundaries `floor(c*n/C)`, c = 0..C, of a segment of n rows cut into C chunks."""
+    return [c * n // num_chunks for c in range(num_chunks + 1)]
+
+
+def chunk_of_rows(offset_in_segment: torch.Tensor, segment_len: torch.Tensor, num_chunks: int):
+    """Chunk index of each row given its offset o in a segment of n rows (inverse of chunk_bounds).
+
+    Row o is in chunk c iff floor(c*n/C) <= o < floor((c+1)*n/C), i.e. c = floor(((o+1)*C-1)/n).
+    """
+    return torch.div((offset_in_segment + 1) * num_chunks - 1, segment_len, rounding_mode="floor")
+
+
+@dataclass
+class DispatchPlan:
+    """Host-side routing metadata of one forward (all lists are host ints).
+
+    Attributes:
+        send_splits: `[C][P]` rows this rank sends to each rank, per chunk.
+        recv_splits: `[C][P]` rows this rank receives from each rank, per chunk.
+        recv_counts: `[C][P*G]` received rows per (source rank, local expert), row-major.
+        tokens_per_expert: `[C][G]` rows per local expert, per chunk.
+        sorted_indices: `[R]` the token index of every permuted row (device).
+        offs: per chunk, int32 cumulative tokens_per_expert on the GPU (None on CPU).
+    """
+
+    hidden_shape: torch.Size
+    num_tokens: int
+    routing_map: torch.Tensor
+    sorted_indices: torch.Tensor
+    send_splits: list = field(default_factory=list)
+    recv_splits: list = field(default_factory=list)
+    recv_counts: list = field(default_factory=list)
+    tokens_per_expert: list = field(default_factory=list)
+    offs: list = field(default_factory=list)
+
+
+class _PendingCounts:
+    """Counts on their way to the host: `get()` waits (the single sync) and returns a list."""
+
+    def __init__(self, counts_device: torch.Tensor):
+        if counts_device.is_cuda:
+            self.host = torch.empty(counts_device.shape, dtype=counts_device.dtype, pin_memory=True)
+            self.host.copy_(counts_device, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host, self.event = counts_device, None
+        self._list: Optional[list[int]] = None
+
+    def get(self) -> list[int]:
+        if self._list is None:
+            if self.event is not None:
+                self.event.synchronize()
+            self._list = [int(c) for c in self.host.tolist()]
+        return self._list
+
+
+class FluidTokenDispatcher:
+    """All-to-all token dispatcher over the expert-parallel group (expert TP size 1).
+
+    Args:
+        num_local_experts: G.
+        local_expert_indices: the G consecutive global expert ids of this rank.
+        config: TransformerConfig (num_moe_experts, moe_router_topk, capacity settings).
+        comm: CommContext of the EP group (its stream carries the all-to-alls).
+        num_chunks: C, forward pipelining depth (1 = off).
+    """
+
+    def __init__(self, num_local_experts, local_expert_indices, config, comm: CommContext, num_chunks=1):
+        if num_chunks < 1:
+            raise ValueError(f"fluid_moe_num_chunks must be >= 1, got {num_chunks}")
+        self.config = config
+        self.comm = comm
+        self.num_local_experts = num_local_experts
+        self.local_expert_indices = list(local_expert_indices)
+        self.num_experts = config.num_moe_experts
+        self.ep_size = comm.size
+        self.num_chunks = num_chunks
+        self.dynamic_rows = config.moe_expert_capacity_factor is not None
+        self.plan: Optional[DispatchPlan] = None
+        self._pending: Optional[_PendingCounts] = None
+        self.shared_experts = None
+
+    # -- 1. metadata + permutation ------------------------------------------------------------
+    def _exchange_counts(self, routing_map: torch.Tensor) -> torch.Tensor:
+        """`[E]` local counts and `[P*G]` received counts, concatenated on the device."""
+        counts_E = routing_map.sum(dim=0).long()
+        if self.ep_size == 1:
+            return torch.cat([counts_E, counts_E])
+        recv_PG = torch.empty_like(counts_E)
+        dist.all_to_all_single(recv_PG, counts_E, group=self.comm.group)
+        return torch.cat([counts_E, recv_PG])
+
+    def _permutation(self, routing_map: torch.Tensor, counts_E: torch.Tensor, num_rows: int):
+        """Flat indices into `routing_map.T` of the rows to send, chunk-major then expert-major."""
+        num_tokens = routing_map.shape[0]
+        flat = routing_map.bool().T.contiguous().reshape(-1)
+        flat_sorted = flat.argsort(descending=True, stable=True)[:num_rows]
+        if self.num_chunks > 1 and num_rows > 0:
+            expert = torch.div(flat_sorted, num_tokens, rounding_mode="floor")
+            starts = torch.cumsum(counts_E, 0) - counts_E
+            offset = torch.arange(num_rows, device=flat.device) - starts[expert]
+            chunk = chunk_of_rows(offset, counts_E[expert], self.num_chunks)
+            order = (chunk * self.num_experts + expert).argsort(stable=True)
+            flat_sorted = flat_sorted[order]
+        return flat_sorted
+
+    def dispatch_preprocess(self, hidden_states, routing_map, probs):
+        """`[S, B, H]` or `[T, H]` tokens -> permuted rows `[R, H]` and their probs `[R]`."""
+        assert routing_map.dim() == 2 and routing_map.dtype == torch.bool
+        hidden_shape = hidden_states.shape
+        hidden = hidden_states.reshape(-1, hidden_shape[-1])
+        num_tokens = hidden.shape[0]
+        counts = self._exchange_counts(routing_map)
+        self._pending = _PendingCounts(counts)
+        counts_E = counts[: self.num_experts]
+        if self.dynamic_rows:  # token dropping: the row count is data-dependent, sync here
+            num_rows = sum(self._pending.get()[: self.num_experts])
+        else:
+            num_rows = num_tokens * self.config.moe_router_topk
+        flat_sorted = self._permutation(routing_map, counts_E, num_rows)
+        sorted_indices = flat_sorted % num_tokens if num_tokens else flat_sorted
+        self.plan = DispatchPlan(hidden_shape, num_tokens, routing_map, sorted_indices)
+        permuted = hidden.index_select(0, sorted_indices)
+        permuted_probs = probs.T.contiguous().reshape(-1)[flat_sorted]
+        return permuted, permuted_probs
+
+    def _finish_plan(self) -> DispatchPlan:
+        """Turn the host counts into per-chunk splits (waits for the device->host copy once)."""
+        plan = self.plan
+        if plan.send_splits:
+            return plan
+        counts = self._pending.get()
+        self._pending = None
+        E, G, P, C = self.num_experts, self.num_local_experts, self.ep_size, self.num_chunks
+        local, recv = counts[:E], counts[E:]
+        local_b = [chunk_bounds(n, C) for n in local]
+        recv_b = [chunk_bounds(n, C) for n in recv]
+        for c in range(C):
+            per_e = [b[c + 1] - b[c] for b in local_b]
+            per_rg = [b[c + 1] - b[c] for b in recv_b]
+            plan.send_splits.append([sum(per_e[r * G : (r + 1) * G]) for r in range(P)])
+            plan.recv_splits.append([sum(per_rg[r * G : (r + 1) * G]) for r in range(P)])
+            plan.recv_counts.append(per_rg)
+            tpe = [sum(per_rg[r * G + g] for r in range(P)) for g in range(G)]
+            plan.tokens_per_expert.append(tpe)
+            plan.offs.append(offsets_for(tpe, plan.sorted_indices.device))
+        return plan
+
+    # -- 2. dispatch all-to-all ---------------------------------------------------------------
+    def launch_dispatch(self, permuted, permuted_probs):
+        """Start every chunk's dispatch; returns `[(tokens, probs, handles)]` per chunk."""
+        plan = self._finish_plan()
+        rows = [sum(s) for s in plan.send_splits]
+        inflight = []
+        for c, (x, p) in enumerate(zip(permuted.split(rows), permuted_probs.split(rows))):
+            x_out, hx = fluid_all_to_all(
+                self.comm, x, plan.recv_splits[c], plan.send_splits[c], async_op=True
+            )
+            p_out, hp = fluid_all_to_all(
+                self.comm, p, plan.recv_splits[c], plan.send_splits[c], async_op=True
+            )
+            inflight.append((x_out, p_out, (hx, hp)))
+        return inflight
+
+    def token_dispatch(self, permuted, permuted_probs):
+        """Megatron stage API: dispatch and wait; with C > 1 the chunks are concatenated."""
+        if self.num_chunks != 1:
+            raise RuntimeError("token_dispatch (stage API) needs fluid_moe_num_chunks = 1")
+        ((x, p, handles),) = self.launch_dispatch(permuted, permuted_probs)
+        for h in handles:
+            h.wait()
+        return x, p
+
+    # -- 3. sort by local expert ----------------------------------------------------------------
+    def _reorder(self, x, counts_rg, to_expert_major: bool):
+        """(rank, expert)-major rows <-> (expert, rank)-major rows, given `[P*G]` counts."""
+        G, P = self.num_local_experts, self.ep_size
+        if G == 1 or P == 1:
+            return x
+        if to_expert_major:
+            pieces = list(x.split(counts_rg))
+            return torch.cat([pieces[r * G + g] for g in range(G) for r in range(P)])
+        counts_gr = [counts_rg[r * G + g] for g in range(G) for r in range(P)]
+        pieces = list(x.split(counts_gr))
+        return torch.cat([pieces[g * P + r] for r in range(P) for g in range(G)])
+
+    def dispatch_postprocess(self, tokens, probs, chunk: int = 0):
+        """Received rows of `chunk` -> (rows grouped by local expert, tokens_per_expert, probs,
+        offs); tokens_per_expert is a host list, offs the int32 GPU offsets or None."""
+        plan = self._finish_plan()
+        counts = plan.recv_counts[chunk]
+        tokens = self._reorder(tokens, counts, True)
+        probs = self._reorder(probs, counts, True)
+        return tokens, plan.tokens_per_expert[chunk], probs, plan.offs[chunk]
+
+    # -- 5. combine -----------------------------------------------------------------------------
+    def combine_preprocess(self, expert_out, chunk: int = 0):
+        return self._reorder(expert_out, self.plan.recv_counts[chunk], False)
+
+    def launch_combine(self, x, chunk: int = 0):
+        plan = self.plan
+        return fluid_all_to_all(
+            self.comm, x, plan.send_splits[chunk], plan.recv_splits[chunk], async_op=True
+        )
+
+    def token_combine(self, x):
+        """Megatron stage API: the combine all-to-all of chunk 0, waited."""
+        out, handle = self.launch_combine(x, 0)
+        handle.wait()
+        return out
+
+    # -- 6. unpermute ---------------------------------------------------------------------------
+    def combine_postprocess(self, rows):
+        """Rows back in send order (a tensor, or the list of chunks) -> output like the input."""
+        plan = self.plan
+        if isinstance(rows, (list, tuple)):
+            rows = torch.cat(list(rows)) if len(rows) > 1 else rows[0]
+        hidden = plan.hidden_shape[-1]
+        out = unpermute(
+            rows,
+            plan.sorted_indices,
+            restore_shape=torch.Size((plan.num_tokens, hidden)),
+            routing_map=plan.routing_map,
+            fused=False,
+        )
+        self.plan = None
+        return out.view(plan.hidden_shape)

@@ -1,0 +1,224 @@
+"""FluidGroupedMLP: all local experts in one grouped GEMM per projection, dW deferred.
+
+Shape legend: T dispatched tokens (expert-major), H hidden, F expert FFN size
+(`moe_ffn_hidden_size`), G = num_local_experts, F1 = 2F with a gated linear unit else F.
+
+Weights are stored stacked for the grouped GEMM:
+    weight1 `[G, F1, H]`  (fc1 of every local expert)
+    weight2 `[G, H, F]`   (fc2)
+but `state_dict()`, `load_state_dict()` and `sharded_state_dict()` present Megatron's
+SequentialMLP layout (local spec, `MLP` experts with local Column/RowParallelLinear), so
+checkpoints move both ways:
+    local_experts.{g}.linear_fc1.weight `[F1, H]`, local_experts.{g}.linear_fc1._extra_state
+    local_experts.{g}.linear_fc2.weight `[H, F]`,  local_experts.{g}.linear_fc2._extra_state
+With a gated linear unit, SequentialMLP's fc1 rows are `[gate (F rows); up (F rows)]`: MLP.forward
+does `x_glu, x_linear = chunk(fc1(x), 2, dim=-1)` and returns `act(x_glu) * (x_linear + offset)`
+(megatron/core/transformer/mlp.py); weight1[g] is exactly that matrix, and the same chunk is used
+here, so no re-ordering happens on conversion.
+
+Forward per expert (as MLP.forward with `per_token_scale=probs`, unfused path):
+    h = x @ W1^T; a = act(h) or act(h_gate) * (h_up + glu_linear_offset) (clamped if configured);
+    a = (a * probs).to(dtype); y = a @ W2^T.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from fluid.moe.grouped_gemm import grouped_linear, offsets_for
+
+_FC_NAMES = ("linear_fc1", "linear_fc2")
+
+
+class FluidGroupedMLP(MegatronModule):
+    """Experts module with the `ExpertsInterface` of Megatron's MoELayer.
+
+    Args:
+        num_local_experts: G.
+        config: the TransformerConfig (moe_ffn_hidden_size, gated_linear_unit, activation_func,
+            params_dtype, init methods).
+        pg_collection: needs `.ep`, `.expt_tp` (size 1) and `.expt_dp` (for sharded_state_dict).
+    """
+
+    def __init__(
+        self,
+        num_local_experts: int,
+        config: TransformerConfig,
+        pg_collection=None,
+        name: Optional[str] = None,
+    ):
+        super().__init__(config=config)
+        if pg_collection is None:
+            raise ValueError("FluidGroupedMLP needs an explicit pg_collection")
+        if config.add_bias_linear:
+            raise ValueError("FluidGroupedMLP does not support expert biases (add_bias_linear)")
+        if config.use_te_activation_func:
+            raise ValueError("FluidGroupedMLP does not support use_te_activation_func")
+        if config.moe_latent_size:
+            raise ValueError("FluidGroupedMLP does not support moe_latent_size")
+        self.num_local_experts = num_local_experts
+        self.ep_group = pg_collection.ep
+        self.dp_group = pg_collection.expt_dp
+        self.tp_group = pg_collection.expt_tp
+        self.name = name or "experts"
+        hidden, ffn = config.hidden_size, config.moe_ffn_hidden_size
+        fc1_out = 2 * ffn if config.gated_linear_unit else ffn
+        device = None if config.use_cpu_initialization else torch.cuda.current_device()
+        dtype = config.params_dtype
+        self.weight1 = torch.nn.Parameter(
+            torch.empty(num_local_experts, fc1_out, hidden, dtype=dtype, device=device)
+        )
+        self.weight2 = torch.nn.Parameter(
+            torch.empty(num_local_experts, hidden, ffn, dtype=dtype, device=device)
+        )
+        if config.perform_initialization:
+            with torch.no_grad():
+                for g in range(num_local_experts):
+                    config.init_method(self.weight1[g])
+                    config.output_layer_init_method(self.weight2[g])
+        # Expert parameters are reduced over the expert-DP group, not the full DP group: Megatron
+        # DDP reads this attribute (as set by its linears for is_expert=True with EP > 1).
+        expert_pgs = config.expert_model_parallel_size > 1 or (
+            config.expert_tensor_parallel_size != config.tensor_model_parallel_size
+        )
+        for p in (self.weight1, self.weight2):
+            setattr(p, "allreduce", not expert_pgs)
+        self._register_state_dict_hook(_to_sequential_layout)
+        self._register_load_state_dict_pre_hook(_from_sequential_layout, with_module=True)
+
+    # -- compute ------------------------------------------------------------------------------
+    def _activation(self, h: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        if not cfg.gated_linear_unit:
+            return cfg.activation_func(h)
+        x_glu, x_linear = torch.chunk(h, 2, dim=-1)
+        if (val := cfg.activation_func_clamp_value) is not None:
+            x_glu = x_glu.clamp(min=None, max=val)
+            x_linear = x_linear.clamp(min=-val, max=val)
+        return cfg.activation_func(x_glu) * (x_linear + cfg.glu_linear_offset)
+
+    def forward(
+        self,
+        permuted_hidden: torch.Tensor,
+        tokens_per_expert,
+        permuted_probs: torch.Tensor,
+        offs: Optional[torch.Tensor] = None,
+    ):
+        """Run every local expert on its rows.
+
+        Args:
+            permuted_hidden: `[T, H]`, rows of local expert g contiguous, g ascending.
+            tokens_per_expert: G host ints (list or CPU tensor) summing to T.
+            permuted_probs: `[T]` routing probability of each row.
+            offs: int32 `[G]` cumulative counts on the GPU for the grouped GEMM; computed
+                from tokens_per_expert if None.
+
+        Returns:
+            `([T, H], None)` like Megatron's experts modules.
+        """
+        counts = _host_ints(tokens_per_expert)
+        if offs is None:
+            offs = offsets_for(counts, permuted_hidden.device)
+        x = permuted_hidden
+        if self.config.moe_apply_probs_on_input:
+            if self.config.moe_router_topk != 1:
+                raise ValueError("moe_apply_probs_on_input only works with moe_router_topk=1")
+            x = (permuted_probs.unsqueeze(-1) * x).to(permuted_hidden.dtype)
+            permuted_probs = torch.ones_like(permuted_probs)
+        h = grouped_linear(x, self.weight1, counts, offs, name=f"{self.name}.fc1")
+        a = self._activation(h)
+        a = (a * permuted_probs.unsqueeze(-1)).to(a.dtype)  # probs may be fp32, as in MLP
+        out = grouped_linear(a, self.weight2, counts, offs, name=f"{self.name}.fc2")
+        return out, None
+
+    def backward_dw(self) -> None:
+        """No-op: dW is deferred to the BackwardScheduler (fluid.schedule), not to this call."""
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
+        """SequentialMLP's sharded layout: one `experts.` tensor set, sharded over global experts.
+
+        Mirrors SequentialMLP.sharded_state_dict + MLP.sharded_state_dict for expert TP = 1:
+        fc1 through `apply_swiglu_sharded_factory` when gated, replica id's DP entry from the
+        expert-DP group.
+        """
+        from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
+        from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+        from megatron.core.transformer.utils import (
+            ensure_metadata_has_dp_cp_group,
+            make_sharded_tensors_for_checkpoint,
+        )
+
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        singleton = (metadata or {}).get("singleton_local_shards", False)
+        ep_size, ep_rank = self.ep_group.size(), self.ep_group.rank()
+        num_global = ep_size * self.num_local_experts
+        out = {}
+        for g in range(self.num_local_experts):
+            global_idx = ep_rank * self.num_local_experts + g
+            local_prefix = f"{prefix}local_experts.{g}."
+            if singleton:
+                sharded_prefix, offsets = f"{prefix}experts.{global_idx}.", sharded_offsets
+            else:
+                sharded_prefix = f"{prefix}experts."
+                offsets = (*sharded_offsets, (len(sharded_offsets), global_idx, num_global))
+            expert_sd = {}
+            for fc, weight, axis in (("linear_fc1", self.weight1, 0), ("linear_fc2", self.weight2, 1)):
+                sub = make_sharded_tensors_for_checkpoint(
+                    {"weight": weight[g], "_extra_state": None},
+                    f"{local_prefix}{fc}.",
+                    {"weight": axis},
+                    offsets,
+                    tp_group=self.tp_group,
+                    dp_cp_group=metadata["dp_cp_group"],
+                )
+                if fc == "linear_fc1" and self.config.gated_linear_unit:
+                    key = f"{local_prefix}{fc}.weight"
+                    sub[key] = apply_swiglu_sharded_factory(
+                        sub[key], offsets, singleton, tp_group=self.tp_group,
+                        dp_group=metadata["dp_cp_group"],
+                    )
+                expert_sd.update(sub)
+            replace_prefix_for_sharding(expert_sd, local_prefix, sharded_prefix)
+            for sh_ten in expert_sd.values():
+                replica_id = sh_ten.replica_id
+                assert len(replica_id) == 3, f"expected (PP, TP, DP) replica id, got {replica_id}"
+                sh_ten.replica_id = (*replica_id[:2], self.dp_group.rank())
+            out.update(expert_sd)
+        return out
+
+
+def _host_ints(tokens_per_expert) -> list[int]:
+    if isinstance(tokens_per_expert, torch.Tensor):
+        return [int(c) for c in tokens_per_expert.tolist()]
+    return [int(c) for c in tokens_per_expert]
+
+
+def _to_sequential_layout(module: FluidGroupedMLP, state_dict, prefix: str, local_metadata):
+    """state_dict hook: stacked `weight1/weight2` -> SequentialMLP per-expert keys."""
+    w1 = state_dict.pop(f"{prefix}weight1")
+    w2 = state_dict.pop(f"{prefix}weight2")
+    for g in range(module.num_local_experts):
+        for fc, w in zip(_FC_NAMES, (w1, w2)):
+            state_dict[f"{prefix}local_experts.{g}.{fc}.weight"] = w[g]
+            state_dict[f"{prefix}local_experts.{g}.{fc}._extra_state"] = None
+    return state_dict
+
+
+def _from_sequential_layout(module: FluidGroupedMLP, state_dict, prefix, *args):
+    """load_state_dict pre-hook: SequentialMLP per-expert keys -> stacked `weight1/weight2`.
+
+    A state dict that already has the stacked keys is left alone. Missing expert keys are left
+    missing, so strict loading reports them by their stacked names.
+    """
+    for stacked, fc in (("weight1", "linear_fc1"), ("weight2", "linear_fc2")):
+        keys = [f"{prefix}local_experts.{g}.{fc}.weight" for g in range(module.num_local_experts)]
+        for g in range(module.num_local_experts):
+            state_dict.pop(f"{prefix}local_experts.{g}.{fc}._extra_state", None)
+        if all(k in state_dict for k in keys):
+            state_dict[f"{prefix}{stacked}"] = torch.stack([state_dict.pop(k) for k in keys])

@@ -1,0 +1,132 @@
+"""Grouped GEMM over the local experts, with dX now and dW deferred to the BackwardScheduler.
+
+Shape legend: G local experts (groups), T tokens (rows, expert-major: the rows of group g are
+`[offs[g-1], offs[g])`), K input features, N output features.
+
+`grouped_linear(x_TK, weight_GNK, counts, offs)` computes, for every group g,
+`y[rows of g] = x[rows of g] @ weight[g]^T` (a per-expert `nn.Linear` without bias), i.e. what
+Megatron's SequentialMLP does with one matmul per expert. Two implementations:
+
+  - `torch._grouped_mm` (one kernel for all groups): CUDA, bf16, compute capability >= 9.0,
+    and not disabled by env FLUID_GROUPED_MM=0;
+  - a loop over `torch.split(x, counts)` otherwise (CPU, fp32, older GPUs). It is also the
+    reference the fast path is tested against.
+
+Backward computes dX at once (the previous op needs it) and defers dW (a grouped `dy^T @ x`) as a
+closure to the BackwardScheduler, which runs it while a later backward all-to-all is in flight.
+Zero-token groups give an all-zero dW (as SequentialMLP's per-expert linears do).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import torch
+
+from fluid.schedule import accumulate_weight_grad, get_backward_scheduler
+from fluid.schedule.wgrad import _anchor
+
+
+def grouped_mm_available(x: torch.Tensor) -> bool:
+    """True where `torch._grouped_mm` is used for `x` (see the module docstring)."""
+    if os.environ.get("FLUID_GROUPED_MM", "1") in ("0", "false", "off"):
+        return False
+    if not (x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")):
+        return False
+    return torch.cuda.get_device_capability(x.device) >= (9, 0)
+
+
+def _split(x: torch.Tensor, counts: Sequence[int]):
+    return torch.split(x, list(counts), dim=0)
+
+
+def gmm(a_TK: torch.Tensor, w: torch.Tensor, counts: Sequence[int], offs, *, trans_w: bool):
+    """Per group g: `a[g] @ w[g]^T` (trans_w, w `[G, N, K]`) or `a[g] @ w[g]` (w `[G, K, N]`).
+
+    Args:
+        a_TK: `[T, K]`, rows grouped by `counts` (host ints, one per group, summing to T).
+        offs: int32 `[G]` cumulative counts on a_TK's device, or None (loop path only).
+    """
+    b = w.transpose(1, 2) if trans_w else w
+    if offs is not None and a_TK.shape[0] > 0 and grouped_mm_available(a_TK):
+        return torch._grouped_mm(a_TK, b, offs=offs)
+    outs = [chunk @ b[g] for g, chunk in enumerate(_split(a_TK, counts))]
+    if not outs:
+        return a_TK.new_empty((0, b.shape[2]))
+    return torch.cat(outs, dim=0)
+
+
+def gmm_wgrad(dy_TN: torch.Tensor, x_TK: torch.Tensor, counts: Sequence[int], offs) -> torch.Tensor:
+    """Per group g: `dy[g]^T @ x[g]`, returned as `[G, N, K]` (zero for empty groups)."""
+    num_groups = len(counts)
+    if offs is not None and x_TK.shape[0] > 0 and grouped_mm_available(x_TK):
+        dw = torch._grouped_mm(dy_TN.t(), x_TK, offs=offs)
+        for g, c in enumerate(counts):  # empty groups: make the zero explicit, never trust it
+            if c == 0:
+                dw[g].zero_()
+        return dw
+    dw = x_TK.new_zeros((num_groups, dy_TN.shape[1], x_TK.shape[1]))
+    for g, (dy_g, x_g) in enumerate(zip(_split(dy_TN, counts), _split(x_TK, counts))):
+        if dy_g.shape[0]:
+            torch.matmul(dy_g.t(), x_g, out=dw[g])
+    return dw
+
+
+class _GroupedLinear(torch.autograd.Function):
+    """y = grouped x @ W^T. Backward: dX now, dW deferred (the weight arrives detached)."""
+
+    @staticmethod
+    def forward(ctx, x, weight_detached, anchor, counts, offs, param, name):
+        ctx.save_for_backward(x, weight_detached)
+        ctx.counts, ctx.offs, ctx.param, ctx.name = counts, offs, param, name
+        ctx.x_requires_grad = x.requires_grad
+        return gmm(x, weight_detached, counts, offs, trans_w=True)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w = ctx.saved_tensors
+        counts, offs, param = ctx.counts, ctx.offs, ctx.param
+        ctx.param = None
+        dy = dy.contiguous()
+        dx = gmm(dy, w, counts, offs, trans_w=False) if ctx.x_requires_grad else None
+
+        def dw_task(x=x, dy=dy):
+            if param.requires_grad:
+                accumulate_weight_grad(param, gmm_wgrad(dy, x, counts, offs))
+
+        get_backward_scheduler().defer(dw_task, ctx.name)
+        return dx, None, None, None, None, None, None
+
+
+def grouped_linear(
+    x_TK: torch.Tensor,
+    weight_GNK: torch.nn.Parameter,
+    counts: Sequence[int],
+    offs: Optional[torch.Tensor],
+    *,
+    name: str = "",
+) -> torch.Tensor:
+    """`[T, K]` -> `[T, N]` with one `[N, K]` weight per group; dW goes through the scheduler."""
+    anchor = None
+    if not x_TK.requires_grad and weight_GNK.requires_grad:
+        anchor = _anchor(x_TK.device)  # keeps the op in the graph so dW still runs
+    return _GroupedLinear.apply(
+        x_TK, weight_GNK.detach(), anchor, tuple(int(c) for c in counts), offs, weight_GNK, name
+    )
+
+
+def offsets_for(counts: Sequence[int], device) -> Optional[torch.Tensor]:
+    """int32 cumulative counts on `device` for `torch._grouped_mm`, or None on CPU.
+
+    The host list goes through pinned memory with a non-blocking copy, so this never
+    synchronizes the device.
+    """
+    if torch.device(device).type != "cuda":
+        return None
+    acc, out = 0, []
+    for c in counts:
+        acc += int(c)
+        out.append(acc)
+    host = torch.tensor(out, dtype=torch.int32).pin_memory()
+    return host.to(device, non_blocking=True)

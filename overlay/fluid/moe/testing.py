@@ -1,0 +1,122 @@
+"""Helpers shared by the MoE tests, the GPU parity script and the benchmark (not used in training).
+
+`moe_config(...)`: a TransformerConfig for one MoE layer (alltoall dispatcher, no expert bias).
+`global_moe_weights(...)`: every expert's weights for the whole model, identical on all ranks
+(seeded), in SequentialMLP layout; `load_moe_weights(layer, weights, ep_rank)` loads this rank's
+slice into a stock MoELayer or a FluidMoELayer through the stock state-dict keys, which is
+itself the checkpoint-compatibility path.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+
+def moe_config(
+    *,
+    hidden: int,
+    ffn: int,
+    num_experts: int,
+    topk: int,
+    ep: int,
+    shared: Optional[int] = None,
+    glu: bool = True,
+    dtype: torch.dtype = torch.float32,
+    cpu_init: bool = True,
+    **extra,
+) -> TransformerConfig:
+    """One-layer MoE TransformerConfig; `extra` overrides any field."""
+    kwargs = dict(
+        num_layers=1,
+        hidden_size=hidden,
+        num_attention_heads=4,
+        ffn_hidden_size=ffn,
+        moe_ffn_hidden_size=ffn,
+        num_moe_experts=num_experts,
+        moe_router_topk=topk,
+        expert_model_parallel_size=ep,
+        moe_token_dispatcher_type="alltoall",
+        moe_shared_expert_intermediate_size=shared,
+        gated_linear_unit=glu,
+        activation_func=F.silu if glu else F.gelu,
+        add_bias_linear=False,
+        use_cpu_initialization=cpu_init,
+        gradient_accumulation_fusion=False,
+        moe_aux_loss_coeff=0.0,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        moe_router_pre_softmax=topk == 1,  # Megatron requires it for top-1
+    )
+    kwargs.update(extra)
+    return TransformerConfig(**kwargs)
+
+
+def local_moe_submodules():
+    """The stock local-spec MoESubmodules (SequentialMLP experts, SharedExpertMLP, TopKRouter)."""
+    from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
+
+    return get_moe_module_spec(use_te=False, num_experts=1).keywords["submodules"]
+
+
+def global_moe_weights(config: TransformerConfig, seed: int = 1234, dead_experts=(), std=None):
+    """All weights of one MoE layer, identical on every rank (CPU, fp32).
+
+    Returns a dict: router `[E, H]`, w1 `[E, F1, H]`, w2 `[E, H, F]`, and shared_fc1/shared_fc2
+    when shared experts are configured. `dead_experts` get router rows of -1: with positive
+    inputs (see `global_inputs`) they are never selected, which makes routing uneven and leaves
+    experts (and with consecutive ids, whole ranks) without tokens.
+    """
+    g = torch.Generator().manual_seed(seed)
+    H, Fe, E = config.hidden_size, config.moe_ffn_hidden_size, config.num_moe_experts
+    F1 = 2 * Fe if config.gated_linear_unit else Fe
+    s = std if std is not None else H**-0.5
+    w = {
+        "router": torch.randn(E, H, generator=g) * s,
+        "w1": torch.randn(E, F1, H, generator=g) * s,
+        "w2": torch.randn(E, H, Fe, generator=g) * Fe**-0.5,
+    }
+    for e in dead_experts:
+        w["router"][e] = -1.0
+    S = config.moe_shared_expert_intermediate_size
+    if S:
+        S1 = 2 * S if config.gated_linear_unit else S
+        w["shared_fc1"] = torch.randn(S1, H, generator=g) * s
+        w["shared_fc2"] = torch.randn(H, S, generator=g) * S**-0.5
+    return w
+
+
+def global_inputs(num_tokens: int, hidden: int, seed: int = 99):
+    """Positive inputs `[num_tokens, H]` and an output gradient of the same shape (CPU, fp32)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(num_tokens, hidden, generator=g), torch.randn(num_tokens, hidden, generator=g)
+
+
+def load_moe_weights(layer, weights: dict, ep_rank: int) -> None:
+    """Load this rank's slice of `weights` through the stock (SequentialMLP) state-dict keys."""
+    sd = layer.state_dict()
+    G = layer.num_local_experts
+    new = {}
+    for k, v in sd.items():
+        if k.endswith("_extra_state"):
+            new[k] = v
+            continue
+        if k == "router.weight":
+            src = weights["router"]
+        elif k.startswith("experts.local_experts."):
+            g = int(k.split(".")[2])
+            which = "w1" if ".linear_fc1." in k else "w2"
+            src = weights[which][ep_rank * G + g]
+        elif k == "shared_experts.linear_fc1.weight":
+            src = weights["shared_fc1"]
+        elif k == "shared_experts.linear_fc2.weight":
+            src = weights["shared_fc2"]
+        else:
+            new[k] = v
+            continue
+        new[k] = src.to(dtype=v.dtype, device=v.device)
+    layer.load_state_dict(new, strict=True)
