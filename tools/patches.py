@@ -35,7 +35,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -374,6 +374,23 @@ class ReplayResult:
     failed: list[FailedHunk]  # hunks that do not apply strictly (for 3way and conflict)
     conflicted: list[str]  # files left with conflict markers by the 3-way merge
     message: str = ""
+    before: dict[str, str] = field(default_factory=dict)  # the patch's files before it (applied)
+    after: dict[str, str] = field(default_factory=dict)  # and after it
+
+
+def patches_from_replay(results: list[ReplayResult], patch_dir: Path) -> dict[str, str]:
+    """The patch files re-derived from a replay (headers kept, stable diff format): what
+    `refresh` would write, also for patches that needed the 3-way merge."""
+    out = {}
+    for r in results:
+        p = read_patch(patch_dir / r.patch)
+        if r.status not in ("clean", "3way"):
+            out[r.patch] = p.path.read_text()
+            continue
+        out[r.patch] = p.header + "---\n" + "".join(
+            render_diff(f, r.before.get(f, ""), r.after.get(f, "")) for f in r.files
+        )
+    return out
 
 
 def replay_3way(
@@ -422,9 +439,11 @@ def replay_3way(
                 for f in p.files:
                     post = (base / f).read_bytes() if (base / f).exists() else b""
                     blobs[f] = (blobs[f][0], git_blob_hash(post))
+            texts = lambda: {f: (repo / f).read_text() for f in p.files if (repo / f).exists()}  # noqa: E731
+            before = texts()
             if _git_apply(repo, p, "--check").returncode == 0:
                 _git_apply(repo, p)
-                results.append(ReplayResult(p.name, "clean", p.files, [], []))
+                results.append(ReplayResult(p.name, "clean", p.files, [], [], "", before, texts()))
                 log(f"  applied {p.name}")
                 continue
             failed = failing_hunks(repo, p)
@@ -439,7 +458,7 @@ def replay_3way(
                     cwd=repo, input=diff3, text=True, capture_output=True,
                 )
             if res is not None and res.returncode == 0:
-                results.append(ReplayResult(p.name, "3way", p.files, failed, []))
+                results.append(ReplayResult(p.name, "3way", p.files, failed, [], "", before, texts()))
                 log(f"  applied {p.name} with a 3-way merge")
                 continue
             conflicted = [

@@ -87,8 +87,7 @@ class Submodule:
                 f"the submodule is at {self.head[:12]}, not the pin {pin[:12]} of "
                 "patches/upstream.lock: run `make setup` (or fix the lock) first"
             )
-        dirty = [ln[3:] for ln in git(self.sub, "status", "--porcelain",
-                                      "--untracked-files=no").splitlines() if ln.strip()]
+        dirty = git(self.sub, "diff", "--name-only", "HEAD").split()
         stray = sorted(set(dirty) - set(self.touched))
         if stray:
             raise RebaseError(f"the submodule has changes outside the series: {stray}")
@@ -162,7 +161,7 @@ def rebase(root: Path, sub_name: str, ref: str, url: str | None, run_tests: bool
         with tempfile.TemporaryDirectory() as tmp:
             pristine = Path(tmp)
             P.pristine_from_git(sub, new, state.touched, pristine)
-            for name, text in P.refreshed_patches(sub, pristine, pdir).items():
+            for name, text in P.patches_from_replay(results, pdir).items():
                 if (pdir / name).read_text() != text:
                     (pdir / name).write_text(text)
                     log(f"  refreshed {name}")
