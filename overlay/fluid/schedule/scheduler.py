@@ -89,7 +89,7 @@ class BackwardScheduler:
         self.timing = _env_flag("FLUID_SCHEDULER_TIMING", False) if timing is None else timing
         self._queue: deque[_Task] = deque()
         self._armed_for: Optional[int] = None
-        self._in_window = False
+        self.trace: Optional[list] = None  # set to a list to record (task name, kind) in run order
         self.reset_stats()
 
     # -- switches ---------------------------------------------------------------------------
@@ -192,6 +192,8 @@ class BackwardScheduler:
             raise
         self._stats["completed_dw_tasks"] += 1
         self._stats[f"{kind}_dw_tasks"] += 1
+        if self.trace is not None:
+            self.trace.append((task.name, kind))
 
     @staticmethod
     def _mark(cuda: bool):
