@@ -1,0 +1,131 @@
+"""Megatron's ColumnParallelLinear / RowParallelLinear with dW deferred to the BackwardScheduler.
+
+`FluidColumnParallelLinear` and `FluidRowParallelLinear` are drop-in subclasses: same constructor
+(Megatron core_v0.19, including `name=` and `tp_group=`), same parameters (`weight` `[out, in]`,
+optional `bias` `[out]`), same state-dict keys and sharded checkpoint layout, same `(output, bias)`
+return with `skip_bias_add` semantics. Only the backward differs: dX is computed at once (the op
+below needs it), dW and db go to `fluid.schedule.deferred_linear`, which queues them for the next
+all-to-all window (or runs them inline with the scheduler off, bit-identical).
+
+Tensor parallelism: FluidMoE parallelises attention over context-parallel ranks (Ulysses) and the
+MoE over expert-parallel ranks; it does not implement the TP collectives (input copy, all-reduce,
+sequence-parallel all-gather / reduce-scatter) around a deferred dW. A TP group of size > 1 is
+refused at build time with a ValueError rather than computed wrong.
+
+`gradient_accumulation_fusion`: honoured through `deferred_linear` (apex's fused kernel writes
+into DDP's `main_grad` when apex is installed; otherwise it falls back to unfused accumulation with
+one warning). Stock ColumnParallelLinear raises at build time when the flag is on and apex is
+missing; the Fluid classes do not, since the fallback is exact.
+
+`backward_dw()` is a no-op, as in stock Megatron's local linears: Fluid dW never waits for an
+explicit call, it runs in the scheduler's windows or at the end of the backward pass.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.utils import get_pg_size
+
+from fluid.schedule import deferred_linear
+
+TP_UNSUPPORTED = (
+    "FluidMoE supports tensor_model_parallel_size=1 (got a tensor-parallel group of size {}) for "
+    "{}; use context parallelism (Ulysses attention) and expert parallelism instead, or build "
+    "this layer with Megatron's stock linears."
+)
+
+
+def _check_tp(layer: torch.nn.Module) -> None:
+    size = get_pg_size(layer.tp_group)
+    if size != 1:
+        raise ValueError(TP_UNSUPPORTED.format(size, type(layer).__name__))
+
+
+class FluidColumnParallelLinear(ColumnParallelLinear):
+    """`Y = X W^T + b` with `W` `[out, in]`; dW/db deferred (see module docstring).
+
+    Args: exactly `ColumnParallelLinear`'s (Megatron core_v0.19). `name` labels the dW tasks in
+    the scheduler's stats.
+    """
+
+    def __init__(self, input_size: int, output_size: int, *, config, name: str | None = None, **kwargs):
+        build_config = config
+        if config.gradient_accumulation_fusion:
+            # Stock raises without apex; the Fluid dW path falls back exactly (see module doc).
+            build_config = copy.copy(config)
+            build_config.gradient_accumulation_fusion = False
+        super().__init__(input_size, output_size, config=build_config, name=name, **kwargs)
+        self.config = config
+        self.gradient_accumulation_fusion = config.gradient_accumulation_fusion
+        self.fluid_name = name or "column_parallel_linear"
+        _check_tp(self)
+
+    def forward(
+        self,
+        input_: torch.Tensor,
+        weight: Optional[torch.Tensor] = None,
+        runtime_gather_output: Optional[bool] = None,
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """`input_` `[s, b, in]` -> `(output [s, b, out], bias or None)`.
+
+        `weight` (for `skip_weight_param_allocation`, e.g. a tied output layer) must be
+        `[out, in]`. `runtime_gather_output` is accepted and is a no-op at TP=1.
+        """
+        if self.config.defer_embedding_wgrad_compute:
+            # Megatron's own output-layer wgrad deferral (pipeline parallel): keep its path.
+            return super().forward(input_, weight, runtime_gather_output)
+        if weight is None:
+            if self.weight is None:
+                raise RuntimeError(
+                    "weight was not supplied to FluidColumnParallelLinear forward pass "
+                    "and skip_weight_param_allocation is True."
+                )
+            weight = self.weight
+        elif weight.shape != (self.output_size_per_partition, self.input_size):
+            raise RuntimeError(
+                f"supplied weight's shape is {tuple(weight.shape)}, "
+                f"not {(self.output_size_per_partition, self.input_size)} as expected"
+            )
+        bias = None if self.skip_bias_add else self.bias
+        output = deferred_linear(
+            input_,
+            weight,
+            bias,
+            name=self.fluid_name,
+            gradient_accumulation_fusion=self.gradient_accumulation_fusion,
+        )
+        return output, (self.bias if self.skip_bias_add else None)
+
+    def backward_dw(self) -> None:
+        """No-op: the dW of this layer runs in the BackwardScheduler's windows."""
+
+
+class FluidRowParallelLinear(RowParallelLinear):
+    """`Y = X W^T + b` with `W` `[out, in]`; dW/db deferred (see module docstring).
+
+    Args: exactly `RowParallelLinear`'s (Megatron core_v0.19).
+    """
+
+    def __init__(self, input_size: int, output_size: int, *, config, name: str | None = None, **kwargs):
+        super().__init__(input_size, output_size, config=config, name=name, **kwargs)
+        self.fluid_name = name or "row_parallel_linear"
+        _check_tp(self)
+
+    def forward(self, input_: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """`input_` `[s, b, in]` -> `(output [s, b, out], bias or None)`."""
+        bias = None if self.skip_bias_add else self.bias
+        output = deferred_linear(
+            input_,
+            self.weight,
+            bias,
+            name=self.fluid_name,
+            gradient_accumulation_fusion=self.gradient_accumulation_fusion,
+        )
+        return output, (self.bias if self.skip_bias_add else None)
+
+    def backward_dw(self) -> None:
+        """No-op: the dW of this layer runs in the BackwardScheduler's windows."""
