@@ -49,7 +49,7 @@ def resolve_commit(repo: Path, ref: str) -> str | None:
 def latest_core_version(python: str = sys.executable) -> str:
     """The newest megatron-core release on the package index (pip's configured index)."""
     res = subprocess.run(
-        [python, "-m", "pip", "index", "versions", "megatron-core"],
+        [python, "-m", "pip", "index", "versions", "--timeout", "30", "megatron-core"],
         capture_output=True, text=True, timeout=300,
     )
     m = re.search(r"^Available versions: (.+)$", res.stdout, flags=re.M)

@@ -6,10 +6,12 @@ files in different ways; every test runs the real CLI in a subprocess, offline, 
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from upstream_fixture import CFG, MOE, TOOLS, P, make_superproject, make_upstream, sh, snapshot
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the fixture module beside us
+from upstream_fixture import CFG, MOE, TOOLS, P, make_superproject, make_upstream, sh, snapshot  # noqa: E402
 
 
 @pytest.fixture(scope="module")
