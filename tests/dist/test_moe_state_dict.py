@@ -100,7 +100,7 @@ def _check(rank, ws, pg, glu):
     sh_stock = _normalize(stock.sharded_state_dict(prefix="decoder.layers.0.mlp."))
     sh_fluid = _normalize(fluid.sharded_state_dict(prefix="decoder.layers.0.mlp."))
     assert sorted(sh_stock) == sorted(sh_fluid), (sorted(sh_stock), sorted(sh_fluid))
-    assert any("mlp.experts.linear_fc1.weight" in str(v) for v in sh_stock.values()), sh_stock
+    assert any("mlp.experts.experts.linear_fc1.weight" in str(v) for v in sh_stock.values()), sh_stock
     for k in sh_stock:
         assert sh_stock[k] == sh_fluid[k], (k, sh_stock[k], sh_fluid[k])
 
