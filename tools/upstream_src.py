@@ -18,9 +18,6 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import setup_megatron as S  # noqa: E402  (the lead's download/extract of megatron-core dists)
-
 ROOT = Path(__file__).resolve().parent.parent
 DIST_CACHE = ROOT / ".build" / "dist"
 VERSION_RE = re.compile(r"^\d+\.\d+\.\d+(?:(?:a|b|rc|\.post|\.dev)\d+)?$")
@@ -113,6 +110,9 @@ def resolve_side(spec: str, repo: Path | None) -> Side:
 def materialize(side: Side, repo: Path | None, dest: Path, extra: list[str]) -> None:
     """Write megatron/core (and, for a git side, the `extra` paths that exist) into dest."""
     if side.kind == "index":
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import setup_megatron as S  # the download/extract of megatron-core dists `make setup` uses
+
         dist = S._download_core(side.version, DIST_CACHE)
         tmp = dest.parent / (dest.name + ".extract")
         shutil.rmtree(tmp, ignore_errors=True)
