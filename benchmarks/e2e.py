@@ -1,0 +1,163 @@
+"""End-to-end: stock `pretrain_gpt.py` against `--use-fluid-moe`, back to back on one host.
+
+Model (issue 7): 4 layers, hidden 2048, FFN 5632, 16 heads / 4 query groups, 8 experts top-2,
+seq 4096, micro-batch 1, global batch 16, bf16, local transformer impl, EP=4 on 4 GPUs, mock
+data, fixed seed. Each variant is one torchrun of the stock script; its log is parsed for the
+per-iteration lm loss, grad norm and iteration time.
+
+Usage (GPU host, after `source benchmarks/gpu_env.sh`):
+    python benchmarks/e2e.py --out DIR [--iters 50] [--variants stock,fluid,...] [--p2p-disable]
+Writes DIR/e2e_<variant>[_p2poff].log and DIR/e2e[_p2poff].json; prints a summary table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+MODEL = (
+    "--num-layers 4 --hidden-size 2048 --ffn-hidden-size 5632 --num-attention-heads 16 "
+    "--group-query-attention --num-query-groups 4 --max-position-embeddings {seq} --seq-length {seq} "
+    "--micro-batch-size 1 --global-batch-size 16 "
+    "--num-experts 8 --moe-router-topk 2 --moe-token-dispatcher-type alltoall "
+    "--moe-aux-loss-coeff 1e-2 --moe-router-load-balancing-type aux_loss "
+    "--swiglu --normalization RMSNorm --position-embedding-type rope --no-rope-fusion "
+    "--disable-bias-linear --untie-embeddings-and-output-weights "
+    "--attention-dropout 0.0 --hidden-dropout 0.0 "
+    "--bf16 --transformer-impl local --no-persist-layer-norm --no-gradient-accumulation-fusion "
+    "--no-masked-softmax-fusion --no-bias-dropout-fusion --no-bias-swiglu-fusion "
+    "--mock-data --tokenizer-type NullTokenizer --vocab-size 32000 --split 99,1,0 "
+    "--lr 1e-4 --min-lr 1e-5 --lr-decay-style cosine --lr-warmup-iters 5 --weight-decay 0.1 "
+    "--clip-grad 1.0 --init-method-std 0.02 --seed 1234 "
+    "--train-iters {iters} --log-interval 1 --eval-iters 0 --eval-interval 100000 "
+    "--log-throughput --distributed-timeout-minutes 5"
+)
+
+VARIANTS = {
+    # name: (extra args, parallel args)
+    "stock": ("", "--expert-model-parallel-size 4"),
+    "fluid": ("--use-fluid-moe", "--expert-model-parallel-size 4"),
+    "stock_ep_overlap": (
+        "--overlap-moe-expert-parallel-comm",
+        "--expert-model-parallel-size 4",
+    ),
+    "fluid_cp2_ep2": ("--use-fluid-moe", "--expert-model-parallel-size 2 --context-parallel-size 2"),
+    "fluid_cp1_ep4_seq16k": ("--use-fluid-moe", "--expert-model-parallel-size 4"),
+}
+
+ITER_RE = re.compile(r"iteration\s+(\d+)/\s*\d+ \|(.*)")
+FIELD_RE = {
+    "ms": re.compile(r"elapsed time per iteration \(ms\): ([\d.]+)"),
+    "loss": re.compile(r"lm loss: ([\d.E+-]+)"),
+    "grad_norm": re.compile(r"grad norm: ([\d.E+-]+)"),
+    "tflops": re.compile(r"throughput per GPU \(TFLOP/s/GPU\): ([\d.]+)"),
+}
+
+
+def parse_log(text: str) -> dict:
+    its = {}
+    for m in ITER_RE.finditer(text):
+        rec = {}
+        for k, rx in FIELD_RE.items():
+            f = rx.search(m.group(2))
+            if f:
+                rec[k] = float(f.group(1))
+        its[int(m.group(1))] = rec
+    return its
+
+
+def run_variant(name, out: Path, iters: int, p2p_off: bool, nproc: int, seq: int) -> dict:
+    extra, par = VARIANTS[name]
+    env = {**os.environ, "CUDA_DEVICE_MAX_CONNECTIONS": "1", "NCCL_NVLS_ENABLE": "0"}
+    if name == "stock_ep_overlap":
+        env["CUDA_DEVICE_MAX_CONNECTIONS"] = "32"  # that feature needs several queues
+    if p2p_off:
+        env["NCCL_P2P_DISABLE"] = "1"
+    if name.endswith("seq16k") or "cp2" in name:
+        seq = 16384
+    args = MODEL.format(seq=seq, iters=iters) + f" {par} {extra}"
+    script = ROOT / ".megatron" / "pretrain_gpt.py"
+    if not script.exists():
+        script = ROOT / "Megatron-LM" / "pretrain_gpt.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           str(script), *args.split()]
+    tag = name + ("_p2poff" if p2p_off else "")
+    log_path = out / f"e2e_{tag}.log"
+    t0 = time.time()
+    with open(log_path, "w") as log:
+        log.write("COMMAND: " + " ".join(cmd) + "\n")
+        log.flush()
+        rc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+    its = parse_log(log_path.read_text())
+    steady = [r["ms"] for i, r in its.items() if i >= 10 and "ms" in r]
+    return {
+        "variant": name,
+        "p2p_disabled": p2p_off,
+        "rc": rc,
+        "wall_s": time.time() - t0,
+        "seq_length": seq,
+        "median_iter_ms_after_10": statistics.median(steady) if steady else None,
+        "iterations": its,
+        "command": " ".join(cmd),
+        "env": {k: env[k] for k in ("CUDA_DEVICE_MAX_CONNECTIONS",) if k in env}
+        | ({"NCCL_P2P_DISABLE": "1"} if p2p_off else {}),
+    }
+
+
+def compare(ref: dict, other: dict) -> dict:
+    """Max relative difference of loss and grad norm over the iterations both logged."""
+    out = {}
+    for key in ("loss", "grad_norm"):
+        diffs = [
+            abs(other["iterations"][i][key] - r[key]) / abs(r[key])
+            for i, r in ref["iterations"].items()
+            if key in r and i in other["iterations"] and key in other["iterations"][i]
+        ]
+        out[f"max_rel_diff_{key}"] = max(diffs) if diffs else None
+    if ref["median_iter_ms_after_10"] and other["median_iter_ms_after_10"]:
+        out["speedup_vs_ref"] = ref["median_iter_ms_after_10"] / other["median_iter_ms_after_10"]
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--variants", default="stock,fluid,stock_ep_overlap")
+    ap.add_argument("--p2p-disable", action="store_true")
+    ap.add_argument("--nproc", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=4096)
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    results = {"card": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+               "argv": sys.argv, "runs": {}}
+    for v in args.variants.split(","):
+        r = run_variant(v, args.out, args.iters, args.p2p_disable, args.nproc, args.seq)
+        results["runs"][v] = r
+        print(f"{v:24s} rc={r['rc']} median_ms={r['median_iter_ms_after_10']} wall={r['wall_s']:.0f}s",
+              flush=True)
+    runs = results["runs"]
+    if "stock" in runs:
+        for v, r in runs.items():
+            if v != "stock" and runs["stock"]["seq_length"] == r["seq_length"]:
+                results[f"{v}_vs_stock"] = compare(runs["stock"], r)
+    if "fluid_cp2_ep2" in runs and "fluid_cp1_ep4_seq16k" in runs:
+        results["cp2_vs_cp1"] = compare(runs["fluid_cp1_ep4_seq16k"], runs["fluid_cp2_ep2"])
+    tag = "_p2poff" if args.p2p_disable else ""
+    (args.out / f"e2e{tag}.json").write_text(json.dumps(results, indent=1))
+    print(json.dumps({k: v for k, v in results.items() if k != "runs"}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
