@@ -297,7 +297,8 @@ def _top_level(body: list[ast.stmt]):
     for node in body:
         yield node
         if isinstance(node, (ast.If, ast.Try)):
-            for sub in (node.body, node.orelse, getattr(node, "handlers", []), getattr(node, "finalbody", [])):
+            handlers, final = getattr(node, "handlers", []), getattr(node, "finalbody", [])
+            for sub in (node.body, node.orelse, handlers, final):
                 for x in sub:
                     yield from _top_level(x.body if isinstance(x, ast.ExceptHandler) else [x])
 

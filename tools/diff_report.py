@@ -170,7 +170,8 @@ def build_report(args) -> tuple[str, bool, str]:
         rest = U.git(sc.repo, "diff", "--numstat", sc.old, sc.new, "--", U.CORE).splitlines()
         rest = [r.split("\t") for r in rest]
         rest = [r for r in rest if r[2] != ATTENTION and not r[2].startswith(MOE) and r[2] not in touched]
-    counts = {k: sum(v.verdict == k for v in verdicts) for k in ("breaking", "compatible", "unchanged", "unresolved")}
+    kinds = ("breaking", "compatible", "unchanged", "unresolved")
+    counts = {k: sum(v.verdict == k for v in verdicts) for k in kinds}
     status = {r.patch: r.status for r in results}
     bad = [r.patch for r in results if r.status in ("conflict", "not-tried")]
     mode = "core-only (megatron/core of both sides)" if sc.core_only else "full tree (git)"
@@ -189,7 +190,8 @@ def build_report(args) -> tuple[str, bool, str]:
         "## Summary",
         "",
         f"- megatron/core: {shortstat or 'no change'}",
-        f"- The series on the pin ({pin.label}): {'applies with no fuzz, lock matches, refresh is a no-op' if pin_ok else 'FAILS'}",
+        f"- The series on the pin ({pin.label}): "
+        + ("applies with no fuzz, lock matches, refresh is a no-op" if pin_ok else "FAILS"),
         f"- The series at {new.label}: "
         + (f"every patch applies ({', '.join(sorted(set(status.values())))})" if not bad
            else f"does NOT apply: {', '.join(bad)}"),
