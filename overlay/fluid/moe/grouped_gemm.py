@@ -19,6 +19,7 @@ Zero-token groups give an all-zero dW (as SequentialMLP's per-expert linears do)
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Optional, Sequence
 
@@ -27,14 +28,29 @@ import torch
 from fluid.schedule import accumulate_weight_grad, get_backward_scheduler
 from fluid.schedule.wgrad import _anchor
 
+log = logging.getLogger(__name__)
+
+
+_BROKEN: list[str] = []  # set once if torch._grouped_mm rejected a call: loop from then on
+
 
 def grouped_mm_available(x: torch.Tensor) -> bool:
     """True where `torch._grouped_mm` is used for `x` (see the module docstring)."""
-    if os.environ.get("FLUID_GROUPED_MM", "1") in ("0", "false", "off"):
+    if _BROKEN or os.environ.get("FLUID_GROUPED_MM", "1") in ("0", "false", "off"):
         return False
     if not (x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")):
         return False
     return torch.cuda.get_device_capability(x.device) >= (9, 0)
+
+
+def _try_grouped_mm(a, b, offs):
+    """torch._grouped_mm, or None (with a one-time warning) if it rejects these operands."""
+    try:
+        return torch._grouped_mm(a, b, offs=offs)
+    except RuntimeError as exc:  # shape/layout checks raise on the host, before any launch
+        log.warning("FluidMoE: torch._grouped_mm failed (%s); using the per-expert loop", exc)
+        _BROKEN.append(str(exc))
+        return None
 
 
 def _split(x: torch.Tensor, counts: Sequence[int]):
@@ -50,7 +66,9 @@ def gmm(a_TK: torch.Tensor, w: torch.Tensor, counts: Sequence[int], offs, *, tra
     """
     b = w.transpose(1, 2) if trans_w else w
     if offs is not None and a_TK.shape[0] > 0 and grouped_mm_available(a_TK):
-        return torch._grouped_mm(a_TK, b, offs=offs)
+        out = _try_grouped_mm(a_TK, b, offs)
+        if out is not None:
+            return out
     outs = [chunk @ b[g] for g, chunk in enumerate(_split(a_TK, counts))]
     if not outs:
         return a_TK.new_empty((0, b.shape[2]))
@@ -61,11 +79,12 @@ def gmm_wgrad(dy_TN: torch.Tensor, x_TK: torch.Tensor, counts: Sequence[int], of
     """Per group g: `dy[g]^T @ x[g]`, returned as `[G, N, K]` (zero for empty groups)."""
     num_groups = len(counts)
     if offs is not None and x_TK.shape[0] > 0 and grouped_mm_available(x_TK):
-        dw = torch._grouped_mm(dy_TN.t(), x_TK, offs=offs)
-        for g, c in enumerate(counts):  # empty groups: make the zero explicit, never trust it
-            if c == 0:
-                dw[g].zero_()
-        return dw
+        dw = _try_grouped_mm(dy_TN.t(), x_TK, offs)
+        if dw is not None:
+            for g, c in enumerate(counts):  # empty groups: make the zero explicit
+                if c == 0:
+                    dw[g].zero_()
+            return dw
     dw = x_TK.new_zeros((num_groups, dy_TN.shape[1], x_TK.shape[1]))
     for g, (dy_g, x_g) in enumerate(zip(_split(dy_TN, counts), _split(x_TK, counts))):
         if dy_g.shape[0]:

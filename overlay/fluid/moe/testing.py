@@ -120,3 +120,30 @@ def load_moe_weights(layer, weights: dict, ep_rank: int) -> None:
             continue
         new[k] = src.to(dtype=v.dtype, device=v.device)
     layer.load_state_dict(new, strict=True)
+
+
+def stock_and_fluid(cfg: TransformerConfig, pg, device, num_chunks: int = 1):
+    """A stock local-spec MoELayer and a FluidMoELayer holding the same weights, on `device`.
+
+    The Fluid layer receives the stock layer's state dict (the checkpoint path), so any layout
+    mismatch shows up as a parity failure. On a CPU host the stock dispatcher's class-wide CUDA
+    stream is replaced by a placeholder so that the stock layer can at least be built.
+    """
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+    from fluid.moe import FluidMoELayer
+
+    if torch.device(device).type != "cuda" and MoEAlltoAllTokenDispatcher.cuda_dtoh_stream is None:
+        MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = object()
+    sub = local_moe_submodules()
+    stock = MoELayer(cfg, submodules=sub, pg_collection=pg).to(device)
+    fluid = FluidMoELayer(cfg, submodules=sub, pg_collection=pg, num_chunks=num_chunks).to(device)
+    fluid.load_state_dict(stock.state_dict(), strict=True)
+    return stock, fluid
+
+
+def set_num_chunks(layer, num_chunks: int) -> None:
+    """Change a FluidMoELayer's forward pipelining depth between iterations."""
+    layer.num_chunks = num_chunks
+    layer.token_dispatcher.num_chunks = num_chunks
