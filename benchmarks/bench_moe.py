@@ -1,0 +1,228 @@
+"""Benchmark: stock MoELayer vs FluidMoELayer (scheduler off/on, chunks 1/2/4), one host, EP = world.
+
+    CUDA_DEVICE_MAX_CONNECTIONS=1 NCCL_NVLS_ENABLE=0 \
+        torchrun --nproc-per-node 4 benchmarks/bench_moe.py --out docs/benchmarks/raw/nvlink
+    # the multi-node stand-in: same with NCCL_P2P_DISABLE=1 (see ../shared/docs/baseline.md)
+    # CPU dry run (tiny sizes, gloo, catches crashes; numbers meaningless):
+    torchrun --nproc-per-node 2 benchmarks/bench_moe.py --device cpu --out /tmp/bench_moe
+
+Per configuration (Mixtral-like H4096 F14336 E8 top-2, fine-grained H2048 F1408 E64 top-6, 4096
+tokens per rank, bf16) and variant, medians over --iters after --warmup (CUDA events, rank 0):
+  fwd_ms, fwdbwd_ms, bwd_ms = fwdbwd - fwd; peak_gb = param bytes of the layer + peak allocation
+  above the steady state during fwd+bwd; speedup = stock fwdbwd / variant fwdbwd.
+Fluid only:
+  dw_ms = fwdbwd (scheduler off) - fwdbwd (scheduler off, expert weights frozen so no expert dW);
+  a2a_ms = one all-to-all of the dispatch volume ([tokens*topk, H] bf16, even splits), timed
+  alone; the backward has two of them (combine and dispatch gradients), a2a_bwd_ms = 2 * a2a_ms;
+  overlap_eta = (bwd_serial - bwd) / min(dw_ms, a2a_bwd_ms), with bwd_serial the backward with
+  the scheduler off (chunks 1): baseline.md's eta = (T_serial - T_measured)/(T_serial - T_ideal).
+  sched_stats: the BackwardScheduler counters of one extra timed iteration (timing mode).
+Writes <out>/bench_moe.json (argv, card, env, results); benchmarks/moe_report.py renders it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+CONFIGS = {
+    "mixtral": dict(hidden=4096, ffn=14336, num_experts=8, topk=2),
+    "fine": dict(hidden=2048, ffn=1408, num_experts=64, topk=6),
+}
+TINY = {
+    "mixtral": dict(hidden=64, ffn=128, num_experts=4, topk=2),
+    "fine": dict(hidden=32, ffn=24, num_experts=8, topk=6),
+}
+
+
+class Timer:
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+
+    def __call__(self, fn, warmup: int, iters: int) -> float:
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(iters):
+            dist.barrier()
+            if self.cuda:
+                torch.cuda.synchronize()
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                fn()
+                b.record()
+                torch.cuda.synchronize()
+                times.append(a.elapsed_time(b))
+            else:
+                t = time.perf_counter()
+                fn()
+                times.append(1e3 * (time.perf_counter() - t))
+        return statistics.median(times)
+
+
+def param_bytes(layer) -> int:
+    return sum(p.numel() * p.element_size() for p in layer.parameters())
+
+
+def bench_layer(layer, x, dy, timer, args, cuda):
+    def fwd():
+        out, _ = layer(x)
+        del out
+
+    def fwdbwd():
+        out, _ = layer(x)
+        out.backward(dy)
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+
+    res = {"fwd_ms": timer(fwd, args.warmup, args.iters)}
+    if cuda:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    res["fwdbwd_ms"] = timer(fwdbwd, args.warmup, args.iters)
+    res["bwd_ms"] = res["fwdbwd_ms"] - res["fwd_ms"]
+    if cuda:
+        res["peak_gb"] = (param_bytes(layer) + torch.cuda.max_memory_allocated() - base) / 2**30
+    return res
+
+
+def a2a_alone(rows, hidden, dtype, device, timer, args):
+    x = torch.randn(rows - rows % dist.get_world_size(), hidden, dtype=dtype, device=device)
+    out = torch.empty_like(x)
+    return timer(lambda: dist.all_to_all_single(out, x), args.warmup, args.iters)
+
+
+def run_config(name, shape, args, cuda, device, pg, ws):
+    from fluid.moe.testing import moe_config, set_num_chunks, stock_and_fluid
+    from fluid.schedule import get_backward_scheduler
+
+    dtype = torch.bfloat16 if cuda else torch.float32
+    cfg = moe_config(ep=ws, dtype=dtype, init_method_std=0.02, **shape)
+    torch.manual_seed(0)
+    stock, fluid = stock_and_fluid(cfg, pg, device)
+    T, H = args.tokens, shape["hidden"]
+    x = torch.randn(T, 1, H, dtype=dtype, device=device, requires_grad=True)
+    dy = torch.randn(T, 1, H, dtype=dtype, device=device)
+    timer = Timer(cuda)
+    sched = get_backward_scheduler()
+    out = {"shape": shape, "tokens_per_rank": T, "variants": {}}
+    if cuda:
+        out["variants"]["stock"] = bench_layer(stock, x, dy, timer, args, cuda)
+    del stock
+    if cuda:
+        torch.cuda.empty_cache()
+
+    variants = [("fluid_off_c1", False, 1)] + [(f"fluid_on_c{c}", True, c) for c in (1, 2, 4)]
+    for vname, on, chunks in variants:
+        set_num_chunks(fluid, chunks)
+        sched.enable() if on else sched.disable()
+        res = bench_layer(fluid, x, dy, timer, args, cuda)
+        if on:  # one extra iteration with scheduler timing for its counters
+            sched.timing = True
+            sched.reset_stats()
+            o, _ = fluid(x)
+            o.backward(dy)
+            res["sched_stats"] = sched.get_stats()
+            sched.timing = False
+            fluid.zero_grad(set_to_none=True)
+            x.grad = None
+        out["variants"][vname] = res
+    sched.enable()
+
+    # dW time: scheduler off, expert weights frozen (their dW closures skip all work).
+    set_num_chunks(fluid, 1)
+    sched.disable()
+    for p in fluid.experts.parameters():
+        p.requires_grad_(False)
+    nodw = bench_layer(fluid, x, dy, timer, args, cuda)
+    for p in fluid.experts.parameters():
+        p.requires_grad_(True)
+    sched.enable()
+    off = out["variants"]["fluid_off_c1"]
+    dw_ms = max(off["fwdbwd_ms"] - nodw["fwdbwd_ms"], 0.0)
+    a2a_ms = a2a_alone(T * shape["topk"], H, dtype, device, timer, args)
+    out.update(dw_ms=dw_ms, a2a_ms=a2a_ms, a2a_bwd_ms=2 * a2a_ms)
+    denom = min(dw_ms, 2 * a2a_ms)
+    stock_fb = out["variants"].get("stock", {}).get("fwdbwd_ms")
+    for vname, res in out["variants"].items():
+        if vname.startswith("fluid"):
+            res["overlap_eta"] = (off["bwd_ms"] - res["bwd_ms"]) / denom if denom > 0 else None
+        if stock_fb:
+            res["speedup_vs_stock"] = stock_fb / res["fwdbwd_ms"]
+    del fluid
+    if cuda:
+        torch.cuda.empty_cache()
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", required=True)
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--configs", default="mixtral,fine")
+    p.add_argument("--tokens", type=int, default=None, help="tokens per rank (4096; 64 on cpu)")
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    args = p.parse_args()
+    cuda = args.device == "cuda"
+    if args.tokens is None:
+        args.tokens = 4096 if cuda else 64
+    if not cuda:
+        args.iters, args.warmup = min(args.iters, 2), min(args.warmup, 1)
+
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank, ws = dist.get_rank(), dist.get_world_size()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+
+    from megatron.core import parallel_state
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    parallel_state.initialize_model_parallel(expert_model_parallel_size=ws)
+    if cuda:
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        model_parallel_cuda_manual_seed(1234)
+    pg = ProcessGroupCollection.use_mpu_process_groups()
+
+    results = {}
+    for name in args.configs.split(","):
+        t0 = time.time()
+        shape = (CONFIGS if cuda else TINY)[name]
+        results[name] = run_config(name, shape, args, cuda, device, pg, ws)
+        results[name]["wall_s"] = time.time() - t0
+        if rank == 0:
+            print(f"[bench_moe] {name}: " + json.dumps(results[name]["variants"], default=str)[:2000],
+                  flush=True)
+
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        doc = {
+            "argv": sys.argv,
+            "command": " ".join(["torchrun", f"--nproc-per-node {ws}"] + sys.argv),
+            "card": torch.cuda.get_device_name() if cuda else "cpu",
+            "world_size": ws,
+            "env": {k: os.environ.get(k) for k in ("NCCL_P2P_DISABLE", "CUDA_DEVICE_MAX_CONNECTIONS",
+                                                  "NCCL_NVLS_ENABLE", "FLUID_OVERLAP")},
+            "torch": torch.__version__,
+            "results": results,
+        }
+        path = os.path.join(args.out, "bench_moe.json")
+        with open(path, "w") as f:
+            json.dump(doc, f, indent=1, default=str)
+        print(f"[bench_moe] wrote {path}", flush=True)
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
