@@ -12,10 +12,13 @@ CP input, rotary embedding and output gradient are sharded with Megatron's own
   - the backward schedule: linear_proj's dW ran inside an all-to-all window, linear_qkv's dW
     waited for the end-of-backward flush (no later layer here).
 Configurations cover MHA, GQA with cp | ng, cp > ng (KV replication), ng not divisible by cp
-with ng > cp (12 heads / 6 groups on cp=4), MQA, qk-layernorm on/off, biases on/off.
+with ng > cp (12 heads / 6 groups on cp=4), MQA, qk-layernorm on/off, biases on/off, and
+Megatron's attention_output_gate.
 """
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -39,15 +42,20 @@ def assert_close(actual, expected, what):
         actual, expected, rtol=RTOL, atol=atol, msg=lambda m: f"{what}: {m} (atol {atol:.2e})"
     )
 
-# (num_heads, num_query_groups, qk_layernorm, add_bias_linear)
+# (num_heads, num_query_groups, qk_layernorm, add_bias_linear, attention_output_gate)
 CONFIGS = {
-    2: [(8, 8, True, True), (8, 2, False, False), (8, 1, True, False)],
-    4: [(8, 8, False, True), (8, 2, True, False), (12, 6, True, True), (8, 1, False, False)],
+    2: [(8, 8, True, True, False), (8, 2, False, False, True), (8, 1, True, False, False)],
+    4: [
+        (8, 8, False, True, False),
+        (8, 2, True, False, False),
+        (12, 6, True, True, True),
+        (8, 1, False, False, False),
+    ],
 }
 SEQ, BATCH, HEAD_DIM = 32, 2, 8
 
 
-def make_config(num_heads, num_groups, qk_layernorm, bias, cp):
+def make_config(num_heads, num_groups, qk_layernorm, bias, cp, gate=False):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     return TransformerConfig(
@@ -59,6 +67,7 @@ def make_config(num_heads, num_groups, qk_layernorm, bias, cp):
         context_parallel_size=cp,
         qk_layernorm=qk_layernorm,
         add_bias_linear=bias,
+        attention_output_gate=gate,
         attention_dropout=0.0,
         hidden_dropout=0.0,
         use_cpu_initialization=True,
@@ -136,13 +145,13 @@ def _worker(rank, world_size):
     singles = [dist.new_group([r]) for r in range(world_size)]  # collective: every rank calls
     sched = get_backward_scheduler()
     try:
-        for num_heads, num_groups, qk_ln, bias in CONFIGS[cp]:
-            tag = f"cp={cp} np={num_heads} ng={num_groups} qk_ln={qk_ln} bias={bias}"
-            config = make_config(num_heads, num_groups, qk_ln, bias, cp)
+        for num_heads, num_groups, qk_ln, bias, gate in CONFIGS[cp]:
+            tag = f"cp={cp} np={num_heads} ng={num_groups} qk_ln={qk_ln} bias={bias} gate={gate}"
+            config = make_config(num_heads, num_groups, qk_ln, bias, cp, gate)
             ref = build_layer(config, pgc(tp_group, singles[rank]))
             fluid = build_layer(config, pgc(tp_group, cp_group), seed=99)
             fluid.load_state_dict(ref.state_dict())
-            assert fluid.kv_repeat == cp // __import__("math").gcd(num_groups, cp)
+            assert fluid.kv_repeat == cp // math.gcd(num_groups, cp)
 
             torch.manual_seed(7)
             x_full = torch.randn(SEQ, BATCH, config.hidden_size)
