@@ -42,16 +42,29 @@ MODEL = (
     "--log-throughput --distributed-timeout-minutes 5"
 )
 
+# name: (extra args, parallel args, sequence length, iterations or None for --iters,
+#        checkpoint to load (--finetune, no optimizer/RNG state) or None, checkpoint to save or None)
+# All comparison runs start from the same weights: "init" (stock, 1 iteration) saves them, and
+# every other run loads that checkpoint with --use-fluid-moe or without (checkpoint interchange
+# stock -> Fluid). "fluid" saves its final weights; "stock_from_fluid" and "fluid_from_fluid"
+# continue from them for a few iterations (Fluid -> stock).
+EP4 = "--expert-model-parallel-size 4"
 VARIANTS = {
-    # name: (extra args, parallel args)
-    "stock": ("", "--expert-model-parallel-size 4"),
-    "fluid": ("--use-fluid-moe", "--expert-model-parallel-size 4"),
-    "stock_ep_overlap": (
-        "--overlap-moe-expert-parallel-comm",
-        "--expert-model-parallel-size 4",
+    "init": ("", EP4, 4096, 1, None, "ckpt_init"),
+    "stock": ("", EP4, 4096, None, "ckpt_init", None),
+    "fluid": ("--use-fluid-moe", EP4, 4096, None, "ckpt_init", "ckpt_fluid"),
+    "stock_ep_overlap": ("--overlap-moe-expert-parallel-comm", EP4, 4096, None, "ckpt_init", None),
+    "stock_from_fluid": ("", EP4, 4096, 3, "ckpt_fluid", None),
+    "fluid_from_fluid": ("--use-fluid-moe", EP4, 4096, 3, "ckpt_fluid", None),
+    "fluid_cp1_ep4_seq16k": ("--use-fluid-moe", EP4, 16384, None, "ckpt_init", None),
+    "fluid_cp2_ep2_seq16k": (
+        "--use-fluid-moe",
+        "--expert-model-parallel-size 2 --context-parallel-size 2",
+        16384,
+        None,
+        "ckpt_init",
+        None,
     ),
-    "fluid_cp2_ep2": ("--use-fluid-moe", "--expert-model-parallel-size 2 --context-parallel-size 2"),
-    "fluid_cp1_ep4_seq16k": ("--use-fluid-moe", "--expert-model-parallel-size 4"),
 }
 
 ITER_RE = re.compile(r"iteration\s+(\d+)/\s*\d+ \|(.*)")
@@ -75,16 +88,19 @@ def parse_log(text: str) -> dict:
     return its
 
 
-def run_variant(name, out: Path, iters: int, p2p_off: bool, nproc: int, seq: int) -> dict:
-    extra, par = VARIANTS[name]
+def run_variant(name, out: Path, iters: int, p2p_off: bool, nproc: int, ckpt_dir: Path) -> dict:
+    extra, par, seq, own_iters, load, save = VARIANTS[name]
     env = {**os.environ, "CUDA_DEVICE_MAX_CONNECTIONS": "1", "NCCL_NVLS_ENABLE": "0"}
     if name == "stock_ep_overlap":
         env["CUDA_DEVICE_MAX_CONNECTIONS"] = "32"  # that feature needs several queues
     if p2p_off:
         env["NCCL_P2P_DISABLE"] = "1"
-    if name.endswith("seq16k") or "cp2" in name:
-        seq = 16384
-    args = MODEL.format(seq=seq, iters=iters) + f" {par} {extra}"
+    n_iters = own_iters or iters
+    args = MODEL.format(seq=seq, iters=n_iters) + f" {par} {extra}"
+    if load:
+        args += f" --load {ckpt_dir / load} --finetune --no-load-optim --no-load-rng"
+    if save:
+        args += f" --save {ckpt_dir / save} --save-interval {n_iters}"
     script = ROOT / ".megatron" / "pretrain_gpt.py"
     if not script.exists():
         script = ROOT / "Megatron-LM" / "pretrain_gpt.py"
@@ -105,11 +121,11 @@ def run_variant(name, out: Path, iters: int, p2p_off: bool, nproc: int, seq: int
         "rc": rc,
         "wall_s": time.time() - t0,
         "seq_length": seq,
+        "loaded": load,
         "median_iter_ms_after_10": statistics.median(steady) if steady else None,
         "iterations": its,
         "command": " ".join(cmd),
-        "env": {k: env[k] for k in ("CUDA_DEVICE_MAX_CONNECTIONS",) if k in env}
-        | ({"NCCL_P2P_DISABLE": "1"} if p2p_off else {}),
+        "env": {k: env[k] for k in ("CUDA_DEVICE_MAX_CONNECTIONS", "NCCL_P2P_DISABLE") if k in env},
     }
 
 
@@ -132,10 +148,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--iters", type=int, default=50)
-    ap.add_argument("--variants", default="stock,fluid,stock_ep_overlap")
+    ap.add_argument("--variants", default="init,stock,fluid,stock_ep_overlap")
+    ap.add_argument("--ckpt-dir", type=Path, default=Path("/tmp/fluid_e2e_ckpt"))
     ap.add_argument("--p2p-disable", action="store_true")
     ap.add_argument("--nproc", type=int, default=4)
-    ap.add_argument("--seq", type=int, default=4096)
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     import torch
@@ -143,17 +159,17 @@ def main():
     results = {"card": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
                "argv": sys.argv, "runs": {}}
     for v in args.variants.split(","):
-        r = run_variant(v, args.out, args.iters, args.p2p_disable, args.nproc, args.seq)
+        r = run_variant(v, args.out, args.iters, args.p2p_disable, args.nproc, args.ckpt_dir)
         results["runs"][v] = r
         print(f"{v:24s} rc={r['rc']} median_ms={r['median_iter_ms_after_10']} wall={r['wall_s']:.0f}s",
               flush=True)
     runs = results["runs"]
-    if "stock" in runs:
-        for v, r in runs.items():
-            if v != "stock" and runs["stock"]["seq_length"] == r["seq_length"]:
-                results[f"{v}_vs_stock"] = compare(runs["stock"], r)
-    if "fluid_cp2_ep2" in runs and "fluid_cp1_ep4_seq16k" in runs:
-        results["cp2_vs_cp1"] = compare(runs["fluid_cp1_ep4_seq16k"], runs["fluid_cp2_ep2"])
+    pairs = [("stock", "fluid"), ("stock", "stock_ep_overlap"),
+             ("stock_from_fluid", "fluid_from_fluid"),
+             ("fluid_cp1_ep4_seq16k", "fluid_cp2_ep2_seq16k")]
+    for ref, other in pairs:
+        if ref in runs and other in runs:
+            results[f"{other}_vs_{ref}"] = compare(runs[ref], runs[other])
     tag = "_p2poff" if args.p2p_disable else ""
     (args.out / f"e2e{tag}.json").write_text(json.dumps(results, indent=1))
     print(json.dumps({k: v for k, v in results.items() if k != "runs"}, indent=1))
