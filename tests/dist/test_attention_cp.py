@@ -24,6 +24,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from fluid.attention.testing import attention_config, build_attention, fwd_bwd, megatron_shard, rope_angles
+from fluid.attention.testing import pg_collection as pgc
 from tests._dist import run_distributed
 
 # fp32 tolerance. CP and CP=1 run the same math on the same values; only the reduction order
@@ -42,6 +44,7 @@ def assert_close(actual, expected, what):
         actual, expected, rtol=RTOL, atol=atol, msg=lambda m: f"{what}: {m} (atol {atol:.2e})"
     )
 
+
 # (num_heads, num_query_groups, qk_layernorm, add_bias_linear, attention_output_gate)
 CONFIGS = {
     2: [(8, 8, True, True, False), (8, 2, False, False, True), (8, 1, True, False, False)],
@@ -56,80 +59,18 @@ SEQ, BATCH, HEAD_DIM = 32, 2, 8
 
 
 def make_config(num_heads, num_groups, qk_layernorm, bias, cp, gate=False):
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    return TransformerConfig(
-        num_layers=1,
-        hidden_size=num_heads * HEAD_DIM,
-        num_attention_heads=num_heads,
-        num_query_groups=num_groups,
-        kv_channels=HEAD_DIM,
-        context_parallel_size=cp,
-        qk_layernorm=qk_layernorm,
-        add_bias_linear=bias,
-        attention_output_gate=gate,
-        attention_dropout=0.0,
-        hidden_dropout=0.0,
-        use_cpu_initialization=True,
-        gradient_accumulation_fusion=False,
-        params_dtype=torch.float32,
-        init_method_std=0.2,  # large enough that attention is far from uniform
+    return attention_config(
+        heads=num_heads, groups=num_groups, head_dim=HEAD_DIM, cp=cp,
+        qk_layernorm=qk_layernorm, bias=bias, gate=gate,
     )
 
 
-def build_layer(config, pg_collection, seed=1234):
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer.spec_utils import build_module
+def build_layer(config, pg, seed=1234):
+    from fluid.attention import FluidSelfAttention
 
-    from fluid.attention import FluidSelfAttention, fluid_self_attention_spec
-
-    stock = get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm).submodules.self_attention
-    spec = fluid_self_attention_spec(stock)
-    torch.manual_seed(seed)
-    layer = build_module(spec, config=config, layer_number=1, pg_collection=pg_collection)
+    layer = build_attention("fluid", config, pg, seed=seed)
     assert isinstance(layer, FluidSelfAttention)
-    if config.qk_layernorm:  # non-trivial norm weights, so a wrong norm placement shows
-        with torch.no_grad():
-            for norm in (layer.q_layernorm, layer.k_layernorm):
-                norm.weight.uniform_(0.5, 1.5)
     return layer
-
-
-def rope_angles(seq, dim, base=10000.0):
-    """`[seq, 1, 1, dim]` angles as Megatron's RotaryEmbedding (non-interleaved) makes them."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-    freqs = torch.outer(torch.arange(seq, dtype=torch.float32), inv_freq)
-    return torch.cat((freqs, freqs), dim=-1)[:, None, None, :]
-
-
-def pgc(tp, cp):
-    from megatron.core.process_groups_config import ProcessGroupCollection
-
-    p = ProcessGroupCollection()
-    p.tp, p.cp = tp, cp
-    return p
-
-
-def megatron_shard(x_sbh, cp_group):
-    """Shard `[S, b, ...]` exactly as Megatron's data path does (batch dicts are `[b, S, ...]`)."""
-    from megatron.core.utils import get_batch_on_this_cp_rank
-
-    batch = {"x": x_sbh.transpose(0, 1).contiguous(), "cu_seqlens": None}
-    return get_batch_on_this_cp_rank(batch, False, cp_group=cp_group)["x"].transpose(0, 1)
-
-
-def fwd_bwd(layer, x, emb, grad_out):
-    from fluid.schedule import get_backward_scheduler
-
-    get_backward_scheduler().reset_stats()
-    x = x.detach().clone().requires_grad_(True)
-    layer.zero_grad(set_to_none=True)
-    out, bias = layer(x, None, rotary_pos_emb=emb)
-    if bias is not None:
-        out = out + bias
-    out.backward(grad_out)
-    grads = {n: p.grad.clone() for n, p in layer.named_parameters()}
-    return out.detach(), x.grad, grads, get_backward_scheduler().get_stats()
 
 
 def _worker(rank, world_size):

@@ -21,21 +21,15 @@ import torch
 import torch.distributed as dist
 
 from tests._dist import run_distributed
-from tests.dist.test_attention_cp import assert_close, build_layer, make_config, pgc, rope_angles
-
-
-def _stock_layer(config, pg):
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer.spec_utils import build_module
-
-    spec = get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm).submodules.self_attention
-    return build_module(spec, config=config, layer_number=1, pg_collection=pg)
+from fluid.attention.testing import build_attention, rope_angles
+from fluid.attention.testing import pg_collection as pgc
+from tests.dist.test_attention_cp import assert_close, build_layer, make_config
 
 
 def _check_state_dict(tp_group, single):
     for qk_ln in (False, True):
         cfg1 = make_config(8, 2, qk_ln, True, cp=1)  # stock local core asserts cp == 1
-        stock = _stock_layer(cfg1, pgc(tp_group, single))
+        stock = build_attention("stock", cfg1, pgc(tp_group, single))
         fluid = build_layer(cfg1, pgc(tp_group, single))
         s_sd, f_sd = stock.state_dict(), fluid.state_dict()
         assert list(s_sd.keys()) == list(f_sd.keys()), (list(s_sd), list(f_sd))
