@@ -47,15 +47,19 @@ TINY = dict(seq=64, hidden=64, heads=8, groups=2, stock_seq=32)
 
 
 class Timer:
-    def __init__(self, cuda: bool):
-        self.cuda = cuda
+    """Median ms of `fn` over `iters` after `warmup` (CUDA events, or wall clock on CPU); with
+    `barrier` all ranks start each timed iteration together."""
+
+    def __init__(self, cuda: bool, barrier: bool = True):
+        self.cuda, self.barrier = cuda, barrier
 
     def __call__(self, fn, warmup: int, iters: int) -> float:
         for _ in range(warmup):
             fn()
         times = []
         for _ in range(iters):
-            dist.barrier()
+            if self.barrier:
+                dist.barrier()
             if self.cuda:
                 torch.cuda.synchronize()
                 a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -69,31 +73,6 @@ class Timer:
                 fn()
                 times.append(1e3 * (time.perf_counter() - t))
         return statistics.median(times)
-
-
-def local_timer(cuda: bool):
-    """Like Timer, without barriers (rank 0 alone)."""
-
-    def run(fn, warmup, iters):
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(iters):
-            if cuda:
-                torch.cuda.synchronize()
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                torch.cuda.synchronize()
-                times.append(a.elapsed_time(b))
-            else:
-                t = time.perf_counter()
-                fn()
-                times.append(1e3 * (time.perf_counter() - t))
-        return statistics.median(times)
-
-    return run
 
 
 def peak_gb(fn, cuda: bool) -> float:
@@ -151,25 +130,13 @@ def main() -> int:
         for k, v in TINY.items():
             setattr(args, k, v)
         args.warmup, args.iters = 1, 2
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group("nccl" if cuda else "gloo")
     from megatron.core import parallel_state
 
-    from fluid.attention.testing import attention_config, build_attention, pg_collection, rope_emb
+    from fluid.attention.testing import attention_config, build_attention, init_cp_run, pg_collection, rope_emb
     from fluid.comm import CommContext, fluid_all_to_all_hp2sp, fluid_all_to_all_sp2hp
     from fluid.schedule import get_backward_scheduler
 
-    rank, cp = dist.get_rank(), dist.get_world_size()
-    parallel_state.initialize_model_parallel(context_parallel_size=cp)
-    if cuda:
-        from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-        model_parallel_cuda_manual_seed(1234)
-    tp = parallel_state.get_tensor_model_parallel_group()
-    cp_group = parallel_state.get_context_parallel_group()
-    single = [dist.new_group([r]) for r in range(cp)][rank]
-    device = torch.device("cuda" if cuda else "cpu")
+    rank, cp, tp, cp_group, single, device = init_cp_run(args.device)
     dtype = torch.bfloat16 if cuda else torch.float32
     H, hd, b = args.hidden, args.hidden // args.heads, args.batch
     timer = Timer(cuda)
@@ -272,7 +239,7 @@ def main() -> int:
 
     # -- one GPU: stock and Fluid at CP=1 (rank 0), the others wait ---------------------------
     if not args.skip_cp1 and rank == 0:
-        lt = local_timer(cuda)
+        lt = Timer(cuda, barrier=False)  # rank 0 alone
         cp1 = {}
         runs = [("fluid", args.stock_seq), ("fluid", args.seq)]
         if cuda:

@@ -58,10 +58,8 @@ def main() -> int:
 
     cuda = args.device == "cuda"
     if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-    dist.init_process_group("nccl" if cuda else "gloo")
     from megatron.core import parallel_state
 
     from fluid.attention.cp_layout import shard_sequence
@@ -69,22 +67,14 @@ def main() -> int:
         attention_config,
         build_attention,
         fwd_bwd,
+        init_cp_run,
         megatron_shard,
         pg_collection,
         rope_emb,
     )
     from fluid.schedule import get_backward_scheduler
 
-    rank, cp = dist.get_rank(), dist.get_world_size()
-    parallel_state.initialize_model_parallel(context_parallel_size=cp)
-    if cuda:
-        from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-        model_parallel_cuda_manual_seed(1234)
-    tp = parallel_state.get_tensor_model_parallel_group()
-    cp_group = parallel_state.get_context_parallel_group()
-    single = [dist.new_group([r]) for r in range(cp)][rank]
-    device = torch.device("cuda" if cuda else "cpu")
+    rank, cp, tp, cp_group, single, device = init_cp_run(args.device)
     sched = get_backward_scheduler()
     S, b = (args.seq, args.batch) if cuda else (32, 2)
     failures, results = [], []

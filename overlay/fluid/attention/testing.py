@@ -8,6 +8,8 @@ local GPT spec (the Fluid one through `fluid_self_attention_spec`), seeded ident
 `get_batch_on_this_cp_rank` (the data path's CP layout).
 `fwd_bwd(layer, x, emb, grad_out)`: one forward + backward; output, dX, parameter grads, scheduler
 stats.
+`init_cp_run(device)`: torchrun script set-up: process group (NCCL or gloo), Megatron model
+parallel state with CP = world, the RNG tracker on CUDA, and the groups the scripts use.
 `rope_emb(seq, head_dim, cp_group, device)`: this CP rank's rotary angles `[s, 1, 1, hn]`; on CUDA
 through Megatron's own `RotaryEmbedding.forward(seq, cp_group=...)` (its CP slicing uses `.cuda()`),
 on CPU with the same formula and `shard_sequence`.
@@ -105,6 +107,28 @@ def rope_emb(seq: int, head_dim: int, cp_group, device) -> torch.Tensor:
         )
     cp = dist.get_world_size(cp_group)
     return shard_sequence(rope_angles(seq, head_dim), cp, dist.get_rank(cp_group))
+
+
+def init_cp_run(device: str):
+    """Returns `(rank, cp, tp_group, cp_group, single_rank_group, torch.device)`; CP = world."""
+    import os
+
+    from megatron.core import parallel_state
+
+    cuda = device == "cuda"
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank, cp = dist.get_rank(), dist.get_world_size()
+    parallel_state.initialize_model_parallel(context_parallel_size=cp)
+    if cuda:
+        from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+        model_parallel_cuda_manual_seed(1234)
+    tp = parallel_state.get_tensor_model_parallel_group()
+    cp_group = parallel_state.get_context_parallel_group()
+    single = [dist.new_group([r]) for r in range(cp)][rank]  # collective: every rank makes all
+    return rank, cp, tp, cp_group, single, torch.device(device)
 
 
 def megatron_shard(x_sbh: torch.Tensor, cp_group) -> torch.Tensor:
