@@ -71,7 +71,9 @@ def test_cp1_bf16_matches_stock():
     if created:
         torch.cuda.set_device(0)
         dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
-    parallel_state.initialize_model_parallel()
+    made_mp = not parallel_state.model_parallel_is_initialized()
+    if made_mp:
+        parallel_state.initialize_model_parallel()
     model_parallel_cuda_manual_seed(1234)
     try:
         ref = _build("stock", torch.float32)  # qk-norm weights drawn in [0.5, 1.5]
@@ -99,7 +101,8 @@ def test_cp1_bf16_matches_stock():
                 failures.append(k)
         assert not failures, f"bf16 parity failed for {failures}"
     finally:
-        parallel_state.destroy_model_parallel()
+        if made_mp:
+            parallel_state.destroy_model_parallel()
         if created:
             dist.destroy_process_group()
 
