@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU runs behind docs/benchmarks/, as they were launched on the device host (4 GPUs):
-#   bash benchmarks/run_gpu.sh layers OUT   # MoE layer benchmark (NVLink, P2P off), attention
-#                                          # parity and benchmark
-#   bash benchmarks/run_gpu.sh e2e-nvlink OUT   # end to end over NVLink (+ checkpoint interchange)
+#   bash benchmarks/run_gpu.sh layers OUT       # MoE layer benchmark (NVLink, P2P off), attention parity
+#   bash benchmarks/run_gpu.sh e2e-nvlink OUT   # attention benchmark (P2P off); end to end over NVLink
+#                                               # (+ checkpoint interchange)
 #   bash benchmarks/run_gpu.sh e2e-p2poff OUT   # end to end with NCCL_P2P_DISABLE=1, and the CP run
 # Needs the carried .whl/ and .megatron/ (tools/stage_gpu.sh).
 set -uo pipefail
@@ -17,9 +17,9 @@ case "$what" in
     NCCL_P2P_DISABLE=1 timeout 200 $tr benchmarks/bench_moe.py --out "$out/moe_p2poff" 2>&1 | tail -25
     timeout 120 python3 -m pytest -q -s tests/gpu/test_attention_parity.py > "$out/attn_parity.txt" 2>&1
     grep -E "PASS|FAIL|passed|failed" "$out/attn_parity.txt" | tail -20
-    NCCL_P2P_DISABLE=1 timeout 150 $tr benchmarks/bench_attention.py --out "$out/attn_p2poff" 2>&1 | tail -25
     ;;
   e2e-nvlink)
+    NCCL_P2P_DISABLE=1 timeout 150 $tr benchmarks/bench_attention.py --out "$out/attn_p2poff" 2>&1 | tail -25
     timeout 560 python3 benchmarks/e2e.py --out "$out/e2e_nvlink" --iters 50 \
       --variants init,stock,fluid,stock_ep_overlap,stock_from_fluid,fluid_from_fluid
     ;;
