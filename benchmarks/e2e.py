@@ -163,6 +163,8 @@ def main():
         results["runs"][v] = r
         print(f"{v:24s} rc={r['rc']} median_ms={r['median_iter_ms_after_10']} wall={r['wall_s']:.0f}s",
               flush=True)
+        tag = "_p2poff" if args.p2p_disable else ""
+        (args.out / f"e2e{tag}.json").write_text(json.dumps(results, indent=1))  # partial results
     runs = results["runs"]
     pairs = [("stock", "fluid"), ("stock", "stock_ep_overlap"),
              ("stock_from_fluid", "fluid_from_fluid"),

@@ -19,8 +19,10 @@ case "$what" in
     grep -E "PASS|FAIL|passed|failed" "$out/attn_parity.txt" | tail -20
     ;;
   e2e-nvlink)
-    NCCL_P2P_DISABLE=1 timeout 150 $tr benchmarks/bench_attention.py --out "$out/attn_p2poff" 2>&1 | tail -25
-    timeout 560 python3 benchmarks/e2e.py --out "$out/e2e_nvlink" --iters 50 \
+    timeout 60 python3 -m pytest -q -s tests/gpu/test_attention_parity.py -k cp1 > "$out/attn_parity.txt" 2>&1
+    grep -E "PASS|FAIL|passed|failed" "$out/attn_parity.txt" | tail -8
+    NCCL_P2P_DISABLE=1 timeout 120 $tr benchmarks/bench_attention.py --out "$out/attn_p2poff" 2>&1 | tail -12
+    timeout 420 python3 benchmarks/e2e.py --out "$out/e2e_nvlink" --iters 50 \
       --variants init,stock,fluid,stock_ep_overlap,stock_from_fluid,fluid_from_fluid
     ;;
   e2e-p2poff)

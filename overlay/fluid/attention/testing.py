@@ -86,6 +86,9 @@ def build_attention(kind: str, config, pg, seed: int = 1234, device=None):
         with torch.no_grad():
             for norm in (layer.q_layernorm, layer.k_layernorm):
                 norm.weight.uniform_(0.5, 1.5)
+    # Megatron's Float16Module casts every parameter (norms included, which torch builds in fp32)
+    # to the training dtype; do the same so bf16 layers see bf16 norm weights.
+    layer = layer.to(dtype=config.params_dtype)
     return layer.to(device) if device is not None else layer
 
 
