@@ -4,6 +4,7 @@
 #   bash benchmarks/run_gpu.sh e2e-nvlink OUT   # attention benchmark (P2P off); end to end over NVLink
 #                                               # (+ checkpoint interchange)
 #   bash benchmarks/run_gpu.sh e2e-p2poff OUT   # end to end with NCCL_P2P_DISABLE=1, and the CP run
+#   bash benchmarks/run_gpu.sh e2e-final OUT    # the final pass: both links, checkpoints, CP (one call)
 # Needs the carried .whl/ and .megatron/ (tools/stage_gpu.sh).
 set -uo pipefail
 what=$1; out=$2
@@ -24,6 +25,14 @@ case "$what" in
     NCCL_P2P_DISABLE=1 timeout 120 $tr benchmarks/bench_attention.py --out "$out/attn_p2poff" 2>&1 | tail -12
     timeout 420 python3 benchmarks/e2e.py --out "$out/e2e_nvlink" --iters 50 \
       --variants init,stock,fluid,stock_ep_overlap,stock_from_fluid,fluid_from_fluid
+    ;;
+  e2e-final)
+    timeout 45 python3 -m pytest -q -s tests/gpu/test_attention_parity.py -k cp1 > "$out/attn_parity_cp1.txt" 2>&1
+    grep -E "PASS|FAIL|passed|failed" "$out/attn_parity_cp1.txt" | tail -8
+    timeout 250 python3 benchmarks/e2e.py --out "$out/e2e_nvlink" --iters 50 \
+      --variants init,stock,fluid,stock_from_fluid,fluid_from_fluid
+    timeout 310 python3 benchmarks/e2e.py --out "$out/e2e_p2poff" --iters 50 --p2p-disable \
+      --variants init,stock,fluid,fluid_cp1_ep4_seq16k,fluid_cp2_ep2_seq16k
     ;;
   e2e-p2poff)
     timeout 560 python3 benchmarks/e2e.py --out "$out/e2e_p2poff" --iters 50 --p2p-disable \

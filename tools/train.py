@@ -40,7 +40,7 @@ def main() -> int:
     from benchmarks.e2e import MODEL
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
-           str(script), *MODEL.format(seq=4096, iters=args.iters).split(),
+           str(script), *MODEL.format(seq=4096, iters=args.iters, warmup=min(5, args.iters - 1)).split(),
            "--expert-model-parallel-size", str(ep), "--use-fluid-moe"]
     env = {**os.environ, "CUDA_DEVICE_MAX_CONNECTIONS": "1", "NCCL_NVLS_ENABLE": "0",
            "FLUID_SCHEDULER_TIMING": os.environ.get("FLUID_SCHEDULER_TIMING", "1")}
