@@ -140,6 +140,14 @@ def _body(rank, world):
     comm_short = CommContext(dist.group.WORLD, overlap="never")
     _forward(comm_short, params, x, c).backward()
     assert sched.trace == [("l2", "after_wait"), ("l1", "flushed")], sched.trace
+    #    A window below min_window_bytes is skipped: l2's dW waits for the next window (here the
+    #    end-of-backward flush), as the MoE probs all-to-all defers to the token all-to-all.
+    sched.trace = []
+    sched.reset_stats()
+    comm_min = CommContext(dist.group.WORLD, overlap="always", min_window_bytes=1 << 30)
+    _forward(comm_min, params, x, c).backward()
+    assert sched.trace == [("l2", "flushed"), ("l1", "flushed")], sched.trace
+    assert sched.get_stats()["skipped_windows"] == 1
     sched.trace = None
 
     # 3. DDP-style hooks: once per parameter per backward, after the gradient exists, and the

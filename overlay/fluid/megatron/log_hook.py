@@ -16,6 +16,7 @@ def format_stats(stats: dict) -> str:
         ("flushed", "flushed_dw_tasks"),
         ("inline", "inline_dw_tasks"),
         ("a2a", "a2a_calls"),
+        ("skipped windows", "skipped_windows"),
         ("stale", "dropped_stale_tasks"),
     ]
     parts = [f"{label} {stats.get(k, 0)}" for label, k in keys]

@@ -10,9 +10,10 @@ Protocol (one backward pass, i.e. one `torch.autograd.backward` call):
   1. A Fluid op's backward calls `defer(fn)`. Outside a backward, or with the scheduler disabled,
      `fn` runs inline, exactly where stock Megatron computes dW. Otherwise it is queued and, once
      per backward pass, an end-of-backward callback is armed on the autograd engine.
-  2. A Fluid all-to-all's backward launches its collective and calls `run_while`. If the link is
-     slow enough for overlap to pay (CommContext.should_overlap) every queued task runs before the
-     wait; otherwise after it. Either way the queue drains at every all-to-all, so the closures
+  2. A Fluid all-to-all's backward launches its collective and calls `run_while`. A tiny
+     all-to-all (below CommContext.min_window_bytes) leaves the queue for the next one. Otherwise,
+     if the link is slow enough for overlap to pay (CommContext.should_overlap) every queued task
+     runs before the wait; otherwise after it. Either way the queue drains at every all-to-all, so the closures
      (which hold activations) live no longer than one layer: memory stays as stock.
   3. When the engine finishes the backward pass, the armed callback flushes whatever is left
      (e.g. the first layer's QKV dW, which has no all-to-all after it).
@@ -132,6 +133,11 @@ class BackwardScheduler:
     def run_while(self, handle, comm) -> None:
         """Fill the window of an in-flight all-to-all with queued dW, then wait for it."""
         self._stats["a2a_calls"] += 1
+        if self._queue and handle.nbytes < comm.min_window_bytes:
+            # Too small to be worth filling: the queue waits for the next, larger window.
+            self._stats["skipped_windows"] += 1
+            handle.wait()
+            return
         overlap = bool(self._queue) and self.enabled and comm.should_overlap()
         cuda = handle.done is not None
         dw_start = dw_end = end = None
@@ -217,6 +223,7 @@ class BackwardScheduler:
                 "dropped_stale_tasks",
                 "a2a_calls",
                 "overlapped_windows",
+                "skipped_windows",
             )
         }
         self._windows: list[_Window] = []
@@ -229,7 +236,8 @@ class BackwardScheduler:
         overlapped_dw_tasks (ran while an all-to-all was in flight), after_wait_dw_tasks (ran
         right after a short all-to-all, see CommContext.should_overlap), inline_dw_tasks
         (scheduler off, or outside backward), flushed_dw_tasks (end of backward),
-        dropped_stale_tasks, a2a_calls, overlapped_windows. With timing on (CUDA): a2a_ms (sum of
+        dropped_stale_tasks, a2a_calls, overlapped_windows, skipped_windows (all-to-alls below
+        CommContext.min_window_bytes, left for a larger window). With timing on (CUDA): a2a_ms (sum of
         all backward all-to-alls, comm-stream events), overlapped_a2a_ms, dw_in_window_ms,
         window_ms (launch of the dW to the end of the wait, overlapped windows only) and
         overlap_efficiency = (T_a2a + T_dW - T_window) / min(T_a2a, T_dW) summed over overlapped
