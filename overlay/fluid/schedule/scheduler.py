@@ -27,8 +27,12 @@ queue.
 
 Failure: a closure that raises clears the queue before the exception propagates. If another op
 raises, the engine never reaches step 3; the stale closures are dropped (with a warning) the next
-time a Fluid layer runs forward or defers from a different backward pass, so no activation is held
-past the next step and the next step's gradients are not polluted.
+time a Fluid layer runs forward, so no activation is held past the next step and the next step's
+gradients are not polluted.
+
+Reentrant checkpointing: a recomputed layer's backward is a nested graph task; its tasks join the
+same queue, and the callback armed for the nested task flushes the queue when the nested backward
+ends (correct, with less overlap than without recomputation).
 """
 
 from __future__ import annotations
@@ -117,8 +121,10 @@ class BackwardScheduler:
         if not self.enabled or gid == -1:
             self._run(_Task(fn, name, gid), kind="inline")
             return
-        if self._queue and self._queue[0].graph_task != gid:
-            self._drop_stale("a new backward pass started")
+        # A different graph task is not a sign of staleness: reentrant activation checkpointing
+        # (Megatron's --recompute-granularity full, torch.utils.checkpoint(use_reentrant=True))
+        # runs each recomputed layer's backward as a nested graph task while the outer one's
+        # tasks are still queued. Stale tasks are detected at the next forward (on_forward).
         self._queue.append(_Task(fn, name, gid))
         if self._armed_for != gid:
             self._armed_for = gid
