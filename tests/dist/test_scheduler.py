@@ -212,21 +212,20 @@ def _body(rank, world):
     for a, b in zip(after, on):
         assert torch.equal(a, b)
 
-    # 5. Reentrant activation checkpointing (what --recompute-granularity full does): each
-    #    recomputed block's backward is a nested graph task; no queued dW may be lost or dropped.
-    def block(h, w):
-        from fluid.comm import fluid_all_to_all
-        from fluid.schedule import deferred_linear
-
-        return fluid_all_to_all(comm, torch.relu(deferred_linear(h, w, name="ckpt")))
+    # 5. Reentrant activation checkpointing (what --recompute-granularity full does): a recomputed
+    #    layer's backward is a nested graph task that defers its dW while the outer backward's dW
+    #    (the plain layer above it) is still queued; neither may be lost or dropped.
+    from fluid.comm import fluid_all_to_all
+    from fluid.schedule import deferred_linear
 
     def recompute_step(use_ckpt):
         for p in params:
             p.grad = None
         x, c = _inputs(rank, world, 0)
-        h = x.requires_grad_(True)
-        for w in params[:2]:
-            h = torch.utils.checkpoint.checkpoint(block, h, w, use_reentrant=True) if use_ckpt else block(h, w)
+        x.requires_grad_(True)
+        lin0 = lambda h, w: deferred_linear(h, w, name="recomputed")  # noqa: E731
+        h = torch.utils.checkpoint.checkpoint(lin0, x, params[0], use_reentrant=True) if use_ckpt else lin0(x, params[0])
+        h = fluid_all_to_all(comm, deferred_linear(torch.relu(h), params[1], name="plain"))
         (h * c).sum().backward()
         assert sched.num_pending == 0
         return [p.grad.clone() for p in params[:2]]
