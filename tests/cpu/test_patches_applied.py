@@ -52,3 +52,21 @@ def test_fluid_log_hook_is_installed_as_entry_point():
 
     names = {ep.value for ep in entry_points(group="megatron.training.log_hooks")}
     assert "fluid.megatron.log_hook:log_scheduler_stats" in names
+
+
+@needs_full_tree
+def test_pretrain_gpt_help_lists_use_fluid_moe():
+    """Stock `pretrain_gpt.py --help` works (patch 0004) and lists the flag (patch 0001)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import megatron.core
+
+    script = Path(megatron.core.__file__).parents[2] / "pretrain_gpt.py"
+    res = subprocess.run(
+        [sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "--use-fluid-moe" in res.stdout
+    assert "Build attention and MoE layers from the FluidMoE overlay" in res.stdout
