@@ -69,4 +69,4 @@ def test_pretrain_gpt_help_lists_use_fluid_moe():
     )
     assert res.returncode == 0, res.stderr[-2000:]
     assert "--use-fluid-moe" in res.stdout
-    assert "Build attention and MoE layers from the FluidMoE overlay" in res.stdout
+    assert "Build attention and MoE layers from the FluidMoE overlay" in " ".join(res.stdout.split())
