@@ -32,6 +32,9 @@ import time
 import torch
 import torch.distributed as dist
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks._timing import Timer  # noqa: E402
+
 CONFIGS = {
     "mixtral": dict(hidden=4096, ffn=14336, num_experts=8, topk=2),
     "fine": dict(hidden=2048, ffn=1408, num_experts=64, topk=6),
@@ -40,31 +43,6 @@ TINY = {
     "mixtral": dict(hidden=64, ffn=128, num_experts=4, topk=2),
     "fine": dict(hidden=32, ffn=24, num_experts=8, topk=6),
 }
-
-
-class Timer:
-    def __init__(self, cuda: bool):
-        self.cuda = cuda
-
-    def __call__(self, fn, warmup: int, iters: int) -> float:
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(iters):
-            dist.barrier()
-            if self.cuda:
-                torch.cuda.synchronize()
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                torch.cuda.synchronize()
-                times.append(a.elapsed_time(b))
-            else:
-                t = time.perf_counter()
-                fn()
-                times.append(1e3 * (time.perf_counter() - t))
-        return statistics.median(times)
 
 
 def param_bytes(layer) -> int:
