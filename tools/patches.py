@@ -106,9 +106,9 @@ def check_series_files(patch_dir: Path, patches: list[Patch]) -> None:
     if unlisted:
         raise PatchError(f"patch files not listed in patches/series: {', '.join(unlisted)}")
     for p in patches:
-        for field in HEADER_FIELDS:
-            if not re.search(rf"^{field}: \S", p.header, flags=re.M):
-                raise PatchError(f"{p.name}: header lacks a '{field}:' line")
+        for name in HEADER_FIELDS:
+            if not re.search(rf"^{name}: \S", p.header, flags=re.M):
+                raise PatchError(f"{p.name}: header lacks a '{name}:' line")
 
 
 def is_core_only(tree: Path) -> bool:

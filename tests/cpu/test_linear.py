@@ -12,7 +12,6 @@ Single process (a 1-rank gloo group, TP=1). Same weights in both; checked:
 
 from __future__ import annotations
 
-import os
 import socket
 
 import pytest

@@ -7,13 +7,15 @@ the constructor and never used here). Checked, SwiGLU and GELU:
   - stock -> Fluid -> stock: loading the stock state dict into Fluid (strict) and reading it back
     gives the stock tensors bit for bit, and the Fluid layer then computes the reference MoE of
     those weights (so the stacked layout is really used, not just stored);
-  - sharded_state_dict(): identical keys, and for every ShardedTensor (GLU factories built) the
-    same global shape, global offset and replica id: distributed checkpoints interchange too.
+  - sharded_state_dict(): after building every factory, the same ShardedTensors / ShardedObjects
+    (sharded key, global shape, global offset, local shape, replica id): distributed checkpoints
+    interchange too. The state-dict structure differs only where it must: Fluid has one factory
+    per stacked weight (`experts.weight1/2`, whose `data` is the Parameter, so optimizers find
+    it; tests/dist/test_moe_optimizer_checkpoint.py) where stock has one entry per expert.
 """
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from tests._dist import run_distributed
@@ -32,22 +34,22 @@ def _stock_layer(cfg, pg, submodules):
     return MoELayer(cfg, submodules=submodules, pg_collection=pg)
 
 
-def _normalize(sharded):
-    """{key: comparable description} for ShardedTensor / ShardedObject / factories."""
+def _leaves(sharded):
+    """Sorted descriptions of what a distributed checkpoint stores for `sharded`.
+
+    Factories are built recursively (a factory may build lists of tensors or further factories).
+    """
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
 
-    out = {}
-    for k, v in sharded.items():
+    out = []
+    for v in nested_values(sharded):
         if isinstance(v, ShardedTensorFactory):
-            built = v.build_fn(v.key, v.data, v.replica_id, v.flattened_range)
-            if isinstance(built, (list, tuple)):
-                built = dict(enumerate(built))
-            out[k] = sorted(str(d) for d in _normalize(built).values())
-        elif hasattr(v, "global_shape"):
-            out[k] = (v.key, tuple(v.global_shape), tuple(v.global_offset), tuple(v.replica_id))
+            out += _leaves(v.build())
         else:
-            out[k] = (v.key, getattr(v, "global_shape", None), getattr(v, "replica_id", None))
-    return out
+            out.append(str((type(v).__name__, v.key, tuple(v.global_shape), tuple(v.global_offset),
+                            tuple(getattr(v, "local_shape", ())), v.replica_id)))
+    return sorted(out)
 
 
 def _check(rank, ws, pg, glu):
@@ -97,12 +99,22 @@ def _check(rank, ws, pg, glu):
         out, _ = fluid(x.unsqueeze(1))
     torch.testing.assert_close(out.squeeze(1), ref, rtol=RTOL, atol=ATOL)
 
-    sh_stock = _normalize(stock.sharded_state_dict(prefix="decoder.layers.0.mlp."))
-    sh_fluid = _normalize(fluid.sharded_state_dict(prefix="decoder.layers.0.mlp."))
-    assert sorted(sh_stock) == sorted(sh_fluid), (sorted(sh_stock), sorted(sh_fluid))
-    assert any("mlp.experts.experts.linear_fc1.weight" in str(v) for v in sh_stock.values()), sh_stock
-    for k in sh_stock:
-        assert sh_stock[k] == sh_fluid[k], (k, sh_stock[k], sh_fluid[k])
+    prefix = "decoder.layers.0.mlp."
+    stock_weights = {f"{prefix}experts.local_experts.{g}.linear_fc{i}.weight"
+                     for g in range(G) for i in (1, 2)}
+    fluid_weights = {f"{prefix}experts.weight1", f"{prefix}experts.weight2"}
+    # Default layout (one key per weight, expert axis prepended) and singleton_local_shards
+    # (one key per global expert, e.g. `experts.3.linear_fc1.weight`, GLU as `_w`/`_v`).
+    for singleton, expert_key in ((False, "experts.experts.linear_fc1.weight"),
+                                  (True, f"experts.experts.{rank * G}.linear_fc1.weight")):
+        metadata = {"singleton_local_shards": singleton}
+        sh_stock = stock.sharded_state_dict(prefix=prefix, metadata=metadata)
+        sh_fluid = fluid.sharded_state_dict(prefix=prefix, metadata=metadata)
+        assert stock_weights <= set(sh_stock) and fluid_weights <= set(sh_fluid)
+        assert sorted(set(sh_stock) - stock_weights) == sorted(set(sh_fluid) - fluid_weights)
+        leaves_stock, leaves_fluid = _leaves(sh_stock), _leaves(sh_fluid)
+        assert any(f"mlp.{expert_key}" in v for v in leaves_stock), leaves_stock
+        assert leaves_stock == leaves_fluid, sorted(set(leaves_stock) ^ set(leaves_fluid))
 
 
 def _worker(rank, ws):

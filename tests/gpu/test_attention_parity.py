@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import socket
 
-import pytest
 import torch
 
 from tests.gpu._torchrun import require_gpus, torchrun
