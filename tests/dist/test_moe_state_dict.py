@@ -25,7 +25,7 @@ RTOL, ATOL = 1e-4, 1e-5
 H, FFN, E, TOKENS = 16, 8, 4, 10
 
 
-def _stock_layer(cfg, pg, submodules):
+def stock_layer(cfg, pg, submodules):
     from megatron.core.transformer.moe.moe_layer import MoELayer
     from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
@@ -60,7 +60,7 @@ def _check(rank, ws, pg, glu):
     cfg = moe_config(hidden=H, ffn=FFN, num_experts=E, topk=2, ep=ws, shared=12, glu=glu)
     sub = local_moe_submodules()
     torch.manual_seed(100 + rank)
-    stock = _stock_layer(cfg, pg, sub)
+    stock = stock_layer(cfg, pg, sub)
     fluid = FluidMoELayer(cfg, submodules=sub, pg_collection=pg)
 
     stock_sd, fluid_sd = stock.state_dict(), fluid.state_dict()
@@ -117,7 +117,8 @@ def _check(rank, ws, pg, glu):
         assert leaves_stock == leaves_fluid, sorted(set(leaves_stock) ^ set(leaves_fluid))
 
 
-def _worker(rank, ws):
+def ep_worker(rank, ws, check, *args):
+    """EP = ws over the gloo world; runs `check(rank, ws, pg, glu, *args)` for SwiGLU and GELU."""
     from megatron.core import parallel_state
     from megatron.core.process_groups_config import ProcessGroupCollection
 
@@ -125,10 +126,10 @@ def _worker(rank, ws):
     try:
         pg = ProcessGroupCollection.use_mpu_process_groups()
         for glu in (True, False):
-            _check(rank, ws, pg, glu)
+            check(rank, ws, pg, glu, *args)
     finally:
         parallel_state.destroy_model_parallel()
 
 
 def test_state_dict_interchangeable_with_stock():
-    run_distributed(_worker, 2)
+    run_distributed(ep_worker, 2, _check)

@@ -145,51 +145,87 @@ class FluidGroupedMLP(MegatronModule):
 
         Mirrors SequentialMLP.sharded_state_dict + MLP.sharded_state_dict for expert TP = 1:
         fc1 through `apply_swiglu_sharded_factory` when gated, replica id's DP entry from the
-        expert-DP group.
+        expert-DP group. Each stacked weight is ONE ShardedTensorFactory whose `data` is the
+        Parameter itself: Megatron's optimizers find a parameter's sharding by identity
+        (`get_param_id_to_sharded_param_map`) and re-apply the factory to exp_avg etc., so
+        optimizer state gets the same per-expert layout. Its build_fn yields expert g's
+        ShardedTensors from `data[g]` (same keys, offsets and replica ids as SequentialMLP's);
+        merge_fn stacks the loaded experts back, so a load returns `weight1`/`weight2`.
         """
+        from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
         from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
         from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
         from megatron.core.transformer.utils import (
             ensure_metadata_has_dp_cp_group,
             make_sharded_tensors_for_checkpoint,
         )
+        from megatron.core.utils import make_tp_sharded_tensor_for_checkpoint
 
         metadata = ensure_metadata_has_dp_cp_group(metadata)
-        singleton = (metadata or {}).get("singleton_local_shards", False)
+        dp_cp_group = metadata["dp_cp_group"]
+        singleton = metadata.get("singleton_local_shards", False)
         ep_size, ep_rank = self.ep_group.size(), self.ep_group.rank()
         num_global = ep_size * self.num_local_experts
-        out = {}
-        for g in range(self.num_local_experts):
+        glu = self.config.gated_linear_unit
+
+        def expert_offsets(g):
+            """(global index, sharded offsets) of local expert g, as in SequentialMLP."""
             global_idx = ep_rank * self.num_local_experts + g
-            local_prefix = f"{prefix}local_experts.{g}."
-            if singleton:
-                sharded_prefix, offsets = f"{prefix}experts.{global_idx}.", sharded_offsets
-            else:
-                sharded_prefix = f"{prefix}experts."
-                offsets = (*sharded_offsets, (len(sharded_offsets), global_idx, num_global))
-            expert_sd = {}
-            for fc, weight, axis in (("linear_fc1", self.weight1, 0), ("linear_fc2", self.weight2, 1)):
-                sub = make_sharded_tensors_for_checkpoint(
-                    {"weight": weight[g], "_extra_state": None},
-                    f"{local_prefix}{fc}.",
-                    {"weight": axis},
-                    offsets,
-                    tp_group=self.tp_group,
-                    dp_cp_group=metadata["dp_cp_group"],
-                )
-                if fc == "linear_fc1" and self.config.gated_linear_unit:
-                    key = f"{local_prefix}{fc}.weight"
-                    sub[key] = apply_swiglu_sharded_factory(
-                        sub[key], offsets, singleton, tp_group=self.tp_group,
-                        dp_group=metadata["dp_cp_group"],
+            if singleton:  # one key per expert, no expert axis
+                return global_idx, sharded_offsets
+            return global_idx, (*sharded_offsets, (len(sharded_offsets), global_idx, num_global))
+
+        def factory(fc, weight, axis):
+            suffix = f"{fc}.weight"
+
+            @torch.no_grad()
+            def build(key, t, replica_id, flattened_range):
+                # key: f"{prefix}experts.{suffix}", optimizer-prefixed for optimizer state.
+                if flattened_range is not None:
+                    raise NotImplementedError("FluidGroupedMLP: flattened optimizer state")
+                experts = []
+                for g in range(self.num_local_experts):
+                    global_idx, offsets = expert_offsets(g)
+                    g_key = f"{key[: -len(suffix)]}{global_idx}.{suffix}" if singleton else key
+                    sh_ten = make_tp_sharded_tensor_for_checkpoint(
+                        t[g], g_key, axis, replica_id=replica_id, prepend_offsets=offsets,
+                        tp_group=self.tp_group, dp_cp_group=dp_cp_group,
                     )
-                expert_sd.update(sub)
-            replace_prefix_for_sharding(expert_sd, local_prefix, sharded_prefix)
-            for sh_ten in expert_sd.values():
-                replica_id = sh_ten.replica_id
+                    if fc == "linear_fc1" and glu:  # [w, v]; built here, factories don't nest
+                        sh_ten = apply_swiglu_sharded_factory(
+                            sh_ten, offsets, singleton, tp_group=self.tp_group,
+                            dp_group=dp_cp_group,
+                        ).build()
+                    experts.append(sh_ten)
+                return experts
+
+            def merge(experts):
+                return torch.stack([torch.cat(e) if isinstance(e, list) else e for e in experts])
+
+            # Expert TP = 1: TP entry 0 as make_tp_sharded_tensor_for_checkpoint sets it.
+            replica_id = (0, 0, self.dp_group.rank())
+            return ShardedTensorFactory(f"{prefix}experts.{suffix}", weight, build, merge, replica_id)
+
+        out = {
+            f"{prefix}weight1": factory("linear_fc1", self.weight1, 0),
+            f"{prefix}weight2": factory("linear_fc2", self.weight2, 1),
+        }
+        for g in range(self.num_local_experts):
+            global_idx, offsets = expert_offsets(g)
+            local_prefix = f"{prefix}local_experts.{g}."
+            sharded_prefix = f"{prefix}experts.{global_idx}." if singleton else f"{prefix}experts."
+            extra = {}
+            for fc in _FC_NAMES:
+                extra.update(make_sharded_tensors_for_checkpoint(
+                    {"_extra_state": None}, f"{local_prefix}{fc}.", {}, offsets,
+                    tp_group=self.tp_group, dp_cp_group=dp_cp_group,
+                ))
+            replace_prefix_for_sharding(extra, local_prefix, sharded_prefix)
+            for sh_obj in extra.values():
+                replica_id = sh_obj.replica_id
                 assert len(replica_id) == 3, f"expected (PP, TP, DP) replica id, got {replica_id}"
-                sh_ten.replica_id = (*replica_id[:2], self.dp_group.rank())
-            out.update(expert_sd)
+                sh_obj.replica_id = (*replica_id[:2], self.dp_group.rank())
+            out.update(extra)
         return out
 
 
