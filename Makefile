@@ -12,7 +12,7 @@ MEGATRON_LM_URL ?=
 # Pins. The GPU hosts run torch 2.11 (cu130); megatron-core must equal the submodule's pin.
 TORCH_VERSION ?= 2.11.0
 REQS := torch==$(TORCH_VERSION) megatron-core==0.19.0 numpy packaging six regex pyyaml pydantic \
-        einops pytest setuptools wheel matplotlib
+        einops psutil pytest setuptools wheel matplotlib
 PYTEST_ARGS ?=
 REF ?=
 FROM ?=
