@@ -101,9 +101,9 @@ def run_variant(name, out: Path, iters: int, p2p_off: bool, nproc: int, ckpt_dir
     if load:
         args += f" --load {ckpt_dir / load} --finetune --no-load-optim --no-load-rng"
     if save:
-        # Model weights only: the stacked Fluid expert weights are not yet mapped into Megatron's
-        # non-distributed optimizer's sharded state (see the issue notes), and every comparison
-        # run starts with a fresh optimizer (--no-load-optim) anyway.
+        # Model weights only: every comparison run starts with a fresh optimizer (--no-load-optim).
+        # (These GPU runs predate the fix that maps the stacked Fluid expert weights into the
+        # optimizer's sharded state, tests/dist/test_moe_optimizer_checkpoint.py.)
         args += f" --save {ckpt_dir / save} --save-interval {n_iters} --no-save-optim"
     script = ROOT / ".megatron" / "pretrain_gpt.py"
     if not script.exists():
