@@ -155,21 +155,9 @@ def main():
     if not cuda:
         args.iters, args.warmup = min(args.iters, 2), min(args.warmup, 1)
 
-    dist.init_process_group("nccl" if cuda else "gloo")
-    rank, ws = dist.get_rank(), dist.get_world_size()
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
-    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    from fluid.moe.testing import init_expert_parallel_world
 
-    from megatron.core import parallel_state
-    from megatron.core.process_groups_config import ProcessGroupCollection
-
-    parallel_state.initialize_model_parallel(expert_model_parallel_size=ws)
-    if cuda:
-        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
-        model_parallel_cuda_manual_seed(1234)
-    pg = ProcessGroupCollection.use_mpu_process_groups()
+    rank, ws, device, pg = init_expert_parallel_world(cuda)
 
     results = {}
     for name in args.configs.split(","):
@@ -197,6 +185,8 @@ def main():
         with open(path, "w") as f:
             json.dump(doc, f, indent=1, default=str)
         print(f"[bench_moe] wrote {path}", flush=True)
+    from megatron.core import parallel_state
+
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()
 

@@ -91,24 +91,10 @@ def main():
     args = p.parse_args()
 
     cuda = args.device == "cuda"
-    dist.init_process_group("nccl" if cuda else "gloo")
-    rank, ws = dist.get_rank(), dist.get_world_size()
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
-    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-
-    from megatron.core import parallel_state
-    from megatron.core.process_groups_config import ProcessGroupCollection
-
-    from fluid.moe.testing import moe_config, set_num_chunks, stock_and_fluid
+    from fluid.moe.testing import init_expert_parallel_world, moe_config, set_num_chunks, stock_and_fluid
     from fluid.schedule import get_backward_scheduler
 
-    parallel_state.initialize_model_parallel(expert_model_parallel_size=ws)
-    if cuda:
-        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
-        model_parallel_cuda_manual_seed(1234)
-    pg = ProcessGroupCollection.use_mpu_process_groups()
+    rank, ws, device, pg = init_expert_parallel_world(cuda)
     dtype = torch.bfloat16 if cuda else torch.float32
     H, F, E, T = (1024, 2048, 8, args.tokens) if cuda else (64, 32, 4 * ws, 64)
     cfg = moe_config(hidden=H, ffn=F, num_experts=E, topk=2, ep=ws, shared=F // 2, dtype=dtype,
@@ -165,6 +151,8 @@ def main():
                        "results": results}, f, indent=1, default=str)
     flag = torch.tensor([len(failed)], device=device)
     dist.all_reduce(flag)
+    from megatron.core import parallel_state
+
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()
     sys.exit(1 if int(flag.item()) else 0)

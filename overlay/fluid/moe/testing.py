@@ -147,3 +147,28 @@ def set_num_chunks(layer, num_chunks: int) -> None:
     """Change a FluidMoELayer's forward pipelining depth between iterations."""
     layer.num_chunks = num_chunks
     layer.token_dispatcher.num_chunks = num_chunks
+
+
+def init_expert_parallel_world(cuda: bool, seed: int = 1234):
+    """For the torchrun GPU scripts (and their CPU dry runs): NCCL (or gloo) default group, one
+    GPU per rank, Megatron's model-parallel state with EP = world size, the CUDA RNG tracker.
+
+    Returns (rank, world_size, device, pg_collection).
+    """
+    import os
+
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank, ws = dist.get_rank(), dist.get_world_size()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    parallel_state.initialize_model_parallel(expert_model_parallel_size=ws)
+    if cuda:
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        model_parallel_cuda_manual_seed(seed)
+    return rank, ws, device, ProcessGroupCollection.use_mpu_process_groups()
