@@ -56,6 +56,21 @@ VARIANTS = {
     "stock_ep_overlap": ("--overlap-moe-expert-parallel-comm", EP4, 4096, None, "ckpt_init", None),
     "stock_from_fluid": ("", EP4, 4096, 3, "ckpt_fluid", None),
     "fluid_from_fluid": ("--use-fluid-moe", EP4, 4096, 3, "ckpt_fluid", None),
+    # Training-loop compatibility (issue 7), each against stock with the same flags:
+    "stock_ddp_overlap": ("--overlap-grad-reduce --use-distributed-optimizer", EP4, 4096, 30, "ckpt_init", None),
+    "fluid_ddp_overlap": (
+        "--use-fluid-moe --overlap-grad-reduce --use-distributed-optimizer", EP4, 4096, 30, "ckpt_init", None
+    ),
+    "fluid_recompute_selective": (
+        "--use-fluid-moe --recompute-granularity selective", EP4, 4096, 30, "ckpt_init", None
+    ),
+    "fluid_recompute_full": (
+        "--use-fluid-moe --recompute-granularity full --recompute-method uniform --recompute-num-layers 1",
+        EP4, 4096, 30, "ckpt_init", None,
+    ),
+    "fluid_cp4_ep4_seq16k": (
+        "--use-fluid-moe", "--expert-model-parallel-size 4 --context-parallel-size 4", 16384, 30, "ckpt_init", None
+    ),
     "fluid_cp1_ep4_seq16k": ("--use-fluid-moe", EP4, 16384, 30, "ckpt_init", None),
     "fluid_cp2_ep2_seq16k": (
         "--use-fluid-moe",
@@ -172,7 +187,10 @@ def main():
     runs = results["runs"]
     pairs = [("stock", "fluid"), ("stock", "stock_ep_overlap"),
              ("stock_from_fluid", "fluid_from_fluid"),
-             ("fluid_cp1_ep4_seq16k", "fluid_cp2_ep2_seq16k")]
+             ("fluid_cp1_ep4_seq16k", "fluid_cp2_ep2_seq16k"),
+             ("fluid_cp1_ep4_seq16k", "fluid_cp4_ep4_seq16k"),
+             ("stock_ddp_overlap", "fluid_ddp_overlap"),
+             ("stock", "fluid_recompute_selective"), ("stock", "fluid_recompute_full")]
     for ref, other in pairs:
         if ref in runs and other in runs:
             results[f"{other}_vs_{ref}"] = compare(runs[ref], runs[other])

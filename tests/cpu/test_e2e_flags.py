@@ -1,0 +1,46 @@
+"""Tier: cpu (full tree). Every variant of benchmarks/e2e.py, the end-to-end GPU driver, passes
+Megatron's own `parse_args` + `validate_args` for 4 ranks, and `--use-fluid-moe` variants also pass
+FluidMoE's build-time validation of the resulting TransformerConfig: a bad flag combination fails
+here on CPU instead of costing a GPU run."""
+
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+
+from tests.conftest import needs_full_tree
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.e2e import MODEL, VARIANTS  # noqa: E402
+
+
+def _argv(name, tmp_path):
+    extra, par, seq, own_iters, load, save = VARIANTS[name]
+    n = own_iters or 50
+    args = MODEL.format(seq=seq, iters=n, warmup=5 if n > 5 else 0) + f" {par} {extra}"
+    if load:
+        args += f" --load {tmp_path / load} --finetune --no-load-optim --no-load-rng"
+    if save:
+        args += f" --save {tmp_path / save} --save-interval {n} --no-save-optim"
+    return ["pretrain_gpt.py", *args.split()]
+
+
+@needs_full_tree
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_variant_accepted(name, tmp_path, monkeypatch):
+    from megatron.training.arguments import core_transformer_config_from_args, parse_args, validate_args
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "32" if "ep_overlap" in name else "1")
+    with mock.patch.object(sys, "argv", _argv(name, tmp_path)):
+        args = parse_args()
+    with mock.patch("megatron.training.arguments.get_device_arch_version", return_value=9):
+        validate_args(args, {})
+    if args.use_fluid_moe:
+        from fluid.megatron.validate import validate_config
+
+        validate_config(core_transformer_config_from_args(args))
