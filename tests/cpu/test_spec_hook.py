@@ -127,3 +127,19 @@ def test_validation_rejects_bad_configs_at_build_time():
     with pytest.raises(FluidConfigError, match="overlap-moe-expert-parallel-comm"):
         validate_config(_cfg(overlap_moe_expert_parallel_comm=True, expert_model_parallel_size=2,
                              moe_token_dispatcher_type="alltoall", bf16=True))
+
+
+def test_real_hook_swaps_in_fluid_layers_and_keeps_the_pattern():
+    """The installed hook (no override): Fluid attention everywhere, FluidMoELayer where the
+    moe_layer_freq pattern puts MoE, the dense MLP untouched; the same through the public
+    get_fluid_moe_layer_spec with the flag off."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_layer_specs
+
+    from fluid import get_fluid_moe_layer_spec
+
+    specs = get_gpt_decoder_layer_specs(_cfg(use_fluid_moe=True), use_transformer_engine=False)
+    described = [_describe(s) for s in specs]
+    assert [d[1] for d in described] == ["FluidSelfAttention"] * 4
+    assert [d[2] == "FluidMoELayer" for d in described] == [True, False, True, True]
+    block = get_fluid_moe_layer_spec(_cfg(), use_transformer_engine=False)
+    assert [_describe(s) for s in block.layer_specs] == described

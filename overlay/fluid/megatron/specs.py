@@ -48,6 +48,7 @@ def fluidize_layer_spec(layer_spec, config, use_transformer_engine: bool = False
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
     from fluid.attention import FluidSelfAttention, fluid_self_attention_spec
+    from fluid.moe import FluidMoELayer
 
     subs = layer_spec.submodules
     changes = {}
@@ -66,17 +67,11 @@ def fluidize_layer_spec(layer_spec, config, use_transformer_engine: bool = False
             f"{getattr(_target(attn), '__name__', attn)} (e.g. multi-latent attention): drop "
             "--multi-latent-attention / the experimental attention variant, or --use-fluid-moe"
         )
-    if _is_subclass(subs.mlp, MoELayer) and not _is_subclass(subs.mlp, _fluid_moe_cls()):
+    if _is_subclass(subs.mlp, MoELayer) and not _is_subclass(subs.mlp, FluidMoELayer):
         changes["mlp"] = _fluid_moe_mlp(subs.mlp)
     if not changes:
         return layer_spec
     return dataclasses.replace(layer_spec, submodules=dataclasses.replace(subs, **changes))
-
-
-def _fluid_moe_cls():
-    from fluid.moe import FluidMoELayer
-
-    return FluidMoELayer
 
 
 def get_fluid_moe_layer_spec(
