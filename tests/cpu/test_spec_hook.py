@@ -141,5 +141,5 @@ def test_real_hook_swaps_in_fluid_layers_and_keeps_the_pattern():
     described = [_describe(s) for s in specs]
     assert [d[1] for d in described] == ["FluidSelfAttention"] * 4
     assert [d[2] == "FluidMoELayer" for d in described] == [True, False, True, True]
-    block = get_fluid_moe_layer_spec(_cfg(), use_transformer_engine=False)
+    block = get_fluid_moe_layer_spec(_cfg(), use_transformer_engine=False, pp_rank=0)
     assert [_describe(s) for s in block.layer_specs] == described
