@@ -162,6 +162,21 @@ def apply_series(tree: Path, patch_dir: Path, log=print) -> list[str]:
     return done
 
 
+def apply_verified(tree: Path, patch_dir: Path, log=print) -> list[str]:
+    """What `make setup` and `patches.py apply` do: check against the lock every touched file
+    that no patch has changed yet (an applied patch makes its files differ from the pin, and a
+    new patch may touch a file an older one already changed), then apply the series."""
+    patches = [p for p in read_series(patch_dir) if applicable(p, tree)]
+    changed = {
+        f
+        for p in patches
+        if _git_apply(tree, p, "--check", "--reverse").returncode == 0
+        for f in p.files
+    }
+    verify_lock(tree, patch_dir, files=sorted({f for p in patches for f in p.files} - changed))
+    return apply_series(tree, patch_dir, log=log)
+
+
 def verify_lock(tree: Path, patch_dir: Path, files: list[str] | None = None) -> None:
     """Each locked upstream file present in `tree` has the locked blob hash (pristine check)."""
     lock = read_lock(patch_dir)
@@ -494,15 +509,7 @@ def main(argv=None) -> int:
     tree, pdir = args.tree.resolve(), args.patches.resolve()
     try:
         if args.command == "apply":
-            patches = read_series(pdir)
-            rels = [f for p in patches for f in p.files if (tree / f).exists()]
-            touched = [
-                p for p in patches
-                if applicable(p, tree) and _git_apply(tree, p, "--check").returncode == 0
-            ]
-            # Only files that are still pristine can be checked against the lock.
-            verify_lock(tree, pdir, files=sorted({f for p in touched for f in p.files} & set(rels)))
-            apply_series(tree, pdir)
+            apply_verified(tree, pdir)
         elif args.command == "verify":
             verify_lock(tree, pdir)
         elif args.command == "check":

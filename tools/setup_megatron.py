@@ -144,8 +144,7 @@ def setup_core_only(version: str) -> tuple[list[str], list[str]]:
     with tempfile.TemporaryDirectory(dir=BUILD) as tmp:
         fresh = Path(tmp) / "megatron-core"
         _extract_core(dist, fresh)
-        P.verify_lock(fresh, ROOT / "patches")  # refuses if a touched file differs from the pin
-        applied, skipped = _apply(fresh)
+        applied, skipped = _apply(fresh)  # refuses if a touched file differs from the pin
         if _same_tree(fresh, CORE_COPY):
             print("  core-only: .build/megatron-core already up to date")
         else:
@@ -155,20 +154,14 @@ def setup_core_only(version: str) -> tuple[list[str], list[str]]:
 
 
 def _apply(tree: Path) -> tuple[list[str], list[str]]:
-    """Apply the series to `tree`; return (applied or already applied, skipped) patch names."""
-    done = P.apply_series(tree, ROOT / "patches", log=lambda m: print("  " + m.strip()))
+    """Check the still-pristine files against the lock and apply the series to `tree` (refuses
+    on a mismatch); return (applied or already applied, skipped) patch names."""
+    done = P.apply_verified(tree, ROOT / "patches", log=lambda m: print("  " + m.strip()))
     skipped = [p.name for p in P.read_series(ROOT / "patches") if p.name not in done]
     return done, skipped
 
 
 def setup_full() -> tuple[list[str], list[str]]:
-    rels = sorted({f for p in P.read_series(ROOT / "patches") for f in p.files})
-    # Files not yet patched must be pristine (byte-identical to the pin).
-    pending = [
-        f for p in P.read_series(ROOT / "patches")
-        if P._git_apply(SUBMODULE, p, "--check").returncode == 0 for f in p.files
-    ]
-    P.verify_lock(SUBMODULE, ROOT / "patches", files=[f for f in rels if f in pending])
     applied, skipped = _apply(SUBMODULE)
     # The dataset helper extension: reuse the one the wheel ships, so Megatron does not try to
     # compile it at start-up (see ../shared/docs/baseline.md).

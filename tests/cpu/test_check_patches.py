@@ -134,3 +134,23 @@ def test_stale_patch_needs_refresh(case):
     f.write_text(text.replace(header, header.replace(f"-{old_start},", f"-{int(old_start) + 1},", 1), 1))
     rc, out = check(tree, pdir)
     assert rc == 1 and "refreshing would change" in out and f.name in out, out
+
+
+def test_apply_takes_a_new_patch_on_a_file_an_applied_patch_changed(case):
+    """`make setup` after `git pull` brought a new patch: the tree already carries the older
+    patches, so their files differ from the lock, yet the series must still apply; a touched file
+    no applied patch explains must still be refused."""
+    tree, pdir = case
+    patches = P.read_series(pdir)
+    first, rest = patches[0], patches[1:]
+    assert any(set(first.files) & set(p.files) for p in rest), "needs two patches on one file"
+    assert P._git_apply(tree, first).returncode == 0  # an older checkout: only the first applied
+    assert P.apply_verified(tree, pdir, log=lambda m: None) == [
+        p.name for p in patches if P.applicable(p, tree)
+    ]
+    # A pristine file edited by hand is still refused.
+    fresh = _pristine(tree.parent / "fresh")
+    other = next(f for p in rest for f in p.files if f not in first.files and (fresh / f).exists())
+    (fresh / other).write_text((fresh / other).read_text() + "# local edit\n")
+    with pytest.raises(P.PatchError, match="differ from patches/upstream.lock"):
+        P.apply_verified(fresh, pdir, log=lambda m: None)
