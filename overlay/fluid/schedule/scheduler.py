@@ -139,12 +139,10 @@ class BackwardScheduler:
     def run_while(self, handle, comm) -> None:
         """Fill the window of an in-flight all-to-all with queued dW, then wait for it."""
         self._stats["a2a_calls"] += 1
-        if self._queue and handle.nbytes < comm.min_window_bytes:
-            # Too small to be worth filling: the queue waits for the next, larger window.
-            self._stats["skipped_windows"] += 1
-            handle.wait()
-            return
-        overlap = bool(self._queue) and self.enabled and comm.should_overlap()
+        # Too small to be worth filling: the queue waits for the next, larger window.
+        skip = bool(self._queue) and handle.nbytes < comm.min_window_bytes
+        self._stats["skipped_windows"] += skip
+        overlap = bool(self._queue) and not skip and self.enabled and comm.should_overlap()
         cuda = handle.done is not None
         dw_start = dw_end = end = None
         if overlap:
@@ -155,21 +153,19 @@ class BackwardScheduler:
             if self.timing:
                 dw_end = self._mark(cuda)
             handle.wait()
-        else:
-            handle.wait()
             if self.timing:
                 end = self._mark(cuda)
-            if self._queue:
+        else:
+            handle.wait()
+            if not skip:
                 self._drain(kind="after_wait")
-        if self.timing:
-            if overlap:
-                end = self._mark(cuda)
-            if cuda:
-                self._windows.append(_Window(handle.start_event, handle.done, dw_start, dw_end, end))
-            else:  # CPU: wall-clock; the a2a alone is not observable when dW runs beside it
-                t = self._cpu_times
-                t["dw"] += (dw_end - dw_start) if overlap else 0.0
-                t["window"] += (end - dw_start) if overlap else 0.0
+        if not self.timing:
+            return
+        if cuda:  # every window counts towards a2a_ms; overlapped ones also carry dW marks
+            self._windows.append(_Window(handle.start_event, handle.done, dw_start, dw_end, end))
+        elif overlap:  # CPU: wall-clock; the a2a alone is not observable when dW runs beside it
+            self._cpu_times["dw"] += dw_end - dw_start
+            self._cpu_times["window"] += end - dw_start
 
     def flush(self) -> None:
         """Run every pending dW now (end of backward, or before reading gradients by hand)."""
