@@ -23,7 +23,7 @@ Forward per expert (as MLP.forward with `per_token_scale=probs`, unfused path):
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
