@@ -57,21 +57,33 @@ VARIANTS = {
     "stock_from_fluid": ("", EP4, 4096, 3, "ckpt_fluid", None),
     "fluid_from_fluid": ("--use-fluid-moe", EP4, 4096, 3, "ckpt_fluid", None),
     # Training-loop compatibility (issue 7), each against stock with the same flags:
-    "stock_ddp_overlap": ("--overlap-grad-reduce --use-distributed-optimizer", EP4, 4096, 30, "ckpt_init", None),
+    "stock_ddp_overlap": ("--overlap-grad-reduce --use-distributed-optimizer", EP4, 4096, None, "ckpt_init", None),
     "fluid_ddp_overlap": (
-        "--use-fluid-moe --overlap-grad-reduce --use-distributed-optimizer", EP4, 4096, 30, "ckpt_init", None
+        "--use-fluid-moe --overlap-grad-reduce --use-distributed-optimizer", EP4, 4096, None, "ckpt_init", None
     ),
     "fluid_recompute_selective": (
-        "--use-fluid-moe --recompute-granularity selective", EP4, 4096, 30, "ckpt_init", None
+        "--use-fluid-moe --recompute-granularity selective", EP4, 4096, None, "ckpt_init", None
     ),
     "fluid_recompute_full": (
         "--use-fluid-moe --recompute-granularity full --recompute-method uniform --recompute-num-layers 1",
-        EP4, 4096, 30, "ckpt_init", None,
+        EP4, 4096, None, "ckpt_init", None,
     ),
     "fluid_cp4_ep4_seq16k": (
-        "--use-fluid-moe", "--expert-model-parallel-size 4 --context-parallel-size 4", 16384, 30, "ckpt_init", None
+        "--use-fluid-moe", "--expert-model-parallel-size 4 --context-parallel-size 4", 16384, None, "ckpt_init", None
     ),
-    "fluid_cp1_ep4_seq16k": ("--use-fluid-moe", EP4, 16384, 30, "ckpt_init", None),
+    "fluid_cp1_ep4_seq16k": ("--use-fluid-moe", EP4, 16384, None, "ckpt_init", None),
+    # Optimizer-state checkpoint with Fluid (distributed optimizer): "fluid_optim_save" trains 20
+    # iterations and saves model + optimizer + RNG at 10 and 20; "fluid_optim_resume" loads the
+    # iteration-10 checkpoint in full (not --finetune) and trains 11..20. Its losses must equal
+    # the uninterrupted run's.
+    "fluid_optim_save": (
+        "--use-fluid-moe --use-distributed-optimizer", EP4, 4096, 20, "ckpt_init",
+        "ckpt_fluid_optim", {"save_interval": 10, "full_save": True},
+    ),
+    "fluid_optim_resume": (
+        "--use-fluid-moe --use-distributed-optimizer --ckpt-step 10", EP4, 4096, 20,
+        "ckpt_fluid_optim", None, {"full_load": True},
+    ),
     "fluid_cp2_ep2_seq16k": (
         "--use-fluid-moe",
         "--expert-model-parallel-size 2 --context-parallel-size 2",
@@ -103,23 +115,33 @@ def parse_log(text: str) -> dict:
     return its
 
 
+def variant_args(name: str, iters: int, ckpt_dir: Path) -> str:
+    """The pretrain_gpt.py arguments of one variant (also checked on CPU: tests/cpu/test_e2e_flags.py)."""
+    extra, par, seq, own_iters, load, save, *opt = VARIANTS[name]
+    opt = opt[0] if opt else {}
+    n_iters = own_iters or iters
+    # Megatron needs warm-up < decay steps: short runs (checkpoint making / continuing) skip it.
+    args = MODEL.format(seq=seq, iters=n_iters, warmup=5 if n_iters > 5 else 0) + f" {par} {extra}"
+    if load and opt.get("full_load"):
+        args += f" --load {ckpt_dir / load}"
+    elif load:
+        args += f" --load {ckpt_dir / load} --finetune --no-load-optim --no-load-rng"
+    if save and opt.get("full_save"):
+        args += f" --save {ckpt_dir / save} --save-interval {opt['save_interval']}"
+    elif save:
+        # Model weights only: the comparison runs start with a fresh optimizer (--no-load-optim).
+        args += f" --save {ckpt_dir / save} --save-interval {n_iters} --no-save-optim"
+    return args
+
+
 def run_variant(name, out: Path, iters: int, p2p_off: bool, nproc: int, ckpt_dir: Path) -> dict:
-    extra, par, seq, own_iters, load, save = VARIANTS[name]
+    seq, load = VARIANTS[name][2], VARIANTS[name][4]
     env = {**os.environ, "CUDA_DEVICE_MAX_CONNECTIONS": "1", "NCCL_NVLS_ENABLE": "0"}
     if name == "stock_ep_overlap":
         env["CUDA_DEVICE_MAX_CONNECTIONS"] = "32"  # that feature needs several queues
     if p2p_off:
         env["NCCL_P2P_DISABLE"] = "1"
-    n_iters = own_iters or iters
-    # Megatron needs warm-up < decay steps: short runs (checkpoint making / continuing) skip it.
-    args = MODEL.format(seq=seq, iters=n_iters, warmup=5 if n_iters > 5 else 0) + f" {par} {extra}"
-    if load:
-        args += f" --load {ckpt_dir / load} --finetune --no-load-optim --no-load-rng"
-    if save:
-        # Model weights only: every comparison run starts with a fresh optimizer (--no-load-optim).
-        # (These GPU runs predate the fix that maps the stacked Fluid expert weights into the
-        # optimizer's sharded state, tests/dist/test_moe_optimizer_checkpoint.py.)
-        args += f" --save {ckpt_dir / save} --save-interval {n_iters} --no-save-optim"
+    args = variant_args(name, iters, ckpt_dir)
     script = ROOT / ".megatron" / "pretrain_gpt.py"
     if not script.exists():
         script = ROOT / "Megatron-LM" / "pretrain_gpt.py"
@@ -190,7 +212,8 @@ def main():
              ("fluid_cp1_ep4_seq16k", "fluid_cp2_ep2_seq16k"),
              ("fluid_cp1_ep4_seq16k", "fluid_cp4_ep4_seq16k"),
              ("stock_ddp_overlap", "fluid_ddp_overlap"),
-             ("stock", "fluid_recompute_selective"), ("stock", "fluid_recompute_full")]
+             ("stock", "fluid_recompute_selective"), ("stock", "fluid_recompute_full"),
+             ("fluid_optim_save", "fluid_optim_resume")]
     for ref, other in pairs:
         if ref in runs and other in runs:
             results[f"{other}_vs_{ref}"] = compare(runs[ref], runs[other])

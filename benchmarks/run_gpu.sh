@@ -5,8 +5,8 @@
 #                                               # (+ checkpoint interchange)
 #   bash benchmarks/run_gpu.sh e2e-p2poff OUT   # end to end with NCCL_P2P_DISABLE=1, and the CP run
 #   bash benchmarks/run_gpu.sh e2e-final OUT    # the final pass: both links, checkpoints, CP (one call)
-#   bash benchmarks/run_gpu.sh compat OUT       # NOT YET RUN: NVLink attention; DDP overlap, distributed
-#                                               # optimizer, recompute, CP=4 x EP=4 end to end
+#   bash benchmarks/run_gpu.sh compat OUT       # NVLink attention; DDP overlap, distributed optimizer,
+#                                               # recompute, optimizer checkpoint resume, CP=4 x EP=4
 # Needs the carried .whl/ and .megatron/ (tools/stage_gpu.sh).
 set -uo pipefail
 what=$1; out=$2
@@ -37,10 +37,10 @@ case "$what" in
       --variants init,stock,fluid,fluid_cp1_ep4_seq16k,fluid_cp2_ep2_seq16k
     ;;
   compat)
-    # Not yet run (device time): training-loop compatibility and the remaining issue 4/5 runs.
-    timeout 150 $tr benchmarks/bench_attention.py --out "$out/attn_nvlink" --skip-cp1 2>&1 | tail -12
-    timeout 420 python3 benchmarks/e2e.py --out "$out/e2e_compat" --iters 30 \
-      --variants init,stock,stock_ddp_overlap,fluid_ddp_overlap,fluid_recompute_selective,fluid_recompute_full,fluid_cp1_ep4_seq16k,fluid_cp4_ep4_seq16k
+    # Training-loop compatibility (issue 7) and the NVLink attention benchmark (issue 5).
+    timeout 120 $tr benchmarks/bench_attention.py --out "$out/attn_nvlink" --skip-cp1 2>&1 | tail -12
+    timeout 440 python3 benchmarks/e2e.py --out "$out/e2e_compat" --iters 20 \
+      --variants init,stock,stock_ddp_overlap,fluid_ddp_overlap,fluid_recompute_selective,fluid_recompute_full,fluid_optim_save,fluid_optim_resume,fluid_cp1_ep4_seq16k,fluid_cp4_ep4_seq16k
     ;;
   e2e-p2poff)
     timeout 560 python3 benchmarks/e2e.py --out "$out/e2e_p2poff" --iters 50 --p2p-disable \

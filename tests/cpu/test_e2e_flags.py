@@ -14,18 +14,11 @@ from tests.conftest import needs_full_tree
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.e2e import MODEL, VARIANTS  # noqa: E402
+from benchmarks.e2e import VARIANTS, variant_args  # noqa: E402
 
 
 def _argv(name, tmp_path):
-    extra, par, seq, own_iters, load, save = VARIANTS[name]
-    n = own_iters or 50
-    args = MODEL.format(seq=seq, iters=n, warmup=5 if n > 5 else 0) + f" {par} {extra}"
-    if load:
-        args += f" --load {tmp_path / load} --finetune --no-load-optim --no-load-rng"
-    if save:
-        args += f" --save {tmp_path / save} --save-interval {n} --no-save-optim"
-    return ["pretrain_gpt.py", *args.split()]
+    return ["pretrain_gpt.py", *variant_args(name, 50, tmp_path).split()]
 
 
 @needs_full_tree
