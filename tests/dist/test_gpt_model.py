@@ -5,6 +5,9 @@ equals the same model on 1 rank (EP=1) loaded with the same weights:
   - dense gradients summed over the 2 ranks (what DP reduction does) equal the single-process
     gradients of the two micro-batches, and each rank's expert gradients equal the single-process
     gradients of those (global) experts;
+  - Megatron DDP's per-parameter hook pattern (a hook on each parameter's AccumulateGrad node)
+    fires exactly once per parameter per backward, with the gradient already there: a second,
+    gradient-less call is what `--overlap-grad-reduce` asserts on (it did for the expert weights);
   - the layer info lists the Fluid modules, the state-dict keys equal those of the stock local-spec
     model, the scheduler queue is empty after backward, and scheduler on/off are bit-identical.
 Tolerance: fp32; the two runs do the same math with different GEMM row sets and summation order
@@ -136,6 +139,21 @@ def _reference(rank, world, path):
     )
 
 
+def _ddp_style_hooks(model):
+    """As Megatron DDP registers them: on each parameter's AccumulateGrad node. Records, per
+    parameter name, whether `param.grad` existed at each call."""
+    calls, accs = {}, []
+    for n, p in model.named_parameters():
+        acc = p.expand_as(p).grad_fn.next_functions[0][0]
+
+        def hook(*_, n=n, p=p):
+            calls.setdefault(n, []).append(p.grad is not None)
+
+        acc.register_hook(hook)
+        accs.append(acc)  # the nodes must outlive this function, as DDP keeps them
+    return calls, accs
+
+
 def _ep2(rank, world, path):
     from megatron.core import parallel_state as ps
 
@@ -150,13 +168,17 @@ def _ep2(rank, world, path):
     model.load_state_dict(state)
 
     sched = get_backward_scheduler()
+    hook_calls, accs = _ddp_style_hooks(model)
     results = {}
     for enabled in (True, False):
         sched.enable() if enabled else sched.disable()
         model.zero_grad(set_to_none=True)
+        hook_calls.clear()
         loss = _loss(model, rank)
         loss.backward()
         assert sched.num_pending == 0
+        for n, _ in model.named_parameters():
+            assert hook_calls.get(n) == [True], f"{n}: grad-accumulator hook calls {hook_calls.get(n)}"
         results[enabled] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
     sched.enable()
     loss, grads = results[True]

@@ -96,8 +96,14 @@ class _GroupedLinear(torch.autograd.Function):
     """y = grouped x @ W^T. Backward: dX now, dW deferred (the weight arrives detached)."""
 
     @staticmethod
-    def forward(ctx, x, weight_detached, anchor, counts, offs, param, name):
+    def forward(ctx, x, weight_detached, anchor, counts, offs, param_box, name):
+        # param_box = (param,): a tuple, so autograd gives this node no edge to the parameter.
+        # A bare Parameter argument would get one, and backward's None for it would run the
+        # parameter's AccumulateGrad with no gradient: Megatron DDP's hook would then fire a
+        # second time per backward (with overlap_grad_reduce: an assertion, or a bucket
+        # reported ready before its dW exists).
         ctx.save_for_backward(x, weight_detached)
+        (param,) = param_box
         ctx.counts, ctx.offs, ctx.param, ctx.name = counts, offs, param, name
         ctx.x_requires_grad = x.requires_grad
         return gmm(x, weight_detached, counts, offs, trans_w=True)
@@ -131,7 +137,7 @@ def grouped_linear(
     if not x_TK.requires_grad and weight_GNK.requires_grad:
         anchor = _anchor(x_TK.device)  # keeps the op in the graph so dW still runs
     return _GroupedLinear.apply(
-        x_TK, weight_GNK.detach(), anchor, tuple(int(c) for c in counts), offs, weight_GNK, name
+        x_TK, weight_GNK.detach(), anchor, tuple(int(c) for c in counts), offs, (weight_GNK,), name
     )
 
 
