@@ -12,7 +12,7 @@ with all experts. Checked per case:
     scheduler on the expert dW really ran inside all-to-all windows;
   - (one case) Megatron's stage methods route/preprocess/dispatch/routed_experts_compute/
     combine/postprocess give the same output as forward.
-Cases cover top-1/2/6, SwiGLU and GELU, shared experts on/off, chunks 1/2/4, and uneven routing
+Cases cover top-1/2/6, SwiGLU (unfused and Megatron's fused weighted SwiGLU) and GELU, shared experts on/off, chunks 1/2/4, and uneven routing
 with experts (and with EP=4 a whole rank) receiving zero tokens.
 """
 
@@ -32,22 +32,22 @@ from tests._dist import run_distributed
 RTOL, ATOL = 1e-4, 1e-5
 H, FFN, E, TOKENS = 16, 8, 8, 24
 
-# (topk, glu, shared_size, num_chunks, dead_experts, check_stage_api)
+# (topk, glu, shared_size, num_chunks, dead_experts, check_stage_api, bias_activation_fusion)
 CASES = {
     2: [
-        (2, True, 12, 1, (), True),
-        (1, False, None, 2, (1, 3), False),
-        (6, True, None, 4, (2, 3), False),
+        (2, True, 12, 1, (), True, False),
+        (1, False, None, 2, (1, 3), False, False),
+        (6, True, None, 4, (2, 3), False, True),
     ],
     4: [
-        (2, True, 12, 2, (2, 3), False),  # rank 1 owns experts 2, 3: it receives no tokens
-        (6, True, 12, 1, (2, 3), False),
-        (1, True, None, 4, (0,), False),
+        (2, True, 12, 2, (2, 3), False, False),  # rank 1 owns experts 2, 3: it receives no tokens
+        (6, True, 12, 1, (2, 3), False, True),
+        (1, True, None, 4, (0,), False, False),
     ],
 }
 
 
-def _run_case(rank, ws, pg, topk, glu, shared, chunks, dead, check_stage):
+def _run_case(rank, ws, pg, topk, glu, shared, chunks, dead, check_stage, fused):
     from fluid.moe import FluidMoELayer
     from fluid.moe.reference import reference_activation, reference_moe
     from fluid.moe.testing import (
@@ -59,7 +59,10 @@ def _run_case(rank, ws, pg, topk, glu, shared, chunks, dead, check_stage):
     )
     from fluid.schedule import get_backward_scheduler
 
-    cfg = moe_config(hidden=H, ffn=FFN, num_experts=E, topk=topk, ep=ws, shared=shared, glu=glu)
+    cfg = moe_config(
+        hidden=H, ffn=FFN, num_experts=E, topk=topk, ep=ws, shared=shared, glu=glu,
+        bias_activation_fusion=fused,  # the fused weighted SwiGLU stock MLP uses by default
+    )
     weights = global_moe_weights(cfg, dead_experts=dead)
     x_all, dy_all = global_inputs(TOKENS * ws, H)
     layer = FluidMoELayer(cfg, submodules=local_moe_submodules(), pg_collection=pg, num_chunks=chunks)

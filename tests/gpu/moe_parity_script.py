@@ -88,6 +88,8 @@ def main():
     p.add_argument("--out", required=True)
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--tokens", type=int, default=2048)
+    p.add_argument("--fused", action="store_true",
+                   help="bias_activation_fusion (stock's default fused weighted SwiGLU) in both layers")
     args = p.parse_args()
 
     cuda = args.device == "cuda"
@@ -98,7 +100,7 @@ def main():
     dtype = torch.bfloat16 if cuda else torch.float32
     H, F, E, T = (1024, 2048, 8, args.tokens) if cuda else (64, 32, 4 * ws, 64)
     cfg = moe_config(hidden=H, ffn=F, num_experts=E, topk=2, ep=ws, shared=F // 2, dtype=dtype,
-                     init_method_std=0.02)
+                     init_method_std=0.02, bias_activation_fusion=args.fused)
     torch.manual_seed(1234)  # identical stock weights on every rank's replicated parts
     stock, fluid = stock_and_fluid(cfg, pg, device)
     g = torch.Generator().manual_seed(77 + rank)

@@ -16,9 +16,13 @@ does `x_glu, x_linear = chunk(fc1(x), 2, dim=-1)` and returns `act(x_glu) * (x_l
 (megatron/core/transformer/mlp.py); weight1[g] is exactly that matrix, and the same chunk is used
 here, so no re-ordering happens on conversion.
 
-Forward per expert (as MLP.forward with `per_token_scale=probs`, unfused path):
+Forward per expert (as MLP.forward with `per_token_scale=probs`):
     h = x @ W1^T; a = act(h) or act(h_gate) * (h_up + glu_linear_offset) (clamped if configured);
     a = (a * probs).to(dtype); y = a @ W2^T.
+With `bias_activation_fusion` (Megatron's default `--bias-swiglu-fusion`) the activation and the
+probs scaling go through the same fused functions stock MLP calls (`weighted_bias_swiglu_impl`,
+`weighted_bias_quick_geglu_impl`): same numerics as stock, and only h is saved for backward (the
+unfused chain keeps act(h_gate), h_up + offset and a as well).
 """
 
 from __future__ import annotations
@@ -88,10 +92,35 @@ class FluidGroupedMLP(MegatronModule):
         )
         for p in (self.weight1, self.weight2):
             setattr(p, "allreduce", not expert_pgs)
+        if config.bias_activation_fusion and not (
+            config.gated_linear_unit and config.activation_func in _fused_weighted_activations()
+        ):
+            raise ValueError(
+                "FluidGroupedMLP: bias_activation_fusion with routing probs needs a gated SwiGLU "
+                "or quick-GeGLU (as stock MLP); drop --bias-swiglu-fusion / bias_activation_fusion"
+            )
         self._register_state_dict_hook(_to_sequential_layout)
         self._register_load_state_dict_pre_hook(_from_sequential_layout, with_module=True)
 
     # -- compute ------------------------------------------------------------------------------
+    def _weighted_activation(self, h: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        """`[T, F1]`, `[T]` -> `[T, F]`: act(h) scaled by each row's routing prob, in h's dtype."""
+        cfg = self.config
+        if cfg.bias_activation_fusion:  # stock MLP's fused path, same call and arguments
+            from megatron.core.fusions.fused_bias_geglu import weighted_bias_quick_geglu_impl
+            from megatron.core.fusions.fused_bias_swiglu import weighted_bias_swiglu_impl
+
+            if cfg.activation_func is torch.nn.functional.silu:
+                return weighted_bias_swiglu_impl(
+                    h, None, probs.unsqueeze(-1), cfg.activation_func_fp8_input_store
+                )
+            return weighted_bias_quick_geglu_impl(
+                h, None, probs.unsqueeze(-1), cfg.activation_func_fp8_input_store,
+                cfg.glu_linear_offset, cfg.activation_func_clamp_value,
+            )
+        a = self._activation(h)
+        return (a * probs.unsqueeze(-1)).to(a.dtype)  # probs may be fp32, as in MLP
+
     def _activation(self, h: torch.Tensor) -> torch.Tensor:
         cfg = self.config
         if not cfg.gated_linear_unit:
@@ -131,8 +160,7 @@ class FluidGroupedMLP(MegatronModule):
             x = (permuted_probs.unsqueeze(-1) * x).to(permuted_hidden.dtype)
             permuted_probs = torch.ones_like(permuted_probs)
         h = grouped_linear(x, self.weight1, counts, offs, name=f"{self.name}.fc1")
-        a = self._activation(h)
-        a = (a * permuted_probs.unsqueeze(-1)).to(a.dtype)  # probs may be fp32, as in MLP
+        a = self._weighted_activation(h, permuted_probs)
         out = grouped_linear(a, self.weight2, counts, offs, name=f"{self.name}.fc2")
         return out, None
 
@@ -227,6 +255,12 @@ class FluidGroupedMLP(MegatronModule):
                 sh_obj.replica_id = (*replica_id[:2], self.dp_group.rank())
             out.update(extra)
         return out
+
+
+def _fused_weighted_activations():
+    from megatron.core.activations import quick_gelu
+
+    return (torch.nn.functional.silu, quick_gelu)
 
 
 def _host_ints(tokens_per_expert) -> list[int]:
