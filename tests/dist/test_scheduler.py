@@ -148,6 +148,20 @@ def _body(rank, world):
     _forward(comm_min, params, x, c).backward()
     assert sched.trace == [("l2", "flushed"), ("l1", "flushed")], sched.trace
     assert sched.get_stats()["skipped_windows"] == 1
+    #    When no live CommContext overlaps (every group on a fast link under the auto policy),
+    #    deferring cannot pay: dW runs inline in its op's backward, as with the scheduler off.
+    live = sched._comms
+    assert {comm, comm_short, comm_min} <= set(live)  # every CommContext registered itself
+    sched._comms = __import__("weakref").WeakSet([comm_short])
+    assert not sched.overlap_possible()
+    sched.trace = []
+    for p in params:
+        p.grad = None
+    _forward(comm_short, params, x, c).backward()
+    assert sched.trace == [("l2", "inline"), ("l1", "inline")], sched.trace
+    assert all(torch.equal(p.grad, g) for p, g in zip(params, one))
+    sched._comms = live
+    assert sched.overlap_possible()
     sched.trace = None
 
     # 3. DDP-style hooks: once per parameter per backward, after the gradient exists, and the

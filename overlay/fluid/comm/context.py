@@ -82,7 +82,7 @@ class CommHandle:
         self.wait()
 
 
-@dataclass
+@dataclass(eq=False)  # identity semantics: contexts are registered in a WeakSet
 class CommContext:
     """A process group plus the stream its all-to-alls run on.
 
@@ -116,6 +116,9 @@ class CommContext:
             # comes just before the token all-to-all in backward and took the whole expert dW
             # into a 0.13 ms window, leaving the 1.76 ms token window empty. gloo: no minimum.
             self.min_window_bytes = int(env) if env else (1 << 20 if self.is_nccl else 0)
+        from fluid.schedule.scheduler import get_backward_scheduler
+
+        get_backward_scheduler().register_comm(self)  # its policy gates deferral (overlap_possible)
 
     def comm_stream(self) -> Optional[torch.cuda.Stream]:
         if not self.is_nccl:

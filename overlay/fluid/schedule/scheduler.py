@@ -7,9 +7,12 @@ while the all-to-all is in flight, then the compute stream waits for it. Per lay
 T_dX + T_dW + T_a2a into T_dX + max(T_dW, T_a2a).
 
 Protocol (one backward pass, i.e. one `torch.autograd.backward` call):
-  1. A Fluid op's backward calls `defer(fn)`. Outside a backward, or with the scheduler disabled,
-     `fn` runs inline, exactly where stock Megatron computes dW. Otherwise it is queued and, once
-     per backward pass, an end-of-backward callback is armed on the autograd engine.
+  1. A Fluid op's backward calls `defer(fn)`. Outside a backward, with the scheduler disabled, or
+     when no all-to-all of this process can take dW beside it (every CommContext's overlap policy
+     says no: the auto policy over NVLink, see CommContext.should_overlap), `fn` runs inline,
+     exactly where stock Megatron computes dW: deferring it would only hold its activations
+     longer. Otherwise it is queued and, once per backward pass, an end-of-backward callback is
+     armed on the autograd engine.
   2. A Fluid all-to-all's backward launches its collective and calls `run_while`. A tiny
      all-to-all (below CommContext.min_window_bytes) leaves the queue for the next one. Otherwise,
      if the link is slow enough for overlap to pay (CommContext.should_overlap) every queued task
@@ -40,6 +43,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -95,6 +99,7 @@ class BackwardScheduler:
         self._queue: deque[_Task] = deque()
         self._armed_for: Optional[int] = None
         self.trace: Optional[list] = None  # set to a list to record (task name, kind) in run order
+        self._comms: "weakref.WeakSet" = weakref.WeakSet()  # live CommContexts (register_comm)
         self.reset_stats()
 
     # -- switches ---------------------------------------------------------------------------
@@ -113,12 +118,23 @@ class BackwardScheduler:
     def num_pending(self) -> int:
         return len(self._queue)
 
+    def register_comm(self, comm) -> None:
+        """Called by every CommContext: its policy decides whether deferring can pay at all."""
+        self._comms.add(comm)
+
+    def overlap_possible(self) -> bool:
+        """False when CommContexts exist and none overlaps compute with its all-to-alls: then a
+        queued dW would only run after some wait, later than inline and holding memory longer.
+        True with no CommContext at all (e.g. deferred linears tested alone)."""
+        comms = list(self._comms)
+        return not comms or any(c.should_overlap() for c in comms)
+
     # -- producer side ----------------------------------------------------------------------
     def defer(self, fn: Callable[[], None], name: str = "") -> None:
         """Queue a dW closure (or run it inline; see the module docstring, step 1)."""
         self._stats["total_dw_tasks"] += 1
         gid = _graph_task_id()
-        if not self.enabled or gid == -1:
+        if not self.enabled or gid == -1 or not self.overlap_possible():
             self._run(_Task(fn, name, gid), kind="inline")
             return
         # A different graph task is not a sign of staleness: reentrant activation checkpointing
@@ -237,7 +253,8 @@ class BackwardScheduler:
         Keys: enabled, timing, pending_dw_tasks, total_dw_tasks, completed_dw_tasks,
         overlapped_dw_tasks (ran while an all-to-all was in flight), after_wait_dw_tasks (ran
         right after a short all-to-all, see CommContext.should_overlap), inline_dw_tasks
-        (scheduler off, or outside backward), flushed_dw_tasks (end of backward),
+        (scheduler off, outside backward, or no CommContext overlaps: `overlap_possible`),
+        flushed_dw_tasks (end of backward),
         dropped_stale_tasks, a2a_calls, overlapped_windows, skipped_windows (all-to-alls below
         CommContext.min_window_bytes, left for a larger window). With timing on (CUDA): a2a_ms (sum of
         all backward all-to-alls, comm-stream events), overlapped_a2a_ms, dw_in_window_ms,
