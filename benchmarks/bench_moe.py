@@ -71,6 +71,35 @@ def bench_layer(layer, x, dy, timer, args, cuda):
     return res
 
 
+def profile_kernels(layer, x, dy, chunks, top=14):
+    """CUDA time per kernel name for one fwd+bwd at `chunks` (after one warm-up), largest first:
+    where the per-chunk cost of forward pipelining goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from fluid.moe.testing import set_num_chunks
+
+    set_num_chunks(layer, chunks)
+    for _ in range(2):
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            out, _ = layer(x)
+            out.backward(dy)
+            torch.cuda.synchronize()
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+    set_num_chunks(layer, 1)
+    rows = []
+    for e in prof.key_averages():
+        dev = getattr(e, "self_device_time_total", None)
+        if dev is None:
+            dev = e.self_cuda_time_total
+        if dev > 0:
+            rows.append((e.key[:90], e.count, dev / 1e3))
+    rows.sort(key=lambda r: -r[2])
+    cpu_total = sum(e.self_cpu_time_total for e in prof.key_averages()) / 1e3
+    return {"top_kernels_ms": rows[:top], "cuda_total_ms": sum(r[2] for r in rows),
+            "cpu_self_total_ms": cpu_total}
+
+
 def a2a_alone(rows, hidden, dtype, device, timer, args):
     x = torch.randn(rows - rows % dist.get_world_size(), hidden, dtype=dtype, device=device)
     out = torch.empty_like(x)
@@ -98,9 +127,11 @@ def run_config(name, shape, args, cuda, device, pg, ws):
         torch.cuda.empty_cache()
 
     variants = [("fluid_off_c1", False, 1)] + [(f"fluid_on_c{c}", True, c) for c in (1, 2, 4)]
+    variants.append(("fluid_on_c1_loop", True, 1))  # per-expert cuBLAS GEMMs instead of grouped
     for vname, on, chunks in variants:
         set_num_chunks(fluid, chunks)
         sched.enable() if on else sched.disable()
+        os.environ["FLUID_GROUPED_MM"] = "0" if vname.endswith("_loop") else "1"
         res = bench_layer(fluid, x, dy, timer, args, cuda)
         if on:  # one extra iteration with scheduler timing for its counters
             sched.timing = True
@@ -113,6 +144,12 @@ def run_config(name, shape, args, cuda, device, pg, ws):
             x.grad = None
         out["variants"][vname] = res
     sched.enable()
+
+    if args.profile and cuda:
+        out["kernel_profile"] = {c: profile_kernels(fluid, x, dy, c) for c in (1, 2)}
+    from fluid.moe.grouped_gemm import _BROKEN
+
+    out["grouped_mm_fallback"] = list(_BROKEN)  # non-empty: torch._grouped_mm was rejected
 
     # dW time: scheduler off, expert weights frozen (their dW closures skip all work).
     set_num_chunks(fluid, 1)
@@ -148,6 +185,8 @@ def main():
     p.add_argument("--tokens", type=int, default=None, help="tokens per rank (4096; 64 on cpu)")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--profile", action="store_true",
+                   help="also record the top CUDA kernels of one fwd+bwd at chunks 1 and 2")
     args = p.parse_args()
     cuda = args.device == "cuda"
     if args.tokens is None:

@@ -84,6 +84,17 @@ VARIANTS = {
         "--use-fluid-moe --use-distributed-optimizer --ckpt-step 10", EP4, 4096, 20,
         "ckpt_fluid_optim", None, {"full_load": True},
     ),
+    # The same with Megatron's default (non-distributed) optimizer, from scratch. At the pin the
+    # distributed optimizer cannot resume without apex/TE for anyone (DistributedOptimizer.state_dict
+    # asserts one Adam step value, and torch Adam has no state before its first step).
+    "fluid_optim_save_plain": (
+        "--use-fluid-moe", EP4, 4096, 20, None, "ckpt_fluid_optim_plain",
+        {"save_interval": 10, "full_save": True},
+    ),
+    "fluid_optim_resume_plain": (
+        "--use-fluid-moe --ckpt-step 10", EP4, 4096, 20, "ckpt_fluid_optim_plain", None,
+        {"full_load": True},
+    ),
     "fluid_cp2_ep2_seq16k": (
         "--use-fluid-moe",
         "--expert-model-parallel-size 2 --context-parallel-size 2",
@@ -213,7 +224,8 @@ def main():
              ("fluid_cp1_ep4_seq16k", "fluid_cp4_ep4_seq16k"),
              ("stock_ddp_overlap", "fluid_ddp_overlap"),
              ("stock", "fluid_recompute_selective"), ("stock", "fluid_recompute_full"),
-             ("fluid_optim_save", "fluid_optim_resume")]
+             ("fluid_optim_save", "fluid_optim_resume"),
+             ("fluid_optim_save_plain", "fluid_optim_resume_plain")]
     for ref, other in pairs:
         if ref in runs and other in runs:
             results[f"{other}_vs_{ref}"] = compare(runs[ref], runs[other])

@@ -5,6 +5,8 @@
 #                                               # (+ checkpoint interchange)
 #   bash benchmarks/run_gpu.sh e2e-p2poff OUT   # end to end with NCCL_P2P_DISABLE=1, and the CP run
 #   bash benchmarks/run_gpu.sh e2e-final OUT    # the final pass: both links, checkpoints, CP (one call)
+#   bash benchmarks/run_gpu.sh layers2 OUT      # MoE layers + kernel profile, MoE parity, e2e P2P off
+#   bash benchmarks/run_gpu.sh compat2 OUT      # compat variants after the DDP-hook fix
 #   bash benchmarks/run_gpu.sh compat OUT       # NVLink attention; DDP overlap, distributed optimizer,
 #                                               # recompute, optimizer checkpoint resume, CP=4 x EP=4
 # Needs the carried .whl/ and .megatron/ (tools/stage_gpu.sh).
@@ -35,6 +37,26 @@ case "$what" in
       --variants init,stock,fluid,stock_from_fluid,fluid_from_fluid
     timeout 310 python3 benchmarks/e2e.py --out "$out/e2e_p2poff" --iters 50 --p2p-disable \
       --variants init,stock,fluid,fluid_cp1_ep4_seq16k,fluid_cp2_ep2_seq16k
+    ;;
+  layers2)
+    # Session 3: MoE layers after the min-window and inline-when-no-overlap changes (with a kernel
+    # profile of chunks 1 vs 2), MoE parity unfused and fused SwiGLU, e2e over P2P off.
+    timeout 150 $tr benchmarks/bench_moe.py --out "$out/moe_nvlink" --profile 2>&1 | grep -v Warning | tail -4
+    NCCL_P2P_DISABLE=1 timeout 150 $tr benchmarks/bench_moe.py --out "$out/moe_p2poff" --profile 2>&1 | grep -v Warning | tail -4
+    timeout 150 python3 -m pytest -q -s tests/gpu/test_moe_parity.py > "$out/moe_parity.txt" 2>&1
+    grep -E "\] (PASS|FAIL) \(|passed|failed" "$out/moe_parity.txt" | tail -6
+    timeout 240 python3 benchmarks/e2e.py --out "$out/e2e_p2poff" --iters 50 --p2p-disable \
+      --variants init,stock,fluid
+    ;;
+  compat2)
+    # After the inline-when-no-overlap policy: NVLink MoE layers again (30 timed iterations).
+    timeout 120 $tr benchmarks/bench_moe.py --out "$out/moe_nvlink" --iters 30 2>&1 | grep -v Warning | tail -3
+    timeout 440 python3 benchmarks/e2e.py --out "$out/e2e_compat2" --iters 20 \
+      --variants init,fluid_ddp_overlap,fluid_optim_save,fluid_optim_resume,fluid_cp4_ep4_seq16k,fluid_cp1_ep4_seq16k
+    ;;
+  optim-plain)
+    timeout 240 python3 benchmarks/e2e.py --out "$out/e2e_optim" --iters 20 \
+      --variants fluid_optim_save_plain,fluid_optim_resume_plain
     ;;
   compat)
     # Training-loop compatibility (issue 7) and the NVLink attention benchmark (issue 5).
