@@ -35,6 +35,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from fluid.moe.grouped_gemm import grouped_linear, offsets_for
+from fluid.moe.scale_rows import scale_rows
 
 _FC_NAMES = ("linear_fc1", "linear_fc2")
 
@@ -118,8 +119,9 @@ class FluidGroupedMLP(MegatronModule):
                 h, None, probs.unsqueeze(-1), cfg.activation_func_fp8_input_store,
                 cfg.glu_linear_offset, cfg.activation_func_clamp_value,
             )
-        a = self._activation(h)
-        return (a * probs.unsqueeze(-1)).to(a.dtype)  # probs may be fp32, as in MLP
+        # (a * probs).to(a.dtype) as stock MLP (probs may be fp32), in row blocks: one fp32 [T, F]
+        # temporary for all local experts at once would cost G times stock's per-expert one.
+        return scale_rows(self._activation(h), probs)
 
     def _activation(self, h: torch.Tensor) -> torch.Tensor:
         cfg = self.config

@@ -204,13 +204,18 @@ class FluidMoELayer(MoELayer):
         shared = self.shared_experts(hidden_states) if self.use_shared_expert else None
 
         combines = []
-        for c, (tokens, tok_probs, handles) in enumerate(inflight):
+        for c in range(len(inflight)):
+            # Take the chunk out of the list: the received buffer is freed once sorted by expert
+            # (with G > 1 the sort copies), not held to the end of the forward.
+            tokens, tok_probs, handles = inflight[c]
+            inflight[c] = None
             for h in handles:
                 h.wait()
             tokens, tokens_per_expert, tok_probs, offs = disp.dispatch_postprocess(
                 tokens, tok_probs, c
             )
             out, _ = self.experts(tokens, tokens_per_expert, tok_probs, offs)
+            del tokens
             combines.append(disp.launch_combine(disp.combine_preprocess(out, c), c))
         outs = []
         for out, handle in combines:
