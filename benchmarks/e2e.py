@@ -95,6 +95,25 @@ VARIANTS = {
         "--use-fluid-moe --ckpt-step 10", EP4, 4096, 20, "ckpt_fluid_optim_plain", None,
         {"full_load": True},
     ),
+    # Next session (prepared, flags checked on CPU): the noise floor of the loss comparison (stock
+    # against itself: a second identical run), and stock's own optimizer-checkpoint resume (does
+    # stock show the iteration-12 jump of fluid_optim_resume_plain? does stock's distributed
+    # optimizer resume without apex/TE?).
+    "stock_repeat": ("", EP4, 4096, None, "ckpt_init", None),
+    "stock_optim_save_plain": (
+        "", EP4, 4096, 20, None, "ckpt_stock_optim_plain", {"save_interval": 10, "full_save": True},
+    ),
+    "stock_optim_resume_plain": (
+        "--ckpt-step 10", EP4, 4096, 20, "ckpt_stock_optim_plain", None, {"full_load": True},
+    ),
+    "stock_optim_save": (
+        "--use-distributed-optimizer", EP4, 4096, 20, "ckpt_init", "ckpt_stock_optim",
+        {"save_interval": 10, "full_save": True},
+    ),
+    "stock_optim_resume": (
+        "--use-distributed-optimizer --ckpt-step 10", EP4, 4096, 20, "ckpt_stock_optim", None,
+        {"full_load": True},
+    ),
     "fluid_cp2_ep2_seq16k": (
         "--use-fluid-moe",
         "--expert-model-parallel-size 2 --context-parallel-size 2",
@@ -225,7 +244,9 @@ def main():
              ("stock_ddp_overlap", "fluid_ddp_overlap"),
              ("stock", "fluid_recompute_selective"), ("stock", "fluid_recompute_full"),
              ("fluid_optim_save", "fluid_optim_resume"),
-             ("fluid_optim_save_plain", "fluid_optim_resume_plain")]
+             ("fluid_optim_save_plain", "fluid_optim_resume_plain"),
+             ("stock", "stock_repeat"), ("stock_optim_save_plain", "stock_optim_resume_plain"),
+             ("stock_optim_save", "stock_optim_resume")]
     for ref, other in pairs:
         if ref in runs and other in runs:
             results[f"{other}_vs_{ref}"] = compare(runs[ref], runs[other])

@@ -58,6 +58,17 @@ case "$what" in
     timeout 240 python3 benchmarks/e2e.py --out "$out/e2e_optim" --iters 20 \
       --variants fluid_optim_save_plain,fluid_optim_resume_plain
     ;;
+  next)
+    # Prepared for the next session (not yet run): MoE memory after moe/scale_rows.py (both links),
+    # the stock-vs-stock loss noise floor and e2e NVLink with the inline rule, and stock's own
+    # optimizer-checkpoint resume (plain and distributed).
+    timeout 100 $tr benchmarks/bench_moe.py --out "$out/moe_nvlink" --iters 30 2>&1 | grep -v Warning | tail -2
+    NCCL_P2P_DISABLE=1 timeout 100 $tr benchmarks/bench_moe.py --out "$out/moe_p2poff" --iters 30 2>&1 | grep -v Warning | tail -2
+    timeout 250 python3 benchmarks/e2e.py --out "$out/e2e_nvlink" --iters 50 \
+      --variants init,stock,fluid,stock_repeat
+    timeout 120 python3 benchmarks/e2e.py --out "$out/e2e_stock_optim" --iters 20 \
+      --variants stock_optim_save_plain,stock_optim_resume_plain
+    ;;
   compat)
     # Training-loop compatibility (issue 7) and the NVLink attention benchmark (issue 5).
     timeout 120 $tr benchmarks/bench_attention.py --out "$out/attn_nvlink" --skip-cp1 2>&1 | tail -12
