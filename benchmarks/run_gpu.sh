@@ -7,6 +7,8 @@
 #   bash benchmarks/run_gpu.sh e2e-final OUT    # the final pass: both links, checkpoints, CP (one call)
 #   bash benchmarks/run_gpu.sh layers2 OUT      # MoE layers + kernel profile, MoE parity, e2e P2P off
 #   bash benchmarks/run_gpu.sh compat2 OUT      # compat variants after the DDP-hook fix
+#   bash benchmarks/run_gpu.sh next-a OUT       # NOT YET RUN: MoE memory after scale_rows, stock resume
+#   bash benchmarks/run_gpu.sh next-b OUT       # NOT YET RUN: e2e NVLink, stock noise floor, stock EP overlap
 #   bash benchmarks/run_gpu.sh compat OUT       # NVLink attention; DDP overlap, distributed optimizer,
 #                                               # recompute, optimizer checkpoint resume, CP=4 x EP=4
 # Needs the carried .whl/ and .megatron/ (tools/stage_gpu.sh).
@@ -58,16 +60,19 @@ case "$what" in
     timeout 240 python3 benchmarks/e2e.py --out "$out/e2e_optim" --iters 20 \
       --variants fluid_optim_save_plain,fluid_optim_resume_plain
     ;;
-  next)
-    # Prepared for the next session (not yet run): MoE memory after moe/scale_rows.py (both links),
-    # the stock-vs-stock loss noise floor and e2e NVLink with the inline rule, and stock's own
-    # optimizer-checkpoint resume (plain and distributed).
+  next-a)
+    # Prepared for the next session (not yet run): MoE memory after moe/scale_rows.py (both links)
+    # and stock's own optimizer-checkpoint resume (the iteration-12 question of fluid_optim_resume_plain).
     timeout 100 $tr benchmarks/bench_moe.py --out "$out/moe_nvlink" --iters 30 2>&1 | grep -v Warning | tail -2
     NCCL_P2P_DISABLE=1 timeout 100 $tr benchmarks/bench_moe.py --out "$out/moe_p2poff" --iters 30 2>&1 | grep -v Warning | tail -2
-    timeout 250 python3 benchmarks/e2e.py --out "$out/e2e_nvlink" --iters 50 \
-      --variants init,stock,fluid,stock_repeat
-    timeout 120 python3 benchmarks/e2e.py --out "$out/e2e_stock_optim" --iters 20 \
+    timeout 150 python3 benchmarks/e2e.py --out "$out/e2e_stock_optim" --iters 20 \
       --variants stock_optim_save_plain,stock_optim_resume_plain
+    ;;
+  next-b)
+    # Prepared for the next session (not yet run): e2e over NVLink with the inline rule, the
+    # stock-vs-stock loss noise floor, and stock's EP overlap from the same initial checkpoint.
+    timeout 330 python3 benchmarks/e2e.py --out "$out/e2e_nvlink" --iters 50 \
+      --variants init,stock,fluid,stock_repeat,stock_ep_overlap
     ;;
   compat)
     # Training-loop compatibility (issue 7) and the NVLink attention benchmark (issue 5).
