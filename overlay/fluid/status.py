@@ -63,6 +63,10 @@ def status() -> dict:
             "enabled": sched.enabled,
             "timing": sched.timing,
             "overlap": os.environ.get("FLUID_OVERLAP", "auto"),
+            # With the process's CommContexts as built so far: False means dW runs inline
+            # (no group overlaps, e.g. one NVLink node under the auto policy).
+            "defers_dw": sched.enabled and sched.overlap_possible(),
+            "comm_groups": len(list(sched._comms)),
             "CUDA_DEVICE_MAX_CONNECTIONS": os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS"),
         },
     }
@@ -85,4 +89,6 @@ def print_status() -> dict:
         f"  scheduler    : enabled={sc['enabled']} timing={sc['timing']} overlap={sc['overlap']}"
         f" CUDA_DEVICE_MAX_CONNECTIONS={sc['CUDA_DEVICE_MAX_CONNECTIONS']}"
     )
+    print(f"  dW deferral  : {'on' if sc['defers_dw'] else 'off (inline)'}"
+          f" ({sc['comm_groups']} communication group(s) built so far)")
     return s
