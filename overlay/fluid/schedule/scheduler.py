@@ -165,7 +165,11 @@ class BackwardScheduler:
             self._stats["overlapped_windows"] += 1
             if self.timing:
                 dw_start = self._mark(cuda)
-            self._drain(kind="overlapped")
+            try:
+                self._drain(kind="overlapped")
+            except BaseException:
+                handle.wait()  # never leave a collective in flight behind an exception
+                raise
             if self.timing:
                 dw_end = self._mark(cuda)
             handle.wait()
