@@ -71,14 +71,16 @@ def bench_layer(layer, x, dy, timer, args, cuda):
     return res
 
 
-def profile_kernels(layer, x, dy, chunks, top=14):
-    """CUDA time per kernel name for one fwd+bwd at `chunks` (after one warm-up), largest first:
-    where the per-chunk cost of forward pipelining goes."""
+def profile_kernels(layer, x, dy, chunks=None, top=25):
+    """CUDA time per kernel name for one fwd+bwd (after one warm-up), largest first: where the
+    per-chunk cost of forward pipelining goes (Fluid at `chunks`), or, for the stock layer
+    (`chunks=None`), what stock spends where Fluid's backward is slower."""
     from torch.profiler import ProfilerActivity, profile
 
     from fluid.moe.testing import set_num_chunks
 
-    set_num_chunks(layer, chunks)
+    if chunks is not None:
+        set_num_chunks(layer, chunks)
     for _ in range(2):
         with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
             out, _ = layer(x)
@@ -86,7 +88,8 @@ def profile_kernels(layer, x, dy, chunks, top=14):
             torch.cuda.synchronize()
         layer.zero_grad(set_to_none=True)
         x.grad = None
-    set_num_chunks(layer, 1)
+    if chunks is not None:
+        set_num_chunks(layer, 1)
     rows = []
     for e in prof.key_averages():
         dev = getattr(e, "self_device_time_total", None)
@@ -122,6 +125,8 @@ def run_config(name, shape, args, cuda, device, pg, ws):
     out = {"shape": shape, "tokens_per_rank": T, "variants": {}}
     if cuda:
         out["variants"]["stock"] = bench_layer(stock, x, dy, timer, args, cuda)
+        if args.profile:
+            out["kernel_profile_stock"] = profile_kernels(stock, x, dy)
     del stock
     if cuda:
         torch.cuda.empty_cache()

@@ -63,8 +63,8 @@ case "$what" in
   next-a)
     # Prepared for the next session (not yet run): MoE memory after moe/scale_rows.py (both links)
     # and stock's own optimizer-checkpoint resume (the iteration-12 question of fluid_optim_resume_plain).
-    timeout 100 $tr benchmarks/bench_moe.py --out "$out/moe_nvlink" --iters 30 2>&1 | grep -v Warning | tail -2
-    NCCL_P2P_DISABLE=1 timeout 100 $tr benchmarks/bench_moe.py --out "$out/moe_p2poff" --iters 30 2>&1 | grep -v Warning | tail -2
+    timeout 110 $tr benchmarks/bench_moe.py --out "$out/moe_nvlink" --iters 30 --profile 2>&1 | grep -v Warning | tail -2
+    NCCL_P2P_DISABLE=1 timeout 110 $tr benchmarks/bench_moe.py --out "$out/moe_p2poff" --iters 30 2>&1 | grep -v Warning | tail -2
     timeout 150 python3 benchmarks/e2e.py --out "$out/e2e_stock_optim" --iters 20 \
       --variants stock_optim_save_plain,stock_optim_resume_plain
     ;;
