@@ -17,6 +17,8 @@ Fluid only:
   overlap_eta = (bwd_serial - bwd) / min(dw_ms, a2a_bwd_ms), with bwd_serial the backward with
   the scheduler off (chunks 1): baseline.md's eta = (T_serial - T_measured)/(T_serial - T_ideal).
   sched_stats: the BackwardScheduler counters of one extra timed iteration (timing mode).
+stock_repeat: stock measured again after the Fluid variants (both layers stay resident);
+  stock_drift = its fwdbwd / the first one's, the run-to-run noise the speedups carry.
 Writes <out>/bench_moe.json (argv, card, env, results); benchmarks/moe_report.py renders it.
 """
 
@@ -127,9 +129,6 @@ def run_config(name, shape, args, cuda, device, pg, ws):
         out["variants"]["stock"] = bench_layer(stock, x, dy, timer, args, cuda)
         if args.profile:
             out["kernel_profile_stock"] = profile_kernels(stock, x, dy)
-    del stock
-    if cuda:
-        torch.cuda.empty_cache()
 
     variants = [("fluid_off_c1", False, 1)] + [(f"fluid_on_c{c}", True, c) for c in (1, 2, 4)]
     variants.append(("fluid_on_c1_loop", True, 1))  # per-expert cuBLAS GEMMs instead of grouped
@@ -149,6 +148,14 @@ def run_config(name, shape, args, cuda, device, pg, ws):
             x.grad = None
         out["variants"][vname] = res
     sched.enable()
+    if cuda:  # stock again after the Fluid variants: how much the host drifted meanwhile
+        out["variants"]["stock_repeat"] = bench_layer(stock, x, dy, timer, args, cuda)
+        out["stock_drift"] = (
+            out["variants"]["stock_repeat"]["fwdbwd_ms"] / out["variants"]["stock"]["fwdbwd_ms"]
+        )
+    del stock
+    if cuda:
+        torch.cuda.empty_cache()
 
     if args.profile and cuda:
         out["kernel_profile"] = {c: profile_kernels(fluid, x, dy, c) for c in (1, 2)}
