@@ -52,6 +52,6 @@ def validate_config(config) -> None:
     )
     need(
         config.moe_token_dispatcher_type in ("alltoall", "allgather"),
-        f"--moe-token-dispatcher-type {config.moe_token_dispatcher_type} is replaced by FluidMoE's "
-        "all-to-all dispatcher; use alltoall",
+        f"--moe-token-dispatcher-type {config.moe_token_dispatcher_type} is not implemented by "
+        "FluidMoE's all-to-all dispatcher (which replaces alltoall and allgather alike); use alltoall",
     )

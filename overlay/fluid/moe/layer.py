@@ -66,10 +66,15 @@ def validate_config(config: TransformerConfig, pg_collection: ProcessGroupCollec
         )
     if utils.get_pg_size(pg_collection.expt_tp) != 1:
         raise ValueError("FluidMoELayer supports expert_tensor_parallel_size = 1 only")
-    if config.moe_token_dispatcher_type != "alltoall":
+    # FluidTokenDispatcher replaces Megatron's dispatcher whichever of the two classic ones is
+    # configured (Megatron's default is allgather): routing and token dropping are the router's,
+    # so the math does not depend on it. The flex (DeepEP/HybridEP) dispatcher's own features are
+    # not implemented.
+    if config.moe_token_dispatcher_type not in ("alltoall", "allgather"):
         raise ValueError(
-            "FluidMoELayer replaces the alltoall dispatcher; set moe_token_dispatcher_type="
-            f"'alltoall' (got {config.moe_token_dispatcher_type!r})"
+            "FluidMoELayer replaces Megatron's token dispatcher with its own all-to-all one and "
+            f"does not implement {config.moe_token_dispatcher_type!r}: set "
+            "--moe-token-dispatcher-type alltoall (or leave Megatron's default, allgather)"
         )
     unsupported = {
         "overlap_moe_expert_parallel_comm": "Megatron's combined-1F1B EP overlap (FluidMoE "
