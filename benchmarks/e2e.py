@@ -114,6 +114,15 @@ VARIANTS = {
         "--use-distributed-optimizer --ckpt-step 10", EP4, 4096, 20, "ckpt_stock_optim", None,
         {"full_load": True},
     ),
+    # Pipeline parallelism (prepared, not yet run on GPU): PP=2 x EP=2, 4 layers -> 2 per stage,
+    # loaded from the PP=1 initial checkpoint (torch_dist reshards).
+    "stock_pp2_ep2": (
+        "", "--pipeline-model-parallel-size 2 --expert-model-parallel-size 2", 4096, None, "ckpt_init", None,
+    ),
+    "fluid_pp2_ep2": (
+        "--use-fluid-moe", "--pipeline-model-parallel-size 2 --expert-model-parallel-size 2", 4096, None,
+        "ckpt_init", None,
+    ),
     "fluid_cp2_ep2_seq16k": (
         "--use-fluid-moe",
         "--expert-model-parallel-size 2 --context-parallel-size 2",
@@ -246,7 +255,7 @@ def main():
              ("fluid_optim_save", "fluid_optim_resume"),
              ("fluid_optim_save_plain", "fluid_optim_resume_plain"),
              ("stock", "stock_repeat"), ("stock_optim_save_plain", "stock_optim_resume_plain"),
-             ("stock_optim_save", "stock_optim_resume")]
+             ("stock_optim_save", "stock_optim_resume"), ("stock_pp2_ep2", "fluid_pp2_ep2")]
     for ref, other in pairs:
         if ref in runs and other in runs:
             results[f"{other}_vs_{ref}"] = compare(runs[ref], runs[other])

@@ -9,6 +9,7 @@
 #   bash benchmarks/run_gpu.sh compat2 OUT      # compat variants after the DDP-hook fix
 #   bash benchmarks/run_gpu.sh next-a OUT       # NOT YET RUN: MoE memory after scale_rows, stock resume
 #   bash benchmarks/run_gpu.sh next-b OUT       # NOT YET RUN: e2e NVLink, stock noise floor, stock EP overlap
+#   bash benchmarks/run_gpu.sh next-c OUT       # NOT YET RUN: PP=2 x EP=2 stock vs Fluid
 #   bash benchmarks/run_gpu.sh compat OUT       # NVLink attention; DDP overlap, distributed optimizer,
 #                                               # recompute, optimizer checkpoint resume, CP=4 x EP=4
 # Needs the carried .whl/ and .megatron/ (tools/stage_gpu.sh).
@@ -73,6 +74,11 @@ case "$what" in
     # stock-vs-stock loss noise floor, and stock's EP overlap from the same initial checkpoint.
     timeout 330 python3 benchmarks/e2e.py --out "$out/e2e_nvlink" --iters 50 \
       --variants init,stock,fluid,stock_repeat,stock_ep_overlap
+    ;;
+  next-c)
+    # Prepared (not yet run): pipeline parallelism PP=2 x EP=2, stock vs Fluid from the shared checkpoint.
+    timeout 250 python3 benchmarks/e2e.py --out "$out/e2e_pp" --iters 30 \
+      --variants init,stock_pp2_ep2,fluid_pp2_ep2
     ;;
   compat)
     # Training-loop compatibility (issue 7) and the NVLink attention benchmark (issue 5).
