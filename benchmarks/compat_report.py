@@ -19,10 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.e2e import compare  # noqa: E402
-
-
-def _fmt(x, spec):
-    return "-" if x is None else format(x, spec)
+from benchmarks.e2e_report import _fmt  # noqa: E402
 
 
 def main():

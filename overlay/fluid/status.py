@@ -66,7 +66,7 @@ def status() -> dict:
             # With the process's CommContexts as built so far: False means dW runs inline
             # (no group overlaps, e.g. one NVLink node under the auto policy).
             "defers_dw": sched.enabled and sched.overlap_possible(),
-            "comm_groups": len(list(sched._comms)),
+            "comm_groups": sched.num_comms,
             "CUDA_DEVICE_MAX_CONNECTIONS": os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS"),
         },
     }

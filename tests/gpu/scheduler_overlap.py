@@ -14,11 +14,14 @@ on, i.e. the link is slow or FLUID_OVERLAP=always).
 import argparse
 import json
 import os
-import statistics
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from benchmarks._timing import Timer  # noqa: E402
 
 
 def main():
@@ -55,17 +58,7 @@ def main():
 
     def timed(enabled, n):
         sched.enable() if enabled else sched.disable()
-        for _ in range(3):
-            step()
-        times = []
-        for _ in range(n):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            step()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b))
-        return statistics.median(times)
+        return Timer(cuda=True, barrier=False)(step, warmup=3, iters=n)  # median ms
 
     # Gradients on vs off must be identical (same kernels, same order of accumulation).
     for w in ws:

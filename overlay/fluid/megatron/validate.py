@@ -13,6 +13,8 @@ class FluidConfigError(ValueError):
 
 
 def validate_config(config) -> None:
+    from fluid.moe.layer import SUPPORTED_DISPATCHER_SETTINGS
+
     def need(ok: bool, msg: str) -> None:
         if not ok:
             raise FluidConfigError(f"--use-fluid-moe: {msg}")
@@ -51,7 +53,7 @@ def validate_config(config) -> None:
         "--delay-wgrad-compute is Transformer Engine's dW deferral; FluidMoE defers dW itself: drop it",
     )
     need(
-        config.moe_token_dispatcher_type in ("alltoall", "allgather"),
+        config.moe_token_dispatcher_type in SUPPORTED_DISPATCHER_SETTINGS,
         f"--moe-token-dispatcher-type {config.moe_token_dispatcher_type} is not implemented by "
         "FluidMoE's all-to-all dispatcher (which replaces alltoall and allgather alike); use alltoall",
     )

@@ -47,6 +47,10 @@ from fluid.moe.router import FluidTopKRouter
 from fluid.schedule import get_backward_scheduler
 
 
+# Megatron dispatcher settings FluidTokenDispatcher stands in for (see validate_config).
+SUPPORTED_DISPATCHER_SETTINGS = ("alltoall", "allgather")
+
+
 def resolve_num_chunks(config: TransformerConfig, num_chunks: Optional[int] = None) -> int:
     """Pipelining depth: the argument, else `config.fluid_moe_num_chunks`, else env
     FLUID_MOE_CHUNKS, else 1 (off)."""
@@ -70,7 +74,7 @@ def validate_config(config: TransformerConfig, pg_collection: ProcessGroupCollec
     # configured (Megatron's default is allgather): routing and token dropping are the router's,
     # so the math does not depend on it. The flex (DeepEP/HybridEP) dispatcher's own features are
     # not implemented.
-    if config.moe_token_dispatcher_type not in ("alltoall", "allgather"):
+    if config.moe_token_dispatcher_type not in SUPPORTED_DISPATCHER_SETTINGS:
         raise ValueError(
             "FluidMoELayer replaces Megatron's token dispatcher with its own all-to-all one and "
             f"does not implement {config.moe_token_dispatcher_type!r}: set "

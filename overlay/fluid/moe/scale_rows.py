@@ -33,7 +33,7 @@ def scale_rows_reference(a: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
 
 def _rows_per_block(a: torch.Tensor, probs: torch.Tensor, block_bytes: int) -> int:
     wide = torch.promote_types(a.dtype, probs.dtype)
-    row_bytes = max(1, a.shape[-1]) * torch.empty((), dtype=wide).element_size()
+    row_bytes = max(1, a.shape[-1]) * wide.itemsize
     return max(1, block_bytes // row_bytes)
 
 

@@ -122,6 +122,11 @@ class BackwardScheduler:
         """Called by every CommContext: its policy decides whether deferring can pay at all."""
         self._comms.add(comm)
 
+    @property
+    def num_comms(self) -> int:
+        """Live CommContexts registered so far."""
+        return len(self._comms)
+
     def overlap_possible(self) -> bool:
         """False when CommContexts exist and none overlaps compute with its all-to-alls: then a
         queued dW would only run after some wait, later than inline and holding memory longer.
