@@ -100,6 +100,7 @@ VARIANTS = {
     # stock show the iteration-12 jump of fluid_optim_resume_plain? does stock's distributed
     # optimizer resume without apex/TE?).
     "stock_repeat": ("", EP4, 4096, None, "ckpt_init", None),
+    "fluid_repeat": ("--use-fluid-moe", EP4, 4096, None, "ckpt_init", None),
     "stock_optim_save_plain": (
         "", EP4, 4096, 20, None, "ckpt_stock_optim_plain", {"save_interval": 10, "full_save": True},
     ),
@@ -254,7 +255,7 @@ def main():
              ("stock", "fluid_recompute_selective"), ("stock", "fluid_recompute_full"),
              ("fluid_optim_save", "fluid_optim_resume"),
              ("fluid_optim_save_plain", "fluid_optim_resume_plain"),
-             ("stock", "stock_repeat"), ("stock_optim_save_plain", "stock_optim_resume_plain"),
+             ("stock", "stock_repeat"), ("stock", "stock_ddp_overlap"), ("fluid", "fluid_repeat"), ("stock_optim_save_plain", "stock_optim_resume_plain"),
              ("stock_optim_save", "stock_optim_resume"), ("stock_pp2_ep2", "fluid_pp2_ep2")]
     for ref, other in pairs:
         if ref in runs and other in runs:

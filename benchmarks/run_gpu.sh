@@ -7,9 +7,11 @@
 #   bash benchmarks/run_gpu.sh e2e-final OUT    # the final pass: both links, checkpoints, CP (one call)
 #   bash benchmarks/run_gpu.sh layers2 OUT      # MoE layers + kernel profile, MoE parity, e2e P2P off
 #   bash benchmarks/run_gpu.sh compat2 OUT      # compat variants after the DDP-hook fix
-#   bash benchmarks/run_gpu.sh next-a OUT       # NOT YET RUN: MoE memory after scale_rows, stock resume
-#   bash benchmarks/run_gpu.sh next-b OUT       # NOT YET RUN: e2e NVLink, stock noise floor, stock EP overlap
-#   bash benchmarks/run_gpu.sh next-c OUT       # NOT YET RUN: PP=2 x EP=2 stock vs Fluid
+#   bash benchmarks/run_gpu.sh next-a OUT       # MoE memory after scale_rows, stock resume
+#   bash benchmarks/run_gpu.sh next-b OUT       # e2e NVLink, stock repeat, stock EP overlap (session 4)
+#   bash benchmarks/run_gpu.sh next-c OUT       # PP=2 x EP=2 stock vs Fluid (session 4)
+#   bash benchmarks/run_gpu.sh next-d OUT       # next-a + stock vs stock dist-opt loss floor (session 4)
+#   bash benchmarks/run_gpu.sh s4 OUT           # after the dW hand-over fix (session 4)
 #   bash benchmarks/run_gpu.sh compat OUT       # NVLink attention; DDP overlap, distributed optimizer,
 #                                               # recompute, optimizer checkpoint resume, CP=4 x EP=4
 # Needs the carried .whl/ and .megatron/ (tools/stage_gpu.sh).
@@ -68,6 +70,26 @@ case "$what" in
     NCCL_P2P_DISABLE=1 timeout 110 $tr benchmarks/bench_moe.py --out "$out/moe_p2poff" --iters 30 2>&1 | grep -v Warning | tail -2
     timeout 150 python3 benchmarks/e2e.py --out "$out/e2e_stock_optim" --iters 20 \
       --variants stock_optim_save_plain,stock_optim_resume_plain
+    ;;
+  next-d)
+    # Session 4: next-a (MoE both links after scale_rows, kernel profiles stock and Fluid, stock
+    # plain-optimizer resume) plus the loss noise floor of a numerics-preserving change in stock
+    # itself: the distributed optimizer (reduce-scatter, other summation order), 50 iterations.
+    bash "$0" next-a "$out"
+    timeout 170 python3 benchmarks/e2e.py --out "$out/e2e_floor" --iters 50 \
+      --variants init,stock,stock_ddp_overlap
+    ;;
+  s4)
+    # Session 4, after the dW hand-over fix (AccumulateGrad adopts the dW instead of copying it):
+    # MoE layers on both links (memory, NVLink gap), the P2P-off Mixtral-like layer again with
+    # NCCL_MAX_CTAS=4 (does a2a/GEMM SM contention decide chunking?), and e2e over NVLink with
+    # Fluid run twice (is Fluid run-to-run deterministic, as stock is?).
+    timeout 110 $tr benchmarks/bench_moe.py --out "$out/moe_nvlink" --iters 30 2>&1 | grep -v Warning | tail -2
+    NCCL_P2P_DISABLE=1 timeout 110 $tr benchmarks/bench_moe.py --out "$out/moe_p2poff" --iters 30 2>&1 | grep -v Warning | tail -2
+    NCCL_P2P_DISABLE=1 NCCL_MAX_CTAS=4 timeout 80 $tr benchmarks/bench_moe.py --out "$out/moe_p2poff_ctas4" \
+      --configs mixtral --iters 30 2>&1 | grep -v Warning | tail -2
+    timeout 250 python3 benchmarks/e2e.py --out "$out/e2e_nvlink" --iters 50 \
+      --variants init,stock,fluid,fluid_repeat
     ;;
   next-b)
     # Prepared for the next session (not yet run): e2e over NVLink with the inline rule, the

@@ -4,8 +4,9 @@ Fluid ops pass their weights to their autograd Functions *detached*, so the auto
 edge to the weight and the engine never calls the weight's AccumulateGrad during the main backward
 (if it did with a None gradient, Megatron DDP's per-parameter hook would fire before the dW exists:
 with `overlap_grad_reduce` that is an assertion, or a bucket reduced too early). The dW closure
-then calls `accumulate_weight_grad(param, dW)`, which runs a tiny backward from the parameter
-itself: AccumulateGrad adds `dW` into `param.grad` and fires every hook registered on it, exactly as
+then calls `accumulate_weight_grad(param, dW)`, which runs a tiny backward into the parameter's
+AccumulateGrad: it adds `dW` into `param.grad` (adopting the tensor, not copying it, when
+`param.grad` is None) and fires every hook registered on it, exactly as
 stock Megatron's linears do with `gradient_accumulation_fusion=False`:
   - no DDP: `param.grad` accumulates across micro-batches as in plain PyTorch;
   - Megatron DDP: its hook adds `param.grad` into the fp32 `param.main_grad`, clears `param.grad`,
@@ -37,14 +38,43 @@ except ImportError:
 _warned_no_fusion = False
 
 
+class _HandOver(torch.autograd.Function):
+    """A scalar whose backward returns the boxed gradient for `param`: the only way into
+    AccumulateGrad that leaves no Python reference to the gradient while it runs.
+
+    AccumulateGrad takes ownership of a new gradient (no copy) only when nothing else refers to
+    it; `torch.autograd.backward(param, grad)` keeps the caller's `grad` alive through the call,
+    so the engine cloned every dW (a second dW-sized buffer, plus a copy kernel, per backward
+    under Megatron DDP, which clears `param.grad` after each hook). Here the gradient sits in a
+    one-element list that backward empties: once the engine holds it, nothing else does.
+    """
+
+    @staticmethod
+    def forward(ctx, param, box):
+        ctx.box = box
+        return param.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, _):
+        box, ctx.box = ctx.box, None
+        return box.pop(), None
+
+
 def accumulate_weight_grad(param: torch.nn.Parameter, grad: torch.Tensor) -> None:
-    """Give `grad` (same shape as `param`) to autograd as `param`'s gradient (see module doc)."""
+    """Give `grad` (same shape as `param`) to autograd as `param`'s gradient (see module doc).
+
+    Pass a temporary (`accumulate_weight_grad(w, dy.t() @ x)`): when the caller keeps no reference,
+    AccumulateGrad adopts the tensor as `param.grad` instead of copying it (see `_HandOver`).
+    """
     if not param.requires_grad:
         return
     if grad.dtype != param.dtype:
         grad = grad.to(param.dtype)
+    box = [grad]
+    del grad
     with torch.enable_grad():
-        torch.autograd.backward(param, grad)
+        out = _HandOver.apply(param, box)
+    torch.autograd.backward(out)
 
 
 def wants_fused_accumulation(param: torch.nn.Parameter, gradient_accumulation_fusion: bool) -> bool:
