@@ -101,6 +101,10 @@ VARIANTS = {
     # optimizer resume without apex/TE?).
     "stock_repeat": ("", EP4, 4096, None, "ckpt_init", None),
     "fluid_repeat": ("--use-fluid-moe", EP4, 4096, None, "ckpt_init", None),
+    # Megatron's --deterministic-mode (torch.use_deterministic_algorithms, NCCL_ALGO=Ring, cuBLAS
+    # workspace): is Fluid then run-to-run reproducible, as stock is without it?
+    "fluid_det": ("--use-fluid-moe --deterministic-mode", EP4, 4096, None, "ckpt_init", None),
+    "fluid_det_repeat": ("--use-fluid-moe --deterministic-mode", EP4, 4096, None, "ckpt_init", None),
     "stock_optim_save_plain": (
         "", EP4, 4096, 20, None, "ckpt_stock_optim_plain", {"save_interval": 10, "full_save": True},
     ),
@@ -255,7 +259,8 @@ def main():
              ("stock", "fluid_recompute_selective"), ("stock", "fluid_recompute_full"),
              ("fluid_optim_save", "fluid_optim_resume"),
              ("fluid_optim_save_plain", "fluid_optim_resume_plain"),
-             ("stock", "stock_repeat"), ("stock", "stock_ddp_overlap"), ("fluid", "fluid_repeat"), ("stock_optim_save_plain", "stock_optim_resume_plain"),
+             ("stock", "stock_repeat"), ("stock", "stock_ddp_overlap"), ("fluid", "fluid_repeat"),
+             ("fluid_det", "fluid_det_repeat"), ("stock", "fluid_det"), ("stock_optim_save_plain", "stock_optim_resume_plain"),
              ("stock_optim_save", "stock_optim_resume"), ("stock_pp2_ep2", "fluid_pp2_ep2")]
     for ref, other in pairs:
         if ref in runs and other in runs:

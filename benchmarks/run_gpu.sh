@@ -91,6 +91,13 @@ case "$what" in
     timeout 250 python3 benchmarks/e2e.py --out "$out/e2e_nvlink" --iters 50 \
       --variants init,stock,fluid,fluid_repeat
     ;;
+  s4-det)
+    # Session 4: where Fluid's run-to-run nondeterminism comes from (s4: fluid vs fluid_repeat
+    # differ as much as fluid vs stock), and whether --deterministic-mode removes it.
+    timeout 60 python3 benchmarks/determinism_probe.py --out "$out/probe" 2>&1 | tail -40
+    timeout 230 python3 benchmarks/e2e.py --out "$out/e2e_det" --iters 50 \
+      --variants init,fluid_det,fluid_det_repeat
+    ;;
   next-b)
     # Prepared for the next session (not yet run): e2e over NVLink with the inline rule, the
     # stock-vs-stock loss noise floor, and stock's EP overlap from the same initial checkpoint.
