@@ -4,7 +4,7 @@
         --pair stock:fluid_recompute_full --pair stock_ddp_overlap:fluid_ddp_overlap ...
 
 Runs are looked up by variant name across the files (a later file wins on a repeated name, and the
-table says which file each run came from). Each `--pair REF:OTHER` row gives OTHER's return code,
+table says which file each run came from); `NAME@K` names the run in the K-th file (1-based). Each `--pair REF:OTHER` row gives OTHER's return code,
 median iteration time, and its max relative loss / grad-norm difference to REF over the
 iterations both logged (benchmarks.e2e.compare).
 """
@@ -29,11 +29,12 @@ def main():
     ap.add_argument("--pair", action="append", default=[], help="REF:OTHER variant names")
     args = ap.parse_args()
     runs, source, cards = {}, {}, set()
-    for p in args.raw:
+    for k, p in enumerate(args.raw, 1):
         doc = json.loads(p.read_text())
         cards.add(doc.get("card"))
         for name, r in doc["runs"].items():
             runs[name], source[name] = r, p
+            runs[f"{name}@{k}"], source[f"{name}@{k}"] = r, p
     md = ["# Training-loop compatibility: `pretrain_gpt.py --use-fluid-moe` with other Megatron flags", ""]
     md += [f"Cards: {', '.join(sorted(c for c in cards if c))}. Sources:"]
     md += [f"- `{p}`" for p in args.raw]
