@@ -12,6 +12,8 @@ import json
 import os
 from pathlib import Path
 
+import torch
+
 PINNED_COMMIT = "5be9626709af2722333bf54797c954c09edeada3"
 PINNED_TAG = "core_v0.19.0"
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -69,6 +71,9 @@ def status() -> dict:
             "comm_groups": sched.num_comms,
             "CUDA_DEVICE_MAX_CONNECTIONS": os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS"),
         },
+        # SDPA's flash and cuDNN backward accumulate dQ with atomics unless deterministic
+        # algorithms are on (Megatron --deterministic-mode); measured in benchmarks/determinism_probe.py.
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
     }
 
 
@@ -91,4 +96,7 @@ def print_status() -> dict:
     )
     print(f"  dW deferral  : {'on' if sc['defers_dw'] else 'off (inline)'}"
           f" ({sc['comm_groups']} communication group(s) built so far)")
+    det = s["deterministic_algorithms"]
+    print("  reproducible : " + ("bitwise (deterministic algorithms on)" if det else
+          "not bitwise on GPU (SDPA flash/cuDNN dQ uses atomics); add --deterministic-mode"))
     return s

@@ -1,6 +1,7 @@
 """Tier: dist (one gloo rank). `fluid.status()` / `print_status()`: the pin read from
 patches/upstream.lock, the scheduler switches, and whether dW is deferred at all given the
-CommContexts built so far (inline when none overlaps: the auto policy on one NVLink node)."""
+CommContexts built so far (inline when none overlaps: the auto policy on one NVLink node), and
+whether deterministic algorithms are on (FluidMoE's SDPA attention repeats bit for bit only then)."""
 
 import torch.distributed as dist
 
@@ -34,6 +35,14 @@ def _body(rank, world):
     sched.enable()
     printed = fluid.print_status()
     assert printed["scheduler"]["comm_groups"] == 1
+    import torch
+
+    assert printed["deterministic_algorithms"] is False
+    torch.use_deterministic_algorithms(True)  # what Megatron's --deterministic-mode turns on
+    try:
+        assert fluid.status()["deterministic_algorithms"] is True
+    finally:
+        torch.use_deterministic_algorithms(False)
     del never
 
 
