@@ -10,6 +10,8 @@ Per configuration (Mixtral-like H4096 F14336 E8 top-2, fine-grained H2048 F1408 
 tokens per rank, bf16) and variant, medians over --iters after --warmup (CUDA events, rank 0):
   fwd_ms, fwdbwd_ms, bwd_ms = fwdbwd - fwd; peak_gb = param bytes of the layer + peak allocation
   above the steady state during fwd+bwd; speedup = stock fwdbwd / variant fwdbwd.
+Fluid variants: fluid_{off,on}_c{chunks} (scheduler off/on, forward chunks), fluid_on_c1_loop
+  (per-expert GEMM loop instead of torch._grouped_mm), fluid_on_c1_dedup (deduplicated dispatch).
 Fluid only:
   dw_ms = fwdbwd (scheduler off) - fwdbwd (scheduler off, expert weights frozen so no expert dW);
   a2a_ms = one all-to-all of the dispatch volume ([tokens*topk, H] bf16, even splits), timed
@@ -19,6 +21,9 @@ Fluid only:
   sched_stats: the BackwardScheduler counters of one extra timed iteration (timing mode).
 stock_repeat: stock measured again after the Fluid variants (both layers stay resident);
   stock_drift = its fwdbwd / the first one's, the run-to-run noise the speedups carry.
+paired (--paired-rounds R > 0, CUDA): R alternating rounds of stock and Fluid (scheduler on, chunks
+  1, grouped GEMM), --iters fwd+bwd each; per-round speedup = stock median / Fluid median, and their
+  median and range. Host drift then hits both sides of each ratio alike.
 Writes <out>/bench_moe.json (argv, card, env, results); benchmarks/moe_report.py renders it.
 """
 
@@ -105,6 +110,30 @@ def profile_kernels(layer, x, dy, chunks=None, top=25):
             "cpu_self_total_ms": cpu_total}
 
 
+def paired_rounds(stock, fluid, x, dy, timer, args):
+    """Alternate stock and Fluid fwd+bwd for `args.paired_rounds` rounds (see module doc)."""
+    from fluid.moe.testing import set_num_chunks
+    from fluid.schedule import get_backward_scheduler
+
+    set_num_chunks(fluid, 1)
+    get_backward_scheduler().enable()
+    os.environ["FLUID_GROUPED_MM"] = "1"
+    rounds = []
+    for _ in range(args.paired_rounds):
+        ms = {}
+        for name, layer in (("stock", stock), ("fluid", fluid)):
+            def fwdbwd(layer=layer):
+                out, _ = layer(x)
+                out.backward(dy)
+                layer.zero_grad(set_to_none=True)
+                x.grad = None
+            ms[name] = timer(fwdbwd, 1, args.iters)
+        rounds.append({**ms, "speedup": ms["stock"] / ms["fluid"]})
+    sp = sorted(r["speedup"] for r in rounds)
+    return {"rounds": rounds, "speedup_median": sp[len(sp) // 2], "speedup_min": sp[0],
+            "speedup_max": sp[-1]}
+
+
 def a2a_alone(rows, hidden, dtype, device, timer, args):
     x = torch.randn(rows - rows % dist.get_world_size(), hidden, dtype=dtype, device=device)
     out = torch.empty_like(x)
@@ -112,7 +141,7 @@ def a2a_alone(rows, hidden, dtype, device, timer, args):
 
 
 def run_config(name, shape, args, cuda, device, pg, ws):
-    from fluid.moe.testing import moe_config, set_num_chunks, stock_and_fluid
+    from fluid.moe.testing import moe_config, set_dedup, set_num_chunks, stock_and_fluid
     from fluid.schedule import get_backward_scheduler
 
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -132,8 +161,11 @@ def run_config(name, shape, args, cuda, device, pg, ws):
 
     variants = [("fluid_off_c1", False, 1)] + [(f"fluid_on_c{c}", True, c) for c in (1, 2, 4)]
     variants.append(("fluid_on_c1_loop", True, 1))  # per-expert cuBLAS GEMMs instead of grouped
+    variants.append(("fluid_on_c1_dedup", True, 1))  # one row per (token, destination rank)
     for vname, on, chunks in variants:
+        set_dedup(fluid, False)
         set_num_chunks(fluid, chunks)
+        set_dedup(fluid, vname.endswith("_dedup"))
         sched.enable() if on else sched.disable()
         os.environ["FLUID_GROUPED_MM"] = "0" if vname.endswith("_loop") else "1"
         res = bench_layer(fluid, x, dy, timer, args, cuda)
@@ -147,12 +179,15 @@ def run_config(name, shape, args, cuda, device, pg, ws):
             fluid.zero_grad(set_to_none=True)
             x.grad = None
         out["variants"][vname] = res
+    set_dedup(fluid, False)
     sched.enable()
     if cuda:  # stock again after the Fluid variants: how much the host drifted meanwhile
         out["variants"]["stock_repeat"] = bench_layer(stock, x, dy, timer, args, cuda)
         out["stock_drift"] = (
             out["variants"]["stock_repeat"]["fwdbwd_ms"] / out["variants"]["stock"]["fwdbwd_ms"]
         )
+    if cuda and args.paired_rounds > 0:
+        out["paired"] = paired_rounds(stock, fluid, x, dy, timer, args)
     del stock
     if cuda:
         torch.cuda.empty_cache()
@@ -197,6 +232,8 @@ def main():
     p.add_argument("--tokens", type=int, default=None, help="tokens per rank (4096; 64 on cpu)")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--paired-rounds", type=int, default=0,
+                   help="R alternating stock/Fluid rounds for a drift-robust speedup (CUDA)")
     p.add_argument("--profile", action="store_true",
                    help="also record the top CUDA kernels of one fwd+bwd at chunks 1 and 2")
     args = p.parse_args()

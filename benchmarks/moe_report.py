@@ -37,6 +37,14 @@ def to_markdown(doc: dict) -> str:
         for v, r in res["variants"].items():
             lines.append(f"| {v} | " + " | ".join(_fmt(r.get(c)) for c in COLS) + " |")
         lines.append("")
+        pr = res.get("paired")
+        if pr:
+            lines += [
+                f"Paired rounds (stock, Fluid on c1 alternating, {len(pr['rounds'])} rounds): speedup "
+                f"median {_fmt(pr['speedup_median'])}, range {_fmt(pr['speedup_min'])}-{_fmt(pr['speedup_max'])}; "
+                "stock ms per round: " + ", ".join(_fmt(r["stock"]) for r in pr["rounds"]),
+                "",
+            ]
     return "\n".join(lines)
 
 

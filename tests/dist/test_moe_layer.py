@@ -13,7 +13,8 @@ with all experts. Checked per case:
   - (one case) Megatron's stage methods route/preprocess/dispatch/routed_experts_compute/
     combine/postprocess give the same output as forward.
 Cases cover top-1/2/6, SwiGLU (unfused and Megatron's fused weighted SwiGLU) and GELU, shared experts on/off, chunks 1/2/4, and uneven routing
-with experts (and with EP=4 a whole rank) receiving zero tokens.
+with experts (and with EP=4 a whole rank) receiving zero tokens; and the deduplicated dispatch
+(FLUID_MOE_DEDUP) on its own cases.
 """
 
 from __future__ import annotations
@@ -47,7 +48,21 @@ CASES = {
 }
 
 
-def _run_case(rank, ws, pg, topk, glu, shared, chunks, dead, check_stage, fused):
+# Deduplicated dispatch (one row per (token, destination rank)): same columns, chunks 1 only.
+DEDUP_CASES = {
+    2: [
+        (2, True, 12, 1, (), True, False),
+        (6, True, None, 1, (2, 3), False, True),
+    ],
+    4: [
+        (6, True, 12, 1, (2, 3), False, True),  # rank 1 receives no tokens
+        (2, False, None, 1, (0,), False, False),
+        (1, True, None, 1, (), False, False),
+    ],
+}
+
+
+def _run_case(rank, ws, pg, topk, glu, shared, chunks, dead, check_stage, fused, dedup=False):
     from fluid.moe import FluidMoELayer
     from fluid.moe.reference import reference_activation, reference_moe
     from fluid.moe.testing import (
@@ -65,8 +80,10 @@ def _run_case(rank, ws, pg, topk, glu, shared, chunks, dead, check_stage, fused)
     )
     weights = global_moe_weights(cfg, dead_experts=dead)
     x_all, dy_all = global_inputs(TOKENS * ws, H)
+    cfg.fluid_moe_dedup_dispatch = dedup
     layer = FluidMoELayer(cfg, submodules=local_moe_submodules(), pg_collection=pg, num_chunks=chunks)
     load_moe_weights(layer, weights, rank)
+    assert layer.token_dispatcher.dedup is dedup
     sl = slice(rank * TOKENS, (rank + 1) * TOKENS)
 
     # Reference on all tokens with all experts.
@@ -123,6 +140,16 @@ def _run_case(rank, ws, pg, topk, glu, shared, chunks, dead, check_stage, fused)
     assert stats["overlapped_dw_tasks"] >= 2, stats  # fc1 and fc2 dW ran in an a2a window
     assert stats_off["inline_dw_tasks"] == stats_off["total_dw_tasks"] > 0, stats_off
 
+    if dedup:  # the expert inputs are the same rows in the same order: forward bit-identical
+        cfg.fluid_moe_dedup_dispatch = False
+        plain = FluidMoELayer(cfg, submodules=local_moe_submodules(), pg_collection=pg, num_chunks=1)
+        load_moe_weights(plain, weights, rank)
+        # Grad mode on, as for `out`: under no_grad Megatron's fused weighted SwiGLU takes
+        # another code path whose fp32 results differ in the last bit.
+        out_plain, _ = plain(x_all[sl].clone().unsqueeze(1).requires_grad_(True))
+        assert torch.equal(out_plain.detach().squeeze(1), out), "dedup forward differs from the plain one"
+        cfg.fluid_moe_dedup_dispatch = True
+
     if check_stage:
         x = x_all[sl].clone().unsqueeze(1)
         with torch.no_grad():
@@ -136,18 +163,20 @@ def _run_case(rank, ws, pg, topk, glu, shared, chunks, dead, check_stage, fused)
         torch.testing.assert_close(staged.squeeze(1), out, rtol=RTOL, atol=ATOL)
 
 
-def _worker(rank, ws):
+def _worker(rank, ws, dedup=False):
     from megatron.core import parallel_state
     from megatron.core.process_groups_config import ProcessGroupCollection
 
     parallel_state.initialize_model_parallel(expert_model_parallel_size=ws)
     try:
         pg = ProcessGroupCollection.use_mpu_process_groups()
-        for case in CASES[ws]:
+        for case in (DEDUP_CASES if dedup else CASES)[ws]:
             try:
-                _run_case(rank, ws, pg, *case)
+                _run_case(rank, ws, pg, *case, dedup=dedup)
             except Exception as exc:
-                raise AssertionError(f"case {case} on rank {rank}: {exc}") from exc
+                raise AssertionError(f"case {case} (dedup={dedup}) on rank {rank}: {exc}") from exc
+        if dedup:
+            _dedup_refusals(ws, pg)
     finally:
         parallel_state.destroy_model_parallel()
 
@@ -155,3 +184,29 @@ def _worker(rank, ws):
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_fluid_moe_matches_reference(world_size):
     run_distributed(_worker, world_size)
+
+
+def _dedup_refusals(ws, pg):
+    """Unsupported combinations fail when the layer is built, naming the setting to change."""
+    from fluid.moe import FluidMoELayer
+    from fluid.moe.testing import local_moe_submodules, moe_config
+
+    cfg = moe_config(hidden=H, ffn=FFN, num_experts=E, topk=2, ep=ws)
+    cfg.fluid_moe_dedup_dispatch = True
+    with pytest.raises(ValueError, match="FLUID_MOE_CHUNKS"):
+        FluidMoELayer(cfg, submodules=local_moe_submodules(), pg_collection=pg, num_chunks=2)
+    cfg.moe_expert_capacity_factor = 1.0
+    with pytest.raises(ValueError, match="capacity-factor"):
+        FluidMoELayer(cfg, submodules=local_moe_submodules(), pg_collection=pg, num_chunks=1)
+
+
+def _dedup_worker(rank, ws):
+    _worker(rank, ws, dedup=True)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_fluid_moe_dedup_dispatch_matches_reference(world_size):
+    """Same checks as above with the deduplicated dispatch, plus: its forward equals the plain
+    dispatch's bit for bit (tolerance of the backward: RTOL/ATOL above; only the grouping of a
+    token's gradient copies differs)."""
+    run_distributed(_dedup_worker, world_size)

@@ -93,7 +93,9 @@ def main():
     args = p.parse_args()
 
     cuda = args.device == "cuda"
-    from fluid.moe.testing import init_expert_parallel_world, moe_config, set_num_chunks, stock_and_fluid
+    from fluid.moe.testing import (
+        init_expert_parallel_world, moe_config, set_dedup, set_num_chunks, stock_and_fluid,
+    )
     from fluid.schedule import get_backward_scheduler
 
     rank, ws, device, pg = init_expert_parallel_world(cuda)
@@ -116,8 +118,11 @@ def main():
         ref = run(fluid, x, dy)
     ref_grads = ref[2]
     sched = get_backward_scheduler()
-    for chunks in (1, 2):
+    for chunks, dedup in ((1, False), (2, False), (1, True)):
+        set_dedup(fluid, False)
         set_num_chunks(fluid, chunks)
+        set_dedup(fluid, dedup)
+        chunks = f"{chunks}{' dedup' if dedup else ''}"  # the label of this setting's lines
         outs = {}
         for mode in ("on", "off"):
             sched.enable() if mode == "on" else sched.disable()

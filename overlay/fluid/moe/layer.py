@@ -60,6 +60,15 @@ def resolve_num_chunks(config: TransformerConfig, num_chunks: Optional[int] = No
     return int(os.environ.get("FLUID_MOE_CHUNKS", "1") or 1)
 
 
+def resolve_dedup(config: TransformerConfig) -> bool:
+    """Deduplicated dispatch (a token sent once per destination rank; see dispatcher.py):
+    `config.fluid_moe_dedup_dispatch` if set, else env FLUID_MOE_DEDUP, else off."""
+    value = getattr(config, "fluid_moe_dedup_dispatch", None)
+    if value is not None:
+        return bool(value)
+    return os.environ.get("FLUID_MOE_DEDUP", "0").lower() in ("1", "true", "on", "yes")
+
+
 def validate_config(config: TransformerConfig, pg_collection: ProcessGroupCollection) -> None:
     """Reject, with the reason, every setting FluidMoELayer does not implement."""
     ep_size = utils.get_pg_size(pg_collection.ep)
@@ -159,7 +168,8 @@ class FluidMoELayer(MoELayer):
         self.comm = CommContext(self.ep_group)
         self.num_chunks = resolve_num_chunks(config, num_chunks)
         self.token_dispatcher = FluidTokenDispatcher(
-            self.num_local_experts, self.local_expert_indices, config, self.comm, self.num_chunks
+            self.num_local_experts, self.local_expert_indices, config, self.comm, self.num_chunks,
+            dedup=resolve_dedup(config),
         )
         self.experts = FluidGroupedMLP(
             self.num_local_experts,

@@ -149,6 +149,15 @@ def set_num_chunks(layer, num_chunks: int) -> None:
     layer.token_dispatcher.num_chunks = num_chunks
 
 
+def set_dedup(layer, on: bool) -> None:
+    """Switch a FluidMoELayer's deduplicated dispatch between iterations (chunks must be 1)."""
+    from fluid.moe.dispatcher import check_dedup_settings
+
+    if on:
+        check_dedup_settings(layer.config, layer.token_dispatcher.num_chunks)
+    layer.token_dispatcher.dedup = bool(on)
+
+
 def init_expert_parallel_world(cuda: bool, seed: int = 1234):
     """For the torchrun GPU scripts (and their CPU dry runs): NCCL (or gloo) default group, one
     GPU per rank, Megatron's model-parallel state with EP = world size, the CUDA RNG tracker.
