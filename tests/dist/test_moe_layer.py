@@ -140,14 +140,17 @@ def _run_case(rank, ws, pg, topk, glu, shared, chunks, dead, check_stage, fused,
     assert stats["overlapped_dw_tasks"] >= 2, stats  # fc1 and fc2 dW ran in an a2a window
     assert stats_off["inline_dw_tasks"] == stats_off["total_dw_tasks"] > 0, stats_off
 
-    if dedup:  # the expert inputs are the same rows in the same order: forward bit-identical
+    if dedup:  # same expert rows in the same order; top-1/2 outputs are the same 1-2 term sums
         cfg.fluid_moe_dedup_dispatch = False
         plain = FluidMoELayer(cfg, submodules=local_moe_submodules(), pg_collection=pg, num_chunks=1)
         load_moe_weights(plain, weights, rank)
         # Grad mode on, as for `out`: under no_grad Megatron's fused weighted SwiGLU takes
         # another code path whose fp32 results differ in the last bit.
         out_plain, _ = plain(x_all[sl].clone().unsqueeze(1).requires_grad_(True))
-        assert torch.equal(out_plain.detach().squeeze(1), out), "dedup forward differs from the plain one"
+        if topk <= 2:
+            assert torch.equal(out_plain.detach().squeeze(1), out), "dedup forward != plain forward"
+        else:  # a token's terms are summed per rank first: fp32 grouping only
+            torch.testing.assert_close(out_plain.detach().squeeze(1), out, rtol=RTOL, atol=ATOL)
         cfg.fluid_moe_dedup_dispatch = True
 
     if check_stage:
@@ -206,7 +209,7 @@ def _dedup_worker(rank, ws):
 
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_fluid_moe_dedup_dispatch_matches_reference(world_size):
-    """Same checks as above with the deduplicated dispatch, plus: its forward equals the plain
-    dispatch's bit for bit (tolerance of the backward: RTOL/ATOL above; only the grouping of a
-    token's gradient copies differs)."""
+    """Same checks as above with the deduplicated dispatch and combine, plus: with top-1/2 its
+    forward equals the plain dispatch's bit for bit (each output is the same one- or two-term
+    sum); with top-6 within RTOL/ATOL (a token's terms are grouped per rank)."""
     run_distributed(_dedup_worker, world_size)

@@ -30,14 +30,18 @@ additions in the unpermute differ.
 
 Deduplicated dispatch (`dedup=True`, chunks 1, no capacity factor; DeepEP's idea): a token routed
 to several experts of one rank is sent to that rank once, with the probs and routing mask of that
-rank's G experts beside it (`[rows, 2G]` fp32), and the receiver copies it to each of its experts.
-The expert inputs are then the same rows in the same order as without dedup (expert-major,
-source rank, token), so the forward is bit-identical; the combine goes back at full volume (one row
-per (token, expert), the same unpermute). In backward, a token's gradient copies are first summed
-on the expert rank, then across ranks: the same terms, grouped differently. The dispatch volume
-drops to the number of distinct (token, rank) pairs: with uniform routing, 56% of the rows for 64
-experts top-6 on 4 ranks, 93% for 8 experts top-2. Needs the row count before the permutation, so
-its host sync comes before the permutation kernels instead of after them.
+rank's G experts beside it (`[rows, 2G]`, probs dtype), and the receiver copies it to each of its
+experts. The expert inputs are then the same rows in the same order as without dedup
+(expert-major, source rank, token). The combine goes back deduplicated too: the expert rank sums a
+token's expert outputs (one index_add per local expert) and sends one row per (token, rank); the
+source adds the ranks' rows rank by rank. With top-1 and top-2 each token's output is the same
+one- or two-term bf16 sum as stock's unpermute, so the forward is bit-identical to the plain
+dispatch; with more terms only their grouping differs. The backward of the combine copies
+gradients exactly as the plain path does; the dispatch backward sums a token's gradient copies on
+the expert rank first, then across ranks. Every all-to-all of the layer then carries one row per
+distinct (token, rank) pair: with uniform routing 56% of the plain rows for 64 experts top-6 on 4
+ranks, 93% for 8 experts top-2. The row count must be known before the permutation, so the host
+sync comes before the permutation kernels instead of after them.
 
 Metadata of the forward in flight lives in `self.plan` (a DispatchPlan), because Megatron's stage
 methods are called one after another without passing it; the dispatcher is therefore not
@@ -94,10 +98,10 @@ class DispatchPlan:
         recv_splits: `[C][P]` rows this rank receives from each rank, per chunk.
         recv_counts: `[C][P*G]` received rows per (source rank, local expert), row-major.
         tokens_per_expert: `[C][G]` rows per local expert, per chunk.
-        sorted_indices: `[R]` the token index of every permuted row (device), in the order the
-            combine returns rows (expert-major), also with dedup.
+        sorted_indices: `[R]` the token index of every sent row (device); with dedup the rows
+            are one per (token, destination rank), rank-major, tokens ascending within a rank.
         offs: per chunk, int32 cumulative tokens_per_expert on the GPU (None on CPU).
-        combine_send_splits / combine_recv_splits: dedup only, `[P]` rows of the combine.
+        expand_rows: dedup only, `[N]` the received row each expert-major row was copied from.
     """
 
     hidden_shape: torch.Size
@@ -109,10 +113,7 @@ class DispatchPlan:
     recv_counts: list = field(default_factory=list)
     tokens_per_expert: list = field(default_factory=list)
     offs: list = field(default_factory=list)
-    # dedup only: combine splits (full volume, unlike the dispatch's), and on the sending side the
-    # index of each sent row's token and destination rank
-    combine_send_splits: Optional[list] = None
-    combine_recv_splits: Optional[list] = None
+    expand_rows: Optional[torch.Tensor] = None
 
 
 class _PendingCounts:
@@ -243,18 +244,14 @@ class FluidTokenDispatcher:
         local_probs = probs.reshape(T, P, G)[token, dest]  # [R, G], differentiable
         local_mask = map3[token, dest].to(local_probs.dtype)
         meta = torch.cat([local_probs, local_mask], dim=1)  # [R, 2G]
-        # The combine returns rows expert-major (token ascending): unpermute's order.
-        order_E = routing_map.T.contiguous().reshape(-1).argsort(descending=True, stable=True)
-        order_E = order_E[: sum(host[:E])]
-        sorted_indices = order_E % T if T else order_E
-        self.plan = DispatchPlan(hidden_shape, T, routing_map, sorted_indices)
+        self.plan = DispatchPlan(hidden_shape, T, routing_map, token)
         return rows, meta
 
     def _finish_dedup_plan(self, plan: DispatchPlan) -> DispatchPlan:
         E, G, P = self.num_experts, self.num_local_experts, self.ep_size
         host = self._pending.get()
         self._pending = None
-        local, uniq, recv = host[:E], host[E : E + P], host[E + P :]
+        uniq, recv = host[E : E + P], host[E + P :]
         recv_rg = [recv[r * (G + 1) + g] for r in range(P) for g in range(G)]
         plan.send_splits.append(list(uniq))
         plan.recv_splits.append([recv[r * (G + 1) + G] for r in range(P)])
@@ -262,8 +259,6 @@ class FluidTokenDispatcher:
         tpe = [sum(recv_rg[r * G + g] for r in range(P)) for g in range(G)]
         plan.tokens_per_expert.append(tpe)
         plan.offs.append(offsets_for(tpe, plan.sorted_indices.device))
-        plan.combine_send_splits = [sum(recv_rg[r * G : (r + 1) * G]) for r in range(P)]
-        plan.combine_recv_splits = [sum(local[r * G : (r + 1) * G]) for r in range(P)]
         return plan
 
     def _dedup_expand(self, tokens, meta, plan: DispatchPlan):
@@ -278,8 +273,22 @@ class FluidTokenDispatcher:
         mask_GR = meta[:, G:].T.contiguous() > 0.5
         idx = mask_GR.reshape(-1).argsort(descending=True, stable=True)[:n]
         row = idx % R if R else idx
+        plan.expand_rows = row
         probs = meta[:, :G].T.contiguous().reshape(-1)[idx]
         return tokens.index_select(0, row), probs
+
+    def _dedup_reduce(self, out, plan: DispatchPlan):
+        """Expert-major rows `[N, H]` -> one row per received (token, source rank) `[R', H]`: the
+        sum of that token's expert outputs on this rank. One index_add per local expert, whose
+        rows go to distinct received rows, in expert order: deterministic, no colliding atomics."""
+        partial = out.new_zeros((sum(plan.recv_splits[0]), out.shape[1]))
+        start = 0
+        # Empty slices too: the graph must reach the experts (and the collective backward must
+        # run) even on a rank that received nothing.
+        for n in plan.tokens_per_expert[0]:
+            partial.index_add_(0, plan.expand_rows[start : start + n], out[start : start + n])
+            start += n
+        return partial
 
     def _finish_plan(self) -> DispatchPlan:
         """Turn the host counts into per-chunk splits (waits for the device->host copy once)."""
@@ -357,14 +366,12 @@ class FluidTokenDispatcher:
 
     # -- 5. combine -----------------------------------------------------------------------------
     def combine_preprocess(self, expert_out, chunk: int = 0):
+        if self.dedup:
+            return self._dedup_reduce(expert_out, self.plan)
         return self._reorder(expert_out, self.plan.recv_counts[chunk], False)
 
     def launch_combine(self, x, chunk: int = 0):
         plan = self.plan
-        if plan.combine_send_splits is not None:  # dedup: the combine is full volume
-            return fluid_all_to_all(
-                self.comm, x, plan.combine_recv_splits, plan.combine_send_splits, async_op=True
-            )
         return fluid_all_to_all(
             self.comm, x, plan.send_splits[chunk], plan.recv_splits[chunk], async_op=True
         )
@@ -382,6 +389,14 @@ class FluidTokenDispatcher:
         if isinstance(rows, (list, tuple)):
             rows = torch.cat(list(rows)) if len(rows) > 1 else rows[0]
         hidden = plan.hidden_shape[-1]
+        if self.dedup:  # one row per (token, rank): add each rank's rows, rank by rank
+            out = rows.new_zeros((plan.num_tokens, hidden))
+            start = 0
+            for n in plan.send_splits[0]:  # empty slices too: keeps the graph (see _dedup_reduce)
+                out.index_add_(0, plan.sorted_indices[start : start + n], rows[start : start + n])
+                start += n
+            self.plan = None
+            return out.view(plan.hidden_shape)
         out = unpermute(
             rows,
             plan.sorted_indices,
