@@ -12,7 +12,7 @@
 #   bash benchmarks/run_gpu.sh next-c OUT       # PP=2 x EP=2 stock vs Fluid (session 4)
 #   bash benchmarks/run_gpu.sh next-d OUT       # next-a + stock vs stock dist-opt loss floor (session 4)
 #   bash benchmarks/run_gpu.sh s4 OUT           # after the dW hand-over fix (session 4)
-#   bash benchmarks/run_gpu.sh next-e OUT       # NOT YET RUN: MoE layers, paired rounds, GPU parity
+#   bash benchmarks/run_gpu.sh next-e OUT       # NOT YET RUN: MoE layers with dedup, paired rounds, GPU parity
 #   bash benchmarks/run_gpu.sh compat OUT       # NVLink attention; DDP overlap, distributed optimizer,
 #                                               # recompute, optimizer checkpoint resume, CP=4 x EP=4
 # Needs the carried .whl/ and .megatron/ (tools/stage_gpu.sh).
@@ -100,8 +100,9 @@ case "$what" in
       --variants init,fluid_det,fluid_det_repeat
     ;;
   next-e)
-    # Prepared in session 4 (not yet run): the MoE layers on both links with 5 alternating
-    # stock/Fluid rounds (bench_moe --paired-rounds), so host drift hits both sides of each ratio.
+    # Prepared in session 4 (not yet run): the MoE layers on both links with the deduplicated
+    # all-to-alls (variant fluid_on_c1_dedup) and 5 alternating stock/Fluid rounds (bench_moe
+    # --paired-rounds, so host drift hits both sides of each ratio); GPU parity incl. dedup.
     timeout 200 $tr benchmarks/bench_moe.py --out "$out/moe_nvlink" --iters 20 --paired-rounds 5 2>&1 | grep -v Warning | tail -2
     NCCL_P2P_DISABLE=1 timeout 200 $tr benchmarks/bench_moe.py --out "$out/moe_p2poff" --iters 20 \
       --paired-rounds 5 2>&1 | grep -v Warning | tail -2
