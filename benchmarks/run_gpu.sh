@@ -13,6 +13,7 @@
 #   bash benchmarks/run_gpu.sh next-d OUT       # next-a + stock vs stock dist-opt loss floor (session 4)
 #   bash benchmarks/run_gpu.sh s4 OUT           # after the dW hand-over fix (session 4)
 #   bash benchmarks/run_gpu.sh next-e OUT       # NOT YET RUN: MoE layers with dedup, paired rounds, GPU parity
+#   bash benchmarks/run_gpu.sh next-f OUT       # NOT YET RUN: GEMM/all-to-all contention probe, NCCL settings
 #   bash benchmarks/run_gpu.sh compat OUT       # NVLink attention; DDP overlap, distributed optimizer,
 #                                               # recompute, optimizer checkpoint resume, CP=4 x EP=4
 # Needs the carried .whl/ and .megatron/ (tools/stage_gpu.sh).
@@ -108,6 +109,15 @@ case "$what" in
       --paired-rounds 5 2>&1 | grep -v Warning | tail -2
     timeout 150 python3 -m pytest -q -s tests/gpu/test_moe_parity.py > "$out/moe_parity.txt" 2>&1
     grep -E "\] (PASS|FAIL) \(|passed|failed" "$out/moe_parity.txt" | tail -6
+    ;;
+  next-f)
+    # Prepared in session 4 (not yet run): does a GEMM slow down beside an all-to-all, and under
+    # which NCCL settings? (why chunked forward pipelining loses; benchmarks/contention_probe.py)
+    for cfg in "nvlink:" "p2poff:NCCL_P2P_DISABLE=1" "p2poff_ctas2:NCCL_P2P_DISABLE=1 NCCL_MAX_CTAS=2" \
+               "p2poff_ctas8:NCCL_P2P_DISABLE=1 NCCL_MAX_CTAS=8" "nvlink_ctas2:NCCL_MAX_CTAS=2"; do
+      tag=${cfg%%:*}; envs=${cfg#*:}
+      env $envs timeout 60 $tr benchmarks/contention_probe.py --out "$out/contention" --tag "$tag" 2>&1 | grep '"tag"' | cut -c1-400
+    done
     ;;
   next-b)
     # Prepared for the next session (not yet run): e2e over NVLink with the inline rule, the
