@@ -55,10 +55,8 @@ def param_bytes(layer) -> int:
     return sum(p.numel() * p.element_size() for p in layer.parameters())
 
 
-def bench_layer(layer, x, dy, timer, args, cuda):
-    def fwd():
-        out, _ = layer(x)
-        del out
+def fwdbwd_step(layer, x, dy):
+    """One timed unit: forward, backward, then drop the gradients (set_to_none)."""
 
     def fwdbwd():
         out, _ = layer(x)
@@ -66,6 +64,15 @@ def bench_layer(layer, x, dy, timer, args, cuda):
         layer.zero_grad(set_to_none=True)
         x.grad = None
 
+    return fwdbwd
+
+
+def bench_layer(layer, x, dy, timer, args, cuda):
+    def fwd():
+        out, _ = layer(x)
+        del out
+
+    fwdbwd = fwdbwd_step(layer, x, dy)
     res = {"fwd_ms": timer(fwd, args.warmup, args.iters)}
     if cuda:
         torch.cuda.synchronize()
@@ -122,12 +129,7 @@ def paired_rounds(stock, fluid, x, dy, timer, args):
     for _ in range(args.paired_rounds):
         ms = {}
         for name, layer in (("stock", stock), ("fluid", fluid)):
-            def fwdbwd(layer=layer):
-                out, _ = layer(x)
-                out.backward(dy)
-                layer.zero_grad(set_to_none=True)
-                x.grad = None
-            ms[name] = timer(fwdbwd, 1, args.iters)
+            ms[name] = timer(fwdbwd_step(layer, x, dy), 1, args.iters)
         rounds.append({**ms, "speedup": ms["stock"] / ms["fluid"]})
     sp = sorted(r["speedup"] for r in rounds)
     return {"rounds": rounds, "speedup_median": sp[len(sp) // 2], "speedup_min": sp[0],

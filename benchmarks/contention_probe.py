@@ -27,10 +27,6 @@ import torch
 import torch.distributed as dist
 
 
-def _median_ms(samples):
-    return statistics.median(samples)
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -99,7 +95,7 @@ def main():
                 samples["a2a_ov"].append(c2[0].elapsed_time(c2[1]))
                 samples["gemm_ov"].append(g2[0].elapsed_time(g2[1]))
                 samples["both"].append(max(c2[0].elapsed_time(c2[1]), c2[0].elapsed_time(g2[1])))
-        med = {k: _median_ms(v) for k, v in samples.items()}
+        med = {k: statistics.median(v) for k, v in samples.items()}
         res.update(
             gemm_ms=med["gemm"], a2a_ms=med["a2a"], both_ms=med["both"],
             gemm_overlapped_ms=med["gemm_ov"], a2a_overlapped_ms=med["a2a_ov"],

@@ -122,7 +122,7 @@ def main():
         set_dedup(fluid, False)
         set_num_chunks(fluid, chunks)
         set_dedup(fluid, dedup)
-        chunks = f"{chunks}{' dedup' if dedup else ''}"  # the label of this setting's lines
+        setting = f"chunks={chunks}{' dedup' if dedup else ''}"  # the label of this setting's lines
         outs = {}
         for mode in ("on", "off"):
             sched.enable() if mode == "on" else sched.disable()
@@ -132,17 +132,17 @@ def main():
         named = fluid_grads_in_stock_names(grads, fluid.num_local_experts) if cuda else grads
         for what, a, b in (("output", out, ref[0]), ("dX", dx, ref[1])):
             e = rel_err(a, b)
-            results.append((f"chunks={chunks} {what}", "PASS" if e <= REL_TOL else "FAIL", e))
+            results.append((f"{setting} {what}", "PASS" if e <= REL_TOL else "FAIL", e))
         missing = set(ref_grads) ^ set(named)
-        results.append((f"chunks={chunks} same parameter set", "FAIL" if missing else "PASS",
+        results.append((f"{setting} same parameter set", "FAIL" if missing else "PASS",
                         sorted(missing)))
         for n in sorted(set(ref_grads) & set(named)):
             e = rel_err(named[n], ref_grads[n])
-            results.append((f"chunks={chunks} grad {n}", "PASS" if e <= REL_TOL else "FAIL", e))
+            results.append((f"{setting} grad {n}", "PASS" if e <= REL_TOL else "FAIL", e))
         off = outs["off"]
         same = torch.equal(out, off[0]) and torch.equal(dx, off[1]) and all(
             torch.equal(grads[n], off[2][n]) for n in grads)
-        results.append((f"chunks={chunks} scheduler on == off (bitwise)",
+        results.append((f"{setting} scheduler on == off (bitwise)",
                         "PASS" if same else "FAIL", None))
 
     failed = [r for r in results if r[1] == "FAIL"]

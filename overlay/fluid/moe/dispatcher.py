@@ -75,6 +75,19 @@ def chunk_of_rows(offset_in_segment: torch.Tensor, segment_len: torch.Tensor, nu
     return torch.div((offset_in_segment + 1) * num_chunks - 1, segment_len, rounding_mode="floor")
 
 
+def segmented_index_add(dst, index, src, counts) -> torch.Tensor:
+    """`dst.index_add_(0, index, src)` one segment of `counts` rows at a time, in order.
+
+    Within a segment the indices are distinct, so no two atomic adds meet and the sum order is
+    fixed (segment 0 first): deterministic on CUDA too. Empty segments are added as well, so `dst`
+    joins the autograd graph (and the collective backward runs) on a rank with no rows."""
+    start = 0
+    for n in counts:
+        dst.index_add_(0, index[start : start + n], src[start : start + n])
+        start += n
+    return dst
+
+
 def check_dedup_settings(config, num_chunks: int) -> None:
     """Deduplicated dispatch is implemented for chunks 1 and dropless routing only."""
     if num_chunks != 1:
@@ -225,8 +238,9 @@ class FluidTokenDispatcher:
         hidden = hidden_states.reshape(-1, hidden_shape[-1])
         T = hidden.shape[0]
         map3 = routing_map.reshape(T, P, G)
+        rank_map = map3.any(dim=2)  # [T, P] token goes to rank
         counts_E = routing_map.sum(dim=0).long()  # [E] rows per expert (full volume)
-        uniq_P = map3.any(dim=2).sum(dim=0).long()  # [P] distinct tokens per destination rank
+        uniq_P = rank_map.sum(dim=0).long()  # [P] distinct tokens per destination rank
         send = torch.cat([counts_E.view(P, G), uniq_P.view(P, 1)], dim=1).reshape(-1)
         recv = send
         if P > 1:
@@ -236,7 +250,7 @@ class FluidTokenDispatcher:
         host = self._pending.get()  # the one sync: the row count sizes the permutation below
         num_send = sum(host[E : E + P])
         # Rows to send: rank-major, tokens ascending within a rank.
-        flat = map3.any(dim=2).T.contiguous().reshape(-1)  # [P*T]
+        flat = rank_map.T.contiguous().reshape(-1)  # [P*T]
         flat_sorted = flat.argsort(descending=True, stable=True)[:num_send]
         token = flat_sorted % T if T else flat_sorted
         dest = torch.div(flat_sorted, T, rounding_mode="floor") if T else flat_sorted
@@ -279,16 +293,9 @@ class FluidTokenDispatcher:
 
     def _dedup_reduce(self, out, plan: DispatchPlan):
         """Expert-major rows `[N, H]` -> one row per received (token, source rank) `[R', H]`: the
-        sum of that token's expert outputs on this rank. One index_add per local expert, whose
-        rows go to distinct received rows, in expert order: deterministic, no colliding atomics."""
+        sum of that token's expert outputs on this rank, local expert by local expert."""
         partial = out.new_zeros((sum(plan.recv_splits[0]), out.shape[1]))
-        start = 0
-        # Empty slices too: the graph must reach the experts (and the collective backward must
-        # run) even on a rank that received nothing.
-        for n in plan.tokens_per_expert[0]:
-            partial.index_add_(0, plan.expand_rows[start : start + n], out[start : start + n])
-            start += n
-        return partial
+        return segmented_index_add(partial, plan.expand_rows, out, plan.tokens_per_expert[0])
 
     def _finish_plan(self) -> DispatchPlan:
         """Turn the host counts into per-chunk splits (waits for the device->host copy once)."""
@@ -391,10 +398,7 @@ class FluidTokenDispatcher:
         hidden = plan.hidden_shape[-1]
         if self.dedup:  # one row per (token, rank): add each rank's rows, rank by rank
             out = rows.new_zeros((plan.num_tokens, hidden))
-            start = 0
-            for n in plan.send_splits[0]:  # empty slices too: keeps the graph (see _dedup_reduce)
-                out.index_add_(0, plan.sorted_indices[start : start + n], rows[start : start + n])
-                start += n
+            segmented_index_add(out, plan.sorted_indices, rows, plan.send_splits[0])
             self.plan = None
             return out.view(plan.hidden_shape)
         out = unpermute(
