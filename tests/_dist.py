@@ -9,6 +9,7 @@ deadlocked collective never hangs CI.
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import socket
 import time
@@ -25,6 +26,9 @@ def _free_port() -> int:
 
 
 def _worker(rank, world_size, port, fn, args):
+    # A worker that dies on a signal (SIGABRT from C++ std::terminate, SIGSEGV) prints every
+    # thread's Python stack to stderr, which pytest shows: where it died, not only that it did.
+    faulthandler.enable(all_threads=True)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     dist.init_process_group(
