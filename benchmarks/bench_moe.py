@@ -11,7 +11,8 @@ tokens per rank, bf16) and variant, medians over --iters after --warmup (CUDA ev
   fwd_ms, fwdbwd_ms, bwd_ms = fwdbwd - fwd; peak_gb = param bytes of the layer + peak allocation
   above the steady state during fwd+bwd; speedup = stock fwdbwd / variant fwdbwd.
 Fluid variants: fluid_{off,on}_c{chunks} (scheduler off/on, forward chunks), fluid_on_c1_loop
-  (per-expert GEMM loop instead of torch._grouped_mm), fluid_on_c1_dedup (deduplicated dispatch).
+  (per-expert GEMM loop instead of torch._grouped_mm), fluid_on_c1_dedup (deduplicated dispatch),
+  and --extra-variants, e.g. fluid_on_c2_sm16 (GEMMs beside an all-to-all leave 16 SMs to NCCL).
 Fluid only:
   dw_ms = fwdbwd (scheduler off) - fwdbwd (scheduler off, expert weights frozen so no expert dW);
   a2a_ms = one all-to-all of the dispatch volume ([tokens*topk, H] bf16, even splits), timed
@@ -21,8 +22,8 @@ Fluid only:
   sched_stats: the BackwardScheduler counters of one extra timed iteration (timing mode).
 stock_repeat: stock measured again after the Fluid variants (both layers stay resident);
   stock_drift = its fwdbwd / the first one's, the run-to-run noise the speedups carry.
-paired (--paired-rounds R > 0, CUDA): R alternating rounds of stock and Fluid (scheduler on, chunks
-  1, grouped GEMM), --iters fwd+bwd each; per-round speedup = stock median / Fluid median, and their
+paired (--paired-rounds R > 0, CUDA): R alternating rounds of stock and Fluid (--paired-variant,
+  default fluid_on_c1; 'best' = the fastest Fluid variant of the run), --iters fwd+bwd each; per-round speedup = stock median / Fluid median, and their
   median and range. Host drift then hits both sides of each ratio alike.
 Writes <out>/bench_moe.json (argv, card, env, results); benchmarks/moe_report.py renders it.
 """
@@ -85,6 +86,32 @@ def bench_layer(layer, x, dy, timer, args, cuda):
     return res
 
 
+def kernel_timeline(layer, x, dy):
+    """GPU timeline of one fwd+bwd (after one warm-up), rank 0's view: every kernel, copy and
+    annotation as [stream, start ms, duration ms, name], start relative to the first. Shows
+    where the compute stream idles while an all-to-all runs (what a kernel-time sum cannot)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    for _ in range(2):
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            with record_function("fwd"):
+                out, _ = layer(x)
+            with record_function("bwd"):
+                out.backward(dy)
+            torch.cuda.synchronize()
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+    rows = []
+    for e in prof.profiler.kineto_results.events():
+        if "cuda" not in str(e.device_type()).lower() and e.name() not in ("fwd", "bwd"):
+            continue
+        rows.append([e.device_resource_id() if "cuda" in str(e.device_type()).lower() else "cpu",
+                     e.start_ns() / 1e6, e.duration_ns() / 1e6, e.name()[:70]])
+    t0 = min(r[1] for r in rows) if rows else 0.0
+    rows = sorted([[r[0], round(r[1] - t0, 4), round(r[2], 4), r[3]] for r in rows], key=lambda r: r[1])
+    return rows
+
+
 def profile_kernels(layer, x, dy, chunks=None, top=25):
     """CUDA time per kernel name for one fwd+bwd (after one warm-up), largest first: where the
     per-chunk cost of forward pipelining goes (Fluid at `chunks`), or, for the stock layer
@@ -117,22 +144,47 @@ def profile_kernels(layer, x, dy, chunks=None, top=25):
             "cpu_self_total_ms": cpu_total}
 
 
-def paired_rounds(stock, fluid, x, dy, timer, args):
-    """Alternate stock and Fluid fwd+bwd for `args.paired_rounds` rounds (see module doc)."""
-    from fluid.moe.testing import set_num_chunks
+def apply_variant(fluid, vname: str) -> bool:
+    """Configure `fluid` for a variant named fluid_{on,off}_c<chunks>[_loop][_dedup][_async][_sm<n>].
+
+    on/off: BackwardScheduler enabled; c<chunks>: forward chunks; _loop: per-expert GEMMs instead
+    of torch._grouped_mm; _dedup: deduplicated dispatch; _async: all-to-alls launched with
+    async_op=True (CommContext.async_launch); _sm<n>: GEMMs beside an all-to-all leave n SMs to
+    NCCL (CommContext.sm_carveout). Returns whether the scheduler is on."""
+    from fluid.moe.testing import set_dedup, set_num_chunks
     from fluid.schedule import get_backward_scheduler
 
-    set_num_chunks(fluid, 1)
-    get_backward_scheduler().enable()
-    os.environ["FLUID_GROUPED_MM"] = "1"
+    parts = vname.split("_")
+    if parts[0] != "fluid" or parts[1] not in ("on", "off") or not parts[2].startswith("c"):
+        raise ValueError(f"bad variant name {vname!r}")
+    opts = parts[3:]
+    sm = [int(o[2:]) for o in opts if o.startswith("sm")]
+    unknown = [o for o in opts if o not in ("loop", "dedup", "async") and not o.startswith("sm")]
+    if unknown:
+        raise ValueError(f"bad variant option(s) {unknown} in {vname!r}")
+    set_dedup(fluid, False)
+    set_num_chunks(fluid, int(parts[2][1:]))
+    set_dedup(fluid, "dedup" in opts)
+    fluid.comm.sm_carveout = sm[0] if sm else 0
+    fluid.comm.async_launch = "async" in opts
+    os.environ["FLUID_GROUPED_MM"] = "0" if "loop" in opts else "1"
+    sched = get_backward_scheduler()
+    sched.enable() if parts[1] == "on" else sched.disable()
+    return parts[1] == "on"
+
+
+def paired_rounds(stock, fluid, x, dy, timer, args, variant):
+    """Alternate stock and Fluid fwd+bwd for `args.paired_rounds` rounds (see module doc)."""
+    apply_variant(fluid, variant)
     rounds = []
     for _ in range(args.paired_rounds):
         ms = {}
         for name, layer in (("stock", stock), ("fluid", fluid)):
             ms[name] = timer(fwdbwd_step(layer, x, dy), 1, args.iters)
         rounds.append({**ms, "speedup": ms["stock"] / ms["fluid"]})
+    apply_variant(fluid, "fluid_on_c1")
     sp = sorted(r["speedup"] for r in rounds)
-    return {"rounds": rounds, "speedup_median": sp[len(sp) // 2], "speedup_min": sp[0],
+    return {"variant": variant, "rounds": rounds, "speedup_median": sp[len(sp) // 2], "speedup_min": sp[0],
             "speedup_max": sp[-1]}
 
 
@@ -143,7 +195,7 @@ def a2a_alone(rows, hidden, dtype, device, timer, args):
 
 
 def run_config(name, shape, args, cuda, device, pg, ws):
-    from fluid.moe.testing import moe_config, set_dedup, set_num_chunks, stock_and_fluid
+    from fluid.moe.testing import moe_config, set_num_chunks, stock_and_fluid
     from fluid.schedule import get_backward_scheduler
 
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -161,15 +213,12 @@ def run_config(name, shape, args, cuda, device, pg, ws):
         if args.profile:
             out["kernel_profile_stock"] = profile_kernels(stock, x, dy)
 
-    variants = [("fluid_off_c1", False, 1)] + [(f"fluid_on_c{c}", True, c) for c in (1, 2, 4)]
-    variants.append(("fluid_on_c1_loop", True, 1))  # per-expert cuBLAS GEMMs instead of grouped
-    variants.append(("fluid_on_c1_dedup", True, 1))  # one row per (token, destination rank)
-    for vname, on, chunks in variants:
-        set_dedup(fluid, False)
-        set_num_chunks(fluid, chunks)
-        set_dedup(fluid, vname.endswith("_dedup"))
-        sched.enable() if on else sched.disable()
-        os.environ["FLUID_GROUPED_MM"] = "0" if vname.endswith("_loop") else "1"
+    variants = ["fluid_off_c1", "fluid_on_c1", "fluid_on_c2", "fluid_on_c4",
+                "fluid_on_c1_loop",  # per-expert cuBLAS GEMMs instead of grouped
+                "fluid_on_c1_dedup"]  # one row per (token, destination rank)
+    variants += [v for v in args.extra_variants.split(",") if v and v not in variants]
+    for vname in variants:
+        on = apply_variant(fluid, vname)
         res = bench_layer(fluid, x, dy, timer, args, cuda)
         if on:  # one extra iteration with scheduler timing for its counters
             sched.timing = True
@@ -181,15 +230,22 @@ def run_config(name, shape, args, cuda, device, pg, ws):
             fluid.zero_grad(set_to_none=True)
             x.grad = None
         out["variants"][vname] = res
-    set_dedup(fluid, False)
-    sched.enable()
+        if cuda and vname in args.trace.split(","):
+            out.setdefault("timeline", {})[vname] = kernel_timeline(fluid, x, dy)
+    if cuda and "stock" in args.trace.split(","):
+        out.setdefault("timeline", {})["stock"] = kernel_timeline(stock, x, dy)
+    apply_variant(fluid, "fluid_on_c1")
     if cuda:  # stock again after the Fluid variants: how much the host drifted meanwhile
         out["variants"]["stock_repeat"] = bench_layer(stock, x, dy, timer, args, cuda)
         out["stock_drift"] = (
             out["variants"]["stock_repeat"]["fwdbwd_ms"] / out["variants"]["stock"]["fwdbwd_ms"]
         )
     if cuda and args.paired_rounds > 0:
-        out["paired"] = paired_rounds(stock, fluid, x, dy, timer, args)
+        pv = args.paired_variant
+        if pv == "best":  # the fastest Fluid variant of this run, re-measured against stock
+            pv = min((v for v in out["variants"] if v.startswith("fluid")),
+                     key=lambda v: out["variants"][v]["fwdbwd_ms"])
+        out["paired"] = paired_rounds(stock, fluid, x, dy, timer, args, pv)
     del stock
     if cuda:
         torch.cuda.empty_cache()
@@ -236,6 +292,13 @@ def main():
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--paired-rounds", type=int, default=0,
                    help="R alternating stock/Fluid rounds for a drift-robust speedup (CUDA)")
+    p.add_argument("--paired-variant", default="fluid_on_c1",
+                   help="the Fluid variant of the paired rounds (see apply_variant), or 'best': "
+                        "the fastest Fluid variant of this run")
+    p.add_argument("--extra-variants", default="",
+                   help="more Fluid variants, comma-separated, e.g. fluid_on_c2_sm16 (see apply_variant)")
+    p.add_argument("--trace", default="",
+                   help="variants (or 'stock') whose GPU timeline of one fwd+bwd goes in the JSON")
     p.add_argument("--profile", action="store_true",
                    help="also record the top CUDA kernels of one fwd+bwd at chunks 1 and 2")
     args = p.parse_args()

@@ -14,6 +14,9 @@
 #   bash benchmarks/run_gpu.sh s4 OUT           # after the dW hand-over fix (session 4)
 #   bash benchmarks/run_gpu.sh next-e OUT       # NOT YET RUN: MoE layers with dedup, paired rounds, GPU parity
 #   bash benchmarks/run_gpu.sh next-f OUT       # NOT YET RUN: GEMM/all-to-all contention probe, NCCL settings
+#   bash benchmarks/run_gpu.sh s5c OUT          # GPU timelines, Mixtral-like, P2P off chunks 1/2 and NVLink
+#   bash benchmarks/run_gpu.sh s5b OUT          # probe launch modes; MoE layers with async all-to-alls
+#   bash benchmarks/run_gpu.sh s5a OUT          # probe with SM carve-outs; MoE layers with carve-out/dedup; parity
 #   bash benchmarks/run_gpu.sh compat OUT       # NVLink attention; DDP overlap, distributed optimizer,
 #                                               # recompute, optimizer checkpoint resume, CP=4 x EP=4
 # Needs the carried .whl/ and .megatron/ (tools/stage_gpu.sh).
@@ -118,6 +121,52 @@ case "$what" in
       tag=${cfg%%:*}; envs=${cfg#*:}
       env $envs timeout 60 $tr benchmarks/contention_probe.py --out "$out/contention" --tag "$tag" 2>&1 | grep '"tag"' | cut -c1-400
     done
+    ;;
+  s5a)
+    # Session 5: the persistent-GEMM hypothesis. Contention probe (dense, grouped fwd and grouped
+    # dW GEMMs beside an all-to-all, SM carve-outs 0-32) on both links, then the MoE layers with
+    # carve-out variants (CommContext.sm_carveout) and dedup, paired rounds, and GPU parity.
+    for cfg in "p2poff:NCCL_P2P_DISABLE=1" "nvlink:"; do
+      tag=${cfg%%:*}; envs=${cfg#*:}
+      env $envs timeout 90 $tr benchmarks/contention_probe.py --out "$out/contention" --tag "$tag" \
+        --carveouts 0,8,16,24,32 2>&1 | grep '^\[probe'
+    done
+    NCCL_P2P_DISABLE=1 timeout 150 $tr benchmarks/bench_moe.py --out "$out/moe_p2poff" --iters 20 \
+      --extra-variants fluid_on_c1_sm16,fluid_on_c2_sm16,fluid_on_c4_sm16,fluid_on_c1_sm32,fluid_on_c2_sm32,fluid_on_c4_sm32,fluid_on_c1_dedup_sm16 \
+      --paired-rounds 3 --paired-variant fluid_on_c2_sm16 2>&1 | grep -v Warning | tail -1
+    timeout 120 $tr benchmarks/bench_moe.py --out "$out/moe_nvlink" --iters 20 \
+      --extra-variants fluid_on_c2_sm16,fluid_on_c2_sm32,fluid_on_c1_dedup_sm16 \
+      --paired-rounds 3 2>&1 | grep -v Warning | tail -1
+    timeout 150 python3 -m pytest -q -s tests/gpu/test_moe_parity.py > "$out/moe_parity.txt" 2>&1
+    grep -E "\] (PASS|FAIL) \(|passed|failed" "$out/moe_parity.txt" | tail -8
+    ;;
+  s5b)
+    # Session 5, call 2: s5a's probe showed every GEMM starting only after the all-to-all
+    # (hidden ~0.03, any carve-out). Which launch mode lets them run together? Then the MoE
+    # layers with async-launched all-to-alls (CommContext.async_launch), paired rounds on the best.
+    for cfg in "p2poff:NCCL_P2P_DISABLE=1" "nvlink:"; do
+      tag=${cfg%%:*}; envs=${cfg#*:}
+      env $envs timeout 100 $tr benchmarks/contention_probe.py --out "$out/contention" --tag "$tag" \
+        --carveouts 0,16 --iters 10 2>&1 | grep '^\[probe'
+    done
+    NCCL_P2P_DISABLE=1 CUDA_DEVICE_MAX_CONNECTIONS=8 timeout 60 $tr benchmarks/contention_probe.py \
+      --out "$out/contention" --tag p2poff_cdmc8 --carveouts 0 --iters 10 --modes sync,async 2>&1 | grep '^\[probe'
+    NCCL_P2P_DISABLE=1 timeout 150 $tr benchmarks/bench_moe.py --out "$out/moe_p2poff" --iters 20 \
+      --extra-variants fluid_on_c1_async,fluid_on_c2_async,fluid_on_c4_async,fluid_on_c2_async_sm16,fluid_on_c4_async_sm16,fluid_on_c1_dedup_async,fluid_on_c1_loop_async \
+      --paired-rounds 3 --paired-variant best 2>&1 | grep -v Warning | tail -1
+    timeout 120 $tr benchmarks/bench_moe.py --out "$out/moe_nvlink" --iters 20 \
+      --extra-variants fluid_on_c1_async,fluid_on_c2_async,fluid_on_c1_loop_async \
+      --paired-rounds 3 --paired-variant best 2>&1 | grep -v Warning | tail -1
+    ;;
+  s5c)
+    # Session 5, call 3: GPU timelines (bench_moe --trace) of the Mixtral-like layer: P2P off with
+    # 1 and 2 chunks under a 16-SM carve-out (why the forward pipeline still does not pay), and
+    # NVLink stock vs Fluid (where Fluid's few percent go).
+    NCCL_P2P_DISABLE=1 timeout 150 $tr benchmarks/bench_moe.py --out "$out/moe_p2poff" --iters 20 \
+      --configs mixtral --extra-variants fluid_on_c1_sm16,fluid_on_c2_sm16,fluid_on_c2_sm24 \
+      --trace fluid_on_c1_sm16,fluid_on_c2_sm16,stock 2>&1 | grep -v Warning | tail -1
+    timeout 120 $tr benchmarks/bench_moe.py --out "$out/moe_nvlink" --iters 20 --configs mixtral \
+      --trace fluid_on_c1,stock 2>&1 | grep -v Warning | tail -1
     ;;
   next-b)
     # Prepared for the next session (not yet run): e2e over NVLink with the inline rule, the

@@ -21,6 +21,7 @@ Event protocol on CUDA, for one all-to-all:
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from typing import Optional
@@ -49,6 +50,17 @@ def _link_is_slow(group) -> bool:
     return False
 
 
+@contextlib.contextmanager
+def sm_carveout(n: int):
+    """GEMMs launched inside leave `n` SMs free (see CommContext.beside_comm); restores on exit."""
+    prev = torch._C._get_sm_carveout_experimental()
+    torch._C._set_sm_carveout_experimental(n)
+    try:
+        yield
+    finally:
+        torch._C._set_sm_carveout_experimental(prev)
+
+
 @dataclass
 class CommHandle:
     """An all-to-all in flight. `wait()` once; later calls are no-ops.
@@ -59,8 +71,9 @@ class CommHandle:
     """
 
     nbytes: int
-    work: Optional[object] = None  # gloo work object
+    work: Optional[object] = None  # gloo, or NCCL with async launch: c10d Work
     done: Optional[torch.cuda.Event] = None  # CUDA: recorded on the comm stream
+    cuda: bool = False
     start_event: Optional[torch.cuda.Event] = None  # CUDA timing only
     tensors: tuple = ()
     waited: bool = False
@@ -69,7 +82,7 @@ class CommHandle:
         if self.waited:
             return
         if self.work is not None:
-            self.work.wait()
+            self.work.wait()  # NCCL: the current stream waits (no host block); gloo: blocks
         if self.done is not None:
             torch.cuda.current_stream().wait_event(self.done)
         self.tensors = ()
@@ -93,11 +106,18 @@ class CommContext:
             see `_link_is_slow`), "always" or "never". Default from env FLUID_OVERLAP.
         min_window_bytes: all-to-alls sending fewer bytes than this leave the dW queue alone
             (env FLUID_MIN_WINDOW_BYTES; default 1 MiB on NCCL, 0 on gloo).
+        sm_carveout: SMs that GEMMs issued beside this group's all-to-alls leave free for NCCL
+            (env FLUID_SM_CARVEOUT; default 0 = off); see `beside_comm`.
+        async_launch: NCCL only: launch with `async_op=True` (ProcessGroupNCCL's own stream) and
+            join at `wait()` through the c10d Work, instead of a synchronous collective on the
+            context's stream (env FLUID_A2A_ASYNC; default off).
     """
 
     group: object
     overlap: str = field(default_factory=lambda: os.environ.get("FLUID_OVERLAP", "auto"))
     min_window_bytes: Optional[int] = None
+    sm_carveout: Optional[int] = None
+    async_launch: Optional[bool] = None
     stream: Optional[torch.cuda.Stream] = None
     _slow_link: Optional[bool] = None
 
@@ -116,6 +136,12 @@ class CommContext:
             # comes just before the token all-to-all in backward and took the whole expert dW
             # into a 0.13 ms window, leaving the 1.76 ms token window empty. gloo: no minimum.
             self.min_window_bytes = int(env) if env else (1 << 20 if self.is_nccl else 0)
+        if self.sm_carveout is None:
+            self.sm_carveout = int(os.environ.get("FLUID_SM_CARVEOUT", "0") or 0)
+        if self.async_launch is None:
+            self.async_launch = os.environ.get("FLUID_A2A_ASYNC", "0") not in ("", "0")
+        if self.sm_carveout < 0:
+            raise ValueError(f"FLUID_SM_CARVEOUT must be >= 0, not {self.sm_carveout}")
         from fluid.schedule.scheduler import get_backward_scheduler
 
         get_backward_scheduler().register_comm(self)  # its policy gates deferral (overlap_possible)
@@ -136,6 +162,21 @@ class CommContext:
         if self._slow_link is None:
             self._slow_link = _link_is_slow(self.group)
         return self._slow_link
+
+    def beside_comm(self):
+        """Context for compute issued while one of this group's all-to-alls is in flight.
+
+        Hopper GEMMs are persistent kernels: `torch._grouped_mm` (CUTLASS) and cuBLASLt launch
+        one thread block per SM and give each block a fixed share of the tiles. Beside a running
+        NCCL kernel, the blocks that find their SM taken start only when NCCL ends, and the GEMM
+        ends that much later: it runs after the all-to-all instead of beside it. With
+        `sm_carveout` = n > 0 the GEMMs launched inside size their grid to (SMs - n) through
+        PyTorch's `torch._C._set_sm_carveout_experimental`, so every block starts at once. n = 0
+        (default) or a CPU group: no change. The previous setting is restored on exit.
+        """
+        if not self.sm_carveout or not self.is_nccl:
+            return contextlib.nullcontext()
+        return sm_carveout(self.sm_carveout)
 
     def all_to_all_single(
         self,
@@ -161,7 +202,19 @@ class CommContext:
             if timing:
                 start = torch.cuda.Event(enable_timing=True)
                 start.record()
-            dist.all_to_all_single(output, input, output_splits, input_splits, group=self.group)
-            done = torch.cuda.Event(enable_timing=timing)
-            done.record()
-        return CommHandle(nbytes, done=done, start_event=start, tensors=(input, output))
+            work = done = None
+            if self.async_launch:
+                work = dist.all_to_all_single(
+                    output, input, output_splits, input_splits, group=self.group, async_op=True
+                )
+                if timing:  # an end event needs the join here: timing mode loses the overlap
+                    work.wait()
+                    work = None
+            else:
+                dist.all_to_all_single(output, input, output_splits, input_splits, group=self.group)
+            if work is None:
+                done = torch.cuda.Event(enable_timing=timing)
+                done.record()
+        return CommHandle(
+            nbytes, work=work, done=done, cuda=True, start_event=start, tensors=(input, output)
+        )

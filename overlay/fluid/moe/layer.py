@@ -28,6 +28,7 @@ routed_experts_compute, combine, postprocess) work with num_chunks = 1; that sch
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Optional
 
@@ -220,7 +221,12 @@ class FluidMoELayer(MoELayer):
         probs, routing_map = self.route(hidden_states, padding_mask)
         rows, row_probs = disp.dispatch_preprocess(hidden_states, routing_map, probs)
         inflight = disp.launch_dispatch(rows, row_probs)
-        shared = self.shared_experts(hidden_states) if self.use_shared_expert else None
+        shared = None
+        if self.use_shared_expert:  # beside the dispatch all-to-all
+            with self.comm.beside_comm():
+                shared = self.shared_experts(hidden_states)
+        # With C > 1 another chunk's all-to-all is in flight during every chunk's experts.
+        beside = self.comm.beside_comm if len(inflight) > 1 else contextlib.nullcontext
 
         combines = []
         for c in range(len(inflight)):
@@ -233,7 +239,8 @@ class FluidMoELayer(MoELayer):
             tokens, tokens_per_expert, tok_probs, offs = disp.dispatch_postprocess(
                 tokens, tok_probs, c
             )
-            out, _ = self.experts(tokens, tokens_per_expert, tok_probs, offs)
+            with beside():
+                out, _ = self.experts(tokens, tokens_per_expert, tok_probs, offs)
             del tokens
             combines.append(disp.launch_combine(disp.combine_preprocess(out, c), c))
         outs = []

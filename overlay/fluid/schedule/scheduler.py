@@ -164,14 +164,15 @@ class BackwardScheduler:
         skip = bool(self._queue) and handle.nbytes < comm.min_window_bytes
         self._stats["skipped_windows"] += skip
         overlap = bool(self._queue) and not skip and self.enabled and comm.should_overlap()
-        cuda = handle.done is not None
+        cuda = handle.cuda
         dw_start = dw_end = end = None
         if overlap:
             self._stats["overlapped_windows"] += 1
             if self.timing:
                 dw_start = self._mark(cuda)
             try:
-                self._drain(kind="overlapped")
+                with comm.beside_comm():
+                    self._drain(kind="overlapped")
             except BaseException:
                 handle.wait()  # never leave a collective in flight behind an exception
                 raise
