@@ -145,12 +145,12 @@ def profile_kernels(layer, x, dy, chunks=None, top=25):
 
 
 def apply_variant(fluid, vname: str) -> bool:
-    """Configure `fluid` for a variant named fluid_{on,off}_c<chunks>[_loop][_dedup][_async][_sm<n>].
+    """Configure `fluid` for a variant named fluid_{on,off}_c<chunks>[_loop][_dedup][_sm<n>].
 
     on/off: BackwardScheduler enabled; c<chunks>: forward chunks; _loop: per-expert GEMMs instead
-    of torch._grouped_mm; _dedup: deduplicated dispatch; _async: all-to-alls launched with
-    async_op=True (CommContext.async_launch); _sm<n>: GEMMs beside an all-to-all leave n SMs to
-    NCCL (CommContext.sm_carveout). Returns whether the scheduler is on."""
+    of torch._grouped_mm; _dedup: deduplicated dispatch; _sm<n>: GEMMs beside an all-to-all leave
+    n SMs to NCCL (CommContext.sm_carveout; without it the default, "auto"). Returns whether the
+    scheduler is on."""
     from fluid.moe.testing import set_dedup, set_num_chunks
     from fluid.schedule import get_backward_scheduler
 
@@ -159,14 +159,13 @@ def apply_variant(fluid, vname: str) -> bool:
         raise ValueError(f"bad variant name {vname!r}")
     opts = parts[3:]
     sm = [int(o[2:]) for o in opts if o.startswith("sm")]
-    unknown = [o for o in opts if o not in ("loop", "dedup", "async") and not o.startswith("sm")]
+    unknown = [o for o in opts if o not in ("loop", "dedup") and not o.startswith("sm")]
     if unknown:
         raise ValueError(f"bad variant option(s) {unknown} in {vname!r}")
     set_dedup(fluid, False)
     set_num_chunks(fluid, int(parts[2][1:]))
     set_dedup(fluid, "dedup" in opts)
-    fluid.comm.sm_carveout = sm[0] if sm else 0
-    fluid.comm.async_launch = "async" in opts
+    fluid.comm.sm_carveout = sm[0] if sm else "auto"
     os.environ["FLUID_GROUPED_MM"] = "0" if "loop" in opts else "1"
     sched = get_backward_scheduler()
     sched.enable() if parts[1] == "on" else sched.disable()

@@ -14,6 +14,8 @@
 #   bash benchmarks/run_gpu.sh s4 OUT           # after the dW hand-over fix (session 4)
 #   bash benchmarks/run_gpu.sh next-e OUT       # NOT YET RUN: MoE layers with dedup, paired rounds, GPU parity
 #   bash benchmarks/run_gpu.sh next-f OUT       # NOT YET RUN: GEMM/all-to-all contention probe, NCCL settings
+#   bash benchmarks/run_gpu.sh s5e OUT          # MoE layers with the session-5 defaults, both links; parity
+#   bash benchmarks/run_gpu.sh s5d OUT          # pipeline-ordered chunk launches, carve-out auto; sweep
 #   bash benchmarks/run_gpu.sh s5c OUT          # GPU timelines, Mixtral-like, P2P off chunks 1/2 and NVLink
 #   bash benchmarks/run_gpu.sh s5b OUT          # probe launch modes; MoE layers with async all-to-alls
 #   bash benchmarks/run_gpu.sh s5a OUT          # probe with SM carve-outs; MoE layers with carve-out/dedup; parity
@@ -25,7 +27,7 @@ what=$1; out=$2
 cd "$(dirname "$0")/.."
 source benchmarks/gpu_env.sh
 mkdir -p "$out"
-tr="python3 -m torch.distributed.run --standalone --nproc-per-node 4"
+tr="python3 -m torch.distributed.run --standalone --nproc-per-node ${NPROC:-4}"  # NPROC=2 on a 2-GPU host
 case "$what" in
   layers)
     timeout 200 $tr benchmarks/bench_moe.py --out "$out/moe_nvlink" 2>&1 | tail -25
@@ -167,6 +169,28 @@ case "$what" in
       --trace fluid_on_c1_sm16,fluid_on_c2_sm16,stock 2>&1 | grep -v Warning | tail -1
     timeout 120 $tr benchmarks/bench_moe.py --out "$out/moe_nvlink" --iters 20 --configs mixtral \
       --trace fluid_on_c1,stock 2>&1 | grep -v Warning | tail -1
+    ;;
+  s5d)
+    # Session 5, call 4: forward chunks launched in pipeline order (FluidMoELayer.forward) and
+    # the carve-out default ("auto" = 16 SMs over a slow link); carve-out sweep of the probe.
+    NCCL_P2P_DISABLE=1 timeout 80 $tr benchmarks/contention_probe.py --out "$out/contention" --tag p2poff \
+      --carveouts 0,4,8,12,16,24 --iters 10 --modes sync 2>&1 | grep '^\[probe'
+    NCCL_P2P_DISABLE=1 timeout 150 $tr benchmarks/bench_moe.py --out "$out/moe_p2poff" --iters 20 \
+      --extra-variants fluid_on_c1_sm0,fluid_on_c2_sm0,fluid_on_c2_sm8,fluid_on_c4_sm8 \
+      --trace fluid_on_c2 --paired-rounds 3 --paired-variant best 2>&1 | grep -v Warning | tail -1
+    timeout 120 $tr benchmarks/bench_moe.py --out "$out/moe_nvlink" --iters 20 \
+      --paired-rounds 3 --paired-variant best 2>&1 | grep -v Warning | tail -1
+    ;;
+  s5e)
+    # Session 5, final: the MoE layers with the session-5 defaults (carve-out auto, dedup auto,
+    # pipeline-ordered chunk launches), both links, paired rounds on the best; GPU parity.
+    NCCL_P2P_DISABLE=1 timeout 170 $tr benchmarks/bench_moe.py --out "$out/moe_p2poff" --iters 20 \
+      --extra-variants fluid_on_c1_sm0 --trace fluid_on_c1 --paired-rounds 3 --paired-variant best \
+      > "$out/moe_p2poff.log" 2>&1; tail -c 300 "$out/moe_p2poff.log"
+    timeout 170 $tr benchmarks/bench_moe.py --out "$out/moe_nvlink" --iters 20 \
+      --paired-rounds 3 --paired-variant best > "$out/moe_nvlink.log" 2>&1; tail -c 300 "$out/moe_nvlink.log"
+    timeout 150 python3 -m pytest -q -s tests/gpu/test_moe_parity.py > "$out/moe_parity.txt" 2>&1
+    grep -E "\] (PASS|FAIL) \(|passed|failed" "$out/moe_parity.txt" | tail -8
     ;;
   next-b)
     # Prepared for the next session (not yet run): e2e over NVLink with the inline rule, the

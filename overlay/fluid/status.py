@@ -70,6 +70,15 @@ def status() -> dict:
             "defers_dw": sched.enabled and sched.overlap_possible(),
             "comm_groups": sched.num_comms,
             "CUDA_DEVICE_MAX_CONNECTIONS": os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS"),
+            # GEMMs beside an all-to-all leave SMs to NCCL (CommContext.beside_comm); auto =
+            # 16 over a slow link, 0 otherwise.
+            "sm_carveout": os.environ.get("FLUID_SM_CARVEOUT") or "auto",
+        },
+        # MoE layer knobs (env defaults; a TransformerConfig field overrides): deduplicated
+        # all-to-alls (auto: slow link and top-k > 2) and forward chunks.
+        "moe": {
+            "dedup": os.environ.get("FLUID_MOE_DEDUP") or "auto",
+            "chunks": int(os.environ.get("FLUID_MOE_CHUNKS") or 1),
         },
         # SDPA's flash and cuDNN backward accumulate dQ with atomics unless deterministic
         # algorithms are on (Megatron --deterministic-mode); measured in benchmarks/determinism_probe.py.
@@ -95,7 +104,9 @@ def print_status() -> dict:
         f" CUDA_DEVICE_MAX_CONNECTIONS={sc['CUDA_DEVICE_MAX_CONNECTIONS']}"
     )
     print(f"  dW deferral  : {'on' if sc['defers_dw'] else 'off (inline)'}"
-          f" ({sc['comm_groups']} communication group(s) built so far)")
+          f" ({sc['comm_groups']} communication group(s) built so far),"
+          f" SM carve-out beside all-to-alls={sc['sm_carveout']}")
+    print(f"  MoE          : dedup={s['moe']['dedup']} chunks={s['moe']['chunks']}")
     det = s["deterministic_algorithms"]
     print("  reproducible : " + ("bitwise (deterministic algorithms on)" if det else
           "not bitwise on GPU (SDPA flash/cuDNN dQ uses atomics); add --deterministic-mode"))

@@ -35,6 +35,7 @@ def _body(rank, world):
     sched.enable()
     printed = fluid.print_status()
     assert printed["scheduler"]["comm_groups"] == 1
+    assert printed["scheduler"]["sm_carveout"] == "auto" and printed["moe"]["dedup"] == "auto"
     import torch
 
     assert printed["deterministic_algorithms"] is False

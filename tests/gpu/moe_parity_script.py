@@ -1,4 +1,4 @@
-"""Tier: gpu (torchrun script). Stock MoELayer vs FluidMoELayer with the same weights, bf16, EP=4.
+"""Tier: gpu (torchrun script). Stock MoELayer vs FluidMoELayer with the same weights, bf16, EP = world size (4; 2 on a 2-GPU host).
 
     CUDA_DEVICE_MAX_CONNECTIONS=1 NCCL_NVLS_ENABLE=0 \
         torchrun --nproc-per-node 4 tests/gpu/moe_parity_script.py --out /tmp/moe_parity

@@ -31,8 +31,10 @@ def _as_list(splits) -> Optional[list[int]]:
     return [int(s) for s in splits]
 
 
-def _launch(comm: CommContext, x: torch.Tensor, output_splits, input_splits, timing=False):
-    x = x.contiguous()
+def _launch(comm: CommContext, x: torch.Tensor, output_splits, input_splits, timing=False,
+            ready=None):
+    if not x.is_contiguous():
+        x, ready = x.contiguous(), None  # the copy is queued now: an earlier event would not cover it
     if output_splits is None:
         if x.shape[0] % comm.size:
             raise ValueError(f"equal-split all-to-all needs dim 0 ({x.shape[0]}) % {comm.size} == 0")
@@ -40,16 +42,16 @@ def _launch(comm: CommContext, x: torch.Tensor, output_splits, input_splits, tim
     else:
         out_rows = sum(output_splits)
     out = x.new_empty((out_rows, *x.shape[1:]))
-    handle = comm.all_to_all_single(out, x, output_splits, input_splits, timing=timing)
+    handle = comm.all_to_all_single(out, x, output_splits, input_splits, timing=timing, ready=ready)
     return out, handle
 
 
 class _AllToAll(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, comm, x, output_splits, input_splits, async_op, handle_box):
+    def forward(ctx, comm, x, output_splits, input_splits, async_op, handle_box, ready):
         ctx.comm = comm
         ctx.output_splits, ctx.input_splits = output_splits, input_splits
-        out, handle = _launch(comm, x, output_splits, input_splits)
+        out, handle = _launch(comm, x, output_splits, input_splits, ready=ready)
         if async_op:
             handle_box.append(handle)
         else:
@@ -65,7 +67,7 @@ class _AllToAll(torch.autograd.Function):
             ctx.comm, grad_out, ctx.input_splits, ctx.output_splits, timing=sched.timing
         )
         sched.run_while(handle, ctx.comm)
-        return None, grad_in, None, None, None, None
+        return None, grad_in, None, None, None, None, None
 
 
 def fluid_all_to_all(
@@ -75,6 +77,7 @@ def fluid_all_to_all(
     input_splits: Optional[Sequence[int]] = None,
     *,
     async_op: bool = False,
+    ready: Optional[torch.cuda.Event] = None,
 ):
     """All-to-all over `comm.group` along dim 0.
 
@@ -85,6 +88,10 @@ def fluid_all_to_all(
             a CPU tensor), or None for equal splits.
         async_op: return `(output, handle)` without waiting; the output must not be read before
             `handle.wait()`.
+        ready: CUDA only: an event recorded on the compute stream after `x` was written. Without
+            it one is recorded at the call, so the collective also waits for all compute queued
+            before the call. Pass it to launch an all-to-all of an early input after later
+            compute was queued (see CommContext.all_to_all_single).
 
     Returns:
         `output` `[sum(output_splits), ...]`, or `(output, handle)` with `async_op=True`.
@@ -93,7 +100,9 @@ def fluid_all_to_all(
         out = x
         return (out, CommHandle(0, waited=True)) if async_op else out
     box: list[CommHandle] = []
-    out = _AllToAll.apply(comm, x, _as_list(output_splits), _as_list(input_splits), async_op, box)
+    out = _AllToAll.apply(
+        comm, x, _as_list(output_splits), _as_list(input_splits), async_op, box, ready
+    )
     if async_op:
         return out, box[0]
     return out

@@ -50,6 +50,12 @@ def _link_is_slow(group) -> bool:
     return False
 
 
+# SMs left to NCCL by GEMMs beside an all-to-all over a slow link. Measured on H200 (132 SMs),
+# P2P off, 64 MiB all-to-all (docs/benchmarks/raw/s5b, contention_probe): torch._grouped_mm
+# hides it at 0.07-0.11 with no carve-out and 0.92-0.94 with 16, at +8% GEMM time alone.
+AUTO_SM_CARVEOUT = 16
+
+
 @contextlib.contextmanager
 def sm_carveout(n: int):
     """GEMMs launched inside leave `n` SMs free (see CommContext.beside_comm); restores on exit."""
@@ -71,7 +77,7 @@ class CommHandle:
     """
 
     nbytes: int
-    work: Optional[object] = None  # gloo, or NCCL with async launch: c10d Work
+    work: Optional[object] = None  # gloo work object
     done: Optional[torch.cuda.Event] = None  # CUDA: recorded on the comm stream
     cuda: bool = False
     start_event: Optional[torch.cuda.Event] = None  # CUDA timing only
@@ -82,7 +88,7 @@ class CommHandle:
         if self.waited:
             return
         if self.work is not None:
-            self.work.wait()  # NCCL: the current stream waits (no host block); gloo: blocks
+            self.work.wait()
         if self.done is not None:
             torch.cuda.current_stream().wait_event(self.done)
         self.tensors = ()
@@ -107,17 +113,14 @@ class CommContext:
         min_window_bytes: all-to-alls sending fewer bytes than this leave the dW queue alone
             (env FLUID_MIN_WINDOW_BYTES; default 1 MiB on NCCL, 0 on gloo).
         sm_carveout: SMs that GEMMs issued beside this group's all-to-alls leave free for NCCL
-            (env FLUID_SM_CARVEOUT; default 0 = off); see `beside_comm`.
-        async_launch: NCCL only: launch with `async_op=True` (ProcessGroupNCCL's own stream) and
-            join at `wait()` through the c10d Work, instead of a synchronous collective on the
-            context's stream (env FLUID_A2A_ASYNC; default off).
+            (env FLUID_SM_CARVEOUT, an int or "auto"; default auto = AUTO_SM_CARVEOUT where the
+            link is slow (`_link_is_slow`), else 0); see `beside_comm`.
     """
 
     group: object
     overlap: str = field(default_factory=lambda: os.environ.get("FLUID_OVERLAP", "auto"))
     min_window_bytes: Optional[int] = None
-    sm_carveout: Optional[int] = None
-    async_launch: Optional[bool] = None
+    sm_carveout: Optional[int | str] = None
     stream: Optional[torch.cuda.Stream] = None
     _slow_link: Optional[bool] = None
 
@@ -137,11 +140,16 @@ class CommContext:
             # into a 0.13 ms window, leaving the 1.76 ms token window empty. gloo: no minimum.
             self.min_window_bytes = int(env) if env else (1 << 20 if self.is_nccl else 0)
         if self.sm_carveout is None:
-            self.sm_carveout = int(os.environ.get("FLUID_SM_CARVEOUT", "0") or 0)
-        if self.async_launch is None:
-            self.async_launch = os.environ.get("FLUID_A2A_ASYNC", "0") not in ("", "0")
-        if self.sm_carveout < 0:
-            raise ValueError(f"FLUID_SM_CARVEOUT must be >= 0, not {self.sm_carveout}")
+            self.sm_carveout = os.environ.get("FLUID_SM_CARVEOUT", "auto") or "auto"
+        if self.sm_carveout != "auto":
+            try:
+                self.sm_carveout = int(self.sm_carveout)
+            except ValueError:
+                self.sm_carveout = -1
+            if self.sm_carveout < 0:
+                raise ValueError(
+                    f"FLUID_SM_CARVEOUT must be 'auto' or an int >= 0, not {self.sm_carveout!r}"
+                )
         from fluid.schedule.scheduler import get_backward_scheduler
 
         get_backward_scheduler().register_comm(self)  # its policy gates deferral (overlap_possible)
@@ -159,9 +167,7 @@ class CommContext:
             return self.overlap == "always"
         if not self.is_nccl:
             return True  # gloo: the collective runs on its own thread, overlap is free
-        if self._slow_link is None:
-            self._slow_link = _link_is_slow(self.group)
-        return self._slow_link
+        return self.slow_link()
 
     def beside_comm(self):
         """Context for compute issued while one of this group's all-to-alls is in flight.
@@ -172,11 +178,27 @@ class CommContext:
         ends that much later: it runs after the all-to-all instead of beside it. With
         `sm_carveout` = n > 0 the GEMMs launched inside size their grid to (SMs - n) through
         PyTorch's `torch._C._set_sm_carveout_experimental`, so every block starts at once. n = 0
-        (default) or a CPU group: no change. The previous setting is restored on exit.
+        or a CPU group: no change. The previous setting is restored on exit.
         """
-        if not self.sm_carveout or not self.is_nccl:
+        n = self.resolved_sm_carveout()
+        if not n or not self.is_nccl:
             return contextlib.nullcontext()
-        return sm_carveout(self.sm_carveout)
+        return sm_carveout(n)
+
+    def resolved_sm_carveout(self) -> int:
+        """`sm_carveout` with "auto" resolved: AUTO_SM_CARVEOUT over a slow link, else 0."""
+        if self.sm_carveout != "auto":
+            return self.sm_carveout
+        return AUTO_SM_CARVEOUT if self.slow_link() else 0
+
+    def slow_link(self) -> bool:
+        """True for an NCCL group whose all-to-alls leave the node or avoid peer links
+        (`_link_is_slow`); always False for gloo."""
+        if not self.is_nccl:
+            return False
+        if self._slow_link is None:
+            self._slow_link = _link_is_slow(self.group)
+        return self._slow_link
 
     def all_to_all_single(
         self,
@@ -185,8 +207,18 @@ class CommContext:
         output_splits: Optional[list[int]],
         input_splits: Optional[list[int]],
         timing: bool = False,
+        ready: Optional[torch.cuda.Event] = None,
     ) -> CommHandle:
-        """Start `all_to_all_single` (dim 0, uneven splits allowed) and return its handle."""
+        """Start `all_to_all_single` (dim 0, uneven splits allowed) and return its handle.
+
+        `ready`: an event recorded on the compute stream once `input` was written; by default one
+        is recorded now. Launch order matters with CUDA_DEVICE_MAX_CONNECTIONS=1 (one hardware
+        queue for all streams): the queue processes a collective's launch only when what it
+        waits for is done (its `ready` event and the previous collective on this stream), and
+        everything queued after it waits as well. So compute meant to run beside an all-to-all
+        must be queued before the next collective's launch, and a collective whose input was
+        ready long ago should wait on that old event, not on the compute queued since.
+        """
         nbytes = input.numel() * input.element_size()
         if not self.is_nccl:
             work = dist.all_to_all_single(
@@ -194,27 +226,18 @@ class CommContext:
             )
             return CommHandle(nbytes, work=work, tensors=(input, output))
         stream = self.comm_stream()
-        ready = torch.cuda.Event()
-        ready.record()
+        if ready is None:
+            ready = torch.cuda.Event()
+            ready.record()
         start = None
         with torch.cuda.stream(stream):
             stream.wait_event(ready)
             if timing:
                 start = torch.cuda.Event(enable_timing=True)
                 start.record()
-            work = done = None
-            if self.async_launch:
-                work = dist.all_to_all_single(
-                    output, input, output_splits, input_splits, group=self.group, async_op=True
-                )
-                if timing:  # an end event needs the join here: timing mode loses the overlap
-                    work.wait()
-                    work = None
-            else:
-                dist.all_to_all_single(output, input, output_splits, input_splits, group=self.group)
-            if work is None:
-                done = torch.cuda.Event(enable_timing=timing)
-                done.record()
-        return CommHandle(
-            nbytes, work=work, done=done, cuda=True, start_event=start, tensors=(input, output)
-        )
+            # Synchronous on this stream (ProcessGroupNCCL runs it on the current stream); an
+            # async_op=True launch on PG's own stream measured the same (raw/s5b).
+            dist.all_to_all_single(output, input, output_splits, input_splits, group=self.group)
+            done = torch.cuda.Event(enable_timing=timing)
+            done.record()
+        return CommHandle(nbytes, done=done, cuda=True, start_event=start, tensors=(input, output))

@@ -11,8 +11,10 @@ One forward, in order (the stage names are Megatron's MoEAlltoAllTokenDispatcher
      at the first all-to-all, after the permutation kernels were queued. That is the layer's only
      device->host synchronization. Permutation (as megatron.core.transformer.moe.moe_utils.permute,
      unfused): rows expert-major, and with C > 1 chunk-major first (see `chunk_of_rows`).
-  2. `token_dispatch` / `launch_dispatch`: per chunk, one all-to-all of the rows and one of their
-     probs through `fluid_all_to_all` (uneven splits; async, so the caller can compute meanwhile).
+  2. `token_dispatch` / `launch_dispatch` (or `dispatch_chunks` + `launch_dispatch_part`, for the
+     caller that orders launches itself, FluidMoELayer.forward): per chunk, one all-to-all of the
+     rows and one of their probs through `fluid_all_to_all` (uneven splits; async, so the caller
+     can compute meanwhile).
   3. `dispatch_postprocess(tokens, probs, chunk)`: received rows are ordered (source rank, local
      expert); reorder them to (local expert, source rank) so each expert's rows are contiguous.
   4. experts run on the chunk (FluidGroupedMLP).
@@ -322,18 +324,34 @@ class FluidTokenDispatcher:
         return plan
 
     # -- 2. dispatch all-to-all ---------------------------------------------------------------
-    def launch_dispatch(self, permuted, permuted_probs):
-        """Start every chunk's dispatch; returns `[(tokens, probs, handles)]` per chunk."""
+    def dispatch_chunks(self, permuted, permuted_probs):
+        """Per chunk `(rows, probs)` (contiguous views, `[R_c, H]` and `[R_c, ...]`), and an event
+        marking them written (None on CPU): chunks can then be launched in any later order
+        without waiting for the compute queued meanwhile (see `launch_dispatch_part`)."""
         plan = self._finish_plan()
         rows = [sum(s) for s in plan.send_splits]
+        ready = None
+        if permuted.is_cuda:
+            ready = torch.cuda.Event()
+            ready.record()
+        return list(zip(permuted.split(rows), permuted_probs.split(rows))), ready
+
+    def launch_dispatch_part(self, x, chunk: int, ready=None):
+        """Start the dispatch all-to-all of one part (rows or probs) of `chunk`:
+        returns `(received, handle)`."""
+        plan = self.plan
+        return fluid_all_to_all(
+            self.comm, x, plan.recv_splits[chunk], plan.send_splits[chunk], async_op=True,
+            ready=ready,
+        )
+
+    def launch_dispatch(self, permuted, permuted_probs):
+        """Start every chunk's dispatch; returns `[(tokens, probs, handles)]` per chunk."""
+        pieces, ready = self.dispatch_chunks(permuted, permuted_probs)
         inflight = []
-        for c, (x, p) in enumerate(zip(permuted.split(rows), permuted_probs.split(rows))):
-            x_out, hx = fluid_all_to_all(
-                self.comm, x, plan.recv_splits[c], plan.send_splits[c], async_op=True
-            )
-            p_out, hp = fluid_all_to_all(
-                self.comm, p, plan.recv_splits[c], plan.send_splits[c], async_op=True
-            )
+        for c, (x, p) in enumerate(pieces):
+            x_out, hx = self.launch_dispatch_part(x, c, ready)
+            p_out, hp = self.launch_dispatch_part(p, c, ready)
             inflight.append((x_out, p_out, (hx, hp)))
         return inflight
 

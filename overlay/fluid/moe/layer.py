@@ -5,7 +5,7 @@ Shape legend: S sequence, B micro-batch, H hidden; T = S*B local tokens.
 `forward(hidden [S, B, H]) -> (output [S, B, H], None)`, the MoELayer contract. One forward:
   1. route (Megatron's TopKRouter: top-k, score functions, aux losses, z-loss, expert bias,
      capacity-factor token dropping);
-  2. permute and start the dispatch all-to-alls of every chunk (FluidTokenDispatcher, one
+  2. permute and start the dispatch all-to-alls chunk by chunk (FluidTokenDispatcher, one
      device->host sync for the split sizes);
   3. shared experts, while the dispatch all-to-all is in flight;
   4. per chunk c: wait its dispatch, grouped experts (FluidGroupedMLP), start its combine; chunk
@@ -61,13 +61,30 @@ def resolve_num_chunks(config: TransformerConfig, num_chunks: Optional[int] = No
     return int(os.environ.get("FLUID_MOE_CHUNKS", "1") or 1)
 
 
-def resolve_dedup(config: TransformerConfig) -> bool:
+def resolve_dedup(config: TransformerConfig, comm: Optional[CommContext] = None,
+                  num_chunks: int = 1) -> bool:
     """Deduplicated dispatch (a token sent once per destination rank; see dispatcher.py):
-    `config.fluid_moe_dedup_dispatch` if set, else env FLUID_MOE_DEDUP, else off."""
+    `config.fluid_moe_dedup_dispatch` if set, else env FLUID_MOE_DEDUP (on/off/auto), default
+    auto: on where it measured faster, i.e. over a slow link (`comm.slow_link()`: P2P off, between
+    nodes) with top-k > 2 and a setting it supports (chunks 1, no capacity factor). Measured on
+    4x H200, P2P off, 64 experts top-6: 13.8-14.0 vs 15.0-15.2 ms fwd+bwd; over NVLink it is
+    slower (9.5-9.9 vs 7.5 ms), and top-2 of 8 experts gains nothing (raw/s5a, s5b)."""
     value = getattr(config, "fluid_moe_dedup_dispatch", None)
-    if value is not None:
+    if value is None:
+        value = os.environ.get("FLUID_MOE_DEDUP", "auto").strip().lower() or "auto"
+        if value != "auto":
+            if value not in ("1", "true", "on", "yes", "0", "false", "off", "no"):
+                raise ValueError(f"FLUID_MOE_DEDUP must be on, off or auto, not {value!r}")
+            return value in ("1", "true", "on", "yes")
+    if value != "auto":
         return bool(value)
-    return os.environ.get("FLUID_MOE_DEDUP", "0").lower() in ("1", "true", "on", "yes")
+    return (
+        comm is not None
+        and comm.slow_link()
+        and config.moe_router_topk > 2
+        and num_chunks == 1
+        and config.moe_expert_capacity_factor is None
+    )
 
 
 def validate_config(config: TransformerConfig, pg_collection: ProcessGroupCollection) -> None:
@@ -170,7 +187,7 @@ class FluidMoELayer(MoELayer):
         self.num_chunks = resolve_num_chunks(config, num_chunks)
         self.token_dispatcher = FluidTokenDispatcher(
             self.num_local_experts, self.local_expert_indices, config, self.comm, self.num_chunks,
-            dedup=resolve_dedup(config),
+            dedup=resolve_dedup(config, self.comm, self.num_chunks),
         )
         self.experts = FluidGroupedMLP(
             self.num_local_experts,
@@ -220,28 +237,47 @@ class FluidMoELayer(MoELayer):
 
         probs, routing_map = self.route(hidden_states, padding_mask)
         rows, row_probs = disp.dispatch_preprocess(hidden_states, routing_map, probs)
-        inflight = disp.launch_dispatch(rows, row_probs)
+        pieces, ready = disp.dispatch_chunks(rows, row_probs)
+        del rows, row_probs
+        C = len(pieces)
+        sent = [[None, None] for _ in range(C)]  # per chunk: (received, handle) of rows, probs
+
+        def launch(c, part):
+            sent[c][part] = disp.launch_dispatch_part(pieces[c][part], c, ready)
+
+        # Launch order is the pipeline (CommContext.all_to_all_single): with one hardware queue,
+        # a launch is processed only once the previous all-to-all on the stream is done, and
+        # what was queued after it waits too. So the compute meant to overlap an all-to-all is
+        # queued before the next launch, and the small probs all-to-all goes after that compute.
+        launch(0, 0)
         shared = None
-        if self.use_shared_expert:  # beside the dispatch all-to-all
+        if self.use_shared_expert:  # beside chunk 0's rows all-to-all
             with self.comm.beside_comm():
                 shared = self.shared_experts(hidden_states)
+        launch(0, 1)
+        if C > 1:
+            launch(1, 0)
         # With C > 1 another chunk's all-to-all is in flight during every chunk's experts.
-        beside = self.comm.beside_comm if len(inflight) > 1 else contextlib.nullcontext
+        beside = self.comm.beside_comm if C > 1 else contextlib.nullcontext
 
         combines = []
-        for c in range(len(inflight)):
+        for c in range(C):
             # Take the chunk out of the list: the received buffer is freed once sorted by expert
             # (with G > 1 the sort copies), not held to the end of the forward.
-            tokens, tok_probs, handles = inflight[c]
-            inflight[c] = None
-            for h in handles:
-                h.wait()
+            (tokens, h_rows), (tok_probs, h_probs) = sent[c]
+            sent[c] = pieces[c] = None
+            h_rows.wait()
+            h_probs.wait()
             tokens, tokens_per_expert, tok_probs, offs = disp.dispatch_postprocess(
                 tokens, tok_probs, c
             )
             with beside():
                 out, _ = self.experts(tokens, tokens_per_expert, tok_probs, offs)
             del tokens
+            if c + 1 < C:  # chunk c's experts are queued: now the next chunk's launches
+                if c >= 1:
+                    launch(c + 1, 0)
+                launch(c + 1, 1)
             combines.append(disp.launch_combine(disp.combine_preprocess(out, c), c))
         outs = []
         for out, handle in combines:
