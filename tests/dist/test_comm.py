@@ -66,6 +66,16 @@ def _uneven_body(rank, world):
     handle.wait()
     assert torch.equal(out2, out.detach())
 
+    # A caller-allocated output (what an early `ready` event requires) is filled in place.
+    buf = torch.empty(sum(out_splits), HIDDEN)
+    out3, handle = fluid_all_to_all(comm, x.detach(), out_splits, in_splits, async_op=True, out=buf)
+    handle.wait()
+    assert out3.data_ptr() == buf.data_ptr() and torch.equal(out3, out.detach())
+    # An early `ready` event without a buffer allocated before it is refused: a buffer allocated
+    # at launch may still be in use by compute queued after `ready` (the collective would race it).
+    with pytest.raises(ValueError, match="needs `out`"):
+        fluid_all_to_all(comm, x.detach(), out_splits, in_splits, ready=object())
+
 
 def _ulysses_body(rank, world):
     from megatron.core.tensor_parallel.mappings import all_to_all_hp2sp, all_to_all_sp2hp

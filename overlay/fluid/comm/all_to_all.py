@@ -32,7 +32,7 @@ def _as_list(splits) -> Optional[list[int]]:
 
 
 def _launch(comm: CommContext, x: torch.Tensor, output_splits, input_splits, timing=False,
-            ready=None):
+            ready=None, out=None):
     if not x.is_contiguous():
         x, ready = x.contiguous(), None  # the copy is queued now: an earlier event would not cover it
     if output_splits is None:
@@ -41,17 +41,26 @@ def _launch(comm: CommContext, x: torch.Tensor, output_splits, input_splits, tim
         out_rows = x.shape[0]
     else:
         out_rows = sum(output_splits)
-    out = x.new_empty((out_rows, *x.shape[1:]))
+    if out is None:
+        if ready is not None:
+            # A buffer allocated now may be memory that compute queued after `ready` still uses
+            # (the caching allocator reuses it in stream order): NCCL, waiting only for `ready`,
+            # would write into it while that compute runs.
+            raise ValueError("fluid_all_to_all: `ready` needs `out` allocated before `ready`")
+        out = x.new_empty((out_rows, *x.shape[1:]))
+    elif tuple(out.shape) != (out_rows, *x.shape[1:]) or not out.is_contiguous():
+        raise ValueError(f"fluid_all_to_all: out {tuple(out.shape)} != {(out_rows, *x.shape[1:])}")
     handle = comm.all_to_all_single(out, x, output_splits, input_splits, timing=timing, ready=ready)
     return out, handle
 
 
 class _AllToAll(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, comm, x, output_splits, input_splits, async_op, handle_box, ready):
+    def forward(ctx, comm, x, output_splits, input_splits, async_op, handle_box, ready, out_box):
         ctx.comm = comm
         ctx.output_splits, ctx.input_splits = output_splits, input_splits
-        out, handle = _launch(comm, x, output_splits, input_splits, ready=ready)
+        out, handle = _launch(comm, x, output_splits, input_splits, ready=ready,
+                              out=out_box.pop() if out_box else None)
         if async_op:
             handle_box.append(handle)
         else:
@@ -67,7 +76,7 @@ class _AllToAll(torch.autograd.Function):
             ctx.comm, grad_out, ctx.input_splits, ctx.output_splits, timing=sched.timing
         )
         sched.run_while(handle, ctx.comm)
-        return None, grad_in, None, None, None, None, None
+        return None, grad_in, None, None, None, None, None, None
 
 
 def fluid_all_to_all(
@@ -78,6 +87,7 @@ def fluid_all_to_all(
     *,
     async_op: bool = False,
     ready: Optional[torch.cuda.Event] = None,
+    out: Optional[torch.Tensor] = None,
 ):
     """All-to-all over `comm.group` along dim 0.
 
@@ -91,7 +101,10 @@ def fluid_all_to_all(
         ready: CUDA only: an event recorded on the compute stream after `x` was written. Without
             it one is recorded at the call, so the collective also waits for all compute queued
             before the call. Pass it to launch an all-to-all of an early input after later
-            compute was queued (see CommContext.all_to_all_single).
+            compute was queued (see CommContext.all_to_all_single); then `out` is required.
+        out: the `[sum(output_splits), ...]` output, contiguous. With `ready` it must have been
+            allocated before `ready` was recorded: memory allocated later may still be in use by
+            compute queued after `ready`, which the collective does not wait for.
 
     Returns:
         `output` `[sum(output_splits), ...]`, or `(output, handle)` with `async_op=True`.
@@ -100,9 +113,10 @@ def fluid_all_to_all(
         out = x
         return (out, CommHandle(0, waited=True)) if async_op else out
     box: list[CommHandle] = []
-    out = _AllToAll.apply(
-        comm, x, _as_list(output_splits), _as_list(input_splits), async_op, box, ready
+    res = _AllToAll.apply(
+        comm, x, _as_list(output_splits), _as_list(input_splits), async_op, box, ready,
+        [out] if out is not None else None,
     )
     if async_op:
-        return out, box[0]
-    return out
+        return res, box[0]
+    return res

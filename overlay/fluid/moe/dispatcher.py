@@ -325,31 +325,40 @@ class FluidTokenDispatcher:
 
     # -- 2. dispatch all-to-all ---------------------------------------------------------------
     def dispatch_chunks(self, permuted, permuted_probs):
-        """Per chunk `(rows, probs)` (contiguous views, `[R_c, H]` and `[R_c, ...]`), and an event
-        marking them written (None on CPU): chunks can then be launched in any later order
-        without waiting for the compute queued meanwhile (see `launch_dispatch_part`)."""
+        """Everything the dispatch all-to-alls need, prepared so that chunks can be launched in
+        any later order without waiting for the compute queued meanwhile (`launch_dispatch_part`).
+
+        Returns `(parts, ready)`: `parts[c] = ((rows, recv_rows), (probs, recv_probs))`, the
+        contiguous send views (`[R_c, H]`, `[R_c, ...]`) and their receive buffers, allocated
+        here, before `ready` (an event marking all of them written; None on CPU) is recorded.
+        """
         plan = self._finish_plan()
         rows = [sum(s) for s in plan.send_splits]
+        parts = []
+        for c, (x, p) in enumerate(zip(permuted.split(rows), permuted_probs.split(rows))):
+            n = sum(plan.recv_splits[c])
+            parts.append(((x, x.new_empty((n, *x.shape[1:]))), (p, p.new_empty((n, *p.shape[1:])))))
         ready = None
         if permuted.is_cuda:
             ready = torch.cuda.Event()
             ready.record()
-        return list(zip(permuted.split(rows), permuted_probs.split(rows))), ready
+        return parts, ready
 
-    def launch_dispatch_part(self, x, chunk: int, ready=None):
-        """Start the dispatch all-to-all of one part (rows or probs) of `chunk`:
-        returns `(received, handle)`."""
+    def launch_dispatch_part(self, part, chunk: int, ready=None):
+        """Start the dispatch all-to-all of one `(send, recv)` part (rows or probs) of `chunk`
+        from `dispatch_chunks`: returns `(received, handle)`."""
         plan = self.plan
+        x, out = part
         return fluid_all_to_all(
             self.comm, x, plan.recv_splits[chunk], plan.send_splits[chunk], async_op=True,
-            ready=ready,
+            ready=ready, out=out,
         )
 
     def launch_dispatch(self, permuted, permuted_probs):
         """Start every chunk's dispatch; returns `[(tokens, probs, handles)]` per chunk."""
-        pieces, ready = self.dispatch_chunks(permuted, permuted_probs)
+        parts, ready = self.dispatch_chunks(permuted, permuted_probs)
         inflight = []
-        for c, (x, p) in enumerate(pieces):
+        for c, (x, p) in enumerate(parts):
             x_out, hx = self.launch_dispatch_part(x, c, ready)
             p_out, hp = self.launch_dispatch_part(p, c, ready)
             inflight.append((x_out, p_out, (hx, hp)))

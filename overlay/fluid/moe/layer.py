@@ -237,13 +237,13 @@ class FluidMoELayer(MoELayer):
 
         probs, routing_map = self.route(hidden_states, padding_mask)
         rows, row_probs = disp.dispatch_preprocess(hidden_states, routing_map, probs)
-        pieces, ready = disp.dispatch_chunks(rows, row_probs)
+        parts, ready = disp.dispatch_chunks(rows, row_probs)
         del rows, row_probs
-        C = len(pieces)
+        C = len(parts)
         sent = [[None, None] for _ in range(C)]  # per chunk: (received, handle) of rows, probs
 
         def launch(c, part):
-            sent[c][part] = disp.launch_dispatch_part(pieces[c][part], c, ready)
+            sent[c][part] = disp.launch_dispatch_part(parts[c][part], c, ready)
 
         # Launch order is the pipeline (CommContext.all_to_all_single): with one hardware queue,
         # a launch is processed only once the previous all-to-all on the stream is done, and
@@ -265,7 +265,7 @@ class FluidMoELayer(MoELayer):
             # Take the chunk out of the list: the received buffer is freed once sorted by expert
             # (with G > 1 the sort copies), not held to the end of the forward.
             (tokens, h_rows), (tok_probs, h_probs) = sent[c]
-            sent[c] = pieces[c] = None
+            sent[c] = parts[c] = None
             h_rows.wait()
             h_probs.wait()
             tokens, tokens_per_expert, tok_probs, offs = disp.dispatch_postprocess(
