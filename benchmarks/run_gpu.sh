@@ -12,15 +12,18 @@
 #   bash benchmarks/run_gpu.sh next-c OUT       # PP=2 x EP=2 stock vs Fluid (session 4)
 #   bash benchmarks/run_gpu.sh next-d OUT       # next-a + stock vs stock dist-opt loss floor (session 4)
 #   bash benchmarks/run_gpu.sh s4 OUT           # after the dW hand-over fix (session 4)
-#   bash benchmarks/run_gpu.sh next-e OUT       # NOT YET RUN: MoE layers with dedup, paired rounds, GPU parity
-#   bash benchmarks/run_gpu.sh next-f OUT       # NOT YET RUN: GEMM/all-to-all contention probe, NCCL settings
-#   bash benchmarks/run_gpu.sh s5e OUT          # MoE layers with the session-5 defaults, both links; parity
-#   bash benchmarks/run_gpu.sh s5d OUT          # pipeline-ordered chunk launches, carve-out auto; sweep
+#   bash benchmarks/run_gpu.sh next-e OUT       # never run as such: superseded by s5a (dedup, parity)
+#   bash benchmarks/run_gpu.sh next-f OUT       # never run as such: superseded by s5b (probe)
+#   bash benchmarks/run_gpu.sh s5a OUT          # probe with SM carve-outs (first, flawed timing); MoE
+#                                               # layers with carve-out / dedup variants; parity
+#   bash benchmarks/run_gpu.sh s5b OUT          # probe launch modes x carve-outs; MoE layers (ran at
+#                                               # b74967e: its _async variants were removed since)
 #   bash benchmarks/run_gpu.sh s5c OUT          # GPU timelines, Mixtral-like, P2P off chunks 1/2 and NVLink
-#   bash benchmarks/run_gpu.sh s5b OUT          # probe launch modes; MoE layers with async all-to-alls
-#   bash benchmarks/run_gpu.sh s5a OUT          # probe with SM carve-outs; MoE layers with carve-out/dedup; parity
+#   bash benchmarks/run_gpu.sh s5d OUT          # pipeline-ordered chunk launches, carve-out auto; sweep
+#   bash benchmarks/run_gpu.sh s5e OUT          # MoE layers with the session-5 defaults, both links; parity
 #   bash benchmarks/run_gpu.sh compat OUT       # NVLink attention; DDP overlap, distributed optimizer,
 #                                               # recompute, optimizer checkpoint resume, CP=4 x EP=4
+# NPROC=2 runs the torchrun targets on a 2-GPU host (EP=2), as s5d/s5e were.
 # Needs the carried .whl/ and .megatron/ (tools/stage_gpu.sh).
 set -uo pipefail
 what=$1; out=$2
