@@ -71,7 +71,7 @@ def status() -> dict:
             "comm_groups": sched.num_comms,
             "CUDA_DEVICE_MAX_CONNECTIONS": os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS"),
             # GEMMs beside an all-to-all leave SMs to NCCL (CommContext.beside_comm); auto =
-            # 16 over a slow link, 0 otherwise.
+            # 8 over a slow link, 0 otherwise.
             "sm_carveout": os.environ.get("FLUID_SM_CARVEOUT") or "auto",
         },
         # MoE layer knobs (env defaults; a TransformerConfig field overrides): deduplicated

@@ -50,10 +50,13 @@ def _link_is_slow(group) -> bool:
     return False
 
 
-# SMs left to NCCL by GEMMs beside an all-to-all over a slow link. Measured on H200 (132 SMs),
-# P2P off, 64 MiB all-to-all (docs/benchmarks/raw/s5b, contention_probe): torch._grouped_mm
-# hides it at 0.07-0.11 with no carve-out and 0.92-0.94 with 16, at +8% GEMM time alone.
-AUTO_SM_CARVEOUT = 16
+# SMs left to NCCL by GEMMs beside an all-to-all over a slow link. Measured (P2P off):
+# - probe, 4x H200, 64 MiB all-to-all (docs/benchmarks/raw/s5b): torch._grouped_mm hides it at
+#   0.07-0.11 with no carve-out, 0.92-0.94 with 16 SMs (+8% GEMM time alone); 2x H100 (raw/s5d):
+#   0.85 with 4 or 8 SMs (+1.5% / +4.5%), 0.83 with 16;
+# - MoE layer fwd+bwd, 2x H200 (raw/s5f), carve-out 0/4/8/16/24: Mixtral-like 22.90/21.98/22.05/
+#   22.21/22.31 ms, 64 experts 14.59/13.75/13.61/13.81/13.85 ms. 8 is best or within 0.4% of it.
+AUTO_SM_CARVEOUT = 8
 
 
 @contextlib.contextmanager
