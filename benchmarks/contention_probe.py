@@ -86,7 +86,7 @@ def main():
         dist.all_to_all_single(recv, send)
 
     # How the all-to-all is launched beside the GEMM (--modes): "sync" = synchronous
-    # dist.all_to_all_single under the side stream (CommContext before session 5); "async" =
+    # dist.all_to_all_single under the side stream (what CommContext does); "async" =
     # async_op=True under the side stream, Work.wait() from the compute stream after the GEMM;
     # "async_internal" = async_op=True from the compute stream (ProcessGroupNCCL's own stream);
     # "commctx" = fluid.comm.CommContext.all_to_all_single + handle.wait(), whatever it does now.

@@ -82,7 +82,6 @@ class CommHandle:
     nbytes: int
     work: Optional[object] = None  # gloo work object
     done: Optional[torch.cuda.Event] = None  # CUDA: recorded on the comm stream
-    cuda: bool = False
     start_event: Optional[torch.cuda.Event] = None  # CUDA timing only
     tensors: tuple = ()
     waited: bool = False
@@ -145,14 +144,13 @@ class CommContext:
         if self.sm_carveout is None:
             self.sm_carveout = os.environ.get("FLUID_SM_CARVEOUT", "auto") or "auto"
         if self.sm_carveout != "auto":
+            raw = self.sm_carveout
             try:
-                self.sm_carveout = int(self.sm_carveout)
+                self.sm_carveout = int(raw)
             except ValueError:
                 self.sm_carveout = -1
             if self.sm_carveout < 0:
-                raise ValueError(
-                    f"FLUID_SM_CARVEOUT must be 'auto' or an int >= 0, not {self.sm_carveout!r}"
-                )
+                raise ValueError(f"FLUID_SM_CARVEOUT must be 'auto' or an int >= 0, not {raw!r}")
         from fluid.schedule.scheduler import get_backward_scheduler
 
         get_backward_scheduler().register_comm(self)  # its policy gates deferral (overlap_possible)
@@ -243,4 +241,4 @@ class CommContext:
             dist.all_to_all_single(output, input, output_splits, input_splits, group=self.group)
             done = torch.cuda.Event(enable_timing=timing)
             done.record()
-        return CommHandle(nbytes, done=done, cuda=True, start_event=start, tensors=(input, output))
+        return CommHandle(nbytes, done=done, start_event=start, tensors=(input, output))

@@ -164,7 +164,7 @@ class BackwardScheduler:
         skip = bool(self._queue) and handle.nbytes < comm.min_window_bytes
         self._stats["skipped_windows"] += skip
         overlap = bool(self._queue) and not skip and self.enabled and comm.should_overlap()
-        cuda = handle.cuda
+        cuda = handle.done is not None
         dw_start = dw_end = end = None
         if overlap:
             self._stats["overlapped_windows"] += 1
