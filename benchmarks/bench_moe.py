@@ -10,8 +10,9 @@ Per configuration (Mixtral-like H4096 F14336 E8 top-2, fine-grained H2048 F1408 
 tokens per rank, bf16) and variant, medians over --iters after --warmup (CUDA events, rank 0):
   fwd_ms, fwdbwd_ms, bwd_ms = fwdbwd - fwd; peak_gb = param bytes of the layer + peak allocation
   above the steady state during fwd+bwd; speedup = stock fwdbwd / variant fwdbwd.
-Fluid variants: fluid_{off,on}_c{chunks} (scheduler off/on, forward chunks), fluid_on_c1_loop
-  (per-expert GEMM loop instead of torch._grouped_mm), fluid_on_c1_dedup (deduplicated dispatch),
+Fluid variants: fluid_{off,on}_c{chunks} (scheduler off/on, forward chunks; expert GEMMs as
+  FLUID_GROUPED_MM=auto picks), fluid_on_c1_loop / fluid_on_c1_grouped (per-expert GEMM loop /
+  torch._grouped_mm forced), fluid_on_c1_dedup (deduplicated dispatch),
   and --extra-variants, e.g. fluid_on_c2_sm16 (GEMMs beside an all-to-all leave 16 SMs to NCCL).
 Fluid only:
   dw_ms = fwdbwd (scheduler off) - fwdbwd (scheduler off, expert weights frozen so no expert dW);
@@ -147,8 +148,9 @@ def profile_kernels(layer, x, dy, chunks=None, top=25):
 def apply_variant(fluid, vname: str) -> bool:
     """Configure `fluid` for a variant named fluid_{on,off}_c<chunks>[_loop][_dedup][_sm<n>].
 
-    on/off: BackwardScheduler enabled; c<chunks>: forward chunks; _loop: per-expert GEMMs instead
-    of torch._grouped_mm; _dedup: deduplicated dispatch; _sm<n>: GEMMs beside an all-to-all leave
+    on/off: BackwardScheduler enabled; c<chunks>: forward chunks; _loop / _grouped: per-expert
+    cuBLAS GEMMs / torch._grouped_mm (FLUID_GROUPED_MM=0 / 1; without either the default, auto:
+    per expert for large experts, where dW is not deferred also per expert in backward); _dedup: deduplicated dispatch; _sm<n>: GEMMs beside an all-to-all leave
     n SMs to NCCL (CommContext.sm_carveout; without it the default, "auto"). Returns whether the
     scheduler is on."""
     from fluid.moe.testing import set_dedup, set_num_chunks
@@ -159,14 +161,14 @@ def apply_variant(fluid, vname: str) -> bool:
         raise ValueError(f"bad variant name {vname!r}")
     opts = parts[3:]
     sm = [int(o[2:]) for o in opts if o.startswith("sm")]
-    unknown = [o for o in opts if o not in ("loop", "dedup") and not o.startswith("sm")]
+    unknown = [o for o in opts if o not in ("loop", "grouped", "dedup") and not o.startswith("sm")]
     if unknown:
         raise ValueError(f"bad variant option(s) {unknown} in {vname!r}")
     set_dedup(fluid, False)
     set_num_chunks(fluid, int(parts[2][1:]))
     set_dedup(fluid, "dedup" in opts)
     fluid.comm.sm_carveout = sm[0] if sm else "auto"
-    os.environ["FLUID_GROUPED_MM"] = "0" if "loop" in opts else "1"
+    os.environ["FLUID_GROUPED_MM"] = "0" if "loop" in opts else "1" if "grouped" in opts else "auto"
     sched = get_backward_scheduler()
     sched.enable() if parts[1] == "on" else sched.disable()
     return parts[1] == "on"
@@ -213,7 +215,8 @@ def run_config(name, shape, args, cuda, device, pg, ws):
             out["kernel_profile_stock"] = profile_kernels(stock, x, dy)
 
     variants = ["fluid_off_c1", "fluid_on_c1", "fluid_on_c2", "fluid_on_c4",
-                "fluid_on_c1_loop",  # per-expert cuBLAS GEMMs instead of grouped
+                "fluid_on_c1_loop",  # per-expert cuBLAS GEMMs
+                "fluid_on_c1_grouped",  # torch._grouped_mm
                 "fluid_on_c1_dedup"]  # one row per (token, destination rank)
     variants += [v for v in args.extra_variants.split(",") if v and v not in variants]
     for vname in variants:

@@ -22,6 +22,7 @@
 #   bash benchmarks/run_gpu.sh s5d OUT          # pipeline-ordered chunk launches, carve-out auto; sweep
 #   bash benchmarks/run_gpu.sh s5e OUT          # MoE layers with the session-5 defaults, both links; parity
 #   bash benchmarks/run_gpu.sh s5f OUT          # carve-out size inside the MoE layer, P2P off
+#   bash benchmarks/run_gpu.sh s6a OUT          # FLUID_GROUPED_MM=auto (per-expert path for large experts)
 #   bash benchmarks/run_gpu.sh compat OUT       # NVLink attention; DDP overlap, distributed optimizer,
 #                                               # recompute, optimizer checkpoint resume, CP=4 x EP=4
 # NPROC=2 runs the torchrun targets on a 2-GPU host (EP=2), as s5d/s5e were.
@@ -201,6 +202,16 @@ case "$what" in
     NCCL_P2P_DISABLE=1 timeout 200 $tr benchmarks/bench_moe.py --out "$out/moe_p2poff" --iters 20 \
       --extra-variants fluid_on_c1_sm0,fluid_on_c1_sm4,fluid_on_c1_sm8,fluid_on_c1_sm24 \
       > "$out/moe_p2poff.log" 2>&1; tail -c 200 "$out/moe_p2poff.log"
+    ;;
+  s6a)
+    # Session 6, call 1: FLUID_GROUPED_MM=auto (large experts: one cuBLAS GEMM per expert, and with
+    # dW inline the per-expert backward of fluid.moe.expert_loop), both links; GPU parity.
+    timeout 170 $tr benchmarks/bench_moe.py --out "$out/moe_nvlink" --iters 20 --trace stock,fluid_on_c1 \
+      --paired-rounds 3 --paired-variant fluid_on_c1 > "$out/moe_nvlink.log" 2>&1; tail -c 300 "$out/moe_nvlink.log"
+    NCCL_P2P_DISABLE=1 timeout 170 $tr benchmarks/bench_moe.py --out "$out/moe_p2poff" --iters 20 \
+      --paired-rounds 3 --paired-variant best > "$out/moe_p2poff.log" 2>&1; tail -c 300 "$out/moe_p2poff.log"
+    timeout 180 python3 -m pytest -q -s tests/gpu/test_moe_parity.py > "$out/moe_parity.txt" 2>&1
+    grep -E "\] (PASS|FAIL) \(|passed|failed" "$out/moe_parity.txt" | tail -8
     ;;
   next-b)
     # Prepared for the next session (not yet run): e2e over NVLink with the inline rule, the

@@ -10,6 +10,8 @@ Fluid gets the stock state dict. Checks (printed PASS/FAIL per line, JSON to --o
   1. torch._grouped_mm against the per-expert loop on uneven groups incl. an empty one;
   2. output, dX and every parameter gradient, Fluid (chunks 1 and 2) vs stock;
   3. Fluid scheduler on vs off: bit-identical output and gradients.
+Settings: chunks 1/2, deduplicated dispatch, and per-expert GEMMs (FLUID_GROUPED_MM=0) with dW
+inline (fluid.moe.expert_loop) and deferred (overlap forced on).
 Tolerance for 2: relative Frobenius error ||fluid - stock|| / ||stock|| <= 2e-2. Both compute the
 same bf16 GEMMs (fp32 accumulate, bf16 output) but with different kernels (grouped vs per-expert
 cuBLAS) and, for gradients, different summation orders; each bf16 rounding costs up to 2^-8
@@ -118,11 +120,20 @@ def main():
         ref = run(fluid, x, dy)
     ref_grads = ref[2]
     sched = get_backward_scheduler()
-    for chunks, dedup in ((1, False), (2, False), (1, True)):
+    # (chunks, dedup, FLUID_GROUPED_MM, CommContext.overlap). At these sizes auto picks the
+    # grouped kernel; "0" gives per-expert GEMMs: with dW inline (NVLink, or scheduler off) the
+    # per-expert backward of fluid.moe.expert_loop, with overlap "always" and the scheduler on
+    # the deferred composition, so "on == off" there compares the two paths bit for bit.
+    settings = ((1, False, "auto", "auto"), (2, False, "auto", "auto"), (1, True, "auto", "auto"),
+                (1, False, "0", "auto"), (1, False, "0", "always"), (2, False, "0", "always"))
+    for chunks, dedup, gemm, overlap in settings:
         set_dedup(fluid, False)
         set_num_chunks(fluid, chunks)
         set_dedup(fluid, dedup)
-        setting = f"chunks={chunks}{' dedup' if dedup else ''}"  # the label of this setting's lines
+        os.environ["FLUID_GROUPED_MM"] = gemm
+        fluid.comm.overlap = overlap
+        setting = (f"chunks={chunks}{' dedup' if dedup else ''}"  # the label of this setting's lines
+                   f"{' gemm=loop' if gemm == '0' else ''}{' overlap=' + overlap if overlap != 'auto' else ''}")
         outs = {}
         for mode in ("on", "off"):
             sched.enable() if mode == "on" else sched.disable()

@@ -34,8 +34,10 @@ import torch
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from fluid.moe.grouped_gemm import grouped_linear, offsets_for
+from fluid.moe.expert_loop import sequential_experts
+from fluid.moe.grouped_gemm import grouped_linear, grouped_mm_mode, offsets_for, use_grouped_mm
 from fluid.moe.scale_rows import scale_rows
+from fluid.schedule import get_backward_scheduler
 
 _FC_NAMES = ("linear_fc1", "linear_fc2")
 
@@ -66,6 +68,7 @@ class FluidGroupedMLP(MegatronModule):
             raise ValueError("FluidGroupedMLP does not support use_te_activation_func")
         if config.moe_latent_size:
             raise ValueError("FluidGroupedMLP does not support moe_latent_size")
+        grouped_mm_mode()  # a bad FLUID_GROUPED_MM fails here, at build time
         self.num_local_experts = num_local_experts
         self.ep_group = pg_collection.ep
         self.dp_group = pg_collection.expt_dp
@@ -73,6 +76,7 @@ class FluidGroupedMLP(MegatronModule):
         self.name = name or "experts"
         hidden, ffn = config.hidden_size, config.moe_ffn_hidden_size
         fc1_out = 2 * ffn if config.gated_linear_unit else ffn
+        self.macs_per_row = hidden * fc1_out + ffn * hidden  # one row through one expert's MLP
         device = None if config.use_cpu_initialization else torch.cuda.current_device()
         dtype = config.params_dtype
         self.weight1 = torch.nn.Parameter(
@@ -153,14 +157,24 @@ class FluidGroupedMLP(MegatronModule):
             `([T, H], None)` like Megatron's experts modules.
         """
         counts = _host_ints(tokens_per_expert)
-        if offs is None:
-            offs = offsets_for(counts, permuted_hidden.device)
         x = permuted_hidden
         if self.config.moe_apply_probs_on_input:
             if self.config.moe_router_topk != 1:
                 raise ValueError("moe_apply_probs_on_input only works with moe_router_topk=1")
             x = (permuted_probs.unsqueeze(-1) * x).to(permuted_hidden.dtype)
             permuted_probs = torch.ones_like(permuted_probs)
+        if not use_grouped_mm(x, counts, self.macs_per_row):
+            if not get_backward_scheduler().defers_dw():
+                # Per-expert GEMMs and dW inline anyway: run the experts one after another in
+                # backward too, as SequentialMLP does (stock's peak memory; see expert_loop).
+                out = sequential_experts(
+                    x, permuted_probs, self.weight1, self.weight2, counts,
+                    self._weighted_activation, name=self.name,
+                )
+                return out, None
+            offs = None  # grouped_linear's per-expert loop
+        elif offs is None:
+            offs = offsets_for(counts, permuted_hidden.device)
         h = grouped_linear(x, self.weight1, counts, offs, name=f"{self.name}.fc1")
         a = self._weighted_activation(h, permuted_probs)
         out = grouped_linear(a, self.weight2, counts, offs, name=f"{self.name}.fc2")

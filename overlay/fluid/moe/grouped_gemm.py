@@ -9,8 +9,13 @@ Megatron's SequentialMLP does with one matmul per expert. Two implementations:
 
   - `torch._grouped_mm` (one kernel for all groups): CUDA, bf16, compute capability >= 9.0,
     and not disabled by env FLUID_GROUPED_MM=0;
-  - a loop over `torch.split(x, counts)` otherwise (CPU, fp32, older GPUs). It is also the
-    reference the fast path is tested against.
+  - a loop over `torch.split(x, counts)` (one cuBLAS GEMM per group) otherwise: CPU, fp32,
+    older GPUs, and callers that pass `offs=None`. It is also the reference the fast path is
+    tested against.
+
+Which one an MLP uses is `use_grouped_mm` (env FLUID_GROUPED_MM: `auto`, the default, `1`, `0`):
+`auto` takes the grouped kernel for many small experts and the loop for large ones, where one
+cuBLAS GEMM per expert is faster (see LOOP_MIN_EXPERT_GFLOP).
 
 Backward computes dX at once (the previous op needs it) and defers dW (a grouped `dy^T @ x`) as a
 closure to the BackwardScheduler, which runs it while a later backward all-to-all is in flight.
@@ -33,14 +38,56 @@ log = logging.getLogger(__name__)
 
 _BROKEN: list[str] = []  # set once if torch._grouped_mm rejected a call: loop from then on
 
+# FLUID_GROUPED_MM=auto: one expert's MLP (fc1 + fc2, mean rows per expert) of at least this many
+# GFLOP runs as one cuBLAS GEMM per expert instead of torch._grouped_mm. Measured points:
+# - Mixtral-like (H 4096, F 14336, about 2048 rows per expert): 721 GFLOP. Kernel profile, 4x H200
+#   (session 5): cuBLAS fc1 dW 2.49 vs grouped 2.77 ms, fc1 forward 2.43 vs 2.56 ms.
+# - 64 experts (H 2048, F 1408, top-6, EP=2, about 768 rows per expert): 13 GFLOP. The loop was
+#   1.7x slower end to end (2x H200, docs/benchmarks/moe_nvlink_s5e_h200x2.md: 14.5 vs 8.5 ms).
+# 100 GFLOP (about 0.15 ms of bf16 GEMM on Hopper) lies between, well away from both.
+LOOP_MIN_EXPERT_GFLOP = 100.0
+
+
+def grouped_mm_mode() -> str:
+    """FLUID_GROUPED_MM as "auto" (default), "on" (`1`) or "off" (`0`); raises on other values."""
+    raw = os.environ.get("FLUID_GROUPED_MM", "auto").strip().lower() or "auto"
+    if raw in ("auto",):
+        return "auto"
+    if raw in ("1", "on", "true", "yes"):
+        return "on"
+    if raw in ("0", "off", "false", "no"):
+        return "off"
+    raise ValueError(f"FLUID_GROUPED_MM must be auto, 1 or 0, not {raw!r}")
+
 
 def grouped_mm_available(x: torch.Tensor) -> bool:
-    """True where `torch._grouped_mm` is used for `x` (see the module docstring)."""
-    if _BROKEN or os.environ.get("FLUID_GROUPED_MM", "1") in ("0", "false", "off"):
+    """True where `torch._grouped_mm` can be used for `x` (see the module docstring)."""
+    if _BROKEN or grouped_mm_mode() == "off":
         return False
+    return _grouped_mm_supported(x)
+
+
+def _grouped_mm_supported(x: torch.Tensor) -> bool:
+    """The hardware/dtype condition: CUDA bf16 on compute capability >= 9.0."""
     if not (x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")):
         return False
     return torch.cuda.get_device_capability(x.device) >= (9, 0)
+
+
+def use_grouped_mm(x: torch.Tensor, counts: Sequence[int], macs_per_row: int) -> bool:
+    """Whether an expert MLP over `x` (rows grouped by `counts`) should use `torch._grouped_mm`.
+
+    Args:
+        macs_per_row: multiply-adds one row costs in one expert's MLP (fc1 + fc2), e.g.
+            `H * F1 + F * H`.
+    With FLUID_GROUPED_MM=auto, False when the mean expert's MLP reaches LOOP_MIN_EXPERT_GFLOP.
+    """
+    if not grouped_mm_available(x):
+        return False
+    if grouped_mm_mode() == "on" or not counts:
+        return True
+    mean_rows = sum(int(c) for c in counts) / len(counts)
+    return 2.0 * mean_rows * macs_per_row < LOOP_MIN_EXPERT_GFLOP * 1e9
 
 
 def _try_grouped_mm(a, b, offs):
@@ -69,10 +116,11 @@ def gmm(a_TK: torch.Tensor, w: torch.Tensor, counts: Sequence[int], offs, *, tra
         out = _try_grouped_mm(a_TK, b, offs)
         if out is not None:
             return out
-    outs = [chunk @ b[g] for g, chunk in enumerate(_split(a_TK, counts))]
-    if not outs:
-        return a_TK.new_empty((0, b.shape[2]))
-    return torch.cat(outs, dim=0)
+    out = a_TK.new_empty((a_TK.shape[0], b.shape[2]))
+    for g, (chunk, out_g) in enumerate(zip(_split(a_TK, counts), _split(out, counts))):
+        if chunk.shape[0]:  # straight into the output's rows: no torch.cat copy
+            torch.matmul(chunk, b[g], out=out_g)
+    return out
 
 
 def gmm_wgrad(dy_TN: torch.Tensor, x_TK: torch.Tensor, counts: Sequence[int], offs) -> torch.Tensor:

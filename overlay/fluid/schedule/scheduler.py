@@ -134,12 +134,19 @@ class BackwardScheduler:
         comms = list(self._comms)
         return not comms or any(c.should_overlap() for c in comms)
 
+    def defers_dw(self) -> bool:
+        """Whether a dW handed to `defer` inside a backward would be queued (not run inline).
+
+        Layers ask this at forward time to pick a backward that needs no deferral when none will
+        happen (FluidGroupedMLP's per-expert path, fluid.moe.expert_loop)."""
+        return self.enabled and self.overlap_possible()
+
     # -- producer side ----------------------------------------------------------------------
     def defer(self, fn: Callable[[], None], name: str = "") -> None:
         """Queue a dW closure (or run it inline; see the module docstring, step 1)."""
         self._stats["total_dw_tasks"] += 1
         gid = _graph_task_id()
-        if not self.enabled or gid == -1 or not self.overlap_possible():
+        if gid == -1 or not self.defers_dw():
             self._run(_Task(fn, name, gid), kind="inline")
             return
         # A different graph task is not a sign of staleness: reentrant activation checkpointing

@@ -66,12 +66,22 @@ def accumulate_weight_grad(param: torch.nn.Parameter, grad: torch.Tensor) -> Non
     Pass a temporary (`accumulate_weight_grad(w, dy.t() @ x)`): when the caller keeps no reference,
     AccumulateGrad adopts the tensor as `param.grad` instead of copying it (see `_HandOver`).
     """
-    if not param.requires_grad:
-        return
-    if grad.dtype != param.dtype:
-        grad = grad.to(param.dtype)
     box = [grad]
     del grad
+    accumulate_boxed_weight_grad(param, box)
+
+
+def accumulate_boxed_weight_grad(param: torch.nn.Parameter, box: list) -> None:
+    """`accumulate_weight_grad` for a gradient held only by the one-element list `box`.
+
+    For callers that computed dW earlier and must keep it somewhere until the hand-over: the list
+    is emptied here, so once the engine holds the tensor nothing else does (adopted, not copied).
+    """
+    if not param.requires_grad:
+        box.clear()
+        return
+    if box[0].dtype != param.dtype:
+        box[0] = box[0].to(param.dtype)
     with torch.enable_grad():
         out = _HandOver.apply(param, box)
     torch.autograd.backward(out)

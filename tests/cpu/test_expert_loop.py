@@ -1,0 +1,139 @@
+"""Tier: cpu. `fluid.moe.expert_loop.sequential_experts` (experts one after another, dW inline) and
+the FLUID_GROUPED_MM policy that picks it.
+
+What must hold (see the module docstring):
+  - outputs, dX, dprobs and both expert dWs are bit-identical (torch.equal) to the composition
+    FluidGroupedMLP uses otherwise with per-expert GEMMs (grouped_linear loop -> activation ->
+    grouped_linear): both do the same per-expert GEMM calls on the same rows and the activation
+    is row-wise, so there is no rounding difference to tolerate. Checked with experts that get
+    no rows, with the fused weighted SwiGLU (stock's default) and an unfused activation, and with
+    probs with and without a gradient;
+  - its backward keeps one expert's activation gradient at a time, and frees each expert's saved
+    activations once that expert is done (the stock SequentialMLP memory profile it exists for);
+  - the dWs are adopted as `param.grad` (not copied);
+  - FLUID_GROUPED_MM=auto picks the loop for Mixtral-sized experts and the grouped kernel for the
+    64-expert layer; a bad value raises.
+"""
+
+import gc
+import weakref
+
+import pytest
+import torch
+
+from fluid.moe import grouped_gemm
+from fluid.moe.expert_loop import sequential_experts
+from fluid.moe.grouped_gemm import grouped_linear, use_grouped_mm
+from fluid.schedule import get_backward_scheduler
+
+H, F, G = 12, 10, 4
+
+
+def _swiglu_weighted(h, p):
+    x_glu, x_lin = torch.chunk(h, 2, dim=-1)
+    return (torch.nn.functional.silu(x_glu) * x_lin * p.unsqueeze(-1)).to(h.dtype)
+
+
+def _fused_swiglu_weighted(h, p):
+    from megatron.core.fusions.fused_bias_swiglu import weighted_bias_swiglu_impl
+
+    return weighted_bias_swiglu_impl(h, None, p.unsqueeze(-1))
+
+
+def _composition(x, p, w1, w2, counts, act):
+    h = grouped_linear(x, w1, counts, None)
+    return grouped_linear(act(h, p), w2, counts, None)
+
+
+def _run(fn, counts, act, probs_grad, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    T = sum(counts)
+    x = torch.randn(T, H, generator=gen, requires_grad=True)
+    p = torch.rand(T, generator=gen).requires_grad_(probs_grad)
+    w1 = torch.nn.Parameter(torch.randn(G, 2 * F, H, generator=gen) / H**0.5)
+    w2 = torch.nn.Parameter(torch.randn(G, H, F, generator=gen) / F**0.5)
+    dy = torch.randn(T, H, generator=gen)
+    y = fn(x, p, w1, w2, counts, act)
+    y.backward(dy)
+    get_backward_scheduler().flush()
+    return y.detach(), x.grad, p.grad, w1.grad, w2.grad
+
+
+@pytest.mark.parametrize("counts", [(5, 0, 7, 3), (0, 0, 9, 0), (4, 4, 4, 4)])
+@pytest.mark.parametrize("act", [_swiglu_weighted, _fused_swiglu_weighted])
+@pytest.mark.parametrize("probs_grad", [True, False])
+def test_sequential_experts_equal_the_composition_bitwise(counts, act, probs_grad):
+    seq = lambda x, p, w1, w2, c, a: sequential_experts(x, p, w1, w2, c, a)  # noqa: E731
+    ref = _run(_composition, counts, act, probs_grad)
+    got = _run(seq, counts, act, probs_grad)
+    for name, r, g in zip(("y", "dx", "dprobs", "dw1", "dw2"), ref, got):
+        if r is None:
+            assert g is None, name
+            continue
+        assert torch.equal(g, r), f"{name} differs from the per-expert composition"
+    for g, c in enumerate(counts):
+        if c == 0:  # an expert without rows gets an explicit zero dW, as SequentialMLP's linears
+            assert not got[3][g].any() and not got[4][g].any()
+
+
+def test_sequential_backward_frees_each_expert_before_the_next():
+    """One expert's activation gradient at a time; earlier experts' h, a already freed."""
+    counts = (6, 5, 7, 4)
+    h_refs, dh_refs, violations = [], [], []
+
+    def act(h, p):
+        g = len(h_refs)
+        h_refs.append(weakref.ref(h))
+
+        def on_grad(dh, g=g):
+            gc.collect()
+            live_dh = [i for i, r in enumerate(dh_refs) if r() is not None]
+            live_h = [i for i, r in enumerate(h_refs) if i != g and r() is not None and i in done]
+            if live_dh or live_h:
+                violations.append((g, live_dh, live_h))
+            dh_refs.append(weakref.ref(dh))
+            done.add(g)
+
+        h.register_hook(on_grad)
+        return _swiglu_weighted(h, p)
+
+    done: set = set()
+    _run(lambda x, p, w1, w2, c, a: sequential_experts(x, p, w1, w2, c, a), counts, act, True)
+    assert len(dh_refs) == len(counts)
+    assert not violations, f"(expert, live earlier d_h, live earlier h): {violations}"
+
+
+def test_sequential_dw_is_adopted_not_copied(monkeypatch):
+    made = []
+    real_zeros = torch.Tensor.new_zeros
+
+    def spy(self, *a, **k):
+        t = real_zeros(self, *a, **k)
+        made.append(t.data_ptr())
+        return t
+
+    monkeypatch.setattr(torch.Tensor, "new_zeros", spy)
+    *_, dw1, dw2 = _run(
+        lambda x, p, w1, w2, c, a: sequential_experts(x, p, w1, w2, c, a),
+        (3, 4, 0, 2), _swiglu_weighted, True,
+    )
+    monkeypatch.undo()
+    assert dw1.data_ptr() in made and dw2.data_ptr() in made, "dW was copied into param.grad"
+
+
+def test_auto_policy_picks_the_loop_for_large_experts_only(monkeypatch):
+    x = torch.empty(0)
+    monkeypatch.setattr(grouped_gemm, "_grouped_mm_supported", lambda x: True)  # as on Hopper
+    mixtral = 4096 * 2 * 14336 + 14336 * 4096  # H * F1 + F * H
+    fine = 2048 * 2 * 1408 + 1408 * 2048
+    monkeypatch.setenv("FLUID_GROUPED_MM", "auto")
+    assert not use_grouped_mm(x, [2048] * 4, mixtral)  # 721 GFLOP per expert
+    assert use_grouped_mm(x, [768] * 32, fine)  # 13 GFLOP per expert
+    assert use_grouped_mm(x, [16] * 4, mixtral)  # small batch of a large expert: 5.6 GFLOP
+    monkeypatch.setenv("FLUID_GROUPED_MM", "1")
+    assert use_grouped_mm(x, [2048] * 4, mixtral)
+    monkeypatch.setenv("FLUID_GROUPED_MM", "0")
+    assert not use_grouped_mm(x, [768] * 32, fine)
+    monkeypatch.setenv("FLUID_GROUPED_MM", "sometimes")
+    with pytest.raises(ValueError, match="FLUID_GROUPED_MM must be auto, 1 or 0, not 'sometimes'"):
+        grouped_gemm.grouped_mm_mode()
