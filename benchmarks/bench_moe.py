@@ -26,6 +26,8 @@ stock_repeat: stock measured again after the Fluid variants (both layers stay re
 paired (--paired-rounds R > 0, CUDA): R alternating rounds of stock and Fluid (--paired-variant,
   default fluid_on_c1; 'best' = the fastest Fluid variant of the run), --iters fwd+bwd each; per-round speedup = stock median / Fluid median, and their
   median and range. Host drift then hits both sides of each ratio alike.
+--ddp-grads: both layers' parameters get Megatron DDP's fp32 main_grad and its grad hook
+  (fluid.moe.testing.emulate_ddp_grads), so peak_gb counts the gradients a backward adds transiently under DDP.
 Writes <out>/bench_moe.json (argv, card, env, results); benchmarks/moe_report.py renders it.
 """
 
@@ -59,8 +61,10 @@ def param_bytes(layer) -> int:
 
 def fwdbwd_step(layer, x, dy):
     """One timed unit: forward, backward, then drop the gradients (set_to_none)."""
+    from fluid.moe.testing import reset_ddp_flags
 
     def fwdbwd():
+        reset_ddp_flags(layer.parameters())  # --ddp-grads: as DDP's zero_grad_buffer each step
         out, _ = layer(x)
         out.backward(dy)
         layer.zero_grad(set_to_none=True)
@@ -203,6 +207,11 @@ def run_config(name, shape, args, cuda, device, pg, ws):
     cfg = moe_config(ep=ws, dtype=dtype, init_method_std=0.02, **shape)
     torch.manual_seed(0)
     stock, fluid = stock_and_fluid(cfg, pg, device)
+    if args.ddp_grads:
+        from fluid.moe.testing import emulate_ddp_grads
+
+        stock._ddp_grad_accs = emulate_ddp_grads(stock.parameters())
+        fluid._ddp_grad_accs = emulate_ddp_grads(fluid.parameters())
     T, H = args.tokens, shape["hidden"]
     x = torch.randn(T, 1, H, dtype=dtype, device=device, requires_grad=True)
     dy = torch.randn(T, 1, H, dtype=dtype, device=device)
@@ -301,6 +310,9 @@ def main():
                    help="more Fluid variants, comma-separated, e.g. fluid_on_c2_sm16 (see apply_variant)")
     p.add_argument("--trace", default="",
                    help="variants (or 'stock') whose GPU timeline of one fwd+bwd goes in the JSON")
+    p.add_argument("--ddp-grads", action="store_true",
+                   help="both layers' parameters get Megatron DDP's fp32 main_grad and grad hook "
+                        "(see fluid.moe.testing.emulate_ddp_grads), as in training")
     p.add_argument("--profile", action="store_true",
                    help="also record the top CUDA kernels of one fwd+bwd at chunks 1 and 2")
     args = p.parse_args()

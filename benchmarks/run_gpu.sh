@@ -23,6 +23,7 @@
 #   bash benchmarks/run_gpu.sh s5e OUT          # MoE layers with the session-5 defaults, both links; parity
 #   bash benchmarks/run_gpu.sh s5f OUT          # carve-out size inside the MoE layer, P2P off
 #   bash benchmarks/run_gpu.sh s6a OUT          # FLUID_GROUPED_MM=auto (per-expert path for large experts)
+#   bash benchmarks/run_gpu.sh s6b OUT          # s6a's fixes; per-expert backward under (emulated) DDP
 #   bash benchmarks/run_gpu.sh compat OUT       # NVLink attention; DDP overlap, distributed optimizer,
 #                                               # recompute, optimizer checkpoint resume, CP=4 x EP=4
 # NPROC=2 runs the torchrun targets on a 2-GPU host (EP=2), as s5d/s5e were.
@@ -211,6 +212,20 @@ case "$what" in
     NCCL_P2P_DISABLE=1 timeout 170 $tr benchmarks/bench_moe.py --out "$out/moe_p2poff" --iters 20 \
       --paired-rounds 3 --paired-variant best > "$out/moe_p2poff.log" 2>&1; tail -c 300 "$out/moe_p2poff.log"
     timeout 180 python3 -m pytest -q -s tests/gpu/test_moe_parity.py > "$out/moe_parity.txt" 2>&1
+    grep -E "\] (PASS|FAIL) \(|passed|failed" "$out/moe_parity.txt" | tail -8
+    ;;
+  s6b)
+    # Session 6, call 2: s6a's fixes (no zero fill of the loop dW, no scale_rows copy) and the
+    # per-expert backward only under DDP main_grad: NVLink with and without --ddp-grads, P2P off
+    # with --ddp-grads; GPU parity (now with the emulated-DDP check).
+    timeout 150 $tr benchmarks/bench_moe.py --out "$out/moe_nvlink_ddp" --iters 20 --ddp-grads \
+      --trace stock,fluid_on_c1 --paired-rounds 3 --paired-variant fluid_on_c1 \
+      > "$out/moe_nvlink_ddp.log" 2>&1; tail -c 200 "$out/moe_nvlink_ddp.log"
+    timeout 150 $tr benchmarks/bench_moe.py --out "$out/moe_nvlink" --iters 20 \
+      --paired-rounds 3 --paired-variant fluid_on_c1 > "$out/moe_nvlink.log" 2>&1; tail -c 200 "$out/moe_nvlink.log"
+    NCCL_P2P_DISABLE=1 timeout 150 $tr benchmarks/bench_moe.py --out "$out/moe_p2poff_ddp" --iters 20 --ddp-grads \
+      --paired-rounds 3 --paired-variant best > "$out/moe_p2poff_ddp.log" 2>&1; tail -c 200 "$out/moe_p2poff_ddp.log"
+    timeout 120 python3 -m pytest -q -s tests/gpu/test_moe_parity.py > "$out/moe_parity.txt" 2>&1
     grep -E "\] (PASS|FAIL) \(|passed|failed" "$out/moe_parity.txt" | tail -8
     ;;
   next-b)

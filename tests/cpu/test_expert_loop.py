@@ -24,6 +24,7 @@ import torch
 from fluid.moe import grouped_gemm
 from fluid.moe.expert_loop import sequential_experts
 from fluid.moe.grouped_gemm import grouped_linear, use_grouped_mm
+from fluid.moe.testing import emulate_ddp_grads
 from fluid.schedule import get_backward_scheduler
 
 H, F, G = 12, 10, 4
@@ -45,13 +46,19 @@ def _composition(x, p, w1, w2, counts, act):
     return grouped_linear(act(h, p), w2, counts, None)
 
 
-def _run(fn, counts, act, probs_grad, seed=0):
+def _weights(seed=0):
     gen = torch.Generator().manual_seed(seed)
+    w1 = torch.nn.Parameter(torch.randn(G, 2 * F, H, generator=gen) / H**0.5)
+    w2 = torch.nn.Parameter(torch.randn(G, H, F, generator=gen) / F**0.5)
+    return w1, w2
+
+
+def _run(fn, counts, act, probs_grad, seed=0, weights=None):
+    w1, w2 = weights or _weights()
+    gen = torch.Generator().manual_seed(100 + seed)
     T = sum(counts)
     x = torch.randn(T, H, generator=gen, requires_grad=True)
     p = torch.rand(T, generator=gen).requires_grad_(probs_grad)
-    w1 = torch.nn.Parameter(torch.randn(G, 2 * F, H, generator=gen) / H**0.5)
-    w2 = torch.nn.Parameter(torch.randn(G, H, F, generator=gen) / F**0.5)
     dy = torch.randn(T, H, generator=gen)
     y = fn(x, p, w1, w2, counts, act)
     y.backward(dy)
@@ -59,13 +66,16 @@ def _run(fn, counts, act, probs_grad, seed=0):
     return y.detach(), x.grad, p.grad, w1.grad, w2.grad
 
 
+def _seq(x, p, w1, w2, c, a):
+    return sequential_experts(x, p, w1, w2, c, a)
+
+
 @pytest.mark.parametrize("counts", [(5, 0, 7, 3), (0, 0, 9, 0), (4, 4, 4, 4)])
 @pytest.mark.parametrize("act", [_swiglu_weighted, _fused_swiglu_weighted])
 @pytest.mark.parametrize("probs_grad", [True, False])
 def test_sequential_experts_equal_the_composition_bitwise(counts, act, probs_grad):
-    seq = lambda x, p, w1, w2, c, a: sequential_experts(x, p, w1, w2, c, a)  # noqa: E731
     ref = _run(_composition, counts, act, probs_grad)
-    got = _run(seq, counts, act, probs_grad)
+    got = _run(_seq, counts, act, probs_grad)
     for name, r, g in zip(("y", "dx", "dprobs", "dw1", "dw2"), ref, got):
         if r is None:
             assert g is None, name
@@ -98,27 +108,46 @@ def test_sequential_backward_frees_each_expert_before_the_next():
         return _swiglu_weighted(h, p)
 
     done: set = set()
-    _run(lambda x, p, w1, w2, c, a: sequential_experts(x, p, w1, w2, c, a), counts, act, True)
+    _run(_seq, counts, act, True)
     assert len(dh_refs) == len(counts)
     assert not violations, f"(expert, live earlier d_h, live earlier h): {violations}"
 
 
 def test_sequential_dw_is_adopted_not_copied(monkeypatch):
     made = []
-    real_zeros = torch.Tensor.new_zeros
+    real_empty = torch.Tensor.new_empty
 
     def spy(self, *a, **k):
-        t = real_zeros(self, *a, **k)
+        t = real_empty(self, *a, **k)
         made.append(t.data_ptr())
         return t
 
-    monkeypatch.setattr(torch.Tensor, "new_zeros", spy)
-    *_, dw1, dw2 = _run(
-        lambda x, p, w1, w2, c, a: sequential_experts(x, p, w1, w2, c, a),
-        (3, 4, 0, 2), _swiglu_weighted, True,
-    )
+    monkeypatch.setattr(torch.Tensor, "new_empty", spy)
+    *_, dw1, dw2 = _run(_seq, (3, 4, 0, 2), _swiglu_weighted, True)
     monkeypatch.undo()
     assert dw1.data_ptr() in made and dw2.data_ptr() in made, "dW was copied into param.grad"
+
+
+@pytest.mark.parametrize("first", ["sequential", "composition"])
+def test_main_grad_under_ddp_hooks_equals_the_composition(first):
+    """Under Megatron DDP's hook, two micro-batches (one per path, either order) leave main_grad
+    bit-identical to two composition micro-batches; the hook fires once per parameter and
+    micro-batch; after the per-expert path, the flag is set and a later composition dW of the
+    same step goes into main_grad directly (else DDP's hook would drop it)."""
+    counts = (5, 0, 7, 3)
+    ref_w, got_w = _weights(), _weights()
+    ref_fired, got_fired = [], []
+    keep = emulate_ddp_grads(ref_w, ref_fired.append), emulate_ddp_grads(got_w, got_fired.append)
+    order = [_seq, _composition] if first == "sequential" else [_composition, _seq]
+    for seed in (0, 1):  # one optimizer step of two micro-batches: the flags stay set between
+        _run(_composition, counts, _fused_swiglu_weighted, True, seed=seed, weights=ref_w)
+        _run(order[seed], counts, _fused_swiglu_weighted, True, seed=seed, weights=got_w)
+    for r, g in zip(ref_w, got_w):
+        assert g.grad is None
+        assert torch.equal(g.main_grad, r.main_grad), "main_grad differs from the composition's"
+        assert g.grad_added_to_main_grad, "the per-expert path must set grad_added_to_main_grad"
+    assert sorted(got_fired) == sorted(ref_fired) == [0, 0, 1, 1]
+    del keep
 
 
 def test_auto_policy_picks_the_loop_for_large_experts_only(monkeypatch):

@@ -11,7 +11,8 @@ Fluid gets the stock state dict. Checks (printed PASS/FAIL per line, JSON to --o
   2. output, dX and every parameter gradient, Fluid (chunks 1 and 2) vs stock;
   3. Fluid scheduler on vs off: bit-identical output and gradients.
 Settings: chunks 1/2, deduplicated dispatch, and per-expert GEMMs (FLUID_GROUPED_MM=0) with dW
-inline (fluid.moe.expert_loop) and deferred (overlap forced on).
+inline and deferred (overlap forced on); last, per-expert GEMMs under emulated Megatron DDP
+(fluid.moe.expert_loop's per-expert backward): main_grad == the plain gradients, bitwise.
 Tolerance for 2: relative Frobenius error ||fluid - stock|| / ||stock|| <= 2e-2. Both compute the
 same bf16 GEMMs (fp32 accumulate, bf16 output) but with different kernels (grouped vs per-expert
 cuBLAS) and, for gradients, different summation orders; each bf16 rounding costs up to 2^-8
@@ -155,6 +156,27 @@ def main():
             torch.equal(grads[n], off[2][n]) for n in grads)
         results.append((f"{setting} scheduler on == off (bitwise)",
                         "PASS" if same else "FAIL", None))
+
+    # Under Megatron DDP (main_grad + its grad hook, emulated), per-expert GEMMs with dW inline
+    # take fluid.moe.expert_loop's per-expert backward, which adds each expert's dW straight into
+    # main_grad: it must equal the composition's gradients (same GEMMs, fp32 0 + bf16 add: exact).
+    from fluid.moe.testing import emulate_ddp_grads, reset_ddp_flags
+
+    set_num_chunks(fluid, 1)
+    os.environ["FLUID_GROUPED_MM"] = "0"
+    fluid.comm.overlap = "never"  # dW inline on any link
+    plain = run(fluid, x, dy)[2]
+    accs = emulate_ddp_grads(fluid.parameters())
+    reset_ddp_flags(fluid.parameters())
+    run(fluid, x, dy)
+    same = all(torch.equal(p.main_grad, plain[n].float()) for n, p in fluid.named_parameters())
+    results.append(("gemm=loop under DDP main_grad == plain grads (bitwise)",
+                    "PASS" if same else "FAIL", None))
+    results.append(("gemm=loop under DDP: expert weights flagged grad_added_to_main_grad",
+                    "PASS" if fluid.experts.weight1.grad_added_to_main_grad else "FAIL", None))
+    del accs
+    os.environ["FLUID_GROUPED_MM"] = "auto"
+    fluid.comm.overlap = "auto"
 
     failed = [r for r in results if r[1] == "FAIL"]
     if rank == 0:

@@ -4,13 +4,14 @@ Shape legend: T dispatched tokens (expert-major), H hidden, F expert FFN size, F
 gated linear unit else F, G local experts; T_g the rows of expert g.
 
 Why this exists. FluidGroupedMLP's default composition (grouped fc1 -> weighted activation ->
-grouped fc2, each an autograd op over all T rows) holds, in backward, every expert's activation
-gradient at once: `d_a [T, F]` and `d_h [T, F1]`. Stock SequentialMLP runs each expert's backward
-on its own, so only one expert's `d_a`, `d_h` exist at a time, and it frees that expert's saved
-`h`, `a` as it goes. For the Mixtral-like layer (T = 8192, F = 14336, G = 4 at EP=2) that is about
-0.35 GiB more peak memory than stock (docs/benchmarks, session 5: 3.44 vs 3.05 GB, 1.13x).
-Large experts also run faster as one cuBLAS GEMM each than in `torch._grouped_mm`
-(session 5, EP=4 kernel profile: fc1 dW 2.49 vs 2.77 ms, fc1 forward 2.43 vs 2.56 ms).
+grouped fc2, each an autograd op over all T rows) computes each weight's dW for all local experts
+at once, and holds every expert's activation gradient `d_h [T, F1]` at once. Under Megatron DDP
+that dW is a transient bf16 tensor the size of the weight (0.94 GiB for the Mixtral-like fc1 at
+EP=2) that the DDP hook adds into `main_grad` and drops. Stock SequentialMLP runs each expert's
+backward on its own: one expert's dW and `d_h` at a time, and each expert's saved `h`, `a` are
+freed as it goes. Large experts also run faster as one cuBLAS GEMM each than in
+`torch._grouped_mm` (session 5, EP=4 kernel profile: fc1 dW 2.49 vs 2.77 ms, fc1 forward 2.43 vs
+2.56 ms).
 
 `sequential_experts` is one autograd Function over the whole expert MLP. Forward, per expert g:
     h_g = x_g @ W1[g]^T;  a_g = act(h_g, probs_g);  y[rows of g] = a_g @ W2[g]^T
@@ -18,15 +19,24 @@ Backward, per expert g, freeing h_g and a_g after use:
     d_a = dy_g @ W2[g];   dW2[g] = dy_g^T @ a_g
     d_h, d_probs_g = the activation's own backward (autograd through the same `act` call)
     dx[rows of g] = d_h @ W1[g];   dW1[g] = d_h^T @ x_g
-dW1, dW2 are handed to autograd (`accumulate_weight_grad`) through the BackwardScheduler once all
-experts are done. FluidGroupedMLP picks this path only when the scheduler would run dW inline
-anyway (`BackwardScheduler.defers_dw()` is False: scheduler off, or no all-to-all can take dW
-beside it, e.g. over NVLink): deferring dW would need every expert's `d_h` kept until the window.
+Where each dW goes:
+  - the parameters have `main_grad` (Megatron DDP): expert g's dW is added into `main_grad[g]` and
+    freed at once, as DDP's hook does with each SequentialMLP grad; at the end the parameters get
+    `grad_added_to_main_grad` and a placeholder gradient (`mark_added_to_main_grad`), Megatron's
+    own convention for dW accumulated in place;
+  - otherwise into one stacked dW per weight, handed to autograd at the end. That buffer exists
+    for the whole backward, allocated while every expert's activations are still alive, so the
+    peak is higher than the composition's (Mixtral-like layer, 2x H200, no main_grad: 4.32 vs
+    3.44 GB; docs/benchmarks/raw/s6a). FluidGroupedMLP therefore takes this path only under DDP.
+FluidGroupedMLP also takes it only when the scheduler would run dW inline anyway
+(`BackwardScheduler.defers_dw()` is False: scheduler off, or no all-to-all can take dW beside it,
+e.g. over NVLink): deferring dW would need every expert's `d_h` kept until the window.
 
 Numerics: every GEMM is the call the per-expert loop of `fluid.moe.grouped_gemm` makes on the same
 rows (`x_g @ W[g]^T`, `dy_g @ W[g]`, `dy_g^T @ x_g`), and the activation is elementwise (its
 probs gradient a per-row sum), so the result is bit-identical to the composition with the loop
-GEMMs: scheduler on vs off stays bit-identical (tests/dist/test_moe_layer.py).
+GEMMs, `main_grad` included (an elementwise add, per expert or for all at once): scheduler on vs
+off stays bit-identical (tests/cpu/test_expert_loop.py, tests/gpu/moe_parity_script.py).
 
 The per-expert `h_g`, `a_g` and the activation's graph live on `ctx` (not `save_for_backward`), so
 saved-tensor hooks (activation offloading) do not see them; FluidMoE does not support those.
@@ -39,7 +49,7 @@ from typing import Callable, Sequence
 import torch
 
 from fluid.schedule import get_backward_scheduler
-from fluid.schedule.wgrad import _anchor, accumulate_boxed_weight_grad
+from fluid.schedule.wgrad import _anchor, accumulate_boxed_weight_grad, mark_added_to_main_grad
 
 
 class _SequentialExperts(torch.autograd.Function):
@@ -77,13 +87,20 @@ class _SequentialExperts(torch.autograd.Function):
         probs_shape, probs_dtype, want_dprobs = ctx.probs_meta
         dx = x.new_empty(x.shape) if want_dx else None
         dprobs = dy.new_zeros(probs_shape, dtype=probs_dtype) if want_dprobs else None
-        dw1 = w1.new_zeros(w1.shape) if param1.requires_grad else None
-        dw2 = w2.new_zeros(w2.shape) if param2.requires_grad else None
+        # Under Megatron DDP (params with main_grad) each expert's dW is added into main_grad[g]
+        # and freed, as DDP's hook does with each of SequentialMLP's per-expert grads; otherwise
+        # it is written into one stacked dW per weight, handed to autograd at the end.
+        direct = all(hasattr(p, "main_grad") for p in (param1, param2) if p.requires_grad)
+        dw1 = w1.new_empty(w1.shape) if param1.requires_grad and not direct else None
+        dw2 = w2.new_empty(w2.shape) if param2.requires_grad and not direct else None
         start = 0
         for g, count in enumerate(counts):
             rows = slice(start, start + count)
             start += count
-            if count == 0:
+            if count == 0:  # SequentialMLP gives an expert without rows an all-zero dW
+                for dw in (dw1, dw2):
+                    if dw is not None:
+                        dw[g].zero_()
                 continue
             h_leaf, p_leaf, a_g = saved[g]
             saved[g] = None  # h_g, a_g go once this expert is done, as in SequentialMLP
@@ -91,6 +108,8 @@ class _SequentialExperts(torch.autograd.Function):
             d_a = torch.matmul(dy_g, w2[g])
             if dw2 is not None:
                 torch.matmul(dy_g.t(), a_g.detach(), out=dw2[g])
+            elif direct and param2.requires_grad:
+                param2.main_grad[g].add_(torch.matmul(dy_g.t(), a_g.detach()))
             inputs = (h_leaf, p_leaf) if want_dprobs else (h_leaf,)
             grads = torch.autograd.grad(a_g, inputs, d_a)
             del a_g, d_a
@@ -101,10 +120,12 @@ class _SequentialExperts(torch.autograd.Function):
                 torch.matmul(d_h, w1[g], out=dx[rows])
             if dw1 is not None:
                 torch.matmul(d_h.t(), x[rows], out=dw1[g])
+            elif direct and param1.requires_grad:
+                param1.main_grad[g].add_(torch.matmul(d_h.t(), x[rows]))
             del d_h, h_leaf, p_leaf, grads
 
         # dW is complete; the scheduler runs this inline (this path is only taken when it would
-        # not defer). Each dW sits only in its box, so AccumulateGrad adopts it (no copy).
+        # not defer). Each stacked dW sits only in its box, so AccumulateGrad adopts it (no copy).
         boxes = [(param1, [dw1]), (param2, [dw2])]
         del dw1, dw2
 
@@ -112,6 +133,8 @@ class _SequentialExperts(torch.autograd.Function):
             for param, box in boxes:
                 if box[0] is not None:
                     accumulate_boxed_weight_grad(param, box)
+                elif direct and param.requires_grad:
+                    mark_added_to_main_grad(param)
 
         get_backward_scheduler().defer(hand_over, ctx.name)
         return dx, dprobs, None, None, None, None, None, None, None

@@ -164,9 +164,10 @@ class FluidGroupedMLP(MegatronModule):
             x = (permuted_probs.unsqueeze(-1) * x).to(permuted_hidden.dtype)
             permuted_probs = torch.ones_like(permuted_probs)
         if not use_grouped_mm(x, counts, self.macs_per_row):
-            if not get_backward_scheduler().defers_dw():
-                # Per-expert GEMMs and dW inline anyway: run the experts one after another in
-                # backward too, as SequentialMLP does (stock's peak memory; see expert_loop).
+            if not get_backward_scheduler().defers_dw() and self._has_main_grad():
+                # Per-expert GEMMs, dW inline anyway, and Megatron DDP's main_grad to add each
+                # expert's dW into: run the experts one after another in backward too, as
+                # SequentialMLP does, with stock's peak memory (see expert_loop).
                 out = sequential_experts(
                     x, permuted_probs, self.weight1, self.weight2, counts,
                     self._weighted_activation, name=self.name,
@@ -179,6 +180,11 @@ class FluidGroupedMLP(MegatronModule):
         a = self._weighted_activation(h, permuted_probs)
         out = grouped_linear(a, self.weight2, counts, offs, name=f"{self.name}.fc2")
         return out, None
+
+    def _has_main_grad(self) -> bool:
+        """True under Megatron DDP: every trainable expert weight has its fp32 `main_grad`."""
+        params = [p for p in (self.weight1, self.weight2) if p.requires_grad]
+        return bool(params) and all(hasattr(p, "main_grad") for p in params)
 
     def backward_dw(self) -> None:
         """No-op: dW is deferred to the BackwardScheduler (fluid.schedule), not to this call."""

@@ -133,10 +133,14 @@ def gmm_wgrad(dy_TN: torch.Tensor, x_TK: torch.Tensor, counts: Sequence[int], of
                 if c == 0:
                     dw[g].zero_()
             return dw
-    dw = x_TK.new_zeros((num_groups, dy_TN.shape[1], x_TK.shape[1]))
+    # Every non-empty group's slice is written whole by its GEMM: only empty groups need zeros
+    # (a full zero fill of a Mixtral-sized dW costs 0.28 ms, 2x H200 timeline of session 6).
+    dw = x_TK.new_empty((num_groups, dy_TN.shape[1], x_TK.shape[1]))
     for g, (dy_g, x_g) in enumerate(zip(_split(dy_TN, counts), _split(x_TK, counts))):
         if dy_g.shape[0]:
             torch.matmul(dy_g.t(), x_g, out=dw[g])
+        else:
+            dw[g].zero_()
     return dw
 
 

@@ -43,8 +43,13 @@ class _ScaleRows(torch.autograd.Function):
         ctx.save_for_backward(a, probs)
         ctx.rows = rows
         out = torch.empty_like(a)
+        same = torch.promote_types(a.dtype, probs.dtype) == a.dtype
         for s in range(0, a.shape[0], rows):
-            out[s : s + rows].copy_(a[s : s + rows] * probs[s : s + rows].unsqueeze(-1))
+            blk, p_blk = a[s : s + rows], probs[s : s + rows].unsqueeze(-1)
+            if same:  # the product is already in a's dtype: write it in place, no copy
+                torch.mul(blk, p_blk, out=out[s : s + rows])
+            else:
+                out[s : s + rows].copy_(blk * p_blk)
         return out
 
     @staticmethod
@@ -57,7 +62,9 @@ class _ScaleRows(torch.autograd.Function):
         grad_p = torch.empty_like(probs) if need_p else None
         for s in range(0, a.shape[0], rows):
             g = grad[s : s + rows].to(wide)  # the .to(a.dtype) of forward, backward
-            if need_a:
+            if need_a and wide == a.dtype:
+                torch.mul(g, probs[s : s + rows].unsqueeze(-1), out=grad_a[s : s + rows])
+            elif need_a:
                 grad_a[s : s + rows].copy_(g * probs[s : s + rows].unsqueeze(-1))
             if need_p:
                 grad_p[s : s + rows].copy_((g * a[s : s + rows]).sum(-1))

@@ -181,3 +181,42 @@ def init_expert_parallel_world(cuda: bool, seed: int = 1234):
 
         model_parallel_cuda_manual_seed(seed)
     return rank, ws, device, ProcessGroupCollection.use_mpu_process_groups()
+
+
+def emulate_ddp_grads(params, on_hook=None) -> list:
+    """Give `params` what Megatron DDP gives them (benchmarks' --ddp-grads, tests).
+
+    Each trainable parameter gets an fp32 `main_grad`, `grad_added_to_main_grad = False`, and a
+    hook on its AccumulateGrad node that adds `param.grad` into `main_grad` unless the flag is
+    set, then drops `param.grad` (DistributedDataParallel._make_backward_post_hook without the
+    bucket bookkeeping). `on_hook(index)` is called after each hook, for tests to count them.
+    Returns the AccumulateGrad nodes: keep them alive as DDP does (`grad_accs`), or the hooks go.
+    Call `reset_ddp_flags` before each step, as DDP's zero_grad_buffer does. The buffers are
+    persistent, so a benchmark's peak above the steady state measures what a backward adds
+    under DDP: the transient gradients.
+    """
+    accs = []
+    for i, p in enumerate(params):
+        if not p.requires_grad:
+            continue
+        p.main_grad = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+        p.grad_added_to_main_grad = False
+
+        def hook(*_, p=p, i=i):
+            if p.grad is not None and not p.grad_added_to_main_grad:
+                p.main_grad.add_(p.grad.data)
+            p.grad = None
+            if on_hook is not None:
+                on_hook(i)
+
+        acc = p.expand_as(p).grad_fn.next_functions[0][0]
+        acc.register_hook(hook)
+        accs.append(acc)
+    return accs
+
+
+def reset_ddp_flags(params) -> None:
+    """What DDP's zero_grad_buffer does to the flags: `grad_added_to_main_grad = False`."""
+    for p in params:
+        if hasattr(p, "main_grad"):
+            p.grad_added_to_main_grad = False

@@ -15,7 +15,10 @@ stock Megatron's linears do with `gradient_accumulation_fusion=False`:
 With `gradient_accumulation_fusion` and a `main_grad` (DDP), `fused_accumulate` writes dW straight
 into `main_grad` with apex's fused kernel when it is installed, marks `grad_added_to_main_grad`, and
 fires the hooks with a placeholder gradient, as Megatron's LinearWithGradAccumulation does. Without
-the kernel it falls back to the unfused path above (with a one-time warning).
+the kernel it falls back to the unfused path above (with a one-time warning). FluidGroupedMLP's
+per-expert path (fluid.moe.expert_loop) adds each expert's dW into `main_grad` the same way. Once a
+parameter's flag is set, every later dW of the step goes into `main_grad` directly as well
+(`accumulate_boxed_weight_grad`): the hook would skip it.
 """
 
 from __future__ import annotations
@@ -80,8 +83,19 @@ def accumulate_boxed_weight_grad(param: torch.nn.Parameter, box: list) -> None:
     if not param.requires_grad:
         box.clear()
         return
-    if box[0].dtype != param.dtype:
+    if hasattr(param, "main_grad") and getattr(param, "grad_added_to_main_grad", False):
+        # An earlier dW of this step went straight into main_grad (fused_accumulate, or
+        # fluid.moe.expert_loop) and set the flag, so Megatron DDP's hook will skip its add until
+        # zero_grad_buffer: this dW must go in directly too, or it would be lost.
+        param.main_grad.add_(box.pop())
+        box.append(torch.empty_like(param))  # what the hook needs: a gradient, any values
+    elif box[0].dtype != param.dtype:
         box[0] = box[0].to(param.dtype)
+    _hand_over(param, box)
+
+
+def _hand_over(param: torch.nn.Parameter, box: list) -> None:
+    """Run param's AccumulateGrad (and its hooks) on the tensor in `box`, emptying the box."""
     with torch.enable_grad():
         out = _HandOver.apply(param, box)
     torch.autograd.backward(out)
@@ -109,9 +123,19 @@ def fused_accumulate(param: torch.nn.Parameter, x_2d: torch.Tensor, dy_2d: torch
         fused_weight_gradient_mlp_cuda.wgrad_gemm_accum_fp32(x_2d, dy_2d, param.main_grad)
     else:
         fused_weight_gradient_mlp_cuda.wgrad_gemm_accum_fp16(x_2d, dy_2d, param.main_grad)
+    mark_added_to_main_grad(param)
+
+
+def mark_added_to_main_grad(param: torch.nn.Parameter) -> None:
+    """After dW went straight into `param.main_grad`: set `grad_added_to_main_grad` and fire the
+    parameter's hooks with a placeholder gradient, as Megatron's LinearWithGradAccumulation does.
+
+    Megatron DDP's hook skips its add when the flag is set (until `zero_grad_buffer` clears it)
+    and only needs a gradient to be present; it sets `param.grad = None` right after, so the
+    placeholder (uninitialized, param-sized) lives only during the hook.
+    """
     param.grad_added_to_main_grad = True
-    # DDP's hook skips the add when grad_added_to_main_grad is set; it only needs a gradient.
-    accumulate_weight_grad(param, torch.empty_like(param))
+    _hand_over(param, [torch.empty_like(param)])
 
 
 class _DeferredLinear(torch.autograd.Function):
