@@ -49,6 +49,7 @@ MODEL = (
 # stock -> Fluid). "fluid" saves its final weights; "stock_from_fluid" and "fluid_from_fluid"
 # continue from them for a few iterations (Fluid -> stock).
 EP4 = "--expert-model-parallel-size 4"
+EP2 = "--expert-model-parallel-size 2"
 VARIANTS = {
     "init": ("", EP4, 4096, 1, None, "ckpt_init"),
     "stock": ("", EP4, 4096, None, "ckpt_init", None),
@@ -128,6 +129,20 @@ VARIANTS = {
         "--use-fluid-moe", "--pipeline-model-parallel-size 2 --expert-model-parallel-size 2", 4096, None,
         "ckpt_init", None,
     ),
+    # Session 6, on a 2-GPU host (--nproc 2): EP=2 from an EP=2 initial checkpoint. At this model's
+    # sizes FLUID_GROUPED_MM=auto picks per-expert GEMMs (141 GFLOP per expert MLP at EP=2) and,
+    # under Megatron DDP with dW inline (NVLink), fluid.moe.expert_loop's per-expert backward that
+    # adds each expert's dW into main_grad: checked here against real DDP, with and without
+    # --overlap-grad-reduce / the distributed optimizer; "_grouped" is the torch._grouped_mm path.
+    "init_ep2": ("", EP2, 4096, 1, None, "ckpt_init_ep2"),
+    "stock_ep2": ("", EP2, 4096, None, "ckpt_init_ep2", None),
+    "fluid_ep2": ("--use-fluid-moe", EP2, 4096, None, "ckpt_init_ep2", None),
+    "fluid_ep2_grouped": ("--use-fluid-moe", EP2, 4096, None, "ckpt_init_ep2", None,
+                          {"env": {"FLUID_GROUPED_MM": "1"}}),
+    "stock_ep2_ddp_overlap": ("--overlap-grad-reduce --use-distributed-optimizer", EP2, 4096, None,
+                              "ckpt_init_ep2", None),
+    "fluid_ep2_ddp_overlap": ("--use-fluid-moe --overlap-grad-reduce --use-distributed-optimizer", EP2,
+                              4096, None, "ckpt_init_ep2", None),
     "fluid_cp2_ep2_seq16k": (
         "--use-fluid-moe",
         "--expert-model-parallel-size 2 --context-parallel-size 2",
@@ -185,6 +200,8 @@ def run_variant(name, out: Path, iters: int, p2p_off: bool, nproc: int, ckpt_dir
         env["CUDA_DEVICE_MAX_CONNECTIONS"] = "32"  # that feature needs several queues
     if p2p_off:
         env["NCCL_P2P_DISABLE"] = "1"
+    opt = VARIANTS[name][6] if len(VARIANTS[name]) > 6 else {}
+    env.update(opt.get("env", {}))
     args = variant_args(name, iters, ckpt_dir)
     script = ROOT / ".megatron" / "pretrain_gpt.py"
     if not script.exists():
@@ -210,7 +227,8 @@ def run_variant(name, out: Path, iters: int, p2p_off: bool, nproc: int, ckpt_dir
         "median_iter_ms_after_10": statistics.median(steady) if steady else None,
         "iterations": its,
         "command": " ".join(cmd),
-        "env": {k: env[k] for k in ("CUDA_DEVICE_MAX_CONNECTIONS", "NCCL_P2P_DISABLE") if k in env},
+        "env": {k: env[k] for k in ("CUDA_DEVICE_MAX_CONNECTIONS", "NCCL_P2P_DISABLE", "FLUID_GROUPED_MM")
+                if k in env},
     }
 
 
@@ -261,7 +279,9 @@ def main():
              ("fluid_optim_save_plain", "fluid_optim_resume_plain"),
              ("stock", "stock_repeat"), ("stock", "stock_ddp_overlap"), ("fluid", "fluid_repeat"),
              ("fluid_det", "fluid_det_repeat"), ("stock", "fluid_det"), ("stock_optim_save_plain", "stock_optim_resume_plain"),
-             ("stock_optim_save", "stock_optim_resume"), ("stock_pp2_ep2", "fluid_pp2_ep2")]
+             ("stock_optim_save", "stock_optim_resume"), ("stock_pp2_ep2", "fluid_pp2_ep2"),
+             ("stock_ep2", "fluid_ep2"), ("stock_ep2", "fluid_ep2_grouped"),
+             ("stock_ep2", "stock_ep2_ddp_overlap"), ("stock_ep2_ddp_overlap", "fluid_ep2_ddp_overlap")]
     for ref, other in pairs:
         if ref in runs and other in runs:
             results[f"{other}_vs_{ref}"] = compare(runs[ref], runs[other])

@@ -24,6 +24,7 @@
 #   bash benchmarks/run_gpu.sh s5f OUT          # carve-out size inside the MoE layer, P2P off
 #   bash benchmarks/run_gpu.sh s6a OUT          # FLUID_GROUPED_MM=auto (per-expert path for large experts)
 #   bash benchmarks/run_gpu.sh s6b OUT          # s6a's fixes; per-expert backward under (emulated) DDP
+#   bash benchmarks/run_gpu.sh s6c OUT          # end to end at EP=2 (NPROC ignored: e2e.py --nproc 2)
 #   bash benchmarks/run_gpu.sh compat OUT       # NVLink attention; DDP overlap, distributed optimizer,
 #                                               # recompute, optimizer checkpoint resume, CP=4 x EP=4
 # NPROC=2 runs the torchrun targets on a 2-GPU host (EP=2), as s5d/s5e were.
@@ -227,6 +228,13 @@ case "$what" in
       --paired-rounds 3 --paired-variant best > "$out/moe_p2poff_ddp.log" 2>&1; tail -c 200 "$out/moe_p2poff_ddp.log"
     timeout 120 python3 -m pytest -q -s tests/gpu/test_moe_parity.py > "$out/moe_parity.txt" 2>&1
     grep -E "\] (PASS|FAIL) \(|passed|failed" "$out/moe_parity.txt" | tail -8
+    ;;
+  s6c)
+    # Session 6, call 3 (2-GPU host): end to end at EP=2 over NVLink, where FLUID_GROUPED_MM=auto
+    # takes the per-expert backward under real Megatron DDP; stock and Fluid from one checkpoint.
+    timeout 560 python3 benchmarks/e2e.py --out "$out/e2e_ep2" --iters 40 --nproc 2 \
+      --variants init_ep2,stock_ep2,fluid_ep2,fluid_ep2_grouped,stock_ep2_ddp_overlap,fluid_ep2_ddp_overlap \
+      2>&1 | tail -40
     ;;
   next-b)
     # Prepared for the next session (not yet run): e2e over NVLink with the inline rule, the
