@@ -48,10 +48,12 @@ from benchmarks._timing import Timer  # noqa: E402
 CONFIGS = {
     "mixtral": dict(hidden=4096, ffn=14336, num_experts=8, topk=2),
     "fine": dict(hidden=2048, ffn=1408, num_experts=64, topk=6),
+    "e2e": dict(hidden=2048, ffn=5632, num_experts=8, topk=2),  # benchmarks/e2e.py's MoE layer
 }
 TINY = {
     "mixtral": dict(hidden=64, ffn=128, num_experts=4, topk=2),
     "fine": dict(hidden=32, ffn=24, num_experts=8, topk=6),
+    "e2e": dict(hidden=32, ffn=48, num_experts=4, topk=2),
 }
 
 

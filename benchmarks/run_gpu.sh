@@ -25,6 +25,7 @@
 #   bash benchmarks/run_gpu.sh s6a OUT          # FLUID_GROUPED_MM=auto (per-expert path for large experts)
 #   bash benchmarks/run_gpu.sh s6b OUT          # s6a's fixes; per-expert backward under (emulated) DDP
 #   bash benchmarks/run_gpu.sh s6c OUT          # end to end at EP=2 (NPROC ignored: e2e.py --nproc 2)
+#   bash benchmarks/run_gpu.sh s6d OUT          # e2e's MoE layer alone, loop vs grouped; e2e repeated
 #   bash benchmarks/run_gpu.sh compat OUT       # NVLink attention; DDP overlap, distributed optimizer,
 #                                               # recompute, optimizer checkpoint resume, CP=4 x EP=4
 # NPROC=2 runs the torchrun targets on a 2-GPU host (EP=2), as s5d/s5e were.
@@ -235,6 +236,14 @@ case "$what" in
     timeout 560 python3 benchmarks/e2e.py --out "$out/e2e_ep2" --iters 40 --nproc 2 \
       --variants init_ep2,stock_ep2,fluid_ep2,fluid_ep2_grouped,stock_ep2_ddp_overlap,fluid_ep2_ddp_overlap \
       2>&1 | tail -40
+    ;;
+  s6d)
+    # Session 6, call 4 (2-GPU host): why e2e at EP=2 was slower with per-expert GEMMs (s6c: 508 vs
+    # 411 ms): the e2e model's MoE layer alone, loop vs grouped, under emulated DDP; e2e repeated.
+    timeout 120 $tr benchmarks/bench_moe.py --out "$out/moe_e2e_nvlink_ddp" --configs e2e --iters 20 --ddp-grads \
+      --trace fluid_on_c1,fluid_on_c1_grouped > "$out/moe_e2e_nvlink_ddp.log" 2>&1; tail -c 200 "$out/moe_e2e_nvlink_ddp.log"
+    timeout 200 python3 benchmarks/e2e.py --out "$out/e2e_ep2" --iters 40 --nproc 2 \
+      --variants init_ep2,fluid_ep2_grouped,fluid_ep2 2>&1 | grep rc=
     ;;
   next-b)
     # Prepared for the next session (not yet run): e2e over NVLink with the inline rule, the
