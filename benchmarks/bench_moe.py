@@ -25,7 +25,8 @@ stock_repeat: stock measured again after the Fluid variants (both layers stay re
   stock_drift = its fwdbwd / the first one's, the run-to-run noise the speedups carry.
 paired (--paired-rounds R > 0, CUDA): R alternating rounds of stock and Fluid (--paired-variant,
   default fluid_on_c1; 'best' = the fastest Fluid variant of the run), --iters fwd+bwd each; per-round speedup = stock median / Fluid median, and their
-  median and range. Host drift then hits both sides of each ratio alike.
+  median and range. Host drift then hits both sides of each ratio alike. --paired-onoff: the
+  same for Fluid scheduler off vs on (on_over_off per round).
 --ddp-grads: both layers' parameters get Megatron DDP's fp32 main_grad and its grad hook
   (fluid.moe.testing.emulate_ddp_grads), so peak_gb counts the gradients a backward adds transiently under DDP.
 Writes <out>/bench_moe.json (argv, card, env, results); benchmarks/moe_report.py renders it.
@@ -195,6 +196,23 @@ def paired_rounds(stock, fluid, x, dy, timer, args, variant):
             "speedup_max": sp[-1]}
 
 
+def paired_onoff(fluid, x, dy, timer, args):
+    """Alternate Fluid with the scheduler off and on (chunks 1, default settings) for
+    `args.paired_rounds` rounds: per-round slowdown = on / off (the "scheduler on never slower
+    than off by more than 2%" target), drift-robust like `paired_rounds`."""
+    rounds = []
+    for _ in range(args.paired_rounds):
+        ms = {}
+        for name in ("fluid_off_c1", "fluid_on_c1"):
+            apply_variant(fluid, name)
+            ms[name] = timer(fwdbwd_step(fluid, x, dy), 1, args.iters)
+        rounds.append({**ms, "on_over_off": ms["fluid_on_c1"] / ms["fluid_off_c1"]})
+    apply_variant(fluid, "fluid_on_c1")
+    r = sorted(rd["on_over_off"] for rd in rounds)
+    return {"rounds": rounds, "on_over_off_median": r[len(r) // 2], "on_over_off_min": r[0],
+            "on_over_off_max": r[-1]}
+
+
 def a2a_alone(rows, hidden, dtype, device, timer, args):
     x = torch.randn(rows - rows % dist.get_world_size(), hidden, dtype=dtype, device=device)
     out = torch.empty_like(x)
@@ -259,6 +277,8 @@ def run_config(name, shape, args, cuda, device, pg, ws):
             pv = min((v for v in out["variants"] if v.startswith("fluid")),
                      key=lambda v: out["variants"][v]["fwdbwd_ms"])
         out["paired"] = paired_rounds(stock, fluid, x, dy, timer, args, pv)
+        if args.paired_onoff:
+            out["paired_onoff"] = paired_onoff(fluid, x, dy, timer, args)
     del stock
     if cuda:
         torch.cuda.empty_cache()
@@ -308,6 +328,8 @@ def main():
     p.add_argument("--paired-variant", default="fluid_on_c1",
                    help="the Fluid variant of the paired rounds (see apply_variant), or 'best': "
                         "the fastest Fluid variant of this run")
+    p.add_argument("--paired-onoff", action="store_true",
+                   help="with --paired-rounds: also alternate Fluid scheduler off / on (paired_onoff)")
     p.add_argument("--extra-variants", default="",
                    help="more Fluid variants, comma-separated, e.g. fluid_on_c2_sm16 (see apply_variant)")
     p.add_argument("--trace", default="",

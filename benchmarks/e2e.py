@@ -129,16 +129,21 @@ VARIANTS = {
         "--use-fluid-moe", "--pipeline-model-parallel-size 2 --expert-model-parallel-size 2", 4096, None,
         "ckpt_init", None,
     ),
-    # Session 6, on a 2-GPU host (--nproc 2): EP=2 from an EP=2 initial checkpoint. At this model's
-    # sizes FLUID_GROUPED_MM=auto picks per-expert GEMMs (141 GFLOP per expert MLP at EP=2) and,
-    # under Megatron DDP with dW inline (NVLink), fluid.moe.expert_loop's per-expert backward that
-    # adds each expert's dW into main_grad: checked here against real DDP, with and without
-    # --overlap-grad-reduce / the distributed optimizer; "_grouped" is the torch._grouped_mm path.
+    # Session 6, on a 2-GPU host (--nproc 2): EP=2 from an EP=2 initial checkpoint. "_loop"
+    # (FLUID_GROUPED_MM=0) takes, under Megatron DDP with dW inline (NVLink), fluid.moe.expert_loop's
+    # per-expert backward, which adds each expert's dW into main_grad: checked here against real DDP.
+    # "_grouped" forces torch._grouped_mm. Plain "fluid_ep2" / "fluid_ep2_ddp_overlap" use auto:
+    # grouped at this model's 141 GFLOP per expert MLP since LOOP_MIN_EXPERT_GFLOP = 400 (in
+    # raw/s6c, run with the first threshold of 100, they took the per-expert path).
     "init_ep2": ("", EP2, 4096, 1, None, "ckpt_init_ep2"),
     "stock_ep2": ("", EP2, 4096, None, "ckpt_init_ep2", None),
     "fluid_ep2": ("--use-fluid-moe", EP2, 4096, None, "ckpt_init_ep2", None),
     "fluid_ep2_grouped": ("--use-fluid-moe", EP2, 4096, None, "ckpt_init_ep2", None,
                           {"env": {"FLUID_GROUPED_MM": "1"}}),
+    "fluid_ep2_loop": ("--use-fluid-moe", EP2, 4096, None, "ckpt_init_ep2", None,
+                       {"env": {"FLUID_GROUPED_MM": "0"}}),
+    "fluid_ep2_loop_ddp_overlap": ("--use-fluid-moe --overlap-grad-reduce --use-distributed-optimizer",
+                                   EP2, 4096, None, "ckpt_init_ep2", None, {"env": {"FLUID_GROUPED_MM": "0"}}),
     "stock_ep2_ddp_overlap": ("--overlap-grad-reduce --use-distributed-optimizer", EP2, 4096, None,
                               "ckpt_init_ep2", None),
     "fluid_ep2_ddp_overlap": ("--use-fluid-moe --overlap-grad-reduce --use-distributed-optimizer", EP2,
@@ -280,7 +285,8 @@ def main():
              ("stock", "stock_repeat"), ("stock", "stock_ddp_overlap"), ("fluid", "fluid_repeat"),
              ("fluid_det", "fluid_det_repeat"), ("stock", "fluid_det"), ("stock_optim_save_plain", "stock_optim_resume_plain"),
              ("stock_optim_save", "stock_optim_resume"), ("stock_pp2_ep2", "fluid_pp2_ep2"),
-             ("stock_ep2", "fluid_ep2"), ("stock_ep2", "fluid_ep2_grouped"),
+             ("stock_ep2", "fluid_ep2"), ("stock_ep2", "fluid_ep2_grouped"), ("stock_ep2", "fluid_ep2_loop"),
+             ("stock_ep2_ddp_overlap", "fluid_ep2_loop_ddp_overlap"),
              ("stock_ep2", "stock_ep2_ddp_overlap"), ("stock_ep2_ddp_overlap", "fluid_ep2_ddp_overlap")]
     for ref, other in pairs:
         if ref in runs and other in runs:

@@ -37,10 +37,19 @@ def to_markdown(doc: dict) -> str:
         for v, r in res["variants"].items():
             lines.append(f"| {v} | " + " | ".join(_fmt(r.get(c)) for c in COLS) + " |")
         lines.append("")
+        po = res.get("paired_onoff")
+        if po:
+            lines += [
+                f"Scheduler on / off, alternating ({len(po['rounds'])} rounds): fwd+bwd time ratio "
+                f"median {_fmt(po['on_over_off_median'])}, range {_fmt(po['on_over_off_min'])}-"
+                f"{_fmt(po['on_over_off_max'])} (> 1: on is slower)",
+                "",
+            ]
         pr = res.get("paired")
         if pr:
             lines += [
-                f"Paired rounds (stock, Fluid on c1 alternating, {len(pr['rounds'])} rounds): speedup "
+                f"Paired rounds (stock, Fluid {pr.get('variant', 'fluid_on_c1')} alternating, "
+                f"{len(pr['rounds'])} rounds): speedup "
                 f"median {_fmt(pr['speedup_median'])}, range {_fmt(pr['speedup_min'])}-{_fmt(pr['speedup_max'])}; "
                 "stock ms per round: " + ", ".join(_fmt(r["stock"]) for r in pr["rounds"]),
                 "",

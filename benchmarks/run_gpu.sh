@@ -26,6 +26,7 @@
 #   bash benchmarks/run_gpu.sh s6b OUT          # s6a's fixes; per-expert backward under (emulated) DDP
 #   bash benchmarks/run_gpu.sh s6c OUT          # end to end at EP=2 (NPROC ignored: e2e.py --nproc 2)
 #   bash benchmarks/run_gpu.sh s6d OUT          # e2e's MoE layer alone, loop vs grouped; e2e repeated
+#   bash benchmarks/run_gpu.sh s6e OUT          # final: layers under DDP, paired on/off; e2e at EP=2
 #   bash benchmarks/run_gpu.sh compat OUT       # NVLink attention; DDP overlap, distributed optimizer,
 #                                               # recompute, optimizer checkpoint resume, CP=4 x EP=4
 # NPROC=2 runs the torchrun targets on a 2-GPU host (EP=2), as s5d/s5e were.
@@ -244,6 +245,18 @@ case "$what" in
       --trace fluid_on_c1,fluid_on_c1_grouped > "$out/moe_e2e_nvlink_ddp.log" 2>&1; tail -c 200 "$out/moe_e2e_nvlink_ddp.log"
     timeout 200 python3 benchmarks/e2e.py --out "$out/e2e_ep2" --iters 40 --nproc 2 \
       --variants init_ep2,fluid_ep2_grouped,fluid_ep2 2>&1 | grep rc=
+    ;;
+  s6e)
+    # Session 6, last call (2-GPU host): final code (LOOP_MIN_EXPERT_GFLOP 400), MoE layers under
+    # emulated DDP on both links with paired stock/Fluid and scheduler off/on rounds; e2e at EP=2.
+    timeout 140 $tr benchmarks/bench_moe.py --out "$out/moe_nvlink_ddp" --iters 20 --ddp-grads \
+      --paired-rounds 3 --paired-variant fluid_on_c1 --paired-onoff > "$out/moe_nvlink_ddp.log" 2>&1
+    tail -c 150 "$out/moe_nvlink_ddp.log"
+    NCCL_P2P_DISABLE=1 timeout 140 $tr benchmarks/bench_moe.py --out "$out/moe_p2poff_ddp" --iters 20 --ddp-grads \
+      --paired-rounds 3 --paired-variant fluid_on_c1 --paired-onoff > "$out/moe_p2poff_ddp.log" 2>&1
+    tail -c 150 "$out/moe_p2poff_ddp.log"
+    timeout 250 python3 benchmarks/e2e.py --out "$out/e2e_ep2" --iters 40 --nproc 2 \
+      --variants init_ep2,stock_ep2,fluid_ep2,fluid_ep2_loop_ddp_overlap,stock_ep2_ddp_overlap 2>&1 | grep rc=
     ;;
   next-b)
     # Prepared for the next session (not yet run): e2e over NVLink with the inline rule, the

@@ -12,7 +12,7 @@ What must hold (see the module docstring):
     activations once that expert is done (the stock SequentialMLP memory profile it exists for);
   - the dWs are adopted as `param.grad` (not copied);
   - FLUID_GROUPED_MM=auto picks the loop for Mixtral-sized experts and the grouped kernel for the
-    64-expert layer; a bad value raises.
+    64-expert layer and the e2e model's layer; a bad value raises.
 """
 
 import gc
@@ -158,6 +158,8 @@ def test_auto_policy_picks_the_loop_for_large_experts_only(monkeypatch):
     monkeypatch.setenv("FLUID_GROUPED_MM", "auto")
     assert not use_grouped_mm(x, [2048] * 4, mixtral)  # 721 GFLOP per expert
     assert use_grouped_mm(x, [768] * 32, fine)  # 13 GFLOP per expert
+    e2e = 2048 * 2 * 5632 + 5632 * 2048  # benchmarks/e2e.py's layer: 141 GFLOP, host-bound as a loop
+    assert use_grouped_mm(x, [2048] * 4, e2e)
     assert use_grouped_mm(x, [16] * 4, mixtral)  # small batch of a large expert: 5.6 GFLOP
     monkeypatch.setenv("FLUID_GROUPED_MM", "1")
     assert use_grouped_mm(x, [2048] * 4, mixtral)

@@ -39,13 +39,17 @@ log = logging.getLogger(__name__)
 _BROKEN: list[str] = []  # set once if torch._grouped_mm rejected a call: loop from then on
 
 # FLUID_GROUPED_MM=auto: one expert's MLP (fc1 + fc2, mean rows per expert) of at least this many
-# GFLOP runs as one cuBLAS GEMM per expert instead of torch._grouped_mm. Measured points:
-# - Mixtral-like (H 4096, F 14336, about 2048 rows per expert): 721 GFLOP. Kernel profile, 4x H200
-#   (session 5): cuBLAS fc1 dW 2.49 vs grouped 2.77 ms, fc1 forward 2.43 vs 2.56 ms.
-# - 64 experts (H 2048, F 1408, top-6, EP=2, about 768 rows per expert): 13 GFLOP. The loop was
-#   1.7x slower end to end (2x H200, docs/benchmarks/moe_nvlink_s5e_h200x2.md: 14.5 vs 8.5 ms).
-# 100 GFLOP (about 0.15 ms of bf16 GEMM on Hopper) lies between, well away from both.
-LOOP_MIN_EXPERT_GFLOP = 100.0
+# GFLOP runs as one cuBLAS GEMM per expert instead of torch._grouped_mm. Measured points (2x H200,
+# EP=2, docs/benchmarks/raw/s6b, s6d; session 5's 4x H200 profile agrees on the first):
+# - Mixtral-like (H 4096, F 14336, about 2048 rows per expert): 721 GFLOP. Per-expert GEMMs are
+#   faster: layer fwd+bwd 17.54 vs 18.65 ms (NVLink), 19.97 vs 21.29 ms under DDP main_grad.
+# - benchmarks/e2e.py's layer (H 2048, F 5632, 2048 rows): 141 GFLOP. Per-expert is slower: the
+#   layer under DDP 9.32 vs 7.50 ms, the whole model 611/508 vs 395/411 ms per iteration. The
+#   GPU waits for the host there: each expert's GEMMs take about as long as the Python per
+#   expert (the per-expert backward's timeline shows the GPU idle between experts).
+# - 64 experts (H 2048, F 1408, top-6, about 768 rows per expert): 13 GFLOP; the loop 1.7x slower.
+# 400 lies between 141 and 721 with a margin of about 2x on both sides.
+LOOP_MIN_EXPERT_GFLOP = 400.0
 
 
 def grouped_mm_mode() -> str:
