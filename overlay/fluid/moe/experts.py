@@ -19,6 +19,14 @@ here, so no re-ordering happens on conversion.
 Forward per expert (as MLP.forward with `per_token_scale=probs`):
     h = x @ W1^T; a = act(h) or act(h_gate) * (h_up + glu_linear_offset) (clamped if configured);
     a = (a * probs).to(dtype); y = a @ W2^T.
+Which path runs (decided per forward call, `FluidGroupedMLP.forward`):
+  - `torch._grouped_mm` for all local experts at once (`use_grouped_mm`; FLUID_GROUPED_MM=auto keeps
+    it for experts below LOOP_MIN_EXPERT_GFLOP), dW deferred to the BackwardScheduler;
+  - large experts: one cuBLAS GEMM per expert, as the same composition (grouped_linear's loop);
+  - large experts under Megatron DDP with dW inline: `fluid.moe.expert_loop.sequential_experts`,
+    forward and backward one expert after another, each dW added into `main_grad[g]`.
+All three give the same values per expert; the last two are bit-identical to each other.
+
 With `bias_activation_fusion` (Megatron's default `--bias-swiglu-fusion`) the activation and the
 probs scaling go through the same fused functions stock MLP calls (`weighted_bias_swiglu_impl`,
 `weighted_bias_quick_geglu_impl`): same numerics as stock, and only h is saved for backward (the
