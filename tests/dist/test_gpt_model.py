@@ -9,7 +9,9 @@ equals the same model on 1 rank (EP=1) loaded with the same weights:
     fires exactly once per parameter per backward, with the gradient already there: a second,
     gradient-less call is what `--overlap-grad-reduce` asserts on (it did for the expert weights);
   - the layer info lists the Fluid modules, the state-dict keys equal those of the stock local-spec
-    model, the scheduler queue is empty after backward, and scheduler on/off are bit-identical.
+    model, the scheduler queue is empty after backward, and scheduler on/off are bit-identical;
+  - under emulated Megatron DDP (main_grad + hook) with the scheduler off, where the experts add
+    their dW into main_grad themselves (fluid.moe.expert_loop), main_grad equals those gradients.
 Tolerance: fp32; the two runs do the same math with different GEMM row sets and summation order
 (expert GEMMs over other token groupings, the cross-rank sum), which moves results by ~1e-6
 relative; rtol 1e-4 / atol 1e-5 catches any wrong routing, layout or missing gradient (O(1e-1)).
@@ -180,6 +182,25 @@ def _ep2(rank, world, path):
         for n, _ in model.named_parameters():
             assert hook_calls.get(n) == [True], f"{n}: grad-accumulator hook calls {hook_calls.get(n)}"
         results[enabled] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    # Under Megatron DDP (main_grad + its hook, emulated) with the scheduler off, the experts take
+    # the per-expert backward (fluid.moe.expert_loop: per-expert GEMMs on CPU, dW inline), which
+    # adds dW into main_grad itself: main_grad must equal the plain gradients (fp32 0 + g: exact),
+    # and every parameter's hook must still fire once, with a gradient present.
+    from fluid.moe.testing import emulate_ddp_grads, reset_ddp_flags
+
+    ddp_accs = emulate_ddp_grads(model.parameters())
+    reset_ddp_flags(model.parameters())
+    model.zero_grad(set_to_none=True)
+    hook_calls.clear()
+    _loss(model, rank).backward()
+    for n, p in model.named_parameters():
+        assert hook_calls.get(n) == [True], f"{n} under DDP: hook calls {hook_calls.get(n)}"
+        assert p.grad is None and torch.equal(p.main_grad, results[False][1][n]), f"{n} under DDP"
+    assert all(m.experts.weight1.grad_added_to_main_grad for m in model.modules()
+               if type(m).__name__ == "FluidMoELayer"), "the per-expert backward did not run"
+    for p in model.parameters():
+        del p.main_grad, p.grad_added_to_main_grad
+    del ddp_accs
     sched.enable()
     loss, grads = results[True]
     for n, g in grads.items():
