@@ -67,7 +67,7 @@ def status() -> dict:
             "overlap": os.environ.get("FLUID_OVERLAP", "auto"),
             # With the process's CommContexts as built so far: False means dW runs inline
             # (no group overlaps, e.g. one NVLink node under the auto policy).
-            "defers_dw": sched.enabled and sched.overlap_possible(),
+            "defers_dw": sched.defers_dw(),
             "comm_groups": sched.num_comms,
             "CUDA_DEVICE_MAX_CONNECTIONS": os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS"),
             # GEMMs beside an all-to-all leave SMs to NCCL (CommContext.beside_comm); auto =
@@ -75,10 +75,12 @@ def status() -> dict:
             "sm_carveout": os.environ.get("FLUID_SM_CARVEOUT") or "auto",
         },
         # MoE layer knobs (env defaults; a TransformerConfig field overrides): deduplicated
-        # all-to-alls (auto: slow link and top-k > 2) and forward chunks.
+        # all-to-alls (auto: slow link and top-k > 2), forward chunks, and the expert GEMMs
+        # (auto: grouped, per expert for experts of >= LOOP_MIN_EXPERT_GFLOP).
         "moe": {
             "dedup": os.environ.get("FLUID_MOE_DEDUP") or "auto",
             "chunks": int(os.environ.get("FLUID_MOE_CHUNKS") or 1),
+            "grouped_mm": os.environ.get("FLUID_GROUPED_MM") or "auto",
         },
         # SDPA's flash and cuDNN backward accumulate dQ with atomics unless deterministic
         # algorithms are on (Megatron --deterministic-mode); measured in benchmarks/determinism_probe.py.
@@ -106,7 +108,8 @@ def print_status() -> dict:
     print(f"  dW deferral  : {'on' if sc['defers_dw'] else 'off (inline)'}"
           f" ({sc['comm_groups']} communication group(s) built so far),"
           f" SM carve-out beside all-to-alls={sc['sm_carveout']}")
-    print(f"  MoE          : dedup={s['moe']['dedup']} chunks={s['moe']['chunks']}")
+    print(f"  MoE          : dedup={s['moe']['dedup']} chunks={s['moe']['chunks']}"
+          f" grouped_mm={s['moe']['grouped_mm']}")
     det = s["deterministic_algorithms"]
     print("  reproducible : " + ("bitwise (deterministic algorithms on)" if det else
           "not bitwise on GPU (SDPA flash/cuDNN dQ uses atomics); add --deterministic-mode"))

@@ -36,6 +36,7 @@ def _body(rank, world):
     printed = fluid.print_status()
     assert printed["scheduler"]["comm_groups"] == 1
     assert printed["scheduler"]["sm_carveout"] == "auto" and printed["moe"]["dedup"] == "auto"
+    assert printed["moe"]["grouped_mm"] == "auto"
     import torch
 
     assert printed["deterministic_algorithms"] is False
