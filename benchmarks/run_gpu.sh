@@ -27,6 +27,7 @@
 #   bash benchmarks/run_gpu.sh s6c OUT          # end to end at EP=2 (NPROC ignored: e2e.py --nproc 2)
 #   bash benchmarks/run_gpu.sh s6d OUT          # e2e's MoE layer alone, loop vs grouped; e2e repeated
 #   bash benchmarks/run_gpu.sh s6e OUT          # final: layers under DDP, paired on/off; e2e at EP=2
+#   bash benchmarks/run_gpu.sh ep4-final OUT    # prepared: the same at EP=4 on a 4-GPU host
 #   bash benchmarks/run_gpu.sh compat OUT       # NVLink attention; DDP overlap, distributed optimizer,
 #                                               # recompute, optimizer checkpoint resume, CP=4 x EP=4
 # NPROC=2 runs the torchrun targets on a 2-GPU host (EP=2), as s5d/s5e were.
@@ -257,6 +258,20 @@ case "$what" in
     tail -c 150 "$out/moe_p2poff_ddp.log"
     timeout 200 python3 benchmarks/e2e.py --out "$out/e2e_ep2" --iters 40 --nproc 2 \
       --variants init_ep2,stock_ep2,fluid_ep2 2>&1 | grep rc=
+    ;;
+  ep4-final)
+    # Prepared for the next 4-GPU host (not yet run): session 6's final code at EP=4, as issue 4
+    # asks: both links under DDP with paired stock/Fluid and scheduler off/on rounds, plain NVLink,
+    # GPU parity, and end to end at EP=4 (the e2e model's layer stays grouped under auto).
+    timeout 150 $tr benchmarks/bench_moe.py --out "$out/moe_nvlink_ddp" --iters 20 --ddp-grads \
+      --paired-rounds 3 --paired-variant fluid_on_c1 --paired-onoff > "$out/moe_nvlink_ddp.log" 2>&1
+    tail -c 150 "$out/moe_nvlink_ddp.log"
+    NCCL_P2P_DISABLE=1 timeout 150 $tr benchmarks/bench_moe.py --out "$out/moe_p2poff_ddp" --iters 20 --ddp-grads \
+      --paired-rounds 3 --paired-variant best --paired-onoff > "$out/moe_p2poff_ddp.log" 2>&1
+    tail -c 150 "$out/moe_p2poff_ddp.log"
+    timeout 120 python3 -m pytest -q -s tests/gpu/test_moe_parity.py > "$out/moe_parity.txt" 2>&1
+    grep -E "\] (PASS|FAIL) \(|passed|failed" "$out/moe_parity.txt" | tail -4
+    timeout 150 python3 benchmarks/e2e.py --out "$out/e2e" --iters 40 --variants init,stock,fluid 2>&1 | grep rc=
     ;;
   next-b)
     # Prepared for the next session (not yet run): e2e over NVLink with the inline rule, the
