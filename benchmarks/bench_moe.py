@@ -24,11 +24,12 @@ Fluid only:
 stock_repeat: stock measured again after the Fluid variants (both layers stay resident);
   stock_drift = its fwdbwd / the first one's, the run-to-run noise the speedups carry.
 paired (--paired-rounds R > 0, CUDA): R alternating rounds of stock and Fluid (--paired-variant,
-  default fluid_on_c1; 'best' = the fastest Fluid variant of the run), --iters fwd+bwd each; per-round speedup = stock median / Fluid median, and their
-  median and range. Host drift then hits both sides of each ratio alike. --paired-onoff: the
+  default fluid_on_c1; 'best' = the fastest Fluid variant of the run), --iters fwd+bwd each;
+  per-round speedup = stock median / Fluid median, and their median and range. Host drift then hits both sides of each ratio alike. --paired-onoff: the
   same for Fluid scheduler off vs on (on_over_off per round).
 --ddp-grads: both layers' parameters get Megatron DDP's fp32 main_grad and its grad hook
-  (fluid.moe.testing.emulate_ddp_grads), so peak_gb counts the gradients a backward adds transiently under DDP.
+  (fluid.moe.testing.emulate_ddp_grads), so peak_gb counts the gradients a backward adds
+  transiently under DDP.
 Writes <out>/bench_moe.json (argv, card, env, results); benchmarks/moe_report.py renders it.
 """
 
@@ -153,13 +154,14 @@ def profile_kernels(layer, x, dy, chunks=None, top=25):
 
 
 def apply_variant(fluid, vname: str) -> bool:
-    """Configure `fluid` for a variant named fluid_{on,off}_c<chunks>[_loop][_dedup][_sm<n>].
+    """Configure `fluid` for a variant named fluid_{on,off}_c<chunks>[_loop|_grouped][_dedup][_sm<n>].
 
     on/off: BackwardScheduler enabled; c<chunks>: forward chunks; _loop / _grouped: per-expert
     cuBLAS GEMMs / torch._grouped_mm (FLUID_GROUPED_MM=0 / 1; without either the default, auto:
-    per expert for large experts, where dW is not deferred also per expert in backward); _dedup: deduplicated dispatch; _sm<n>: GEMMs beside an all-to-all leave
-    n SMs to NCCL (CommContext.sm_carveout; without it the default, "auto"). Returns whether the
-    scheduler is on."""
+    per expert for large experts, where dW is not deferred also per expert in backward); _dedup:
+    deduplicated dispatch; _sm<n>: GEMMs beside an all-to-all leave n SMs to NCCL
+    (CommContext.sm_carveout; without it the default, "auto"). Returns whether the scheduler is
+    on."""
     from fluid.moe.testing import set_dedup, set_num_chunks
     from fluid.schedule import get_backward_scheduler
 
@@ -191,9 +193,13 @@ def paired_rounds(stock, fluid, x, dy, timer, args, variant):
             ms[name] = timer(fwdbwd_step(layer, x, dy), 1, args.iters)
         rounds.append({**ms, "speedup": ms["stock"] / ms["fluid"]})
     apply_variant(fluid, "fluid_on_c1")
-    sp = sorted(r["speedup"] for r in rounds)
-    return {"variant": variant, "rounds": rounds, "speedup_median": sp[len(sp) // 2], "speedup_min": sp[0],
-            "speedup_max": sp[-1]}
+    return {"variant": variant, "rounds": rounds, **_spread(rounds, "speedup")}
+
+
+def _spread(rounds, key):
+    """`{key}_median`, `{key}_min`, `{key}_max` of `key` over the rounds."""
+    v = sorted(r[key] for r in rounds)
+    return {f"{key}_median": v[len(v) // 2], f"{key}_min": v[0], f"{key}_max": v[-1]}
 
 
 def paired_onoff(fluid, x, dy, timer, args):
@@ -208,9 +214,7 @@ def paired_onoff(fluid, x, dy, timer, args):
             ms[name] = timer(fwdbwd_step(fluid, x, dy), 1, args.iters)
         rounds.append({**ms, "on_over_off": ms["fluid_on_c1"] / ms["fluid_off_c1"]})
     apply_variant(fluid, "fluid_on_c1")
-    r = sorted(rd["on_over_off"] for rd in rounds)
-    return {"rounds": rounds, "on_over_off_median": r[len(r) // 2], "on_over_off_min": r[0],
-            "on_over_off_max": r[-1]}
+    return {"rounds": rounds, **_spread(rounds, "on_over_off")}
 
 
 def a2a_alone(rows, hidden, dtype, device, timer, args):

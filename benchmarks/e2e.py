@@ -179,10 +179,15 @@ def parse_log(text: str) -> dict:
     return its
 
 
+def variant_options(name: str) -> dict:
+    """A variant's optional last field (checkpoint modes, "env"), {} when it has none."""
+    return VARIANTS[name][6] if len(VARIANTS[name]) > 6 else {}
+
+
 def variant_args(name: str, iters: int, ckpt_dir: Path) -> str:
     """The pretrain_gpt.py arguments of one variant (also checked on CPU: tests/cpu/test_e2e_flags.py)."""
-    extra, par, seq, own_iters, load, save, *opt = VARIANTS[name]
-    opt = opt[0] if opt else {}
+    extra, par, seq, own_iters, load, save = VARIANTS[name][:6]
+    opt = variant_options(name)
     n_iters = own_iters or iters
     # Megatron needs warm-up < decay steps: short runs (checkpoint making / continuing) skip it.
     args = MODEL.format(seq=seq, iters=n_iters, warmup=5 if n_iters > 5 else 0) + f" {par} {extra}"
@@ -205,8 +210,7 @@ def run_variant(name, out: Path, iters: int, p2p_off: bool, nproc: int, ckpt_dir
         env["CUDA_DEVICE_MAX_CONNECTIONS"] = "32"  # that feature needs several queues
     if p2p_off:
         env["NCCL_P2P_DISABLE"] = "1"
-    opt = VARIANTS[name][6] if len(VARIANTS[name]) > 6 else {}
-    env.update(opt.get("env", {}))
+    env.update(variant_options(name).get("env", {}))
     args = variant_args(name, iters, ckpt_dir)
     script = ROOT / ".megatron" / "pretrain_gpt.py"
     if not script.exists():

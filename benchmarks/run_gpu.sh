@@ -38,6 +38,17 @@ cd "$(dirname "$0")/.."
 source benchmarks/gpu_env.sh
 mkdir -p "$out"
 tr="python3 -m torch.distributed.run --standalone --nproc-per-node ${NPROC:-4}"  # NPROC=2 on a 2-GPU host
+# Both MoE layer configurations under emulated DDP (--ddp-grads), NVLink then P2P off, with paired
+# stock/Fluid and scheduler off/on rounds. $1: timeout per link (s); $2: the paired variant over
+# P2P off (over NVLink it is the default, fluid_on_c1).
+ddp_layers() {
+  timeout "$1" $tr benchmarks/bench_moe.py --out "$out/moe_nvlink_ddp" --iters 20 --ddp-grads \
+    --paired-rounds 3 --paired-variant fluid_on_c1 --paired-onoff > "$out/moe_nvlink_ddp.log" 2>&1
+  tail -c 150 "$out/moe_nvlink_ddp.log"
+  NCCL_P2P_DISABLE=1 timeout "$1" $tr benchmarks/bench_moe.py --out "$out/moe_p2poff_ddp" --iters 20 --ddp-grads \
+    --paired-rounds 3 --paired-variant "$2" --paired-onoff > "$out/moe_p2poff_ddp.log" 2>&1
+  tail -c 150 "$out/moe_p2poff_ddp.log"
+}
 case "$what" in
   layers)
     timeout 200 $tr benchmarks/bench_moe.py --out "$out/moe_nvlink" 2>&1 | tail -25
@@ -250,12 +261,7 @@ case "$what" in
   s6e)
     # Session 6, last call (2-GPU host): final code (LOOP_MIN_EXPERT_GFLOP 400), MoE layers under
     # emulated DDP on both links with paired stock/Fluid and scheduler off/on rounds; e2e at EP=2.
-    timeout 140 $tr benchmarks/bench_moe.py --out "$out/moe_nvlink_ddp" --iters 20 --ddp-grads \
-      --paired-rounds 3 --paired-variant fluid_on_c1 --paired-onoff > "$out/moe_nvlink_ddp.log" 2>&1
-    tail -c 150 "$out/moe_nvlink_ddp.log"
-    NCCL_P2P_DISABLE=1 timeout 140 $tr benchmarks/bench_moe.py --out "$out/moe_p2poff_ddp" --iters 20 --ddp-grads \
-      --paired-rounds 3 --paired-variant fluid_on_c1 --paired-onoff > "$out/moe_p2poff_ddp.log" 2>&1
-    tail -c 150 "$out/moe_p2poff_ddp.log"
+    ddp_layers 140 fluid_on_c1
     timeout 200 python3 benchmarks/e2e.py --out "$out/e2e_ep2" --iters 40 --nproc 2 \
       --variants init_ep2,stock_ep2,fluid_ep2 2>&1 | grep rc=
     ;;
@@ -263,12 +269,7 @@ case "$what" in
     # Prepared for the next 4-GPU host (not yet run): session 6's final code at EP=4, as issue 4
     # asks: both links under DDP with paired stock/Fluid and scheduler off/on rounds, plain NVLink,
     # GPU parity, and end to end at EP=4 (the e2e model's layer stays grouped under auto).
-    timeout 150 $tr benchmarks/bench_moe.py --out "$out/moe_nvlink_ddp" --iters 20 --ddp-grads \
-      --paired-rounds 3 --paired-variant fluid_on_c1 --paired-onoff > "$out/moe_nvlink_ddp.log" 2>&1
-    tail -c 150 "$out/moe_nvlink_ddp.log"
-    NCCL_P2P_DISABLE=1 timeout 150 $tr benchmarks/bench_moe.py --out "$out/moe_p2poff_ddp" --iters 20 --ddp-grads \
-      --paired-rounds 3 --paired-variant best --paired-onoff > "$out/moe_p2poff_ddp.log" 2>&1
-    tail -c 150 "$out/moe_p2poff_ddp.log"
+    ddp_layers 150 best
     timeout 120 python3 -m pytest -q -s tests/gpu/test_moe_parity.py > "$out/moe_parity.txt" 2>&1
     grep -E "\] (PASS|FAIL) \(|passed|failed" "$out/moe_parity.txt" | tail -4
     timeout 150 python3 benchmarks/e2e.py --out "$out/e2e" --iters 40 --variants init,stock,fluid 2>&1 | grep rc=

@@ -52,6 +52,13 @@ from fluid.schedule import get_backward_scheduler
 from fluid.schedule.wgrad import _anchor, accumulate_boxed_weight_grad, mark_added_to_main_grad
 
 
+def has_main_grad(params) -> bool:
+    """True under Megatron DDP: every trainable one of `params` has its `main_grad` (and there is
+    at least one), so this path adds dW into `main_grad` itself."""
+    trainable = [p for p in params if p.requires_grad]
+    return bool(trainable) and all(hasattr(p, "main_grad") for p in trainable)
+
+
 class _SequentialExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, probs, w1, w2, anchor, counts, params, act, name):
@@ -90,7 +97,7 @@ class _SequentialExperts(torch.autograd.Function):
         # Under Megatron DDP (params with main_grad) each expert's dW is added into main_grad[g]
         # and freed, as DDP's hook does with each of SequentialMLP's per-expert grads; otherwise
         # it is written into one stacked dW per weight, handed to autograd at the end.
-        direct = all(hasattr(p, "main_grad") for p in (param1, param2) if p.requires_grad)
+        direct = has_main_grad((param1, param2))
         dw1 = w1.new_empty(w1.shape) if param1.requires_grad and not direct else None
         dw2 = w2.new_empty(w2.shape) if param2.requires_grad and not direct else None
         start = 0

@@ -42,7 +42,7 @@ import torch
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from fluid.moe.expert_loop import sequential_experts
+from fluid.moe.expert_loop import has_main_grad, sequential_experts
 from fluid.moe.grouped_gemm import grouped_linear, grouped_mm_mode, offsets_for, use_grouped_mm
 from fluid.moe.scale_rows import scale_rows
 from fluid.schedule import get_backward_scheduler
@@ -172,7 +172,8 @@ class FluidGroupedMLP(MegatronModule):
             x = (permuted_probs.unsqueeze(-1) * x).to(permuted_hidden.dtype)
             permuted_probs = torch.ones_like(permuted_probs)
         if not use_grouped_mm(x, counts, self.macs_per_row):
-            if not get_backward_scheduler().defers_dw() and self._has_main_grad():
+            inline = not get_backward_scheduler().defers_dw()
+            if inline and has_main_grad((self.weight1, self.weight2)):
                 # Per-expert GEMMs, dW inline anyway, and Megatron DDP's main_grad to add each
                 # expert's dW into: run the experts one after another in backward too, as
                 # SequentialMLP does, with stock's peak memory (see expert_loop).
@@ -188,11 +189,6 @@ class FluidGroupedMLP(MegatronModule):
         a = self._weighted_activation(h, permuted_probs)
         out = grouped_linear(a, self.weight2, counts, offs, name=f"{self.name}.fc2")
         return out, None
-
-    def _has_main_grad(self) -> bool:
-        """True under Megatron DDP: every trainable expert weight has its fp32 `main_grad`."""
-        params = [p for p in (self.weight1, self.weight2) if p.requires_grad]
-        return bool(params) and all(hasattr(p, "main_grad") for p in params)
 
     def backward_dw(self) -> None:
         """No-op: dW is deferred to the BackwardScheduler (fluid.schedule), not to this call."""

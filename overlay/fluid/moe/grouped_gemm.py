@@ -55,7 +55,7 @@ LOOP_MIN_EXPERT_GFLOP = 400.0
 def grouped_mm_mode() -> str:
     """FLUID_GROUPED_MM as "auto" (default), "on" (`1`) or "off" (`0`); raises on other values."""
     raw = os.environ.get("FLUID_GROUPED_MM", "auto").strip().lower() or "auto"
-    if raw in ("auto",):
+    if raw == "auto":
         return "auto"
     if raw in ("1", "on", "true", "yes"):
         return "on"
