@@ -121,6 +121,17 @@ def kernel_timeline(layer, x, dy):
     return rows
 
 
+def _add_timeline(out: dict, name: str, rows: list) -> None:
+    """Rank 0's timeline under out["timeline"][name], every rank's under out["timeline_ranks"][name]
+    (a late rank makes the others wait inside their all-to-alls: only all ranks' views show it).
+    Collective over the world (= the EP group here): every rank calls it for the same names in
+    the same order."""
+    ranks = [None] * dist.get_world_size()
+    dist.all_gather_object(ranks, rows)
+    out.setdefault("timeline", {})[name] = rows
+    out.setdefault("timeline_ranks", {})[name] = ranks
+
+
 def profile_kernels(layer, x, dy, chunks=None, top=25):
     """CUDA time per kernel name for one fwd+bwd (after one warm-up), largest first: where the
     per-chunk cost of forward pipelining goes (Fluid at `chunks`), or, for the stock layer
@@ -154,7 +165,8 @@ def profile_kernels(layer, x, dy, chunks=None, top=25):
 
 
 def apply_variant(fluid, vname: str) -> bool:
-    """Configure `fluid` for a variant named fluid_{on,off}_c<chunks>[_loop|_grouped][_dedup][_sm<n>].
+    """Configure `fluid` for a variant named fluid_{on,off}_c<chunks>[_loop|_grouped][_dedup][_sm<n>]
+    [#tag] (a tag names a repeat of the same settings, e.g. fluid_on_c1#2 measured again later).
 
     on/off: BackwardScheduler enabled; c<chunks>: forward chunks; _loop / _grouped: per-expert
     cuBLAS GEMMs / torch._grouped_mm (FLUID_GROUPED_MM=0 / 1; without either the default, auto:
@@ -165,7 +177,7 @@ def apply_variant(fluid, vname: str) -> bool:
     from fluid.moe.testing import set_dedup, set_num_chunks
     from fluid.schedule import get_backward_scheduler
 
-    parts = vname.split("_")
+    parts = vname.split("#")[0].split("_")  # "#<tag>": a repeat of the same settings
     if parts[0] != "fluid" or parts[1] not in ("on", "off") or not parts[2].startswith("c"):
         raise ValueError(f"bad variant name {vname!r}")
     opts = parts[3:]
@@ -266,9 +278,9 @@ def run_config(name, shape, args, cuda, device, pg, ws):
             x.grad = None
         out["variants"][vname] = res
         if cuda and vname in args.trace.split(","):
-            out.setdefault("timeline", {})[vname] = kernel_timeline(fluid, x, dy)
+            _add_timeline(out, vname, kernel_timeline(fluid, x, dy))
     if cuda and "stock" in args.trace.split(","):
-        out.setdefault("timeline", {})["stock"] = kernel_timeline(stock, x, dy)
+        _add_timeline(out, "stock", kernel_timeline(stock, x, dy))
     apply_variant(fluid, "fluid_on_c1")
     if cuda:  # stock again after the Fluid variants: how much the host drifted meanwhile
         out["variants"]["stock_repeat"] = bench_layer(stock, x, dy, timer, args, cuda)

@@ -28,6 +28,8 @@
 #   bash benchmarks/run_gpu.sh s6d OUT          # e2e's MoE layer alone, loop vs grouped; e2e repeated
 #   bash benchmarks/run_gpu.sh s6e OUT          # final: layers under DDP, paired on/off; e2e at EP=2
 #   bash benchmarks/run_gpu.sh ep4-final OUT    # prepared: the same at EP=4 on a 4-GPU host
+#   bash benchmarks/run_gpu.sh s7a OUT          # 64-expert layer: all ranks' timelines, a repeat of
+#                                               # the default variant, GPU clocks (plain and DDP)
 #   bash benchmarks/run_gpu.sh compat OUT       # NVLink attention; DDP overlap, distributed optimizer,
 #                                               # recompute, optimizer checkpoint resume, CP=4 x EP=4
 # NPROC=2 runs the torchrun targets on a 2-GPU host (EP=2), as s5d/s5e were.
@@ -273,6 +275,23 @@ case "$what" in
     timeout 120 python3 -m pytest -q -s tests/gpu/test_moe_parity.py > "$out/moe_parity.txt" 2>&1
     grep -E "\] (PASS|FAIL) \(|passed|failed" "$out/moe_parity.txt" | tail -4
     timeout 150 python3 benchmarks/e2e.py --out "$out/e2e" --iters 40 --variants init,stock,fluid 2>&1 | grep rc=
+    ;;
+  s7a)
+    # Session 7: why the 64-expert layer under --ddp-grads measured 7.4-7.6 ms with
+    # FLUID_GROUPED_MM=1 and 8.8-9.2 ms with auto (same code path): every rank's timeline of stock,
+    # the default and the forced-grouped variant, the default repeated last, SM clocks meanwhile.
+    nvidia-smi --query-gpu=timestamp,index,clocks.sm,power.draw,temperature.gpu --format=csv \
+      -lms 200 > "$out/gpu_clocks.csv" 2>&1 &
+    smi=$!
+    for mode in plain ddp; do
+      flag=""; [ "$mode" = ddp ] && flag=--ddp-grads
+      timeout 150 $tr benchmarks/bench_moe.py --out "$out/fine_$mode" --configs fine --iters 20 $flag \
+        --trace stock,fluid_on_c1,fluid_on_c1_grouped --extra-variants "fluid_on_c1#2" \
+        > "$out/fine_$mode.log" 2>&1
+      tail -c 200 "$out/fine_$mode.log"
+      python3 benchmarks/timeline_summary.py "$out/fine_$mode/bench_moe.json" --gaps 3 | grep -v "    gap"
+    done
+    kill $smi
     ;;
   next-b)
     # Prepared for the next session (not yet run): e2e over NVLink with the inline rule, the
