@@ -36,6 +36,7 @@ Writes <out>/bench_moe.json (argv, card, env, results); benchmarks/moe_report.py
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -95,6 +96,70 @@ def bench_layer(layer, x, dy, timer, args, cuda):
     return res
 
 
+# FluidMoELayer forward stages whose host time --stage-times and the traced timelines report:
+# (attribute path from the layer, method name).
+FLUID_STAGES = [("", "route"), ("token_dispatcher", "dispatch_preprocess"),
+                ("token_dispatcher", "dispatch_chunks"), ("token_dispatcher", "launch_dispatch_part"),
+                ("token_dispatcher", "dispatch_postprocess"), ("experts", "forward"),
+                ("token_dispatcher", "combine_preprocess"), ("token_dispatcher", "launch_combine"),
+                ("token_dispatcher", "combine_postprocess")]
+
+
+@contextlib.contextmanager
+def stage_hooks(layer, enter_exit):
+    """Wrap each FLUID_STAGES method of a FluidMoELayer (instance attributes, removed on exit):
+    `enter_exit(name)` is a context manager entered around every call. A stock layer (no
+    token_dispatcher.dispatch_chunks) is left alone."""
+    wrapped = []
+    if hasattr(getattr(layer, "token_dispatcher", None), "dispatch_chunks"):
+        for path, meth in FLUID_STAGES:
+            obj = getattr(layer, path) if path else layer
+            fn = getattr(obj, meth)
+            name = f"stage:{path + '.' if path else ''}{meth}"
+
+            def call(*a, _fn=fn, _name=name, **k):
+                with enter_exit(_name):
+                    return _fn(*a, **k)
+
+            setattr(obj, meth, call)
+            wrapped.append((obj, meth))
+    try:
+        yield
+    finally:
+        for obj, meth in wrapped:
+            delattr(obj, meth)
+
+
+def stage_times(layer, x, dy, iters):
+    """Host time per forward stage (FLUID_STAGES) and of the whole forward and backward calls,
+    microseconds per fwd+bwd, no profiler. A stage that waits for the device (dispatch_chunks
+    waits for the split sizes; a wait on an all-to-all does not block the host) includes that wait."""
+    acc: dict = {}
+
+    @contextlib.contextmanager
+    def timed(name):
+        t = time.perf_counter()
+        yield
+        acc[name] = acc.get(name, 0.0) + time.perf_counter() - t
+
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    step = fwdbwd_step(layer, x, dy)
+    with stage_hooks(layer, timed):
+        step()
+        sync()
+        acc.clear()
+        for _ in range(iters):
+            with timed("host:fwd"):
+                out, _ = layer(x)
+            with timed("host:bwd"):
+                out.backward(dy)
+            layer.zero_grad(set_to_none=True)
+            x.grad = None
+        with timed("device:drain"):
+            sync()
+    return {k: round(v / iters * 1e6, 1) for k, v in acc.items()}
+
+
 def kernel_timeline(layer, x, dy):
     """GPU timeline of one fwd+bwd (after one warm-up), rank 0's view: every kernel, copy and
     annotation as [stream, start ms, duration ms, name], start relative to the first. Shows
@@ -102,7 +167,8 @@ def kernel_timeline(layer, x, dy):
     from torch.profiler import ProfilerActivity, profile, record_function
 
     for _ in range(2):
-        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof, \
+                stage_hooks(layer, record_function):
             with record_function("fwd"):
                 out, _ = layer(x)
             with record_function("bwd"):
@@ -112,7 +178,8 @@ def kernel_timeline(layer, x, dy):
         x.grad = None
     rows = []
     for e in prof.profiler.kineto_results.events():
-        if "cuda" not in str(e.device_type()).lower() and e.name() not in ("fwd", "bwd"):
+        if "cuda" not in str(e.device_type()).lower() and e.name() not in ("fwd", "bwd") \
+                and not e.name().startswith("stage:"):
             continue
         rows.append([e.device_resource_id() if "cuda" in str(e.device_type()).lower() else "cpu",
                      e.start_ns() / 1e6, e.duration_ns() / 1e6, e.name()[:70]])
@@ -277,6 +344,8 @@ def run_config(name, shape, args, cuda, device, pg, ws):
             fluid.zero_grad(set_to_none=True)
             x.grad = None
         out["variants"][vname] = res
+        if vname in args.stage_times.split(","):
+            res["stage_times_us"] = stage_times(fluid, x, dy, args.iters)
         if cuda and vname in args.trace.split(","):
             _add_timeline(out, vname, kernel_timeline(fluid, x, dy))
     if cuda and "stock" in args.trace.split(","):
@@ -350,6 +419,8 @@ def main():
                    help="more Fluid variants, comma-separated, e.g. fluid_on_c2_sm16 (see apply_variant)")
     p.add_argument("--trace", default="",
                    help="variants (or 'stock') whose GPU timeline of one fwd+bwd goes in the JSON")
+    p.add_argument("--stage-times", default="",
+                   help="variants whose host time per forward stage (no profiler) goes in the JSON")
     p.add_argument("--ddp-grads", action="store_true",
                    help="both layers' parameters get Megatron DDP's fp32 main_grad and grad hook "
                         "(see fluid.moe.testing.emulate_ddp_grads), as in training")

@@ -30,6 +30,7 @@
 #   bash benchmarks/run_gpu.sh ep4-final OUT    # prepared: the same at EP=4 on a 4-GPU host
 #   bash benchmarks/run_gpu.sh s7a OUT          # 64-expert layer: all ranks' timelines, a repeat of
 #                                               # the default variant, GPU clocks (plain and DDP)
+#   bash benchmarks/run_gpu.sh s7b OUT          # host time per forward stage (64-expert and e2e layers)
 #   bash benchmarks/run_gpu.sh compat OUT       # NVLink attention; DDP overlap, distributed optimizer,
 #                                               # recompute, optimizer checkpoint resume, CP=4 x EP=4
 # NPROC=2 runs the torchrun targets on a 2-GPU host (EP=2), as s5d/s5e were.
@@ -292,6 +293,18 @@ case "$what" in
       python3 benchmarks/timeline_summary.py "$out/fine_$mode/bench_moe.json" --gaps 3 | grep -v "    gap"
     done
     kill $smi
+    ;;
+  s7b)
+    # Session 7: the 64-expert layer is host-bound (s7a: the compute stream idles 40-60% of the
+    # span). Host time per forward stage, unprofiled and in the timeline, for it and the e2e layer.
+    timeout 150 $tr benchmarks/bench_moe.py --out "$out/stages" --configs fine,e2e --iters 20 \
+      --stage-times fluid_on_c1,fluid_on_c1_dedup --trace fluid_on_c1 > "$out/stages.log" 2>&1
+    tail -c 200 "$out/stages.log"
+    python3 benchmarks/timeline_summary.py "$out/stages/bench_moe.json" --gaps 4
+    python3 -c "import json; r=json.load(open('$out/stages/bench_moe.json'))['results']
+for c in r:
+    for v, x in r[c]['variants'].items():
+        if 'stage_times_us' in x: print(c, v, round(x['fwd_ms'], 2), round(x['fwdbwd_ms'], 2), x['stage_times_us'])"
     ;;
   next-b)
     # Prepared for the next session (not yet run): e2e over NVLink with the inline rule, the

@@ -9,7 +9,8 @@ A timeline row is [stream, start ms, duration ms, name] (stream "cpu" for the ho
   compute busy: union of the non-NCCL kernel intervals on the compute stream (the stream with the
   most non-NCCL kernel time); idle = span - busy, the time the compute stream had nothing to run, whether it waited for
   an all-to-all or for the host; nccl: summed NCCL kernel time on any stream (an NCCL kernel also spins while it waits for its peers);
-  the largest compute-stream gaps with the kernels on either side.
+  the largest compute-stream gaps with the kernels on either side; with FluidMoELayer's stage
+  annotations (bench_moe.FLUID_STAGES), the host time of each forward stage under the profiler.
 Reading: idle on one rank while the same all-to-all is short on the other means that rank arrived
 late (host or compute skew); idle with no collective around it means the host was too slow.
 """
@@ -34,7 +35,10 @@ def _union(intervals):
 
 def summarize(rows: list, gaps: int = 5) -> dict:
     """Numbers of one rank's timeline (see the module docstring)."""
-    host = {r[3]: r[2] for r in rows if r[0] == "cpu"}
+    host: dict = {}
+    for r in rows:
+        if r[0] == "cpu":  # fwd, bwd and the stage:* annotations (summed over calls)
+            host[r[3]] = host.get(r[3], 0.0) + r[2]
     gpu = [r for r in rows if r[0] != "cpu" and r[3] not in host]  # not the annotations' GPU rows
     if not gpu:
         return {"host_fwd_ms": host.get("fwd"), "host_bwd_ms": host.get("bwd")}
@@ -63,6 +67,7 @@ def summarize(rows: list, gaps: int = 5) -> dict:
         "nccl_ms": sum(r[2] for r in gpu if "nccl" in r[3].lower()),
         "kernels": len(gpu),
         "largest_gaps": [(round(h[0], 3),) + h[1:] for h in holes[:gaps]],
+        "host_stages_ms": {k[6:]: v for k, v in host.items() if k.startswith("stage:")},
     }
 
 
@@ -84,6 +89,9 @@ def main():
                       f"{s['host_fwd_ms'] or 0:.2f} / bwd {s['host_bwd_ms'] or 0:.2f}, compute busy "
                       f"{s['compute_busy_ms']:.2f}, idle {s['compute_idle_ms']:.2f}, nccl "
                       f"{s['nccl_ms']:.2f}, {s['kernels']} kernels")
+                if s["host_stages_ms"]:
+                    print("    host per stage (profiled) ms: " + ", ".join(
+                        f"{k} {v:.2f}" for k, v in s["host_stages_ms"].items()))
                 for g in s["largest_gaps"]:
                     print(f"    gap {g[0]:.3f} ms at {g[1]} after {g[2]!r} before {g[3]!r}")
 
