@@ -160,6 +160,27 @@ def stage_times(layer, x, dy, iters):
     return {k: round(v / iters * 1e6, 1) for k, v in acc.items()}
 
 
+def host_profile(layer, x, dy, iters, top=45):
+    """cProfile of `iters` fwd+bwd (after one warm-up): the Python functions and builtins the
+    host spends its time in, as pstats text sorted by own time (rank 0 reports it)."""
+    import cProfile
+    import io
+    import pstats
+
+    step = fwdbwd_step(layer, x, dy)
+    step()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(iters):
+        step()
+    prof.disable()
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
+    return buf.getvalue()
+
+
 def kernel_timeline(layer, x, dy):
     """GPU timeline of one fwd+bwd (after one warm-up), rank 0's view: every kernel, copy and
     annotation as [stream, start ms, duration ms, name], start relative to the first. Shows
@@ -238,7 +259,8 @@ def apply_variant(fluid, vname: str) -> bool:
     on/off: BackwardScheduler enabled; c<chunks>: forward chunks; _loop / _grouped: per-expert
     cuBLAS GEMMs / torch._grouped_mm (FLUID_GROUPED_MM=0 / 1; without either the default, auto:
     per expert for large experts, where dW is not deferred also per expert in backward); _dedup:
-    deduplicated dispatch; _sm<n>: GEMMs beside an all-to-all leave n SMs to NCCL
+    deduplicated dispatch; _cat: the dispatcher's reference reorder (split + cat instead of one
+    gather); _sm<n>: GEMMs beside an all-to-all leave n SMs to NCCL
     (CommContext.sm_carveout; without it the default, "auto"). Returns whether the scheduler is
     on."""
     from fluid.moe.testing import set_dedup, set_num_chunks
@@ -249,13 +271,15 @@ def apply_variant(fluid, vname: str) -> bool:
         raise ValueError(f"bad variant name {vname!r}")
     opts = parts[3:]
     sm = [int(o[2:]) for o in opts if o.startswith("sm")]
-    unknown = [o for o in opts if o not in ("loop", "grouped", "dedup") and not o.startswith("sm")]
+    unknown = [o for o in opts if o not in ("loop", "grouped", "dedup", "cat")
+               and not o.startswith("sm")]
     if unknown:
         raise ValueError(f"bad variant option(s) {unknown} in {vname!r}")
     set_dedup(fluid, False)
     set_num_chunks(fluid, int(parts[2][1:]))
     set_dedup(fluid, "dedup" in opts)
     fluid.comm.sm_carveout = sm[0] if sm else "auto"
+    fluid.token_dispatcher.reorder_impl = "cat" if "cat" in opts else "index"
     os.environ["FLUID_GROUPED_MM"] = "0" if "loop" in opts else "1" if "grouped" in opts else "auto"
     sched = get_backward_scheduler()
     sched.enable() if parts[1] == "on" else sched.disable()
@@ -344,6 +368,8 @@ def run_config(name, shape, args, cuda, device, pg, ws):
             fluid.zero_grad(set_to_none=True)
             x.grad = None
         out["variants"][vname] = res
+        if vname in args.host_profile.split(","):
+            res["host_profile"] = host_profile(fluid, x, dy, args.iters)
         if vname in args.stage_times.split(","):
             res["stage_times_us"] = stage_times(fluid, x, dy, args.iters)
         if cuda and vname in args.trace.split(","):
@@ -421,6 +447,8 @@ def main():
                    help="variants (or 'stock') whose GPU timeline of one fwd+bwd goes in the JSON")
     p.add_argument("--stage-times", default="",
                    help="variants whose host time per forward stage (no profiler) goes in the JSON")
+    p.add_argument("--host-profile", default="",
+                   help="variants whose cProfile (own time per function, --iters fwd+bwd) goes in the JSON")
     p.add_argument("--ddp-grads", action="store_true",
                    help="both layers' parameters get Megatron DDP's fp32 main_grad and grad hook "
                         "(see fluid.moe.testing.emulate_ddp_grads), as in training")

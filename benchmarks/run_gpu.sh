@@ -31,6 +31,7 @@
 #   bash benchmarks/run_gpu.sh s7a OUT          # 64-expert layer: all ranks' timelines, a repeat of
 #                                               # the default variant, GPU clocks (plain and DDP)
 #   bash benchmarks/run_gpu.sh s7b OUT          # host time per forward stage (64-expert and e2e layers)
+#   bash benchmarks/run_gpu.sh s7c OUT          # gather reorder vs split+cat; cProfile of the host
 #   bash benchmarks/run_gpu.sh compat OUT       # NVLink attention; DDP overlap, distributed optimizer,
 #                                               # recompute, optimizer checkpoint resume, CP=4 x EP=4
 # NPROC=2 runs the torchrun targets on a 2-GPU host (EP=2), as s5d/s5e were.
@@ -305,6 +306,19 @@ case "$what" in
 for c in r:
     for v, x in r[c]['variants'].items():
         if 'stage_times_us' in x: print(c, v, round(x['fwd_ms'], 2), round(x['fwdbwd_ms'], 2), x['stage_times_us'])"
+    ;;
+  s7c)
+    # Session 7: the dispatcher's reorder as one gather (default) vs the split+cat reference
+    # (_cat), same run: stage times of both, a cProfile of the host for the default.
+    timeout 170 $tr benchmarks/bench_moe.py --out "$out/reorder" --configs fine,e2e --iters 20 \
+      --extra-variants fluid_on_c1_cat --stage-times fluid_on_c1,fluid_on_c1_cat \
+      --host-profile fluid_on_c1 > "$out/reorder.log" 2>&1
+    tail -c 200 "$out/reorder.log"
+    python3 -c "import json; r=json.load(open('$out/reorder/bench_moe.json'))['results']
+for c in r:
+    for v, x in r[c]['variants'].items():
+        print(c, v, round(x['fwd_ms'], 2), round(x['fwdbwd_ms'], 2), x.get('stage_times_us', ''))
+    print(r[c]['variants']['fluid_on_c1']['host_profile'][:6000])"
     ;;
   next-b)
     # Prepared for the next session (not yet run): e2e over NVLink with the inline rule, the
