@@ -32,6 +32,8 @@
 #                                               # the default variant, GPU clocks (plain and DDP)
 #   bash benchmarks/run_gpu.sh s7b OUT          # host time per forward stage (64-expert and e2e layers)
 #   bash benchmarks/run_gpu.sh s7c OUT          # gather reorder vs split+cat; cProfile of the host
+#   bash benchmarks/run_gpu.sh s7d OUT          # after the stream-lookup fix: GPU tests, paired
+#                                               # layers (64-expert, e2e), stage times, cProfile
 #   bash benchmarks/run_gpu.sh compat OUT       # NVLink attention; DDP overlap, distributed optimizer,
 #                                               # recompute, optimizer checkpoint resume, CP=4 x EP=4
 # NPROC=2 runs the torchrun targets on a 2-GPU host (EP=2), as s5d/s5e were.
@@ -319,6 +321,23 @@ for c in r:
     for v, x in r[c]['variants'].items():
         print(c, v, round(x['fwd_ms'], 2), round(x['fwdbwd_ms'], 2), x.get('stage_times_us', ''))
     print(r[c]['variants']['fluid_on_c1']['host_profile'][:6000])"
+    ;;
+  s7d)
+    # Session 7: CommContext without device-less stream lookups. The GPU tier first (MoE parity,
+    # scheduler, attention: they run the changed CUDA launch path), then both host-bound layers
+    # with paired stock/Fluid rounds, the _cat reference, stage times and a cProfile.
+    timeout 200 python3 -m pytest -q -s tests/gpu > "$out/gpu_tests.txt" 2>&1
+    grep -E "\] (PASS|FAIL) \(|passed|failed" "$out/gpu_tests.txt" | tail -6
+    timeout 200 $tr benchmarks/bench_moe.py --out "$out/host" --configs fine,e2e --iters 20 \
+      --extra-variants fluid_on_c1_cat --stage-times fluid_on_c1,fluid_on_c1_cat \
+      --host-profile fluid_on_c1 --paired-rounds 3 > "$out/host.log" 2>&1
+    tail -c 200 "$out/host.log"
+    python3 -c "import json; r=json.load(open('$out/host/bench_moe.json'))['results']
+for c in r:
+    for v, x in r[c]['variants'].items():
+        print(c, v, round(x['fwd_ms'], 2), round(x['fwdbwd_ms'], 2), x.get('stage_times_us', ''))
+    p = r[c]['paired']; print(c, 'paired', p['speedup_median'], p['speedup_min'], p['speedup_max'])
+    print(r[c]['variants']['fluid_on_c1']['host_profile'][:3000])"
     ;;
   next-b)
     # Prepared for the next session (not yet run): e2e over NVLink with the inline rule, the

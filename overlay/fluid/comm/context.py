@@ -70,6 +70,17 @@ def sm_carveout(n: int):
         torch._C._set_sm_carveout_experimental(prev)
 
 
+def current_stream(device_index: Optional[int]) -> torch.cuda.Stream:
+    """`torch.cuda.current_stream` for a known device index.
+
+    With an int the lookup is one C call. Without a device, torch.cuda.current_stream (and
+    Event.record() and torch.cuda.stream(), which call it) resolves the current device through
+    `torch.cuda.is_available()` and the environment: 17 us per call on the 2x H200 host,
+    37 calls per MoE layer fwd+bwd, 0.6 ms of host time per step in a host-bound layer
+    (cProfile, docs/benchmarks/raw/s7c)."""
+    return torch.cuda.current_stream(device_index)
+
+
 @dataclass
 class CommHandle:
     """An all-to-all in flight. `wait()` once; later calls are no-ops.
@@ -85,6 +96,7 @@ class CommHandle:
     start_event: Optional[torch.cuda.Event] = None  # CUDA timing only
     tensors: tuple = ()
     waited: bool = False
+    device_index: Optional[int] = None  # CUDA: the device whose current stream waits
 
     def wait(self) -> None:
         if self.waited:
@@ -92,7 +104,7 @@ class CommHandle:
         if self.work is not None:
             self.work.wait()
         if self.done is not None:
-            torch.cuda.current_stream().wait_event(self.done)
+            current_stream(self.device_index).wait_event(self.done)
         self.tensors = ()
         self.waited = True
 
@@ -226,19 +238,28 @@ class CommContext:
                 output, input, output_splits, input_splits, group=self.group, async_op=True
             )
             return CommHandle(nbytes, work=work, tensors=(input, output))
+        dev = input.device.index
+        compute = current_stream(dev)
         stream = self.comm_stream()
         if ready is None:
             ready = torch.cuda.Event()
-            ready.record()
+            ready.record(compute)
         start = None
-        with torch.cuda.stream(stream):
-            stream.wait_event(ready)
+        stream.wait_event(ready)
+        # The collective runs on the comm stream. Switched by hand rather than with
+        # torch.cuda.stream(), whose enter resolves the device without an index (see
+        # current_stream); the previous stream is known: `compute`.
+        torch.cuda.set_stream(stream)
+        try:
             if timing:
                 start = torch.cuda.Event(enable_timing=True)
-                start.record()
+                start.record(stream)
             # Synchronous on this stream (ProcessGroupNCCL runs it on the current stream); an
             # async_op=True launch on PG's own stream measured the same (raw/s5b).
             dist.all_to_all_single(output, input, output_splits, input_splits, group=self.group)
             done = torch.cuda.Event(enable_timing=timing)
-            done.record()
-        return CommHandle(nbytes, done=done, start_event=start, tensors=(input, output))
+            done.record(stream)
+        finally:
+            torch.cuda.set_stream(compute)
+        return CommHandle(nbytes, done=done, start_event=start, tensors=(input, output),
+                          device_index=dev)

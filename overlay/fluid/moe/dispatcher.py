@@ -64,6 +64,7 @@ import torch.distributed as dist
 from megatron.core.transformer.moe.moe_utils import unpermute
 
 from fluid.comm import CommContext, fluid_all_to_all
+from fluid.comm.context import current_stream
 from fluid.moe.grouped_gemm import offsets_for
 
 
@@ -199,7 +200,7 @@ class _PendingCounts:
             self.host = torch.empty(counts_device.shape, dtype=counts_device.dtype, pin_memory=True)
             self.host.copy_(counts_device, non_blocking=True)
             self.event = torch.cuda.Event()
-            self.event.record()
+            self.event.record(current_stream(counts_device.device.index))
         else:
             self.host, self.event = counts_device, None
         self._list: Optional[list[int]] = None
@@ -410,7 +411,7 @@ class FluidTokenDispatcher:
         ready = None
         if permuted.is_cuda:
             ready = torch.cuda.Event()
-            ready.record()
+            ready.record(current_stream(permuted.device.index))
         return parts, ready
 
     def launch_dispatch_part(self, part, chunk: int, ready=None):
