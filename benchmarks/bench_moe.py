@@ -26,7 +26,8 @@ stock_repeat: stock measured again after the Fluid variants (both layers stay re
 paired (--paired-rounds R > 0, CUDA): R alternating rounds of stock and Fluid (--paired-variant,
   default fluid_on_c1; 'best' = the fastest Fluid variant of the run), --iters fwd+bwd each;
   per-round speedup = stock median / Fluid median, and their median and range. Host drift then hits both sides of each ratio alike. --paired-onoff: the
-  same for Fluid scheduler off vs on (on_over_off per round).
+  same for Fluid scheduler off vs on (on_over_off per round); --paired-ab A,B for any two Fluid
+  variants (b_over_a per round).
 --ddp-grads: both layers' parameters get Megatron DDP's fp32 main_grad and its grad hook
   (fluid.moe.testing.emulate_ddp_grads), so peak_gb counts the gradients a backward adds
   transiently under DDP.
@@ -305,19 +306,24 @@ def _spread(rounds, key):
     return {f"{key}_median": v[len(v) // 2], f"{key}_min": v[0], f"{key}_max": v[-1]}
 
 
-def paired_onoff(fluid, x, dy, timer, args):
-    """Alternate Fluid with the scheduler off and on (chunks 1, default settings) for
-    `args.paired_rounds` rounds: per-round slowdown = on / off (the "scheduler on never slower
-    than off by more than 2%" target), drift-robust like `paired_rounds`."""
+def paired_ab(fluid, x, dy, timer, args, a: str, b: str, key: str):
+    """Alternate two Fluid variants a, b for `args.paired_rounds` rounds: per round `key` =
+    b's fwd+bwd / a's (> 1: b is slower), drift-robust like `paired_rounds`."""
     rounds = []
     for _ in range(args.paired_rounds):
         ms = {}
-        for name in ("fluid_off_c1", "fluid_on_c1"):
+        for name in (a, b):
             apply_variant(fluid, name)
             ms[name] = timer(fwdbwd_step(fluid, x, dy), 1, args.iters)
-        rounds.append({**ms, "on_over_off": ms["fluid_on_c1"] / ms["fluid_off_c1"]})
+        rounds.append({**ms, key: ms[b] / ms[a]})
     apply_variant(fluid, "fluid_on_c1")
-    return {"rounds": rounds, **_spread(rounds, "on_over_off")}
+    return {"a": a, "b": b, "rounds": rounds, **_spread(rounds, key)}
+
+
+def paired_onoff(fluid, x, dy, timer, args):
+    """Fluid with the scheduler off, then on (chunks 1, default settings): per-round slowdown
+    on_over_off (the "scheduler on never slower than off by more than 2%" target)."""
+    return paired_ab(fluid, x, dy, timer, args, "fluid_off_c1", "fluid_on_c1", "on_over_off")
 
 
 def a2a_alone(rows, hidden, dtype, device, timer, args):
@@ -390,6 +396,9 @@ def run_config(name, shape, args, cuda, device, pg, ws):
         out["paired"] = paired_rounds(stock, fluid, x, dy, timer, args, pv)
         if args.paired_onoff:
             out["paired_onoff"] = paired_onoff(fluid, x, dy, timer, args)
+        if args.paired_ab:
+            a, b = args.paired_ab.split(",")
+            out["paired_ab"] = paired_ab(fluid, x, dy, timer, args, a, b, "b_over_a")
     del stock
     if cuda:
         torch.cuda.empty_cache()
@@ -441,6 +450,9 @@ def main():
                         "the fastest Fluid variant of this run")
     p.add_argument("--paired-onoff", action="store_true",
                    help="with --paired-rounds: also alternate Fluid scheduler off / on (paired_onoff)")
+    p.add_argument("--paired-ab", default="",
+                   help="with --paired-rounds: 'A,B', two Fluid variants alternated (b_over_a per "
+                        "round, > 1: B is slower), e.g. fluid_on_c1_cat,fluid_on_c1")
     p.add_argument("--extra-variants", default="",
                    help="more Fluid variants, comma-separated, e.g. fluid_on_c2_sm16 (see apply_variant)")
     p.add_argument("--trace", default="",

@@ -45,6 +45,14 @@ def to_markdown(doc: dict) -> str:
                 f"{_fmt(po['on_over_off_max'])} (> 1: on is slower)",
                 "",
             ]
+        ab = res.get("paired_ab")
+        if ab:
+            lines += [
+                f"{ab['b']} / {ab['a']}, alternating ({len(ab['rounds'])} rounds): fwd+bwd time "
+                f"ratio median {_fmt(ab['b_over_a_median'])}, range {_fmt(ab['b_over_a_min'])}-"
+                f"{_fmt(ab['b_over_a_max'])} (> 1: {ab['b']} is slower)",
+                "",
+            ]
         pr = res.get("paired")
         if pr:
             lines += [

@@ -34,6 +34,8 @@
 #   bash benchmarks/run_gpu.sh s7c OUT          # gather reorder vs split+cat; cProfile of the host
 #   bash benchmarks/run_gpu.sh s7d OUT          # after the stream-lookup fix: GPU tests, paired
 #                                               # layers (64-expert, e2e), stage times, cProfile
+#   bash benchmarks/run_gpu.sh s7e OUT          # session 7 final: GPU tier; three layers under DDP
+#                                               # with paired stock/Fluid, gather/cat and on/off rounds
 #   bash benchmarks/run_gpu.sh compat OUT       # NVLink attention; DDP overlap, distributed optimizer,
 #                                               # recompute, optimizer checkpoint resume, CP=4 x EP=4
 # NPROC=2 runs the torchrun targets on a 2-GPU host (EP=2), as s5d/s5e were.
@@ -338,6 +340,20 @@ for c in r:
         print(c, v, round(x['fwd_ms'], 2), round(x['fwdbwd_ms'], 2), x.get('stage_times_us', ''))
     p = r[c]['paired']; print(c, 'paired', p['speedup_median'], p['speedup_min'], p['speedup_max'])
     print(r[c]['variants']['fluid_on_c1']['host_profile'][:3000])"
+    ;;
+  s7e)
+    # Session 7, final code on a 2-GPU host: the GPU tier, then the three layers under emulated
+    # DDP (NVLink) with paired stock/Fluid, index/cat reorder and scheduler on/off rounds.
+    timeout 200 python3 -m pytest -q -s tests/gpu > "$out/gpu_tests.txt" 2>&1
+    grep -E "\] (PASS|FAIL) \(|passed|failed" "$out/gpu_tests.txt" | tail -6
+    timeout 330 $tr benchmarks/bench_moe.py --out "$out/moe_nvlink_ddp" --configs fine,e2e,mixtral \
+      --iters 20 --ddp-grads --extra-variants fluid_on_c1_cat --stage-times fluid_on_c1,fluid_on_c1_cat \
+      --paired-rounds 3 --paired-ab fluid_on_c1_cat,fluid_on_c1 --paired-onoff > "$out/moe_nvlink_ddp.log" 2>&1
+    tail -c 200 "$out/moe_nvlink_ddp.log"
+    python3 -c "import json; r=json.load(open('$out/moe_nvlink_ddp/bench_moe.json'))['results']
+for c in r:
+    for k in ('paired', 'paired_ab', 'paired_onoff'):
+        p = r[c][k]; print(c, k, {a: round(b, 3) for a, b in p.items() if a.endswith(('median', 'min', 'max'))})"
     ;;
   next-b)
     # Prepared for the next session (not yet run): e2e over NVLink with the inline rule, the
