@@ -260,8 +260,7 @@ def apply_variant(fluid, vname: str) -> bool:
     on/off: BackwardScheduler enabled; c<chunks>: forward chunks; _loop / _grouped: per-expert
     cuBLAS GEMMs / torch._grouped_mm (FLUID_GROUPED_MM=0 / 1; without either the default, auto:
     per expert for large experts, where dW is not deferred also per expert in backward); _dedup:
-    deduplicated dispatch; _cat: the dispatcher's reference reorder (split + cat instead of one
-    gather); _sm<n>: GEMMs beside an all-to-all leave n SMs to NCCL
+    deduplicated dispatch; _sm<n>: GEMMs beside an all-to-all leave n SMs to NCCL
     (CommContext.sm_carveout; without it the default, "auto"). Returns whether the scheduler is
     on."""
     from fluid.moe.testing import set_dedup, set_num_chunks
@@ -272,15 +271,13 @@ def apply_variant(fluid, vname: str) -> bool:
         raise ValueError(f"bad variant name {vname!r}")
     opts = parts[3:]
     sm = [int(o[2:]) for o in opts if o.startswith("sm")]
-    unknown = [o for o in opts if o not in ("loop", "grouped", "dedup", "cat")
-               and not o.startswith("sm")]
+    unknown = [o for o in opts if o not in ("loop", "grouped", "dedup") and not o.startswith("sm")]
     if unknown:
         raise ValueError(f"bad variant option(s) {unknown} in {vname!r}")
     set_dedup(fluid, False)
     set_num_chunks(fluid, int(parts[2][1:]))
     set_dedup(fluid, "dedup" in opts)
     fluid.comm.sm_carveout = sm[0] if sm else "auto"
-    fluid.token_dispatcher.reorder_impl = "cat" if "cat" in opts else "index"
     os.environ["FLUID_GROUPED_MM"] = "0" if "loop" in opts else "1" if "grouped" in opts else "auto"
     sched = get_backward_scheduler()
     sched.enable() if parts[1] == "on" else sched.disable()
@@ -452,7 +449,7 @@ def main():
                    help="with --paired-rounds: also alternate Fluid scheduler off / on (paired_onoff)")
     p.add_argument("--paired-ab", default="",
                    help="with --paired-rounds: 'A,B', two Fluid variants alternated (b_over_a per "
-                        "round, > 1: B is slower), e.g. fluid_on_c1_cat,fluid_on_c1")
+                        "round, > 1: B is slower), e.g. fluid_on_c1,fluid_on_c1_grouped")
     p.add_argument("--extra-variants", default="",
                    help="more Fluid variants, comma-separated, e.g. fluid_on_c2_sm16 (see apply_variant)")
     p.add_argument("--trace", default="",

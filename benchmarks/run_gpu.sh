@@ -34,8 +34,10 @@
 #   bash benchmarks/run_gpu.sh s7c OUT          # gather reorder vs split+cat; cProfile of the host
 #   bash benchmarks/run_gpu.sh s7d OUT          # after the stream-lookup fix: GPU tests, paired
 #                                               # layers (64-expert, e2e), stage times, cProfile
-#   bash benchmarks/run_gpu.sh s7e OUT          # session 7 final: GPU tier; three layers under DDP
-#                                               # with paired stock/Fluid, gather/cat and on/off rounds
+#   bash benchmarks/run_gpu.sh s7e OUT          # GPU tier; three layers under DDP with paired
+#                                               # stock/Fluid, gather/cat and on/off rounds
+#   (s7c-s7e ran at 28ac883-59839e8, with the gather reorder and its _cat variant: both removed
+#   after s7e measured the gather slower, see docs/benchmarks/README.md, Session 7)
 #   bash benchmarks/run_gpu.sh compat OUT       # NVLink attention; DDP overlap, distributed optimizer,
 #                                               # recompute, optimizer checkpoint resume, CP=4 x EP=4
 # NPROC=2 runs the torchrun targets on a 2-GPU host (EP=2), as s5d/s5e were.

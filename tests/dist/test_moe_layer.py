@@ -10,7 +10,6 @@ with all experts. Checked per case:
     the reference gradients;
   - scheduler on vs off: outputs and every gradient bit-identical (torch.equal), and with the
     scheduler on the expert dW really ran inside all-to-all windows;
-  - the dispatcher's reference reorder (reorder_impl "cat") vs the default gather: bit-identical;
   - (one case) Megatron's stage methods route/preprocess/dispatch/routed_experts_compute/
     combine/postprocess give the same output as forward.
 Cases cover top-1/2/6, SwiGLU (unfused and Megatron's fused weighted SwiGLU) and GELU, shared experts on/off, chunks 1/2/4, and uneven routing
@@ -112,17 +111,6 @@ def _run_case(rank, ws, pg, topk, glu, shared, chunks, dead, check_stage, fused,
     sched.enable()
 
     out, dx, grads, stats = results["on"]
-    if not dedup:  # the reference reorder (split + cat) moves the same rows: bit-identical
-        layer.token_dispatcher.reorder_impl = "cat"
-        layer.zero_grad(set_to_none=True)
-        x = x_all[sl].clone().unsqueeze(1).requires_grad_(True)
-        out_cat, _ = layer(x)
-        (out_cat.squeeze(1) * dy_all[sl]).sum().backward()
-        layer.token_dispatcher.reorder_impl = "index"
-        assert torch.equal(out_cat.detach().squeeze(1), out), "cat reorder != index reorder"
-        assert torch.equal(x.grad.squeeze(1), dx), "cat reorder != index reorder (dX)"
-        for name, p in layer.named_parameters():
-            assert torch.equal(p.grad, grads[name]), f"cat reorder != index reorder: {name}"
     torch.testing.assert_close(out, out_ref.detach()[sl], rtol=RTOL, atol=ATOL)
     torch.testing.assert_close(dx, x_ref.grad[sl], rtol=RTOL, atol=ATOL)
     G = E // ws

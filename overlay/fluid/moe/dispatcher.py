@@ -16,9 +16,7 @@ One forward, in order (the stage names are Megatron's MoEAlltoAllTokenDispatcher
      rows and one of their probs through `fluid_all_to_all` (uneven splits; async, so the caller
      can compute meanwhile).
   3. `dispatch_postprocess(tokens, probs, chunk)`: received rows are ordered (source rank, local
-     expert); reorder them to (local expert, source rank) so each expert's rows are contiguous:
-     one gather with a permutation computed on the host from the counts (`reorder_indices`),
-     uploaded once per forward with the plan.
+     expert); reorder them to (local expert, source rank) so each expert's rows are contiguous.
   4. experts run on the chunk (FluidGroupedMLP).
   5. `combine_preprocess(out, chunk)`: the inverse reorder; `token_combine` / `launch_combine`:
      the all-to-all back with the splits swapped.
@@ -57,7 +55,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -79,60 +76,6 @@ def chunk_of_rows(offset_in_segment: torch.Tensor, segment_len: torch.Tensor, nu
     Row o is in chunk c iff floor(c*n/C) <= o < floor((c+1)*n/C), i.e. c = floor(((o+1)*C-1)/n).
     """
     return torch.div((offset_in_segment + 1) * num_chunks - 1, segment_len, rounding_mode="floor")
-
-
-def reorder_indices(counts_rg, num_ranks: int, num_local: int):
-    """Row permutation from (source rank, local expert)-major to (local expert, source rank)-major.
-
-    Args:
-        counts_rg: `[P*G]` host ints, rows per (rank r, expert g) at position r*G + g.
-    Returns:
-        `(idx, inv)`, int64 numpy `[N]` each: expert-major row i is received row idx[i], and
-        received row j is expert-major row inv[j]. Host math on P*G + N ints (numpy, no device
-        work), so that the reorder itself is one gather kernel (`gather_rows`) instead of a
-        split into P*G views and a cat, whose host cost grows with P*G (measured 2x H200, 64
-        experts: 170 us of host time per reorder, three per forward; bench_moe --stage-times).
-    """
-    cnt = np.asarray(counts_rg, dtype=np.int64).reshape(num_ranks, num_local)
-    src_start = (np.cumsum(cnt) - cnt.ravel()).reshape(num_ranks, num_local)
-    cnt_gr = cnt.T.ravel()
-    n = int(cnt_gr.sum())
-    dst_start = np.cumsum(cnt_gr) - cnt_gr
-    idx = np.repeat(src_start.T.ravel() - dst_start, cnt_gr) + np.arange(n, dtype=np.int64)
-    inv = np.empty(n, dtype=np.int64)
-    inv[idx] = np.arange(n, dtype=np.int64)
-    return idx, inv
-
-
-def upload_indices(arrays, device) -> list[torch.Tensor]:
-    """int64 numpy arrays -> tensors on `device`, one host->device copy for all of them
-    (pinned, non-blocking: never synchronizes)."""
-    flat = torch.from_numpy(np.concatenate(arrays))
-    if torch.device(device).type == "cuda":
-        flat = flat.pin_memory().to(device, non_blocking=True)
-    return list(flat.split([len(a) for a in arrays]))
-
-
-class _GatherRows(torch.autograd.Function):
-    """`x[idx]` for a permutation `idx` with inverse `inv`; backward `grad[inv]`.
-
-    A gather both ways: no atomics and no zero-filled buffer, so the backward is exact and
-    deterministic (index_select's own backward is an index_add into zeros)."""
-
-    @staticmethod
-    def forward(ctx, x, idx, inv):
-        ctx.inv = inv
-        return x.index_select(0, idx)
-
-    @staticmethod
-    def backward(ctx, grad):
-        inv, ctx.inv = ctx.inv, None
-        return grad.index_select(0, inv), None, None
-
-
-def gather_rows(x: torch.Tensor, idx: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
-    """`[N, ...]` -> `[N, ...]`, row i = x[idx[i]]; inv is idx's inverse (see reorder_indices)."""
-    return _GatherRows.apply(x, idx, inv)
 
 
 def segmented_index_add(dst, index, src, counts) -> torch.Tensor:
@@ -174,8 +117,6 @@ class DispatchPlan:
         sorted_indices: `[R]` the token index of every sent row (device); with dedup the rows
             are one per (token, destination rank), rank-major, tokens ascending within a rank.
         offs: per chunk, int32 cumulative tokens_per_expert on the GPU (None on CPU).
-        reorder: per chunk, `(idx, inv)` device permutations between received and expert-major
-            rows (`reorder_indices`), or None where no reorder is needed (G = 1 or P = 1).
         expand_rows: dedup only, `[N]` the received row each expert-major row was copied from.
     """
 
@@ -188,7 +129,6 @@ class DispatchPlan:
     recv_counts: list = field(default_factory=list)
     tokens_per_expert: list = field(default_factory=list)
     offs: list = field(default_factory=list)
-    reorder: list = field(default_factory=list)
     expand_rows: Optional[torch.Tensor] = None
 
 
@@ -223,9 +163,6 @@ class FluidTokenDispatcher:
         comm: CommContext of the EP group (its stream carries the all-to-alls).
         num_chunks: C, forward pipelining depth (1 = off).
         dedup: send a token once per destination rank (see the module docstring).
-
-    Attribute `reorder_impl`: "index" (default; one gather per reorder, `gather_rows`) or "cat"
-    (the reference: split into P*G views and concatenate). Both move the same rows, bit for bit.
     """
 
     def __init__(
@@ -248,7 +185,6 @@ class FluidTokenDispatcher:
         self.plan: Optional[DispatchPlan] = None
         self._pending: Optional[_PendingCounts] = None
         self.shared_experts = None
-        self.reorder_impl = "index"
 
     # -- 1. metadata + permutation ------------------------------------------------------------
     def _exchange_counts(self, routing_map: torch.Tensor) -> torch.Tensor:
@@ -386,11 +322,6 @@ class FluidTokenDispatcher:
             tpe = [sum(per_rg[r * G + g] for r in range(P)) for g in range(G)]
             plan.tokens_per_expert.append(tpe)
             plan.offs.append(offsets_for(tpe, plan.sorted_indices.device))
-            plan.reorder.append(None)
-        if G > 1 and P > 1 and self.reorder_impl == "index":
-            perms = [reorder_indices(rc, P, G) for rc in plan.recv_counts]
-            flat = upload_indices([a for pair in perms for a in pair], plan.sorted_indices.device)
-            plan.reorder = [(flat[2 * c], flat[2 * c + 1]) for c in range(C)]
         return plan
 
     # -- 2. dispatch all-to-all ---------------------------------------------------------------
@@ -444,18 +375,8 @@ class FluidTokenDispatcher:
         return x, p
 
     # -- 3. sort by local expert ----------------------------------------------------------------
-    def _reorder(self, x, chunk: int, to_expert_major: bool):
-        """(rank, expert)-major rows <-> (expert, rank)-major rows of `chunk`."""
-        plan = self.plan
-        perm = plan.reorder[chunk] if plan.reorder else None
-        if perm is None:
-            return self._reorder_cat(x, plan.recv_counts[chunk], to_expert_major)
-        idx, inv = perm
-        return gather_rows(x, idx, inv) if to_expert_major else gather_rows(x, inv, idx)
-
-    def _reorder_cat(self, x, counts_rg, to_expert_major: bool):
-        """Reference `_reorder`: split into the P*G (rank, expert) pieces and concatenate them in
-        the other order, given `[P*G]` counts."""
+    def _reorder(self, x, counts_rg, to_expert_major: bool):
+        """(rank, expert)-major rows <-> (expert, rank)-major rows, given `[P*G]` counts."""
         G, P = self.num_local_experts, self.ep_size
         if G == 1 or P == 1:
             return x
@@ -473,15 +394,16 @@ class FluidTokenDispatcher:
         if self.dedup:
             tokens, probs = self._dedup_expand(tokens, probs, plan)
             return tokens, plan.tokens_per_expert[chunk], probs, plan.offs[chunk]
-        tokens = self._reorder(tokens, chunk, True)
-        probs = self._reorder(probs, chunk, True)
+        counts = plan.recv_counts[chunk]
+        tokens = self._reorder(tokens, counts, True)
+        probs = self._reorder(probs, counts, True)
         return tokens, plan.tokens_per_expert[chunk], probs, plan.offs[chunk]
 
     # -- 5. combine -----------------------------------------------------------------------------
     def combine_preprocess(self, expert_out, chunk: int = 0):
         if self.dedup:
             return self._dedup_reduce(expert_out, self.plan)
-        return self._reorder(expert_out, chunk, False)
+        return self._reorder(expert_out, self.plan.recv_counts[chunk], False)
 
     def launch_combine(self, x, chunk: int = 0):
         plan = self.plan
