@@ -36,6 +36,7 @@
 #                                               # layers (64-expert, e2e), stage times, cProfile
 #   bash benchmarks/run_gpu.sh s7e OUT          # GPU tier; three layers under DDP with paired
 #                                               # stock/Fluid, gather/cat and on/off rounds
+#   bash benchmarks/run_gpu.sh s7f OUT          # session 7 final code: s6e's layers under DDP, both links
 #   (s7c-s7e ran at 28ac883-59839e8, with the gather reorder and its _cat variant: both removed
 #   after s7e measured the gather slower, see docs/benchmarks/README.md, Session 7)
 #   bash benchmarks/run_gpu.sh compat OUT       # NVLink attention; DDP overlap, distributed optimizer,
@@ -356,6 +357,11 @@ for c in r:
 for c in r:
     for k in ('paired', 'paired_ab', 'paired_onoff'):
         p = r[c][k]; print(c, k, {a: round(b, 3) for a, b in p.items() if a.endswith(('median', 'min', 'max'))})"
+    ;;
+  s7f)
+    # Session 7 final code (stream-lookup fix; split+cat reorder as in session 6): the s6e layer
+    # runs again, both links under emulated DDP, paired stock/Fluid and scheduler on/off rounds.
+    ddp_layers 150 fluid_on_c1
     ;;
   next-b)
     # Prepared for the next session (not yet run): e2e over NVLink with the inline rule, the
