@@ -37,6 +37,7 @@
 #   bash benchmarks/run_gpu.sh s7e OUT          # GPU tier; three layers under DDP with paired
 #                                               # stock/Fluid, gather/cat and on/off rounds
 #   bash benchmarks/run_gpu.sh s7f OUT          # session 7 final code: s6e's layers under DDP, both links
+#   bash benchmarks/run_gpu.sh ep4-layers OUT   # ep4-final's layers only, for a short device budget
 #   (s7c-s7e ran at 28ac883-59839e8, with the gather reorder and its _cat variant: both removed
 #   after s7e measured the gather slower, see docs/benchmarks/README.md, Session 7)
 #   bash benchmarks/run_gpu.sh compat OUT       # NVLink attention; DDP overlap, distributed optimizer,
@@ -362,6 +363,13 @@ for c in r:
     # Session 7 final code (stream-lookup fix; split+cat reorder as in session 6): the s6e layer
     # runs again, both links under emulated DDP, paired stock/Fluid and scheduler on/off rounds.
     ddp_layers 150 fluid_on_c1
+    ;;
+  ep4-layers)
+    # The layer part of ep4-final (both links under DDP, paired and on/off rounds), then MoE parity,
+    # for a session with little device time left.
+    ddp_layers 150 best
+    timeout 100 python3 -m pytest -q -s tests/gpu/test_moe_parity.py > "$out/moe_parity.txt" 2>&1
+    grep -E "\] (PASS|FAIL) \(|passed|failed" "$out/moe_parity.txt" | tail -4
     ;;
   next-b)
     # Prepared for the next session (not yet run): e2e over NVLink with the inline rule, the
