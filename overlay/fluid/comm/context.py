@@ -75,9 +75,9 @@ def current_stream(device_index: Optional[int]) -> torch.cuda.Stream:
 
     With an int the lookup is one C call. Without a device, torch.cuda.current_stream (and
     Event.record() and torch.cuda.stream(), which call it) resolves the current device through
-    `torch.cuda.is_available()` and the environment: 17 us per call on the 2x H200 host,
-    37 calls per MoE layer fwd+bwd, 0.6 ms of host time per step in a host-bound layer
-    (cProfile, docs/benchmarks/raw/s7c)."""
+    `torch.cuda.is_available()` and the environment. Under cProfile on the 2x H200 host that was
+    17 us per call and 37 calls per MoE layer fwd+bwd (docs/benchmarks/raw/s7c), in a layer whose
+    pace the host sets at 64 experts; with the index they left the profile's top (raw/s7d)."""
     return torch.cuda.current_stream(device_index)
 
 
