@@ -31,6 +31,11 @@ paired (--paired-rounds R > 0, CUDA): R alternating rounds of stock and Fluid (-
 --ddp-grads: both layers' parameters get Megatron DDP's fp32 main_grad and its grad hook
   (fluid.moe.testing.emulate_ddp_grads), so peak_gb counts the gradients a backward adds
   transiently under DDP.
+Host-side views (the 64-expert layer is host-bound: the GPU idles while Python and launches catch up):
+  --trace VARIANTS: every rank's GPU timeline of one fwd+bwd with FluidMoELayer's forward stages
+  annotated (benchmarks/timeline_summary.py summarizes it); --stage-times VARIANTS: host time per
+  forward stage without the profiler; --host-profile VARIANTS: a cProfile of --iters fwd+bwd.
+  A variant name may end in #tag to measure the same settings again later in the run.
 Writes <out>/bench_moe.json (argv, card, env, results); benchmarks/moe_report.py renders it.
 """
 
