@@ -38,6 +38,7 @@
 #                                               # stock/Fluid, gather/cat and on/off rounds
 #   bash benchmarks/run_gpu.sh s7f OUT          # session 7 final code: s6e's layers under DDP, both links
 #   bash benchmarks/run_gpu.sh ep4-layers OUT   # ep4-final's layers only, for a short device budget
+#   bash benchmarks/run_gpu.sh s7g OUT          # end to end at EP=2, final code, NVLink and P2P off
 #   (s7c-s7e ran at 28ac883-59839e8, with the gather reorder and its _cat variant: both removed
 #   after s7e measured the gather slower, see docs/benchmarks/README.md, Session 7)
 #   bash benchmarks/run_gpu.sh compat OUT       # NVLink attention; DDP overlap, distributed optimizer,
@@ -363,6 +364,14 @@ for c in r:
     # Session 7 final code (stream-lookup fix; split+cat reorder as in session 6): the s6e layer
     # runs again, both links under emulated DDP, paired stock/Fluid and scheduler on/off rounds.
     ddp_layers 150 fluid_on_c1
+    ;;
+  s7g)
+    # Session 7, last call: the whole model at EP=2 with the final code, from one initial
+    # checkpoint, over NVLink and over P2P off (the multi-node stand-in; not run at EP=2 before).
+    timeout 200 python3 benchmarks/e2e.py --out "$out/e2e_ep2" --iters 40 --nproc 2 \
+      --variants init_ep2,stock_ep2,fluid_ep2 2>&1 | grep rc=
+    timeout 200 python3 benchmarks/e2e.py --out "$out/e2e_ep2" --iters 40 --nproc 2 --p2p-disable \
+      --variants stock_ep2,fluid_ep2 2>&1 | grep rc=
     ;;
   ep4-layers)
     # The layer part of ep4-final (both links under DDP, paired and on/off rounds), then MoE parity,
