@@ -111,10 +111,14 @@ FLUID_STAGES = [("", "route"), ("token_dispatcher", "dispatch_preprocess"),
                 ("token_dispatcher", "combine_postprocess")]
 
 
+_MISSING = object()
+
+
 @contextlib.contextmanager
 def stage_hooks(layer, enter_exit):
     """Wrap each FLUID_STAGES method of a FluidMoELayer (instance attributes, removed on exit):
-    `enter_exit(name)` is a context manager entered around every call. A stock layer (no
+    `enter_exit(name)` is a context manager entered around every call. On exit each object gets
+    back exactly what it had (its own attribute, or none). A stock layer (no
     token_dispatcher.dispatch_chunks) is left alone."""
     wrapped = []
     if hasattr(getattr(layer, "token_dispatcher", None), "dispatch_chunks"):
@@ -127,13 +131,16 @@ def stage_hooks(layer, enter_exit):
                 with enter_exit(_name):
                     return _fn(*a, **k)
 
+            wrapped.append((obj, meth, vars(obj).get(meth, _MISSING)))
             setattr(obj, meth, call)
-            wrapped.append((obj, meth))
     try:
         yield
     finally:
-        for obj, meth in wrapped:
-            delattr(obj, meth)
+        for obj, meth, own in reversed(wrapped):
+            if own is _MISSING:
+                delattr(obj, meth)  # the class's method shows through again
+            else:
+                setattr(obj, meth, own)  # an instance attribute it had before
 
 
 def stage_times(layer, x, dy, iters):
