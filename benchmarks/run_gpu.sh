@@ -38,7 +38,8 @@
 #                                               # stock/Fluid, gather/cat and on/off rounds
 #   bash benchmarks/run_gpu.sh s7f OUT          # session 7 final code: s6e's layers under DDP, both links
 #   bash benchmarks/run_gpu.sh ep4-layers OUT   # ep4-final's layers only, for a short device budget
-#   bash benchmarks/run_gpu.sh s7g OUT          # end to end at EP=2, final code, NVLink and P2P off
+#   bash benchmarks/run_gpu.sh s7g OUT          # end to end at EP=2, final code, NVLink and P2P off;
+#                                               # the 64-expert layer at 16384 tokens per rank
 #   (s7c-s7e ran at 28ac883-59839e8, with the gather reorder and its _cat variant: both removed
 #   after s7e measured the gather slower, see docs/benchmarks/README.md, Session 7)
 #   bash benchmarks/run_gpu.sh compat OUT       # NVLink attention; DDP overlap, distributed optimizer,
@@ -372,6 +373,10 @@ for c in r:
       --variants init_ep2,stock_ep2,fluid_ep2 2>&1 | grep rc=
     timeout 200 python3 benchmarks/e2e.py --out "$out/e2e_ep2" --iters 40 --nproc 2 --p2p-disable \
       --variants stock_ep2,fluid_ep2 2>&1 | grep rc=
+    # The host-bound 64-expert layer at 4x the tokens per rank: how the ratio and the host share move.
+    timeout 150 $tr benchmarks/bench_moe.py --out "$out/fine_16k" --configs fine --tokens 16384 \
+      --iters 10 --ddp-grads --paired-rounds 3 --stage-times fluid_on_c1 > "$out/fine_16k.log" 2>&1
+    tail -c 150 "$out/fine_16k.log"
     ;;
   ep4-layers)
     # The layer part of ep4-final (both links under DDP, paired and on/off rounds), then MoE parity,
