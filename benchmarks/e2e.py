@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -203,6 +204,15 @@ def variant_args(name: str, iters: int, ckpt_dir: Path) -> str:
     return args
 
 
+class Terminated(Exception):
+    """Raised in the main thread on SIGTERM (see `main`), so a run cut short by an outer timeout
+    still leaves its parsed iterations in the JSON (session 7 lost one that way: raw/s7g)."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
 def run_variant(name, out: Path, iters: int, p2p_off: bool, nproc: int, ckpt_dir: Path) -> dict:
     seq, load = VARIANTS[name][2], VARIANTS[name][4]
     env = {**os.environ, "CUDA_DEVICE_MAX_CONNECTIONS": "1", "NCCL_NVLS_ENABLE": "0"}
@@ -220,10 +230,22 @@ def run_variant(name, out: Path, iters: int, p2p_off: bool, nproc: int, ckpt_dir
     tag = name + ("_p2poff" if p2p_off else "")
     log_path = out / f"e2e_{tag}.log"
     t0 = time.time()
+    terminated = False
     with open(log_path, "w") as log:
         log.write("COMMAND: " + " ".join(cmd) + "\n")
         log.flush()
-        rc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        try:
+            rc = proc.wait()
+        except Terminated:  # SIGTERM (an outer `timeout`): stop the run, keep what it logged
+            terminated = True
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            rc = proc.returncode
     its = parse_log(log_path.read_text())
     steady = [r["ms"] for i, r in its.items() if i >= 10 and "ms" in r]
     return {
@@ -234,6 +256,7 @@ def run_variant(name, out: Path, iters: int, p2p_off: bool, nproc: int, ckpt_dir
         "seq_length": seq,
         "loaded": load,
         "median_iter_ms_after_10": statistics.median(steady) if steady else None,
+        "terminated": terminated,
         "iterations": its,
         "command": " ".join(cmd),
         "env": {k: env[k] for k in ("CUDA_DEVICE_MAX_CONNECTIONS", "NCCL_P2P_DISABLE", "FLUID_GROUPED_MM")
@@ -270,13 +293,24 @@ def main():
 
     results = {"card": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
                "argv": sys.argv, "runs": {}}
-    for v in args.variants.split(","):
-        r = run_variant(v, args.out, args.iters, args.p2p_disable, args.nproc, args.ckpt_dir)
-        results["runs"][v] = r
-        print(f"{v:24s} rc={r['rc']} median_ms={r['median_iter_ms_after_10']} wall={r['wall_s']:.0f}s",
-              flush=True)
-        tag = "_p2poff" if args.p2p_disable else ""
-        (args.out / f"e2e{tag}.json").write_text(json.dumps(results, indent=1))  # partial results
+    tag = "_p2poff" if args.p2p_disable else ""
+
+    def save():  # after every variant: partial results survive a later failure
+        (args.out / f"e2e{tag}.json").write_text(json.dumps(results, indent=1))
+
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        for v in args.variants.split(","):
+            r = run_variant(v, args.out, args.iters, args.p2p_disable, args.nproc, args.ckpt_dir)
+            results["runs"][v] = r
+            print(f"{v:24s} rc={r['rc']} median_ms={r['median_iter_ms_after_10']} "
+                  f"wall={r['wall_s']:.0f}s" + (" TERMINATED" if r["terminated"] else ""), flush=True)
+            save()
+            if r["terminated"]:
+                raise Terminated()
+    except Terminated:
+        save()
+        sys.exit(128 + signal.SIGTERM)
     runs = results["runs"]
     pairs = [("stock", "fluid"), ("stock", "stock_ep_overlap"),
              ("stock_from_fluid", "fluid_from_fluid"),
