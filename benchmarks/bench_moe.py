@@ -70,14 +70,21 @@ def param_bytes(layer) -> int:
     return sum(p.numel() * p.element_size() for p in layer.parameters())
 
 
-def fwdbwd_step(layer, x, dy):
-    """One timed unit: forward, backward, then drop the gradients (set_to_none)."""
+def fwdbwd_step(layer, x, dy, timed=None):
+    """One timed unit: forward, backward, then drop the gradients (set_to_none).
+
+    `timed(name)`, if given, is a context manager around the forward ("host:fwd") and the backward
+    ("host:bwd") calls (stage_times)."""
     from fluid.moe.testing import reset_ddp_flags
+
+    timed = timed or (lambda name: contextlib.nullcontext())
 
     def fwdbwd():
         reset_ddp_flags(layer.parameters())  # --ddp-grads: as DDP's zero_grad_buffer each step
-        out, _ = layer(x)
-        out.backward(dy)
+        with timed("host:fwd"):
+            out, _ = layer(x)
+        with timed("host:bwd"):
+            out.backward(dy)
         layer.zero_grad(set_to_none=True)
         x.grad = None
 
@@ -156,18 +163,13 @@ def stage_times(layer, x, dy, iters):
         acc[name] = acc.get(name, 0.0) + time.perf_counter() - t
 
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-    step = fwdbwd_step(layer, x, dy)
+    step = fwdbwd_step(layer, x, dy, timed)
     with stage_hooks(layer, timed):
         step()
         sync()
         acc.clear()
         for _ in range(iters):
-            with timed("host:fwd"):
-                out, _ = layer(x)
-            with timed("host:bwd"):
-                out.backward(dy)
-            layer.zero_grad(set_to_none=True)
-            x.grad = None
+            step()
         with timed("device:drain"):
             sync()
     return {k: round(v / iters * 1e6, 1) for k, v in acc.items()}

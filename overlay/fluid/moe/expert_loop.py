@@ -100,6 +100,13 @@ class _SequentialExperts(torch.autograd.Function):
         direct = has_main_grad((param1, param2))
         dw1 = w1.new_empty(w1.shape) if param1.requires_grad and not direct else None
         dw2 = w2.new_empty(w2.shape) if param2.requires_grad and not direct else None
+
+        def expert_dw(param, stacked, g, dy_t, inp):
+            """Expert g's dW = dy_t @ inp: into the stacked dW, or added into main_grad[g]."""
+            if stacked is not None:
+                torch.matmul(dy_t, inp, out=stacked[g])
+            elif direct and param.requires_grad:
+                param.main_grad[g].add_(torch.matmul(dy_t, inp))
         start = 0
         for g, count in enumerate(counts):
             rows = slice(start, start + count)
@@ -113,10 +120,7 @@ class _SequentialExperts(torch.autograd.Function):
             saved[g] = None  # h_g, a_g go once this expert is done, as in SequentialMLP
             dy_g = dy[rows]
             d_a = torch.matmul(dy_g, w2[g])
-            if dw2 is not None:
-                torch.matmul(dy_g.t(), a_g.detach(), out=dw2[g])
-            elif direct and param2.requires_grad:
-                param2.main_grad[g].add_(torch.matmul(dy_g.t(), a_g.detach()))
+            expert_dw(param2, dw2, g, dy_g.t(), a_g.detach())
             inputs = (h_leaf, p_leaf) if want_dprobs else (h_leaf,)
             grads = torch.autograd.grad(a_g, inputs, d_a)
             del a_g, d_a
@@ -125,10 +129,7 @@ class _SequentialExperts(torch.autograd.Function):
                 dprobs[rows] = grads[1]
             if dx is not None:
                 torch.matmul(d_h, w1[g], out=dx[rows])
-            if dw1 is not None:
-                torch.matmul(d_h.t(), x[rows], out=dw1[g])
-            elif direct and param1.requires_grad:
-                param1.main_grad[g].add_(torch.matmul(d_h.t(), x[rows]))
+            expert_dw(param1, dw1, g, d_h.t(), x[rows])
             del d_h, h_leaf, p_leaf, grads
 
         # dW is complete; the scheduler runs this inline (this path is only taken when it would

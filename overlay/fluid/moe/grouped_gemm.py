@@ -64,9 +64,10 @@ def grouped_mm_mode() -> str:
     raise ValueError(f"FLUID_GROUPED_MM must be auto, 1 or 0, not {raw!r}")
 
 
-def grouped_mm_available(x: torch.Tensor) -> bool:
-    """True where `torch._grouped_mm` can be used for `x` (see the module docstring)."""
-    if _BROKEN or grouped_mm_mode() == "off":
+def grouped_mm_available(x: torch.Tensor, mode: Optional[str] = None) -> bool:
+    """True where `torch._grouped_mm` can be used for `x` (see the module docstring); `mode` is
+    `grouped_mm_mode()` when the caller has it already."""
+    if _BROKEN or (mode or grouped_mm_mode()) == "off":
         return False
     return _grouped_mm_supported(x)
 
@@ -86,9 +87,10 @@ def use_grouped_mm(x: torch.Tensor, counts: Sequence[int], macs_per_row: int) ->
             `H * F1 + F * H`.
     With FLUID_GROUPED_MM=auto, False when the mean expert's MLP reaches LOOP_MIN_EXPERT_GFLOP.
     """
-    if not grouped_mm_available(x):
+    mode = grouped_mm_mode()
+    if not grouped_mm_available(x, mode):
         return False
-    if grouped_mm_mode() == "on" or not counts:
+    if mode == "on" or not counts:
         return True
     mean_rows = sum(int(c) for c in counts) / len(counts)
     return 2.0 * mean_rows * macs_per_row < LOOP_MIN_EXPERT_GFLOP * 1e9
