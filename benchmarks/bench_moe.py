@@ -2,7 +2,7 @@
 
     CUDA_DEVICE_MAX_CONNECTIONS=1 NCCL_NVLS_ENABLE=0 \
         torchrun --nproc-per-node 4 benchmarks/bench_moe.py --out docs/benchmarks/raw/nvlink
-    # the multi-node stand-in: same with NCCL_P2P_DISABLE=1 (see ../shared/docs/baseline.md)
+    # the multi-node stand-in: same with NCCL_P2P_DISABLE=1 (see docs/hardware.md)
     # CPU dry run (tiny sizes, gloo, catches crashes; numbers meaningless):
     torchrun --nproc-per-node 2 benchmarks/bench_moe.py --device cpu --out /tmp/bench_moe
 

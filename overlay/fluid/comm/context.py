@@ -35,7 +35,7 @@ def _link_is_slow(group) -> bool:
 
     Over NVLink a Hopper all-to-all of tens of MiB takes a fraction of a millisecond, and running it
     beside a GEMM costs more (SM and memory contention) than it hides; measured in
-    ../shared/docs/baseline.md. Through host memory (`NCCL_P2P_DISABLE=1`, the multi-node stand-in)
+    docs/hardware.md. Through host memory (`NCCL_P2P_DISABLE=1`, the multi-node stand-in)
     or between nodes it takes milliseconds and hides almost fully behind a GEMM.
     """
     if os.environ.get("NCCL_P2P_DISABLE", "0") not in ("", "0"):
