@@ -1,0 +1,256 @@
+"""The benchmark models and the named recipes `python -m benchmarks.run` runs.
+
+A recipe is a typed configuration: which layer (MoE, attention) or whole model, its shape (one of
+MODELS), parallelism, links, tokens and iterations, and the variants it compares. A variant is a
+dict of TransformerConfig fields: the layer path passes it to TransformerConfig, the end-to-end
+path turns it into `pretrain_gpt.py` flags (`--use-fluid-moe --no-fluid-scheduler`, ...).
+
+Stock, in every recipe, is Megatron's local (Transformer-Engine-free) stack: `SequentialMLP` (a
+Python loop over the local experts) and unfused `DotProductAttention`. Every job also runs
+stock a second time (`stock#2`) to measure how much stock differs from itself in the same job.
+
+Pure data plus small helpers; importable without torch (the torchtitan peer imports MODELS).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+# ---------------------------------------------------------------------------------------------
+# Models (fixed by the project lead; the torchtitan peer uses exactly these)
+
+
+@dataclass(frozen=True)
+class Model:
+    """One benchmark model. `ffn` is per routed expert; `shared_ffn` the shared expert's FFN
+    (Megatron `--moe-shared-expert-intermediate-size`), None for none. `grad_accum`: micro-batches
+    per DP rank per iteration (global batch = micro_batch * grad_accum * DP)."""
+
+    name: str
+    layers: int
+    hidden: int
+    ffn: int
+    experts: int
+    topk: int
+    heads: int
+    groups: int
+    shared_ffn: Optional[int] = None
+    seq: int = 4096
+    vocab: int = 32000
+    micro_batch: int = 1
+    grad_accum: int = 8
+    # The rest is the same for every model.
+    normalization: str = "RMSNorm"
+    activation: str = "swiglu"
+    position_embedding: str = "rope"
+    bias: bool = False
+    tied_embeddings: bool = False
+    aux_loss_coeff: float = 1e-2
+    dtype: str = "bf16"
+    optimizer: str = "adamw"
+    lr: float = 1e-4
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_grad: float = 1.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    def global_batch(self, dp: int) -> int:
+        return self.micro_batch * self.grad_accum * dp
+
+
+MODELS = {
+    # Mixtral-like: 8 large experts top-2, no shared expert, GQA 32/8.
+    "mixtral": Model("mixtral", layers=4, hidden=4096, ffn=14336, experts=8, topk=2, heads=32, groups=8),
+    # Fine-grained, DeepSeek-style: 64 small experts top-6 plus one shared expert, GQA 16/4.
+    "fine": Model("fine", layers=4, hidden=2048, ffn=1408, experts=64, topk=6, heads=16, groups=4,
+                  shared_ffn=2816),
+    # The smaller model the earlier end-to-end runs used (8 experts top-2, EP=4 on 4 GPUs).
+    "small": Model("small", layers=4, hidden=2048, ffn=5632, experts=8, topk=2, heads=16, groups=4,
+                   grad_accum=4),
+}
+
+# ---------------------------------------------------------------------------------------------
+# Variants: TransformerConfig fields (issue 16 names). `stock` sets none of Fluid's.
+
+VARIANTS = {
+    "stock": {},
+    "fluid_off": {"use_fluid_moe": True, "fluid_scheduler": False},  # same kernels, every dW inline
+    "fluid": {"use_fluid_moe": True},  # the defaults: overlap where the link policy says so
+}
+
+
+def variant_fields(name: str) -> dict:
+    """The fields of a variant; `stock#2` (a repeat in the same job) has stock's."""
+    return dict(VARIANTS[base_variant(name)])
+
+
+def base_variant(name: str) -> str:
+    return name.split("#")[0]
+
+
+# Links: environment of the processes of a job. Always NCCL_NVLS_ENABLE=0 and
+# CUDA_DEVICE_MAX_CONNECTIONS=1 (an all-to-all launched before a GEMM keeps its place).
+LINKS = {
+    "nvlink": {},
+    "p2poff": {"NCCL_P2P_DISABLE": "1"},  # NCCL over host memory, ~23 GB/s: the multi-node stand-in
+    "p2poff_1ch": {"NCCL_P2P_DISABLE": "1", "NCCL_MAX_NCHANNELS": "1"},  # ~9 GB/s
+}
+BASE_ENV = {"NCCL_NVLS_ENABLE": "0", "CUDA_DEVICE_MAX_CONNECTIONS": "1"}
+SLOW_LINKS = ("p2poff", "p2poff_1ch")
+
+STOCK_SIDE = ("Megatron's local stack (no Transformer Engine): SequentialMLP, a Python loop over "
+              "the local experts, and unfused DotProductAttention")
+
+# ---------------------------------------------------------------------------------------------
+# Recipes
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Fields every recipe has. `nproc`: GPUs (= ranks) of one job; `links`: one job per link;
+    `variants`: run in this order each round (alternating rounds: A B C D A B C D ...)."""
+
+    name: str
+    model: str
+    what: str
+    nproc: int
+    links: tuple = ("nvlink",)
+    variants: tuple = ("stock", "fluid_off", "fluid", "stock#2")
+    stock_side: Optional[str] = STOCK_SIDE
+
+    kind = "base"
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, **asdict(self)}
+
+    @property
+    def model_spec(self) -> Model:
+        return MODELS[self.model]
+
+
+@dataclass(frozen=True)
+class MoELayerRecipe(Recipe):
+    """One MoE layer of `model` (router, dispatcher, experts, shared expert), EP = nproc, fwd+bwd
+    on `tokens` tokens per rank; `rounds` alternating rounds of `iters` timed steps (after
+    `warmup`), each variant's median per round. `ddp_grads`: parameters carry Megatron DDP's fp32
+    main_grad and its hook, as in training."""
+
+    ep: int = 1
+    tokens: int = 4096
+    rounds: int = 5
+    iters: int = 10
+    warmup: int = 2
+    ddp_grads: bool = True
+
+    kind = "moe"
+
+
+@dataclass(frozen=True)
+class AttnRecipe(Recipe):
+    """`layers` stacked self-attention layers of `model` (hidden, heads / groups, RoPE, causal)
+    with Ulysses context parallelism CP = nproc over a `seq`-token sequence. Megatron's local
+    stack has no context parallelism, so there is no stock side: Fluid against Fluid with the
+    scheduler off only."""
+
+    cp: int = 1
+    seq: int = 32768
+    layers: int = 2
+    rounds: int = 5
+    iters: int = 10
+    warmup: int = 2
+    variants: tuple = ("fluid_off", "fluid", "fluid_off#2")
+    stock_side: Optional[str] = None
+
+    kind = "attn"
+
+
+@dataclass(frozen=True)
+class E2ERecipe(Recipe):
+    """The whole model, stock `pretrain_gpt.py` (one torchrun per variant and link) on mock data:
+    EP = `ep`, DP = nproc (experts: EP x expert-DP), `iters` iterations, the per-iteration median
+    after `warmup` iterations."""
+
+    ep: int = 1
+    iters: int = 20
+    warmup: int = 5
+
+    kind = "e2e"
+
+    @property
+    def dp(self) -> int:
+        return self.nproc
+
+
+ALL_LINKS = ("nvlink", "p2poff", "p2poff_1ch")
+
+_RECIPES = [
+    MoELayerRecipe("moe_mixtral_ep2", "mixtral", "Mixtral-like MoE layer, EP=2, 4096 tokens per rank",
+                   nproc=2, ep=2, links=ALL_LINKS),
+    MoELayerRecipe("moe_fine64_ep2", "fine",
+                   "64-expert top-6 MoE layer with a shared expert, EP=2, 4096 tokens per rank",
+                   nproc=2, ep=2, links=ALL_LINKS),
+    MoELayerRecipe("moe_fine64_ep2_16k", "fine",
+                   "64-expert top-6 MoE layer, EP=2, 16384 tokens per rank (less host-bound)",
+                   nproc=2, ep=2, tokens=16384, links=("nvlink", "p2poff")),
+    MoELayerRecipe("moe_mixtral_1gpu", "mixtral", "Mixtral-like MoE layer, one GPU (kernels only)",
+                   nproc=1, ep=1),
+    MoELayerRecipe("moe_fine64_1gpu", "fine", "64-expert top-6 MoE layer, one GPU (kernels only)",
+                   nproc=1, ep=1),
+    AttnRecipe("attn_cp2_16k", "mixtral", "2 attention layers, Ulysses CP=2, 16384 tokens",
+               nproc=2, cp=2, seq=16384, links=("nvlink", "p2poff")),
+    AttnRecipe("attn_cp4_32k", "mixtral", "2 attention layers, Ulysses CP=4, 32768 tokens",
+               nproc=4, cp=4, seq=32768, links=("nvlink", "p2poff")),
+    E2ERecipe("e2e_mixtral_1gpu", "mixtral", "Mixtral-like model, one GPU (no communication, kernels only)",
+              nproc=1, ep=1),
+    E2ERecipe("e2e_fine_1gpu", "fine", "fine-grained model, one GPU (no communication, kernels only)",
+              nproc=1, ep=1),
+    E2ERecipe("e2e_mixtral_ep2", "mixtral", "Mixtral-like model, EP=2 x DP=2 on 2 GPUs",
+              nproc=2, ep=2, links=ALL_LINKS),
+    E2ERecipe("e2e_fine_ep2", "fine", "fine-grained model, EP=2 x DP=2 on 2 GPUs",
+              nproc=2, ep=2, links=ALL_LINKS),
+    E2ERecipe("e2e_small_ep4", "small", "small 8-expert model, EP=4 x DP=4 on 4 GPUs",
+              nproc=4, ep=4, links=ALL_LINKS),
+]
+RECIPES = {r.name: r for r in _RECIPES}
+
+
+def get(name: str) -> Recipe:
+    try:
+        return RECIPES[name]
+    except KeyError:
+        raise SystemExit(f"unknown recipe {name!r}; `python -m benchmarks.run --list` lists them") from None
+
+
+def select(names) -> list:
+    """Recipes by name; 'all', 'gpus=N' (every recipe of N GPUs) expand."""
+    out = []
+    for n in names:
+        if n == "all":
+            out += list(RECIPES.values())
+        elif n.startswith("gpus="):
+            out += [r for r in RECIPES.values() if r.nproc == int(n[5:])]
+        else:
+            out.append(get(n))
+    seen, uniq = set(), []
+    for r in out:
+        if r.name not in seen:
+            seen.add(r.name)
+            uniq.append(r)
+    return uniq
+
+
+def describe(r: Recipe) -> str:
+    par = {"moe": lambda: f"EP={r.ep}", "attn": lambda: f"CP={r.cp}",
+           "e2e": lambda: f"EP={r.ep} DP={r.nproc}"}[r.kind]()
+    return f"{r.name:20s} {r.kind:4s} {r.nproc} GPU  {par:10s} links={','.join(r.links):25s} {r.what}"
+
+
+__all__ = ["Model", "MODELS", "VARIANTS", "LINKS", "BASE_ENV", "SLOW_LINKS", "STOCK_SIDE", "Recipe",
+           "MoELayerRecipe", "AttnRecipe", "E2ERecipe", "RECIPES", "get", "select", "describe",
+           "variant_fields", "base_variant"]
