@@ -19,7 +19,7 @@ CUDA events on rank 0 after a barrier.
              a2a_fwd_ms = their sum; the backward runs the same four, a2a_fwdbwd_ms = 2x.
   dw:        the proj and qkv dW GEMMs timed alone, ms.
   overlap:   eta_e2e = (bwd_off - bwd_on) / sum over backward windows of min(T_dW in window,
-             T_a2a of the window) (baseline.md's (T_serial - T_measured) / (T_serial - T_ideal);
+             T_a2a of the window) (docs/hardware.md: (T_serial - T_measured) / (T_serial - T_ideal);
              one layer: only proj dW can overlap, in the hp2sp window; with --layers > 1 the
              next layer's qkv dW joins it). sched_stats: the scheduler's own counters and in-window
              timings (a2a_ms, dw_in_window_ms, window_ms, overlap_efficiency) of --iters extra

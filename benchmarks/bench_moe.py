@@ -19,7 +19,7 @@ Fluid only:
   a2a_ms = one all-to-all of the dispatch volume ([tokens*topk, H] bf16, even splits), timed
   alone; the backward has two of them (combine and dispatch gradients), a2a_bwd_ms = 2 * a2a_ms;
   overlap_eta = (bwd_serial - bwd) / min(dw_ms, a2a_bwd_ms), with bwd_serial the backward with
-  the scheduler off (chunks 1): baseline.md's eta = (T_serial - T_measured)/(T_serial - T_ideal).
+  the scheduler off (chunks 1): eta = (T_serial - T_measured)/(T_serial - T_ideal), docs/hardware.md.
   sched_stats: the BackwardScheduler counters of one extra timed iteration (timing mode).
 stock_repeat: stock measured again after the Fluid variants (both layers stay resident);
   stock_drift = its fwdbwd / the first one's, the run-to-run noise the speedups carry.
