@@ -9,10 +9,27 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 # A Megatron-LM mirror to clone the submodule from (path or URL); default: .gitmodules' URL.
 MEGATRON_LM_URL ?=
-# Pins. The GPU hosts run torch 2.11 (cu130); megatron-core must equal the submodule's pin.
+# A failed submodule clone is remembered (.build/submodule-clone-failed.json) and not retried
+# from the same URL; RETRY_SUBMODULE=1 retries it.
+RETRY_SUBMODULE ?=
+# Pins. The GPU hosts run torch 2.11 (cu130). The Megatron pin (commit, tag, megatron-core
+# version) has one source, patches/upstream.lock; the megatron-core requirement is read from it.
 TORCH_VERSION ?= 2.11.0
-REQS := torch==$(TORCH_VERSION) megatron-core==0.19.0 numpy packaging six regex pyyaml pydantic \
-        einops psutil pytest setuptools wheel matplotlib
+LOCK := patches/upstream.lock
+MCORE_VERSION := $(shell awk '$$1 == "megatron-core" {print $$2}' $(LOCK) 2>/dev/null)
+REQS := torch==$(TORCH_VERSION) megatron-core==$(MCORE_VERSION) numpy packaging six regex pyyaml \
+        pydantic einops psutil pytest setuptools wheel matplotlib
+# First recipe line of every target that runs the venv: without a complete `make setup` it
+# stops with one message (what is missing) instead of a shell or import error.
+define NEED_SETUP
+@why=; \
+if [ ! -x $(VPY) ]; then why="no $(VPY)"; \
+elif [ ! -f $(VENV)/.fluid-deps ]; then why="the dependencies are not installed"; \
+elif [ ! -f .build/setup-state.json ]; then why="Megatron is not set up"; \
+elif ! $(VPY) -c 'import importlib.util as u, sys; sys.exit(u.find_spec("fluid") is None)' \
+     2>/dev/null; then why="the fluid overlay is not installed"; fi; \
+if [ -n "$$why" ]; then echo "make $@: run 'make setup' first ($$why)" >&2; exit 1; fi
+endef
 PYTEST_ARGS ?=
 REF ?=
 FROM ?=
@@ -20,12 +37,14 @@ TO ?=
 NPROC ?= $(shell python3 -c 'import os;print(os.environ.get("NPROC") or "")' 2>/dev/null)
 
 .PHONY: help setup venv deps megatron overlay status test test-cpu test-dist test-gpu \
-        check-patches refresh-patches rebase-upstream diff-report upstream-report train bench clean
+        check-patches refresh-patches rebase-upstream diff-report upstream-report train bench clean \
+        print-reqs
 
 help:
 	@echo "make setup            venv (Python 3.12), pinned torch + megatron-core, Megatron-LM submodule"
 	@echo "                      (or core-only from the package index), patch series, fluid overlay"
 	@echo "                      options: PYTHON=/path/python3.12 MEGATRON_LM_URL=<mirror>"
+	@echo "                      RETRY_SUBMODULE=1 (clone again after a failed clone)"
 	@echo "make test             pytest over tests/ (cpu, dist, gpu tiers; gpu skips without CUDA)"
 	@echo "make check-patches    series/files/headers/lock consistent, applies with no fuzz, refresh no-op"
 	@echo "make refresh-patches  rewrite patches/*.patch from the applied submodule"
@@ -34,6 +53,7 @@ help:
 	@echo "make upstream-report  CI's report: pin vs newest megatron-core on the package index"
 	@echo "make train            small Mixtral-like model, stock pretrain_gpt.py --use-fluid-moe, all local GPUs"
 	@echo "make status           fluid.print_status()"
+	@echo "make print-reqs       the requirements make setup installs (megatron-core from $(LOCK))"
 
 setup: venv deps megatron overlay status
 
@@ -43,8 +63,13 @@ venv:
 	  echo "setup: $(VENV) is not Python 3.12; recreating"; rm -rf $(VENV); fi; \
 	if [ ! -x $(VPY) ]; then echo "setup: creating $(VENV) with $$py"; "$$py" -m venv $(VENV); fi
 
+print-reqs:
+	@test -n "$(MCORE_VERSION)" || { echo "$(LOCK) has no 'megatron-core <version>' line" >&2; exit 1; }
+	@echo $(REQS)
+
 # Re-installed only when the pins change (the stamp records them).
 deps: venv
+	@test -n "$(MCORE_VERSION)" || { echo "setup: $(LOCK) has no 'megatron-core <version>' line" >&2; exit 1; }
 	@want="$(REQS)"; stamp=$(VENV)/.fluid-deps; \
 	if [ -f $$stamp ] && [ "$$(cat $$stamp)" = "$$want" ]; then echo "setup: dependencies up to date"; \
 	else echo "setup: installing $$want"; \
@@ -53,7 +78,8 @@ deps: venv
 	@test -f $(VENV)/.fluid-deps || { echo "setup: dependency install failed" >&2; exit 1; }
 
 megatron: deps
-	@MEGATRON_LM_URL="$(MEGATRON_LM_URL)" $(VPY) tools/setup_megatron.py
+	@MEGATRON_LM_URL="$(MEGATRON_LM_URL)" $(VPY) tools/setup_megatron.py \
+	  $(if $(filter 1 yes true,$(RETRY_SUBMODULE)),--retry-submodule)
 
 overlay: deps
 	@if ! $(VPY) -c 'import importlib.metadata as m, sys; d = m.distribution("fluidmoe"); \
@@ -64,41 +90,50 @@ overlay: deps
 	else echo "setup: fluid overlay already installed (editable)"; fi
 
 status:
+	$(NEED_SETUP)
 	@$(VPY) -W ignore -c 'import fluid; fluid.print_status()'
 
 test:
-	@test -x $(VPY) || { echo "test: run 'make setup' first" >&2; exit 1; }
+	$(NEED_SETUP)
 	$(VPY) -m pytest tests $(PYTEST_ARGS)
 
 test-cpu:
+	$(NEED_SETUP)
 	$(VPY) -m pytest tests/cpu $(PYTEST_ARGS)
 
 test-dist:
+	$(NEED_SETUP)
 	$(VPY) -m pytest tests/dist $(PYTEST_ARGS)
 
 test-gpu:
+	$(NEED_SETUP)
 	$(VPY) -m pytest tests/gpu $(PYTEST_ARGS)
 
 # check-patches runs against a pristine tree: the pinned commit of the submodule (git archive of
 # the touched files) in full mode, the package-index core in core-only mode.
 check-patches:
+	$(NEED_SETUP)
 	@$(VPY) tools/check_patches.py
 
 refresh-patches:
+	$(NEED_SETUP)
 	@test -d Megatron-LM/megatron/core || { echo "refresh-patches needs the Megatron-LM submodule (make setup MEGATRON_LM_URL=...)" >&2; exit 1; }
 	$(VPY) tools/patches.py refresh --tree Megatron-LM
 
 rebase-upstream:
 	@test -n "$(REF)" || { echo "usage: make rebase-upstream REF=<tag|commit|branch> [MEGATRON_LM_URL=...]" >&2; exit 2; }
+	$(NEED_SETUP)
 	$(VPY) tools/rebase_upstream.py --ref "$(REF)" $(if $(MEGATRON_LM_URL),--url "$(MEGATRON_LM_URL)")
 
 diff-report:
+	$(NEED_SETUP)
 	$(VPY) tools/diff_report.py $(if $(FROM),--from "$(FROM)") $(if $(TO),--to "$(TO)") --out out/diff-report.md
 
 upstream-report:
 	bash ci/upstream_report.sh
 
 train:
+	$(NEED_SETUP)
 	@$(VPY) tools/train.py $(if $(NPROC),--nproc $(NPROC))
 
 bench:

@@ -16,6 +16,13 @@ Two modes, chosen by what can be had:
 Idempotent: a second run finds the series applied and the import path in place and changes
 nothing. The chosen mode and the applied patches are written to .build/setup-state.json, which
 `fluid.print_status()` reads.
+
+The pin (commit, tag, megatron-core version) is read from patches/upstream.lock, its one source.
+A failed submodule clone is remembered in .build/submodule-clone-failed.json (URL, time, error):
+later runs go straight to core-only mode instead of waiting on the clone again, until the URL
+changes (MEGATRON_LM_URL) or --retry-submodule (`make setup RETRY_SUBMODULE=1`) asks for it.
+A cached distribution in .build/dist is used only if it reads back whole (every zip member's
+CRC, or the whole tar); a damaged one is deleted and downloaded again.
 """
 
 from __future__ import annotations
@@ -31,7 +38,9 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 import zipfile
+import zlib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,6 +51,7 @@ SUBMODULE = ROOT / "Megatron-LM"
 BUILD = ROOT / ".build"
 CORE_COPY = BUILD / "megatron-core"
 PTH_NAME = "fluidmoe_megatron.pth"
+CLONE_FAILED = BUILD / "submodule-clone-failed.json"
 
 
 def sh(*cmd, cwd=ROOT, check=True, timeout=None, env=None) -> subprocess.CompletedProcess:
@@ -54,11 +64,53 @@ def pinned_commit() -> str:
     return P.read_lock(ROOT / "patches")["commit"]
 
 
-def try_submodule(url: str | None) -> bool:
-    """Populate Megatron-LM/ at the gitlink; True if it is there afterwards."""
-    if (SUBMODULE / "megatron" / "core").is_dir() and _submodule_head() == pinned_commit():
+def pinned_core_version() -> str:
+    return P.read_lock(ROOT / "patches")["megatron-core"]
+
+
+def _submodule_ready() -> bool:
+    return (SUBMODULE / "megatron" / "core").is_dir() and _submodule_head() == pinned_commit()
+
+
+def _clone_source(url: str | None) -> str:
+    """Where the clone comes from: `url`, else the submodule URL of .gitmodules."""
+    if url:
+        return url
+    res = subprocess.run(
+        ["git", "config", "-f", ".gitmodules", "submodule.Megatron-LM.url"],
+        cwd=ROOT, text=True, capture_output=True,
+    )
+    return res.stdout.strip() or "(.gitmodules)"
+
+
+def _failed_clone(source: str) -> dict | None:
+    """The recorded failure of a clone from `source`, if any."""
+    try:
+        rec = json.loads(CLONE_FAILED.read_text())
+    except (OSError, ValueError):
+        return None
+    return rec if isinstance(rec, dict) and rec.get("url") == source else None
+
+
+def try_submodule(url: str | None, retry: bool = False) -> bool:
+    """Populate Megatron-LM/ at the gitlink; True if it is there afterwards.
+
+    A failed clone is recorded in CLONE_FAILED and not attempted again from the same source
+    unless `retry`: without network to the source each attempt can take up to the 600 s timeout.
+    """
+    if _submodule_ready():
+        CLONE_FAILED.unlink(missing_ok=True)
         return True
     if not (ROOT / ".git").exists():
+        return False
+    source = _clone_source(url)
+    failed = _failed_clone(source)
+    if failed and not retry:
+        print(
+            f"  submodule: the clone from {source} failed at {failed.get('time')} "
+            f"({failed.get('error')}); not retrying (make setup RETRY_SUBMODULE=1 retries, "
+            "MEGATRON_LM_URL=<mirror> clones from elsewhere)"
+        )
         return False
     cmd = ["git", "-c", "protocol.file.allow=always"]
     if url:
@@ -67,14 +119,19 @@ def try_submodule(url: str | None) -> bool:
     env = {**os.environ, "GIT_TERMINAL_PROMPT": "0"}
     try:
         res = subprocess.run(cmd, cwd=ROOT, text=True, capture_output=True, timeout=600, env=env)
+        error = (res.stderr.strip().splitlines() or ["?"])[-1] if res.returncode else None
     except subprocess.TimeoutExpired:
-        print("  submodule: clone timed out")
-        return False
-    if res.returncode:
-        last = (res.stderr.strip().splitlines() or ["?"])[-1]
-        print(f"  submodule: cannot fetch Megatron-LM ({last})")
-        return False
-    return (SUBMODULE / "megatron" / "core").is_dir() and _submodule_head() == pinned_commit()
+        error = "timed out after 600 s"
+    if error is None and not _submodule_ready():
+        error = f"Megatron-LM/ is not at the pin {pinned_commit()[:12]} afterwards"
+    if error is None:
+        CLONE_FAILED.unlink(missing_ok=True)
+        return True
+    print(f"  submodule: cannot fetch Megatron-LM from {source} ({error})")
+    BUILD.mkdir(exist_ok=True)
+    record = {"url": source, "time": time.strftime("%Y-%m-%d %H:%M:%S"), "error": error}
+    CLONE_FAILED.write_text(json.dumps(record, indent=2) + "\n")
+    return False
 
 
 def _submodule_head() -> str | None:
@@ -84,27 +141,69 @@ def _submodule_head() -> str | None:
     return res.stdout.strip() if res.returncode == 0 else None
 
 
+def _core_dists(folder: Path, version: str) -> list[Path]:
+    """megatron-core `version` distributions in `folder` (wheels first, then sdists)."""
+    wheels = sorted(folder.glob(f"megatron_core-{version}-*.whl"))
+    sdists = [folder / f"megatron_core-{version}{ext}" for ext in (".tar.gz", ".zip")]
+    return wheels + [p for p in sdists if p.is_file()]
+
+
+def damaged(dist: Path) -> str | None:
+    """Why `dist` (wheel, .zip or .tar.gz) cannot be read back whole, or None if it can.
+
+    Reads every member: a zip's CRCs (a truncated download loses the central directory at its
+    end), a tar to its last block."""
+    try:
+        if dist.suffix in (".whl", ".zip"):
+            with zipfile.ZipFile(dist) as z:
+                bad = z.testzip()
+            return f"bad CRC in {bad}" if bad else None
+        with tarfile.open(dist) as t:
+            for _ in t:
+                pass
+        return None
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        return f"{type(e).__name__}: {e}"
+
+
 def _download_core(version: str, dest: Path) -> Path:
-    """The megatron-core distribution from the package index: a wheel if one fits, else sdist."""
+    """The megatron-core distribution from the package index: a wheel if one fits, else sdist.
+
+    A cached file in `dest` is reused only if it reads back whole (`damaged`); otherwise it is
+    deleted and downloaded again. pip downloads into a temporary folder (pip checks the index's
+    hash where the index gives one) and the file is moved into `dest` only when complete, so an
+    interrupted download leaves nothing behind."""
     dest.mkdir(parents=True, exist_ok=True)
-    have = sorted(dest.glob(f"megatron_core-{version}*"))
-    if have:
-        return have[0]
-    pip = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(dest)]
-    res = subprocess.run(pip + [f"megatron-core=={version}"], text=True, capture_output=True)
-    if res.returncode:
-        res = subprocess.run(
-            pip + ["--no-binary", ":all:", f"megatron-core=={version}"],
-            text=True,
-            capture_output=True,
-        )
-    have = sorted(dest.glob(f"megatron_core-{version}*"))
-    if res.returncode or not have:
-        raise SystemExit(
-            f"setup: could not download megatron-core=={version} from the package index:\n"
-            f"{res.stderr}"
-        )
-    return have[0]
+    for have in _core_dists(dest, version):
+        why = damaged(have)
+        if why is None:
+            return have
+        print(f"  core-only: cached {have} is damaged ({why}); deleting it and downloading again")
+        have.unlink()
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".download-") as tmp:
+        pip = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp]
+        res = subprocess.run(pip + [f"megatron-core=={version}"], text=True, capture_output=True)
+        if res.returncode:
+            res = subprocess.run(
+                pip + ["--no-binary", ":all:", f"megatron-core=={version}"],
+                text=True,
+                capture_output=True,
+            )
+        got = _core_dists(Path(tmp), version)
+        if res.returncode or not got:
+            raise SystemExit(
+                f"setup: could not download megatron-core=={version} from the package index:\n"
+                f"{res.stderr}"
+            )
+        why = damaged(got[0])
+        if why is not None:
+            raise SystemExit(
+                f"setup: the megatron-core=={version} download {got[0].name} is damaged ({why}); "
+                "run `make setup` again"
+            )
+        final = dest / got[0].name
+        os.replace(got[0], final)
+    return final
 
 
 def _extract_core(dist: Path, out: Path) -> None:
@@ -164,7 +263,7 @@ def _apply(tree: Path) -> tuple[list[str], list[str]]:
 def setup_full() -> tuple[list[str], list[str]]:
     applied, skipped = _apply(SUBMODULE)
     # The dataset helper extension: reuse the one the wheel ships, so Megatron does not try to
-    # compile it at start-up (see ../shared/docs/baseline.md).
+    # compile it at start-up (see docs/hardware.md).
     dst = SUBMODULE / "megatron" / "core" / "datasets"
     for so in _site_packages_glob("megatron/core/datasets/helpers_cpp*.so"):
         target = dst / Path(so).name
@@ -195,13 +294,19 @@ def main(argv=None) -> int:
     ap.add_argument("--url", default=os.environ.get("MEGATRON_LM_URL") or None)
     ap.add_argument("--core-version", default=None)
     ap.add_argument(
+        "--retry-submodule",
+        action="store_true",
+        help="clone the submodule even if the last clone from the same URL failed",
+    )
+    ap.add_argument(
         "--mode", choices=["auto", "full", "core-only"], default=os.environ.get("MEGATRON_MODE", "auto")
     )
     args = ap.parse_args(argv)
     BUILD.mkdir(exist_ok=True)
-    version = args.core_version or P.read_lock(ROOT / "patches")["megatron-core"]
+    version = args.core_version or pinned_core_version()
     try:
-        full = args.mode != "core-only" and try_submodule(args.url)
+        retry = args.retry_submodule or args.mode == "full"
+        full = args.mode != "core-only" and try_submodule(args.url, retry=retry)
         if args.mode == "full" and not full:
             raise SystemExit("setup: MEGATRON_MODE=full but the Megatron-LM submodule is not available")
         if full:

@@ -14,19 +14,19 @@ from pathlib import Path
 
 import torch
 
-PINNED_COMMIT = "5be9626709af2722333bf54797c954c09edeada3"
-PINNED_TAG = "core_v0.19.0"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STATE_FILE = REPO_ROOT / ".build" / "setup-state.json"
+LOCK_FILE = REPO_ROOT / "patches" / "upstream.lock"
 
 
-def _lock() -> dict:
-    lock = {"commit": PINNED_COMMIT, "tag": PINNED_TAG}
-    path = REPO_ROOT / "patches" / "upstream.lock"
+def _lock(path: Path = LOCK_FILE) -> dict:
+    """The pin as patches/upstream.lock states it (its one source): `commit`, `tag` and
+    `megatron-core`, each None when there is no lock (the overlay not installed from a checkout)."""
+    lock = dict.fromkeys(("commit", "tag", "megatron-core"))
     if path.exists():
         for line in path.read_text().splitlines():
-            key, _, value = line.partition(" ")
-            if key in ("commit", "tag", "megatron-core"):
+            key, _, value = line.strip().partition(" ")
+            if key in lock:
                 lock[key] = value.strip()
     return lock
 
@@ -93,7 +93,8 @@ def print_status() -> dict:
     s = status()
     up = s["upstream"]
     print("FluidMoE", s["fluid_version"])
-    print(f"  upstream pin : {up.get('tag')} {up.get('commit')}")
+    print(f"  upstream pin : {up['tag']} {up['commit']} (megatron-core {up['megatron-core']})"
+          if up["commit"] else f"  upstream pin : unknown (no {LOCK_FILE})")
     print(f"  mode         : {s['mode']}")
     print(f"  megatron.core: {s['megatron_core']} (patched: {s['patched']})")
     print(f"  training     : {'available' if s['megatron_training'] else 'unavailable (core-only)'}")

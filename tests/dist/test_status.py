@@ -3,9 +3,21 @@ patches/upstream.lock, the scheduler switches, and whether dW is deferred at all
 CommContexts built so far (inline when none overlaps: the auto policy on one NVLink node), and
 whether deterministic algorithms are on (FluidMoE's SDPA attention repeats bit for bit only then)."""
 
+from pathlib import Path
+
 import torch.distributed as dist
 
 from tests._dist import run_distributed
+
+LOCK = Path(__file__).resolve().parents[2] / "patches" / "upstream.lock"
+
+
+def _pin_from_lock() -> dict:
+    """commit, tag and megatron-core as patches/upstream.lock's `<key> <value>` lines give them."""
+    lines = [ln.split() for ln in LOCK.read_text().splitlines() if ln.strip() and ln[0] != "#"]
+    pin = {ln[0]: ln[1] for ln in lines if ln[0] in ("commit", "tag", "megatron-core")}
+    assert len(pin) == 3 and len(pin["commit"]) == 40, pin
+    return pin
 
 
 def _body(rank, world):
@@ -14,8 +26,7 @@ def _body(rank, world):
     from fluid.schedule import get_backward_scheduler
 
     s = fluid.status()
-    assert s["upstream"]["commit"] == "5be9626709af2722333bf54797c954c09edeada3"
-    assert s["upstream"]["tag"] == "core_v0.19.0"
+    assert s["upstream"] == _pin_from_lock()  # whatever the lock says, not a copy of it
     assert s["scheduler"]["enabled"] is True
     assert s["scheduler"]["defers_dw"] is True  # no CommContext yet: nothing rules deferral out
 
