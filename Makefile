@@ -136,8 +136,14 @@ train:
 	$(NEED_SETUP)
 	@$(VPY) tools/train.py $(if $(NPROC),--nproc $(NPROC))
 
+# Benchmark recipes (benchmarks/recipes.py): `make bench RECIPE="moe_mixtral_ep2 e2e_mixtral_ep2"` on a GPU
+# host (after `source benchmarks/gpu_env.sh`), `make bench` lists them; BENCH_ARGS=--dry-run runs them on CPU.
+RECIPE ?=
+BENCH_ARGS ?=
+BENCH_PY = $(if $(wildcard $(VPY)),$(VPY),python3)
 bench:
-	@echo "Benchmarks run on GPU hosts: see docs/benchmarks/README.md for the exact commands."
+	@if [ -z "$(RECIPE)" ]; then $(BENCH_PY) -m benchmarks.run --list; \
+	else $(BENCH_PY) -m benchmarks.run $(RECIPE) $(BENCH_ARGS); fi
 
 clean:
 	rm -rf .build out .pytest_cache

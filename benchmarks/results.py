@@ -1,0 +1,78 @@
+"""Derived numbers of one recipe's raw JSON (what the page shows): per link the variants' times,
+the ratios with their spread, the stock-vs-stock spread, peak memory, hidden/exposed communication,
+and per slow link the step-level hidden fraction (fluid.bench.overlap). Pure: the page and the
+runner compute the same numbers from the same JSON."""
+
+from __future__ import annotations
+
+from fluid.bench.overlap import link_hidden_fraction, relative_noise
+
+# (label, numerator variant, denominator variant): ratio num/den > 1 means den is faster.
+RATIOS = {
+    "speedup": ("stock", "fluid"),  # Fluid (defaults) against stock
+    "kernels": ("stock", "fluid_off"),  # Fluid with overlap off against stock: kernel choice
+    "overlap": ("fluid_off", "fluid"),  # Fluid with overlap on against off
+    "stock_vs_stock": ("stock", "stock#2"),  # noise: stock against itself, same job
+    "fluid_off_vs_fluid_off": ("fluid_off", "fluid_off#2"),  # noise where there is no stock side
+}
+
+
+def _ratio(job: dict, num: str, den: str):
+    """{median, min, max} of num/den: per round where the job has paired rounds, else (e2e) the
+    ratio of the per-iteration medians (min/max None)."""
+    key = f"{num}/{den}"
+    if key in job.get("ratios", {}):
+        r = job["ratios"][key]
+        return {k: r.get(k) for k in ("median", "min", "max")}
+    v = job.get("variants", {})
+    a, b = v.get(num, {}).get("ms"), v.get(den, {}).get("ms")
+    if a and b:
+        return {"median": a / b, "min": None, "max": None}
+    return None
+
+
+def link_summary(job: dict) -> dict:
+    v = job.get("variants", {})
+    out = {"ms": {k: r.get("ms") for k, r in v.items()},
+           "peak_gb": {k: r.get("peak_gb") for k, r in v.items() if "#" not in k},
+           "tflops": {k: r.get("tflops") for k, r in v.items() if r.get("tflops") is not None},
+           "failed": sorted(k for k, r in v.items() if r.get("rc") not in (None, 0) or r.get("ms") is None)}
+    for label, (num, den) in RATIOS.items():
+        r = _ratio(job, num, den)
+        if r:
+            out[label] = r
+    comm = {k: r["comm"] for k, r in v.items() if r.get("comm")}
+    if comm:
+        out["comm"] = comm
+    return out
+
+
+def _noise(s: dict) -> float:
+    for key in ("stock_vs_stock", "fluid_off_vs_fluid_off"):
+        if key in s:
+            r = s[key]
+            n = relative_noise(r)
+            if n is None:  # one pair only (e2e): its distance from 1
+                n = abs(r["median"] - 1.0)
+            return n
+    return 0.0
+
+
+def summarize(doc: dict) -> dict:
+    """{links: {link: link_summary}, hidden_fraction_key: {slow link: {value, low, high, ...}}}."""
+    links = {name: link_summary(job) for name, job in doc.get("links", {}).items()}
+    out = {"links": links}
+    key = "e2e_hidden_fraction" if doc.get("recipe", {}).get("kind") == "e2e" else "hidden_fraction"
+    nv = links.get("nvlink")
+    hf = {}
+    for slow in ("p2poff", "p2poff_1ch"):
+        s = links.get(slow)
+        if not (nv and s):
+            continue
+        t = [s["ms"].get("fluid"), nv["ms"].get("fluid"), s["ms"].get("fluid_off"), nv["ms"].get("fluid_off")]
+        if any(x is None for x in t):
+            continue
+        hf[slow] = link_hidden_fraction(*t, noise_slow=_noise(s), noise_nv=_noise(nv))
+    if hf:
+        out[key] = hf
+    return out
