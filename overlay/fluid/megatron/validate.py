@@ -43,11 +43,12 @@ def validate_config(config) -> None:
         not config.multi_latent_attention,
         "multi-latent attention is not supported: drop --multi-latent-attention",
     )
-    need(
-        not config.overlap_moe_expert_parallel_comm,
-        "--overlap-moe-expert-parallel-comm (combined 1F1B) bypasses the layer forward and is not "
-        "supported; FluidMoE's backward scheduler does the overlap: drop that flag",
-    )
+    if config.overlap_moe_expert_parallel_comm:  # combined 1F1B: docs/CORE_CONCEPT.md
+        from fluid.moe.layer import resolve_num_chunks
+
+        chunks = resolve_num_chunks(config)
+        need(chunks == 1, "--overlap-moe-expert-parallel-comm (combined 1F1B) runs the layer's "
+             f"stages one at a time and needs --fluid-moe-chunks 1, got {chunks}: drop one of them")
     need(
         not config.delay_wgrad_compute,
         "--delay-wgrad-compute is Transformer Engine's dW deferral; FluidMoE defers dW itself: drop it",

@@ -22,8 +22,8 @@ layer built from the local spec (router.*, experts.local_experts.{i}.linear_fc{1
 shared_experts.*), see FluidGroupedMLP.
 
 The stage methods used by Megatron's combined-1F1B schedule (route, preprocess, dispatch,
-routed_experts_compute, combine, postprocess) work with num_chunks = 1; that schedule itself
-(`overlap_moe_expert_parallel_comm`) is rejected at build time, since FluidMoE does the overlap.
+routed_experts_compute, combine, postprocess) work with num_chunks = 1, which that schedule
+(`overlap_moe_expert_parallel_comm`) requires (fluid.megatron.validate; docs/CORE_CONCEPT.md).
 """
 
 from __future__ import annotations
@@ -108,8 +108,6 @@ def validate_config(config: TransformerConfig, pg_collection: ProcessGroupCollec
             "--moe-token-dispatcher-type alltoall (or leave Megatron's default, allgather)"
         )
     unsupported = {
-        "overlap_moe_expert_parallel_comm": "Megatron's combined-1F1B EP overlap (FluidMoE "
-        "overlaps the all-to-alls itself; drop --overlap-moe-expert-parallel-comm)",
         "overlap_dispatch_backward_with_experts_wgrad": "TE's delayed expert wgrad (the "
         "BackwardScheduler does this)",
         "moe_shared_expert_overlap": "the stock shared-expert side stream (FluidMoELayer always "

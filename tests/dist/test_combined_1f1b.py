@@ -1,0 +1,273 @@
+"""Tier: dist (gloo). Fluid layers under Megatron's combined-1F1B schedule
+(`--overlap-moe-expert-parallel-comm`): a tiny GPTModel (Fluid attention in every layer,
+FluidMoELayer in MoE layers, EP=2 on 2 ranks) trained for 3 micro-batches through
+`forward_backward_no_pipelining`, once with the plain schedule and once with the combined one
+(forward of micro-batch i+1 interleaved, node by node, with the backward of micro-batch i), same
+weights, same data:
+  - the per-micro-batch losses and every parameter's gradient are bitwise equal;
+  - under emulated Megatron DDP (`main_grad` plus a hook on each parameter's AccumulateGrad, as
+    `--overlap-grad-reduce` uses it) every hook fires exactly once per micro-batch with the
+    gradient present, and `main_grad` is bitwise equal as well;
+  - the BackwardScheduler's queue is empty after each schedule (no dW lost between nodes).
+The middle layer of the three is scheduled against itself (forward layer i beside backward layer
+n-1-i), which exercises the dispatcher state across an interleaved backward of the same layer.
+
+Why bitwise: per micro-batch both schedules run the same ops on the same tensors in the same order
+within each layer (route, permute, all-to-all, experts, all-to-all, unpermute); the combined
+schedule only cuts the autograd graph at the node boundaries (detach / run_backward per node) and
+interleaves two micro-batches. Gradient accumulation into `param.grad` happens per micro-batch in
+the same micro-batch order. Megatron's own test of this schedule (tests/unit_tests/a2a_overlap)
+is bitwise as well, except the embedding and output layer; here the embeddings are untied and
+they compare bitwise too. Should a CPU kernel ever round differently for a differently strided
+input, the failure names the parameter; the tolerance would then be the fp32 envelope of
+tests/dist/test_gpt_model.py (rtol 1e-4, atol 1e-5).
+
+CPU stand-in for CUDA streams (`cpu_stream_shim`): the schedule puts every node on a CUDA stream
+with a CUDA event; on CPU, work is synchronous, so the shim turns stream/event calls into no-ops
+(and `forward_backward_no_pipelining`'s one `device="cuda"` token counter into a CPU one). What is
+tested is everything but the concurrency: the node split of the Fluid layers (stage methods),
+detach boundaries, the schedule's `free_input` storage release (a freed tensor that Fluid saved
+for backward would fail here), per-node backward calls with the dW queue, interleaving order and
+gradient accumulation. The concurrency and the step time are measured by
+tests/gpu/combined_1f1b_script.py.
+
+The config field is set after construction: TransformerConfig refuses
+`overlap_moe_expert_parallel_comm` without bf16/fp16 (a GPU-speed constraint, not a correctness
+one), and this test runs in fp32 to keep bitwise comparisons meaningful.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+
+import torch
+
+from tests._dist import run_distributed
+
+SEQ, VOCAB, MICRO = 16, 64, 3
+
+
+class _Event:
+    def __init__(self, *a, **k):
+        pass
+
+    def record(self, stream=None):
+        pass
+
+    def wait(self, stream=None):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+
+class _Stream:
+    def __init__(self, *a, **k):
+        pass
+
+    def wait_stream(self, other):
+        pass
+
+    def wait_event(self, event):
+        pass
+
+    def record_event(self, event=None):
+        return _Event()
+
+    @staticmethod
+    def priority_range():
+        return (0, -1)
+
+
+def cpu_stream_shim():
+    """Make the schedule's CUDA stream/event calls no-ops in this (CPU-only) process."""
+    import megatron.core.pipeline_parallel.schedules as schedules
+
+    torch.cuda.Event = _Event
+    torch.cuda.Stream = _Stream
+    torch.cuda.stream = lambda s=None: contextlib.nullcontext()
+    torch.cuda.current_stream = lambda *a, **k: _Stream()
+    torch.Tensor.record_stream = lambda self, stream: None
+
+    real_torch = torch
+
+    class _SchedulesTorch(types.ModuleType):
+        def __getattr__(self, name):
+            return getattr(real_torch, name)
+
+        @staticmethod
+        def zeros(*args, device=None, **kwargs):  # the token counter of the no-pipelining loop
+            return real_torch.zeros(*args, **kwargs)
+
+    schedules.torch = _SchedulesTorch("torch")
+
+
+def _config():
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    return TransformerConfig(
+        num_layers=3,
+        hidden_size=32,
+        ffn_hidden_size=48,
+        num_attention_heads=4,
+        num_query_groups=2,
+        num_moe_experts=4,
+        moe_router_topk=2,
+        moe_ffn_hidden_size=24,
+        moe_layer_freq=[1, 0, 1],
+        moe_token_dispatcher_type="alltoall",
+        moe_aux_loss_coeff=0.0,
+        expert_model_parallel_size=2,
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        normalization="RMSNorm",
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        use_cpu_initialization=True,
+        gradient_accumulation_fusion=False,
+        use_fluid_moe=True,
+        bf16=False,
+        params_dtype=torch.float32,
+    )
+
+
+def _build():
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+
+    from fluid import get_fluid_moe_layer_spec
+
+    ps.initialize_model_parallel(expert_model_parallel_size=2)
+    torch.manual_seed(0)
+    cfg = _config()
+    cfg.overlap_moe_expert_parallel_comm = True  # see the module docstring
+    model = GPTModel(
+        config=cfg,
+        transformer_layer_spec=get_fluid_moe_layer_spec(cfg, use_transformer_engine=False),
+        vocab_size=VOCAB,
+        max_sequence_length=SEQ,
+        position_embedding_type="learned_absolute",
+        share_embeddings_and_output_weights=False,
+    )
+    return model, cfg
+
+
+def _batches(rank):
+    out = []
+    for mb in range(MICRO):
+        g = torch.Generator().manual_seed(1000 * rank + mb)
+        out.append(
+            {
+                "tokens": torch.randint(0, VOCAB, (1, SEQ), generator=g),
+                "labels": torch.randint(0, VOCAB, (1, SEQ), generator=g),
+                "position_ids": torch.arange(SEQ).unsqueeze(0),
+            }
+        )
+    return out
+
+
+def _loss_func(output_tensor):
+    loss = output_tensor.float().sum()
+    num_tokens = torch.tensor(output_tensor.numel(), dtype=torch.int)
+    return loss, num_tokens, {"lm loss": loss.detach().clone()}
+
+
+_PLANS = []  # micro-batches that went through build_schedule_plan (the combined path)
+
+
+def _forward_step(data_iterator, model, return_schedule_plan: bool = False):
+    b = next(data_iterator)
+    kwargs = dict(labels=b["labels"])
+    if return_schedule_plan:
+        _PLANS.append(1)
+        plan = model.build_schedule_plan(b["tokens"], b["position_ids"], None, **kwargs)
+        return plan, _loss_func
+    return model(b["tokens"], b["position_ids"], None, **kwargs), _loss_func
+
+
+def _run(model, cfg, rank, combined: bool):
+    from megatron.core.pipeline_parallel.schedules import forward_backward_no_pipelining
+
+    from fluid.schedule import get_backward_scheduler
+
+    cfg.overlap_moe_expert_parallel_comm = combined
+    _PLANS.clear()
+    store = forward_backward_no_pipelining(
+        forward_step_func=_forward_step,
+        data_iterator=iter(_batches(rank)),
+        model=[model],
+        num_microbatches=MICRO,
+        seq_length=SEQ,
+        micro_batch_size=1,
+        forward_only=False,
+    )
+    assert len(_PLANS) == (MICRO if combined else 0), "the combined schedule did not run"
+    assert get_backward_scheduler().num_pending == 0
+    return [d["lm loss"] for d in store]
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _hooks(model):
+    """Megatron DDP's pattern: a hook on each parameter's AccumulateGrad node; records whether
+    `param.grad` existed at each call."""
+    calls, accs = {}, []
+    for n, p in model.named_parameters():
+        acc = p.expand_as(p).grad_fn.next_functions[0][0]
+
+        def hook(*_, n=n, p=p):
+            calls.setdefault(n, []).append(p.grad is not None)
+
+        acc.register_hook(hook)
+        accs.append(acc)
+    return calls, accs
+
+
+def _combined_equals_plain(rank, world):
+    cpu_stream_shim()
+    from fluid.moe.testing import emulate_ddp_grads, reset_ddp_flags
+
+    model, cfg = _build()
+    calls, accs = _hooks(model)
+    results = {}
+    for combined in (False, True):
+        model.zero_grad(set_to_none=True)
+        calls.clear()
+        losses = _run(model, cfg, rank, combined)
+        for n, _ in model.named_parameters():
+            assert calls.get(n) == [True] * MICRO, f"{n}: hook calls {calls.get(n)} ({combined=})"
+        results[combined] = (losses, _grads(model))
+    (l0, g0), (l1, g1) = results[False], results[True]
+    assert len(l0) == len(l1) == MICRO
+    for i, (a, b) in enumerate(zip(l0, l1)):
+        assert torch.equal(a, b), f"micro-batch {i}: loss {a.item()} plain vs {b.item()} combined"
+    assert g0.keys() == g1.keys() and len(g0) == len(list(model.parameters()))
+    for n in g0:
+        assert torch.equal(g0[n], g1[n]), (
+            f"{n}: max |diff| {(g0[n] - g1[n]).abs().max().item():.3e}"
+        )
+
+    # Emulated Megatron DDP (main_grad + hook), both schedules: main_grad bitwise equal.
+    ddp_accs = emulate_ddp_grads(model.parameters())
+    main = {}
+    for combined in (False, True):
+        reset_ddp_flags(model.parameters())
+        model.zero_grad(set_to_none=True)
+        for p in model.parameters():
+            p.main_grad.zero_()
+        _run(model, cfg, rank, combined)
+        main[combined] = {n: p.main_grad.clone() for n, p in model.named_parameters()}
+    for n in main[False]:
+        assert torch.equal(main[False][n], main[True][n]), f"{n}: main_grad differs"
+    del ddp_accs, accs
+
+
+def test_combined_1f1b_equals_plain_schedule():
+    run_distributed(_combined_equals_plain, 2)
