@@ -67,8 +67,16 @@ def model_args(recipe: R.E2ERecipe, iters: int) -> list:
 def field_flags(fields: dict) -> list:
     """TransformerConfig fields as pretrain_gpt.py flags: True -> `--name`, False -> `--no-name`,
     anything else `--name value`."""
+    try:
+        from megatron.core.transformer.transformer_config import TransformerConfig
+
+        defaults = {f.name: f.default for f in dataclasses.fields(TransformerConfig)}
+    except ImportError:
+        defaults = {}
     out = []
     for k, v in fields.items():
+        if k in defaults and defaults[k] == v and type(defaults[k]) is type(v):
+            continue  # the default: Megatron renders a True-default bool only as --no-<name>
         flag = k.replace("_", "-")
         if v is True:
             out.append(f"--{flag}")
@@ -177,3 +185,21 @@ def run_variant(recipe: R.E2ERecipe, variant: str, link: str, logs: Path, iters:
         "peak_gb": _peak_gb(text),
         "log": log.name,
     }
+
+
+def main(argv=None) -> int:
+    """`python -m benchmarks.e2e_job [RECIPE...]`: every end-to-end recipe's variants' arguments,
+    checked (dry_run), as JSON {recipe: {variant: {argv, megatron_parse}}}."""
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("recipes", nargs="*")
+    args = ap.parse_args(argv)
+    names = args.recipes or [n for n, r in R.RECIPES.items() if r.kind == "e2e"]
+    print(json.dumps({r.name: dry_run(r) for r in R.select(names)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -19,10 +19,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import datetime
 import json
 import os
 import sys
 import time
+import traceback
 
 import torch
 import torch.distributed as dist
@@ -139,6 +141,11 @@ def _measure(recipe, steps: dict, layers: dict, args, cuda, device) -> dict:
                     stats = sched.get_stats()
                 v["sched_stats"] = {k: val for k, val in stats.items() if not isinstance(val, (list, dict))}
                 v["comm"] = window_comm(stats, iters)
+                if R.variant_fields(name).get("fluid_scheduler") is False and \
+                        stats.get("inline_dw_tasks") != stats.get("total_dw_tasks"):
+                    v["error"] = ("scheduler off, yet dW was deferred: the variant's config did not "
+                                  "reach the scheduler its layer uses")
+                    out.setdefault("errors", []).append(f"{name}: {v['error']}")
         out["variants"][name] = v
     ratios = {}
     base = "stock" if "stock" in order else None
@@ -157,7 +164,9 @@ def _measure(recipe, steps: dict, layers: dict, args, cuda, device) -> dict:
 # -- MoE layer --------------------------------------------------------------------------------
 
 
-def moe_job(recipe: R.MoELayerRecipe, args, cuda, device, ws) -> dict:
+def build_moe(recipe: R.MoELayerRecipe, cuda, device, ws, variants=None):
+    """Model-parallel state (EP = recipe.ep), one layer per variant holding the same weights, the
+    inputs, and a fwd+bwd step per variant. Returns (layers, steps, shape); the probes use it too."""
     from megatron.core import parallel_state
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.transformer.moe.moe_layer import MoELayer
@@ -193,7 +202,7 @@ def moe_job(recipe: R.MoELayerRecipe, args, cuda, device, ws) -> dict:
     sub = local_moe_submodules()
     torch.manual_seed(0)
     layers = {}
-    for name in recipe.variants:
+    for name in variants or recipe.variants:
         base = R.base_variant(name)
         if base in layers:
             layers[name] = layers[base]  # a repeat measures the same layer again
@@ -201,9 +210,12 @@ def moe_job(recipe: R.MoELayerRecipe, args, cuda, device, ws) -> dict:
         fields = R.variant_fields(name)
         if fields.get("use_fluid_moe"):
             layer = FluidMoELayer(cfg(fields), submodules=sub, pg_collection=pg).to(device)
-            layer.load_state_dict(layers["stock"].state_dict(), strict=True)
+            if layers:  # the weights of the first layer built (stock's), through its state dict
+                layer.load_state_dict(next(iter(layers.values())).state_dict(), strict=True)
         else:
             layer = MoELayer(cfg(fields), submodules=sub, pg_collection=pg).to(device)
+        if hasattr(layer, "set_layer_number"):
+            layer.set_layer_number(1)  # the router's aux-loss tracker indexes by layer
         if recipe.ddp_grads:
             layer._ddp_grad_accs = emulate_ddp_grads(layer.parameters())
         layers[name] = layer
@@ -223,8 +235,13 @@ def moe_job(recipe: R.MoELayerRecipe, args, cuda, device, ws) -> dict:
         return step
 
     steps = {name: step_of(layer) for name, layer in layers.items()}
+    return layers, steps, {**shape, "ep": ep, "tokens_per_rank": tokens}
+
+
+def moe_job(recipe: R.MoELayerRecipe, args, cuda, device, ws) -> dict:
+    layers, steps, shape = build_moe(recipe, cuda, device, ws)
     res = _measure(recipe, steps, layers, args, cuda, device)
-    res["shape"] = {**shape, "ep": ep, "tokens_per_rank": tokens}
+    res["shape"] = shape
     del layers, steps
     if cuda:
         torch.cuda.empty_cache()
@@ -316,7 +333,10 @@ def main() -> int:
     cuda = not args.dry_run
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        dist.init_process_group("nccl")
+    else:  # a rank whose recipe raised must not leave the other waiting for 30 minutes
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=180))
     rank, ws = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     results = {}
@@ -326,7 +346,13 @@ def main() -> int:
         if cuda and recipe.kind == "e2e":
             raise SystemExit(f"{recipe.name}: end-to-end recipes run through benchmarks.run")
         t0 = time.time()
-        res = JOBS[recipe.kind](recipe, args, cuda, device, ws)
+        try:
+            res = JOBS[recipe.kind](recipe, args, cuda, device, ws)
+        except Exception:  # noqa: BLE001 - recorded; the dry run goes on with the next recipe
+            if cuda:
+                raise
+            res = {"errors": [traceback.format_exc()]}
+            print(f"[layer_job] {recipe.name} FAILED:\n{res['errors'][0]}", flush=True)
         res["wall_s"] = time.time() - t0
         results[recipe.name] = res
         if rank == 0:

@@ -70,9 +70,7 @@ def host_meta(commit: str, dry: bool) -> dict:
 
         meta["torch"] = torch.__version__
         meta["cuda"] = torch.version.cuda
-        meta["gpus"] = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if meta["gpus"]:
-            meta["gpu"] = torch.cuda.get_device_name(0)
+        meta["gpus"] = torch.cuda.device_count()  # NVML: no CUDA context in the driver
     except ImportError:
         pass
     try:
@@ -90,6 +88,7 @@ def host_meta(commit: str, dry: bool) -> dict:
                "driver_version", "--format=csv,noheader"])
     if smi:
         meta["nvidia_smi"] = smi.splitlines()
+        meta["gpu"] = smi.splitlines()[0].split(",")[1].strip()
     return meta
 
 
@@ -142,6 +141,8 @@ def run_layer(recipe, link, args, out: Path, meta: dict, timeout: float) -> dict
                    timeout=timeout)
     res = (_load(tmp) or {}).get(recipe.name)
     job = res if res else {"variants": {}, "error": f"no result (rc {r['rc']}, see logs/{recipe.name}_{link}.log)"}
+    if res and res.get("errors"):
+        job["error"] = "; ".join(res["errors"])
     job["run"] = r
     return job
 
@@ -185,15 +186,16 @@ def dry_run(selected, out: Path, meta: dict) -> int:
     jobs = _load(tmp) or {}
     for r in selected:
         job = jobs.get(r.name)
-        if job is None:
-            print(f"DRY RUN FAILED: {r.name} (rc {res['rc']}; log {out / 'logs' / 'dry_run.log'})", flush=True)
+        if job is None or job.get("errors"):
+            why = (job or {}).get("errors") or [f"no result (rc {res['rc']})"]
+            print(f"DRY RUN FAILED: {r.name}: {why[0][-3000:]}", flush=True)
             rc = 1
             continue
         if r.kind == "e2e":  # its model's layers at tiny size; the command lines
             job = {"layers": job, "commands": checks[r.name], "variants": {}}
         save_recipe(out, r, meta, "nvlink", job)
         print(f"dry run ok: {r.name}", flush=True)
-    if rc:
+    if rc and not jobs:
         print((out / "logs" / "dry_run.log").read_text()[-6000:], file=sys.stderr)
     return rc
 

@@ -1,16 +1,18 @@
-"""Tier: cpu. The benchmark's host-side tools: timeline_summary's busy/idle arithmetic on a
-hand-made timeline, and bench_moe.stage_hooks wrapping a FluidMoELayer's stages and restoring
-them (a GPU run that reports wrong numbers or leaves wrappers behind would cost device time)."""
+"""Tier: cpu. The measurement helpers the benchmarks and probes share (fluid.bench): the timeline
+busy/idle arithmetic on a hand-made timeline; stage_hooks wrapping a FluidMoELayer's stages and
+restoring them (a GPU run that reports wrong numbers or leaves wrappers behind would cost device
+time); the overlap measures (docs/benchmarks/README.md): at most 1, 0 when nothing overlapped,
+below 0 when overlap cost more than it hid; alternating rounds and their ratio spread."""
 
 import contextlib
-import sys
-from pathlib import Path
+import math
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+import pytest
 
-from benchmarks.bench_moe import FLUID_STAGES, stage_hooks  # noqa: E402
-from benchmarks.timeline_summary import summarize  # noqa: E402
+from fluid.bench.overlap import link_hidden_fraction, relative_noise, window_comm
+from fluid.bench.stages import FLUID_STAGES, stage_hooks
+from fluid.bench.timeline import summarize
+from fluid.bench.timing import alternating_rounds, round_ratios
 
 
 def test_summarize_busy_idle_and_gaps():
@@ -91,3 +93,73 @@ def test_stage_hooks_on_class_methods():
         assert layer.route() == "routed" and layer.token_dispatcher.dispatch_chunks() == "chunks"
     assert seen == ["stage:route", "stage:token_dispatcher.dispatch_chunks"]
     assert "route" not in vars(layer) and "dispatch_chunks" not in vars(layer.token_dispatcher)
+
+
+def _old_overlap_efficiency(s):
+    """The scheduler's overlap_efficiency for one window: (T_a2a + T_dW - T_window) / min(...)."""
+    return (s["a2a_ms"] + s["dw_in_window_ms"] - s["window_ms"]) / min(s["a2a_ms"], s["dw_in_window_ms"])
+
+
+def test_window_measure_cannot_exceed_one():
+    # One filled window: the all-to-all (2 ms) started before the dW was issued, the dW took 1 ms
+    # and the compute stream then waited 0.1 ms. overlap_efficiency calls this 1.9.
+    s = {"a2a_ms": 2.0, "overlapped_a2a_ms": 2.0, "dw_in_window_ms": 1.0, "window_ms": 1.1,
+         "a2a_calls": 1, "overlapped_windows": 1}
+    assert _old_overlap_efficiency(s) > 1.5
+    c = window_comm(s, steps=1)
+    assert c["exposed_ms_per_step"] == pytest.approx(0.1)
+    assert c["hidden_ms_per_step"] == pytest.approx(1.9)
+    assert c["hidden_fraction"] == pytest.approx(0.95) and c["hidden_fraction"] <= 1
+
+
+def test_window_measure_zero_when_nothing_overlapped_and_negative_when_it_costs():
+    none = {"a2a_ms": 3.0, "a2a_calls": 3, "overlapped_a2a_ms": 0.0, "dw_in_window_ms": 0.0,
+            "window_ms": 0.0, "overlapped_windows": 0}
+    c = window_comm(none, steps=3)
+    assert c["hidden_fraction"] == 0 and c["exposed_ms_per_step"] == pytest.approx(1.0)
+    assert c["windows_per_step"] == 1 and c["filled_windows_per_step"] == 0
+    # The compute stream waited 1.5 ms after its dW for a 1 ms all-to-all: overlap cost 0.5 ms.
+    costly = {"a2a_ms": 1.0, "a2a_calls": 1, "overlapped_a2a_ms": 1.0, "dw_in_window_ms": 1.0,
+              "window_ms": 2.5, "overlapped_windows": 1}
+    assert window_comm(costly, steps=1)["hidden_fraction"] == pytest.approx(-0.5)
+    assert window_comm({"total_dw_tasks": 1}, steps=1) is None  # timing off: no measure
+
+
+def test_link_measure_bounds():
+    # Overlap off exposes 20 ms over the slow link; on, 5 ms: 0.75 hidden.
+    h = link_hidden_fraction(on_slow=105, on_nv=100, off_slow=120, off_nv=100)
+    assert h["value"] == pytest.approx(0.75) and h["low"] == h["value"] == h["high"]
+    # Slow link measured faster than NVLink (noise): exposed floored at 0, the fraction is 1, not more.
+    assert link_hidden_fraction(98, 100, 120, 100)["value"] == 1.0
+    # Overlap changed nothing: 0. Overlap cost more than it hid: below 0.
+    assert link_hidden_fraction(120, 100, 120, 100)["value"] == 0.0
+    assert link_hidden_fraction(130, 100, 120, 100)["value"] == pytest.approx(-0.5)
+    # Nothing to hide: no value.
+    assert link_hidden_fraction(100, 100, 99, 100)["value"] is None
+
+
+def test_link_measure_band():
+    h = link_hidden_fraction(105, 100, 120, 100, noise_slow=0.01, noise_nv=0.01)
+    assert h["low"] < h["value"] < h["high"] <= 1
+    # d_on = 2.05, d_off = 2.2: low = 1 - 7.05/17.8, high = 1 - 2.95/22.2
+    assert h["low"] == pytest.approx(1 - 7.05 / 17.8) and h["high"] == pytest.approx(1 - 2.95 / 22.2)
+    wide = link_hidden_fraction(105, 100, 120, 100, noise_slow=0.2, noise_nv=0.2)
+    assert wide["low"] is None and wide["high"] <= 1  # the noise could swallow all exposed time
+    assert relative_noise({"median": 1.0, "min": 0.97, "max": 1.01}) == pytest.approx(0.03)
+
+
+def test_alternating_rounds_and_ratio_spread():
+    calls = []
+    steps = {n: (lambda n=n: calls.append(n)) for n in ("a", "b")}
+    ms = {"a": iter([10.0, 12.0]), "b": iter([5.0, 4.0])}
+
+    def timer(fn, warmup, iters):
+        for _ in range(warmup + iters):
+            fn()
+        return next(ms[calls[-1]])
+
+    rounds = alternating_rounds(steps, ["a", "b"], rounds=2, warmup=1, iters=2, timer=timer)
+    assert calls == ["a"] * 3 + ["b"] * 3 + ["a"] * 3 + ["b"] * 3  # A B A B, not A A B B
+    r = round_ratios(rounds, "a", "b")
+    assert r["rounds"] == [2.0, 3.0] and r["min"] == 2.0 and r["max"] == 3.0
+    assert math.isclose(r["median"], 2.5)

@@ -1,18 +1,14 @@
-"""Tier: cpu. benchmarks/e2e.py under an outer `timeout`: on SIGTERM the running variant is stopped
-and what it logged so far is still parsed and returned (session 7 lost a finished run's numbers
-when the driver was killed while it waited for torchrun to exit: raw/s7g)."""
+"""Tier: cpu. The benchmark launcher (fluid.bench.launch, used by benchmarks/run.py for every
+torchrun) under an outer `timeout`: on SIGTERM the running child is stopped and what it logged so
+far is still there to parse (a driver killed while it waited for torchrun to exit once lost a
+finished run's numbers); a child past its own timeout is stopped the same way."""
 
 import os
 import signal
-import subprocess
 import sys
 import threading
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-
-import benchmarks.e2e as e2e  # noqa: E402
+from fluid.bench import launch
 
 FAKE_RUN = (
     "import sys, time\n"
@@ -23,33 +19,37 @@ FAKE_RUN = (
 )
 
 
-def test_sigterm_keeps_the_logged_iterations(tmp_path, monkeypatch):
-    real_popen = subprocess.Popen
+def _parsed(log):
+    return launch.parse_megatron_log(log.read_text())
 
-    def fake_popen(cmd, **kw):  # the variant's torchrun replaced by a run that logs, then hangs
-        return real_popen([sys.executable, "-c", FAKE_RUN], **kw)
 
-    monkeypatch.setattr(e2e.subprocess, "Popen", fake_popen)
-    previous = signal.signal(signal.SIGTERM, e2e._raise_terminated)
+def test_sigterm_keeps_the_logged_iterations(tmp_path):
+    log = tmp_path / "run.log"
+    previous = launch.install_sigterm()
     timer = threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGTERM))
     timer.start()
     try:
-        r = e2e.run_variant("stock_ep2", tmp_path, 40, False, 2, tmp_path / "ckpt")
+        r = launch.run_logged([sys.executable, "-c", FAKE_RUN], dict(os.environ), log)
     finally:
         timer.cancel()
         signal.signal(signal.SIGTERM, previous)
-    assert r["terminated"] is True
+    assert r["terminated"] is True and r["timed_out"] is False
     assert r["rc"] is not None and r["rc"] != 0  # the run was stopped, not finished
-    assert sorted(r["iterations"]) == [1, 2, 3]
-    assert r["iterations"][3]["ms"] == 103.0 and r["wall_s"] < 40
+    its = _parsed(log)
+    assert sorted(its) == [1, 2, 3]
+    assert its[3]["ms"] == 103.0 and r["wall_s"] < 40
+    assert launch.steady_median(its, "ms", after=1) == 102.5
 
 
-def test_a_finished_run_is_not_terminated(tmp_path, monkeypatch):
-    real_popen = subprocess.Popen
+def test_a_child_past_its_timeout_is_stopped(tmp_path):
+    log = tmp_path / "run.log"
+    r = launch.run_logged([sys.executable, "-c", FAKE_RUN], dict(os.environ), log, timeout=3)
+    assert r["timed_out"] is True and r["terminated"] is False and r["wall_s"] < 40
+    assert sorted(_parsed(log)) == [1, 2, 3]
 
-    def fake_popen(cmd, **kw):
-        return real_popen([sys.executable, "-c", FAKE_RUN.replace("time.sleep(60)", "")], **kw)
 
-    monkeypatch.setattr(e2e.subprocess, "Popen", fake_popen)
-    r = e2e.run_variant("stock_ep2", tmp_path, 40, False, 2, tmp_path / "ckpt")
-    assert r["terminated"] is False and r["rc"] == 0 and len(r["iterations"]) == 3
+def test_a_finished_run_is_not_terminated(tmp_path):
+    log = tmp_path / "run.log"
+    r = launch.run_logged([sys.executable, "-c", FAKE_RUN.replace("time.sleep(60)", "")], dict(os.environ), log)
+    assert r["terminated"] is False and r["timed_out"] is False and r["rc"] == 0
+    assert len(_parsed(log)) == 3 and log.read_text().startswith("COMMAND: ")

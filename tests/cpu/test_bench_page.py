@@ -1,0 +1,27 @@
+"""Tier: cpu. docs/benchmarks/README.md is the render of the committed raw JSON
+(docs/benchmarks/raw/<recipe>.json): regenerated here and diffed, so the page cannot drift from
+the JSON it cites. And the README's performance section cites no number the page lacks."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_page_is_the_render_of_the_raw_json():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.run([sys.executable, "-m", "benchmarks.render", "--check"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]
+
+
+def test_readme_performance_numbers_are_on_the_page():
+    readme = (ROOT / "README.md").read_text()
+    m = re.search(r"^## Performance\n(.*?)(?=^## )", readme, re.S | re.M)
+    assert m, "README.md has a '## Performance' section"
+    page = (ROOT / "docs" / "benchmarks" / "README.md").read_text()
+    for num in re.findall(r"\d+\.\d+x", m.group(1)):
+        assert num in page, f"README cites {num}, which docs/benchmarks/README.md does not show"
