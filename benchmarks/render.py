@@ -136,8 +136,8 @@ def _recipe_section(recipe: R.Recipe, doc, commit: str) -> list:
     if meta.get("dry_run"):
         out += ["**Dry run** (CPU, gloo, tiny shapes): checks that the recipe runs; the times mean "
                 "nothing.", ""]
-    gpu = meta.get("gpu") or "CPU"
-    out += [f"Measured at commit `{meta.get('commit')}` on {meta.get('gpus', 0)}x {gpu} "
+    where = f"{meta.get('gpus')}x {meta.get('gpu')}" if meta.get("gpus") else "CPU"
+    out += [f"Measured at commit `{meta.get('commit')}` on {where} "
             f"(`{meta.get('host')}`, {meta.get('date_utc')} UTC), torch {meta.get('torch')}, "
             f"megatron-core {meta.get('megatron_core')}; command `{meta.get('command')}`.", ""]
     smi = meta.get("nvidia_smi")
@@ -159,6 +159,10 @@ def _recipe_section(recipe: R.Recipe, doc, commit: str) -> list:
         peaks = " / ".join(_ms(ls["peak_gb"].get(v)) for v in variants if "#" not in v)
         out.append(f"| {LINK_NAMES.get(l, l)} | " + " | ".join(_ms(ls["ms"].get(v), digits) for v in variants)
                    + f" | {peaks} |")
+    errors = {l: doc["links"][l]["error"] for l in links if doc["links"][l].get("error")}
+    if errors:
+        out += ["", "Errors: " + "; ".join(f"{LINK_NAMES.get(l, l)}: {e.splitlines()[0][:200]}"
+                                        for l, e in errors.items()) + "."]
     failed = {l: s["links"][l]["failed"] for l in links if s["links"][l]["failed"]}
     if failed:
         out += ["", "Missing or failed: " + "; ".join(f"{LINK_NAMES.get(l, l)}: {', '.join(v)}"
@@ -219,8 +223,9 @@ def _model_line(m: R.Model) -> str:
 def _summary_table(docs: dict, commit: str) -> list:
     out = ["## Summary", "",
            "Fluid against stock (the local stack above), per recipe and link; ratios > 1: Fluid is "
-           "faster. Layers: per-round median [min-max]; end to end: ratio of medians.", "",
-           "| recipe | link | stock ms | Fluid ms | Fluid vs stock | stock vs stock | peak GB stock / Fluid | commit |",
+           "faster. Layers: per-round median [min-max]; end to end: ratio of medians. Noise: stock "
+           "against its repeat in the same job (attention: Fluid with overlap off against its repeat).", "",
+           "| recipe | link | stock ms | Fluid ms | Fluid vs stock | noise | peak GB stock / Fluid | commit |",
            "|---|---|---|---|---|---|---|---|"]
     for name, recipe in R.RECIPES.items():
         doc = docs.get(name)
