@@ -5,8 +5,10 @@ A markdown report comparing two upstream states:
   - `git diff --stat` and per-symbol summaries of the hunks for
     megatron/core/transformer/attention.py, megatron/core/transformer/moe/, and every file the
     patch series touches; a short list of the rest of megatron/core;
-  - whether each patch still applies to TO (cleanly, with a 3-way merge, or not: which hunk),
-    and whether the series still applies to the pin itself (`--check-pin`);
+  - each patch's outcome at TO: applies cleanly, with a 3-way merge, not at all (which hunk), or
+    "fixed upstream: drop it" (TO already has its change: its diff applies in reverse, or its
+    Probe no longer finds the bug it fixes, however upstream fixed it); every patch is tried,
+    also after one conflicts; and whether the series still applies to the pin (`--check-pin`);
   - the API check (tools/api_check.py) of the upstream surface the overlay uses.
 
 FROM and TO are git refs of the Megatron-LM checkout (`--tree`, default the submodule), or
@@ -172,8 +174,9 @@ def build_report(args) -> tuple[str, bool, str]:
         rest = [r for r in rest if r[2] != ATTENTION and not r[2].startswith(MOE) and r[2] not in touched]
     kinds = ("breaking", "compatible", "unchanged", "unresolved")
     counts = {k: sum(v.verdict == k for v in verdicts) for k in kinds}
-    status = {r.patch: r.status for r in results}
+    status = {r.patch: r.status_text for r in results}
     bad = [r.patch for r in results if r.status in ("conflict", "not-tried")]
+    drop = [r.patch for r in results if r.status == "upstream"]
     mode = "core-only (megatron/core of both sides)" if sc.core_only else "full tree (git)"
     summary = (
         f"upstream {old.label} -> {new.label}: megatron/core {shortstat or 'unchanged'}; "
@@ -193,23 +196,32 @@ def build_report(args) -> tuple[str, bool, str]:
         f"- The series on the pin ({pin.label}): "
         + ("applies with no fuzz, lock matches, refresh is a no-op" if pin_ok else "FAILS"),
         f"- The series at {new.label}: "
-        + (f"every patch applies ({', '.join(sorted(set(status.values())))})" if not bad
-           else f"does NOT apply: {', '.join(bad)}"),
+        + (f"does NOT apply: {', '.join(bad)}" if bad
+           else ("applies without the patches fixed upstream" if drop else "every patch applies")
+           + f" ({', '.join(sorted({status[r.patch] for r in results if r.patch not in drop}))})")
+        + (f"; fixed upstream, drop: {', '.join(drop)}" if drop else ""),
         f"- API check: {counts['breaking']} breaking, {counts['compatible']} compatible, "
         f"{counts['unchanged']} unchanged, {counts['unresolved']} unresolved",
         "",
         "## The patch series",
         "",
-        "| patch | at the pin | at TO | failing hunks |",
-        "|---|---|---|---|",
+        "| patch | at the pin | at TO | failing hunks | notes |",
+        "|---|---|---|---|---|",
     ]
     for r in results:
         hunks = "<br>".join(h.describe().replace("|", "\\|") for h in r.failed) or "-"
         extra = f" (conflicts in {', '.join(r.conflicted)})" if r.conflicted else ""
-        md.append(f"| {r.patch} | {'ok' if pin_ok else 'see below'} | {r.status}{extra} | {hunks} |")
+        if r.status == "upstream":
+            extra = f" ({r.message})"
+        notes = "<br>".join(n.replace("|", "\\|") for n in r.notes) or "-"
+        md.append(f"| {r.patch} | {'ok' if pin_ok else 'see below'} | {r.status_text}{extra} "
+                  f"| {hunks} | {notes} |")
     md += ["", "Status at TO: clean = `git apply` with no fuzz; 3way = applies only with "
            "`git apply --3way` (run `make rebase-upstream` and the patch is refreshed); conflict = "
-           "must be ported by hand; skipped = touches files absent in core-only mode.", ""]
+           "must be ported by hand; fixed upstream: drop it = TO already has the change, or its "
+           "probe no longer finds the bug the patch fixes (`make rebase-upstream` drops it); "
+           "skipped = touches files absent in core-only mode. A patch after a conflicting one is "
+           "tried on the files without it (noted).", ""]
     if not pin_ok:
         md += ["Series on the pin:", "```", pin_log, "```", ""]
     md += ["## Upstream changes", ""] + body

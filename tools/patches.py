@@ -2,8 +2,12 @@
 """The patch series on the pinned Megatron-LM: apply, check, refresh, lock.
 
 The series lives in `patches/`: `series` lists one patch file a line (quilt order), each patch is
-a DEP-3-style header (Description / Test / Forwarded), a line `---`, then a git-style unified diff
-with `a/` and `b/` prefixes and no `index` lines. `patches/upstream.lock` records the pinned commit
+a DEP-3-style header (Description / Test / Forwarded, optionally Probe), a line `---`, then a
+git-style unified diff with `a/` and `b/` prefixes and no `index` lines. `Test:` names the test
+files (`path` or `path::test_name`, relative to the repository root) that cover the patch; each
+must exist. `Probe: tools/probes.py:<function>` marks a patch that fixes an upstream bug: the
+probe must find the bug at the pin and nothing once the series is applied (see tools/probes.py).
+`patches/upstream.lock` records the pinned commit
 and the git blob hash of every upstream file the series touches, so a tree that is not a git
 checkout (the `megatron-core` wheel or sdist in core-only mode) can still be checked byte for byte.
 
@@ -13,15 +17,19 @@ Commands (all exit non-zero with a message on failure):
   apply   --tree DIR      apply the series (zero fuzz; patches already applied are skipped;
                           patches that only touch files absent from a core-only tree are skipped)
   verify  --tree DIR      the pristine files in DIR match the blob hashes in upstream.lock
-  check   --tree DIR      DIR is pristine: series/files agree, headers complete, lock matches,
-                          the whole series applies with no fuzz to a copy, refresh is a no-op
+  check   --tree DIR      DIR is pristine: series/files agree, headers complete (every Test:
+                          path exists, every Probe: resolves), lock matches, the whole series
+                          applies with no fuzz to a copy, probes agree, refresh is a no-op
+                          (--root: the repository the Test:/Probe: paths are relative to)
   refresh --tree DIR      rewrite the patch files from an applied tree (DIR) against the pristine
                           files of the pinned commit (taken from DIR's git, or from --pristine)
   lock    --tree DIR      rewrite upstream.lock from the pristine files of DIR
 
-Library functions used by the upstream tools (rebase_upstream.py, diff_report.py): `replay_3way`
-applies the series to a git work tree at a new upstream commit with `git apply --3way` as the
-fallback, and `failing_hunks` names the hunks of a patch that no longer apply.
+Library functions used by the upstream tools (rebase_upstream.py, diff_report.py,
+check_patches.py): `replay_3way` applies the series to a git work tree at a new upstream commit
+with `git apply --3way` as the fallback and tells which patches upstream already contains,
+`failing_hunks` names the hunks of a patch that no longer apply, and `tree_drift` names the files
+and lines of a checkout that are neither the pin nor the pin with the series.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import hashlib
+import importlib.util
 import os
 import re
 import shutil
@@ -99,8 +108,68 @@ def read_lock(patch_dir: Path) -> dict:
     return lock
 
 
-def check_series_files(patch_dir: Path, patches: list[Patch]) -> None:
-    """Every *.patch in the folder is in series, and every header has the DEP-3 fields."""
+def header_field(header: str, name: str) -> str | None:
+    """The value of a header field, its continuation lines (starting with a blank) joined."""
+    m = re.search(rf"^{name}:(.*(?:\n[ \t].*)*)", header, flags=re.M)
+    return " ".join(m.group(1).split()) if m else None
+
+
+TEST_REF_RE = re.compile(r"(?<![\w./-])((?:[\w.-]+/)+[\w.-]+\.py)(?:::([A-Za-z_]\w*))?")
+
+
+def test_refs(header: str) -> list[tuple[str, str | None]]:
+    """The (path, test name or None) pairs the `Test:` field names."""
+    refs = TEST_REF_RE.findall(header_field(header, "Test") or "")
+    return [(path, name or None) for path, name in refs]
+
+
+def check_test_refs(patches: list[Patch], root: Path) -> None:
+    """Every `Test:` names at least one test file, and every file (and test) it names exists."""
+    bad = []
+    for p in patches:
+        refs = test_refs(p.header)
+        if not refs:
+            bad.append(f"{p.name}: 'Test:' names no test file (tests/.../test_x.py[::test_name])")
+        for path, name in refs:
+            f = root / path
+            if not f.is_file():
+                bad.append(f"{p.name}: 'Test:' names {path}, which does not exist")
+            elif name and not re.search(rf"^\s*(?:async\s+)?(?:def|class)\s+{name}\b",
+                                        f.read_text(), flags=re.M):
+                bad.append(f"{p.name}: 'Test:' names {path}::{name}, which {path} does not define")
+    if bad:
+        raise PatchError("patch headers cite tests that do not exist:\n  " + "\n  ".join(bad))
+
+
+def load_probe(patch: Patch, root: Path):
+    """The probe function a patch's `Probe: path.py:function` names, or None without one."""
+    spec = header_field(patch.header, "Probe")
+    if spec is None:
+        return None
+    m = re.match(r"(\S+\.py):(\w+)", spec)
+    if not m or not (root / m.group(1)).is_file():
+        raise PatchError(f"{patch.name}: 'Probe: {spec}' is not <existing file>.py:<function>")
+    mod_spec = importlib.util.spec_from_file_location(
+        "fluid_probe_" + re.sub(r"\W", "_", m.group(1)), root / m.group(1))
+    module = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(module)
+    fn = getattr(module, m.group(2), None)
+    if not callable(fn):
+        raise PatchError(f"{patch.name}: 'Probe: {spec}': {m.group(1)} has no {m.group(2)}()")
+    fn.label = f"{m.group(1)}:{m.group(2)}"
+    return fn
+
+
+def run_probe(probe, tree: Path) -> dict[str, str] | None:
+    """{instance: description} of the bug the probe finds in `tree` (None: cannot tell there)."""
+    found = probe(tree)
+    return None if found is None else dict(found)
+
+
+def check_series_files(patch_dir: Path, patches: list[Patch], root: Path | None = None) -> None:
+    """Every *.patch in the folder is in series, every header has the DEP-3 fields, every test
+    a `Test:` line names exists, every `Probe:` resolves."""
+    root = patch_dir.parent if root is None else root
     listed = {p.name for p in patches}
     unlisted = sorted(p.name for p in patch_dir.glob("*.patch") if p.name not in listed)
     if unlisted:
@@ -109,6 +178,9 @@ def check_series_files(patch_dir: Path, patches: list[Patch]) -> None:
         for name in HEADER_FIELDS:
             if not re.search(rf"^{name}: \S", p.header, flags=re.M):
                 raise PatchError(f"{p.name}: header lacks a '{name}:' line")
+    check_test_refs(patches, root)
+    for p in patches:
+        load_probe(p, root)
 
 
 def is_core_only(tree: Path) -> bool:
@@ -163,17 +235,32 @@ def apply_series(tree: Path, patch_dir: Path, log=print) -> list[str]:
 
 
 def apply_verified(tree: Path, patch_dir: Path, log=print) -> list[str]:
-    """What `make setup` and `patches.py apply` do: check against the lock every touched file
-    that no patch has changed yet (an applied patch makes its files differ from the pin, and a
-    new patch may touch a file an older one already changed), then apply the series."""
+    """What `make setup` and `patches.py apply` do: check the touched files against the lock,
+    then apply the series.
+
+    The tree may already carry some patches (a checkout set up before `git pull` brought a new
+    one). On a copy, every patch found applied is undone (last first); what remains must be the
+    pin byte for byte. So an edit anywhere in a touched file, on a patched line or elsewhere, is
+    refused, and a new patch on a file an older patch already changed is not."""
     patches = [p for p in read_series(patch_dir) if applicable(p, tree)]
-    changed = {
-        f
-        for p in patches
-        if _git_apply(tree, p, "--check", "--reverse").returncode == 0
-        for f in p.files
-    }
-    verify_lock(tree, patch_dir, files=sorted({f for p in patches for f in p.files} - changed))
+    touched = sorted({f for p in patches for f in p.files})
+    undone_names = []
+    with tempfile.TemporaryDirectory() as tmp:
+        undone = Path(tmp)
+        _copy_tree_files(tree, undone, [f for f in touched if (tree / f).exists()])
+        for p in reversed(patches):
+            if _git_apply(undone, p, "--check", "--reverse").returncode == 0:
+                _git_apply(undone, p, "--reverse")
+                undone_names.append(p.name)
+        try:
+            verify_lock(undone, patch_dir, files=touched)
+        except PatchError as e:
+            hint = (f" (with {', '.join(reversed(undone_names))} undone)" if undone_names else "")
+            raise PatchError(
+                f"{e}\nThe touched files{hint} are not the pin: an edit the series does not "
+                "make. `make check-patches` names the lines; `make refresh-patches` turns the "
+                "edit into the series, or `git -C Megatron-LM checkout -- <file>` drops it."
+            ) from None
     return apply_series(tree, patch_dir, log=log)
 
 
@@ -220,7 +307,8 @@ def _copy_tree_files(src: Path, dst: Path, rels: list[str]) -> None:
         shutil.copy2(src / rel, dst / rel)
 
 
-def refreshed_patches(applied: Path, pristine: Path, patch_dir: Path) -> dict[str, str]:
+def refreshed_patches(applied: Path, pristine: Path, patch_dir: Path,
+                      log=lambda m: None) -> dict[str, str]:
     """Re-derive each patch's text from the applied tree, keeping headers.
 
     Patches are replayed one by one on a scratch copy of the pristine files, so each patch's diff
@@ -251,6 +339,8 @@ def refreshed_patches(applied: Path, pristine: Path, patch_dir: Path) -> dict[st
                 if final != after and not any(f in q.files for q in patches[patches.index(p) + 1 :]):
                     after = final  # the applied tree was edited: fold the edit into this patch
                     (work / f).write_text(final)
+                    log(f"  {f}: an edit beyond the series goes into {p.name} (the last patch "
+                        "touching the file)")
                 diff += render_diff(f, before[f], after)
             out[p.name] = p.header + "---\n" + diff
     return out
@@ -267,10 +357,14 @@ def pristine_from_git(tree: Path, commit: str, rels: list[str], dst: Path) -> No
         (dst / rel).write_bytes(res.stdout)
 
 
-def check(tree: Path, patch_dir: Path, log=print) -> None:
-    """The full consistency check (make check-patches). `tree` must be pristine."""
+def check(tree: Path, patch_dir: Path, log=print, root: Path | None = None,
+          probes: bool = True) -> None:
+    """The full consistency check (make check-patches). `tree` must be pristine. `root`: where
+    the Test:/Probe: paths are (default: the folder above patch_dir). `probes`: also require each
+    probe to find its bug before its patch and nothing after the series."""
+    root = patch_dir.parent if root is None else root
     patches = read_series(patch_dir)
-    check_series_files(patch_dir, patches)
+    check_series_files(patch_dir, patches, root)
     lock = read_lock(patch_dir)
     rels = sorted({f for p in patches for f in p.files})
     unlocked = [r for r in rels if r not in lock["files"]]
@@ -286,6 +380,8 @@ def check(tree: Path, patch_dir: Path, log=print) -> None:
         if not is_core_only(tree):  # keep the mode of the original tree
             (work / "megatron" / "training").mkdir(parents=True, exist_ok=True)
             (work / "pretrain_gpt.py").write_text("")
+        if probes:
+            check_probes(work, patch_dir, root, log=log)
         apply_series(work, patch_dir, log=lambda m: log("  " + m.strip()))
         fresh = refreshed_patches(work, tree, patch_dir)
         stale = [n for n, text in fresh.items() if text != (patch_dir / n).read_text()]
@@ -296,7 +392,143 @@ def check(tree: Path, patch_dir: Path, log=print) -> None:
     log("  refresh: no-op")
 
 
+def check_probes(pristine: Path, patch_dir: Path, root: Path, log=print) -> None:
+    """Each probe finds its bug just before its patch (the patch is needed at the pin) and
+    nothing once the whole series is applied (the series fixes every instance)."""
+    patches = read_series(patch_dir)
+    probed = [(p, load_probe(p, root)) for p in patches]
+    if not any(fn for _, fn in probed):
+        return
+    rels = sorted({f for p in patches for f in p.files})
+    bad, found_before = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        _copy_tree_files(pristine, work, [r for r in rels if (pristine / r).exists()])
+        if (pristine / "megatron" / "training").is_dir():
+            (work / "megatron" / "training").mkdir(parents=True, exist_ok=True)
+        if (pristine / "pretrain_gpt.py").exists():
+            (work / "pretrain_gpt.py").write_text("")
+        for p, fn in probed:
+            if not applicable(p, work):
+                continue
+            if fn is not None:
+                found = run_probe(fn, work)
+                if found:
+                    found_before[p.name] = found
+                elif found is not None:
+                    bad.append(f"{p.name}: its probe {fn.label} finds nothing before the "
+                                   "patch: upstream fixed the bug, the patch is not needed "
+                                   "(fixed upstream: drop it)")
+            res = _git_apply(work, p)
+            if res.returncode:
+                return  # apply_series, next, says which patch and why
+        for p, fn in probed:
+            if fn is None or p.name not in found_before:
+                continue
+            left = run_probe(fn, work) or {}
+            if left:
+                bad.append(f"{p.name}: its probe {fn.label} still finds the bug with the series "
+                           "applied: " + "; ".join(left.values()))
+            else:
+                n = len(found_before[p.name])
+                log(f"  probe {fn.label}: {n} instance{'s' if n != 1 else ''} at the pin, "
+                    f"none after {p.name}")
+    if bad:
+        raise PatchError("probes disagree with the series:\n  " + "\n  ".join(bad))
+
+
+def _changed_lines(expected: str, actual: str, limit: int = 6) -> list[str]:
+    """'line N: ...' for each place `actual` differs from `expected` (line numbers of actual)."""
+    out = []
+    a, b = expected.splitlines(), actual.splitlines()
+    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes():
+        if tag == "equal":
+            continue
+        where = f"line {j1 + 1}" if j2 - j1 <= 1 else f"lines {j1 + 1}-{j2}"
+        if tag == "delete":
+            where = f"after line {j1}"
+        got = b[j1] if j2 > j1 else "(removed)"
+        want = a[i1] if i2 > i1 else "(nothing)"
+        out.append(f"{where}: {got.strip()!r}, expected {want.strip()!r}")
+    if len(out) > limit:
+        out = out[:limit] + [f"... {len(out) - limit} more"]
+    return out
+
+
+def tree_drift(sub: Path, commit: str, patch_dir: Path) -> list[str]:
+    """What a git checkout of upstream holds beyond the pin and the series, one line per file
+    (with the lines): HEAD not at `commit`; a file the series does not touch that is changed,
+    deleted or untracked (and not ignored); a file the series touches whose content is neither
+    the pin's nor the pin's with the series' patches applied in order (a prefix of them)."""
+    head = _git(sub, "rev-parse", "HEAD").stdout.decode().strip()
+    if head != commit:
+        return [f"{sub.name} is at {head[:12] or '?'}, not the pin {commit[:12]} of "
+                "patches/upstream.lock: run `make setup` (or move the pin with "
+                "`make rebase-upstream`)"]
+    patches = read_series(patch_dir)
+    touched = sorted({f for p in patches for f in p.files})
+    out = []
+    status = _git(sub, "status", "--porcelain=v1", "-z", "--untracked-files=all").stdout.decode()
+    entries = status.split("\0")
+    i = 0
+    while i < len(entries):
+        entry = entries[i]
+        i += 1
+        if not entry:
+            continue
+        code, path = entry[:2], entry[3:]
+        if code[0] in "RC":
+            i += 1  # the rename's source path follows
+        if path in touched:
+            continue
+        if code == "??":
+            out.append(f"{path}: untracked, neither upstream nor made by the series")
+            continue
+        if not (sub / path).exists():
+            out.append(f"{path}: deleted; the series does not touch it")
+            continue
+        pin = _git(sub, "show", f"{commit}:{path}").stdout.decode(errors="replace")
+        now = (sub / path).read_text(errors="replace")
+        lines = _changed_lines(pin, now) or ["mode or content changed"]
+        out.append(f"{path}: changed, and the series does not touch it: " + "; ".join(lines))
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        pristine_from_git(sub, commit, touched, work)
+        if not is_core_only(sub):
+            (work / "megatron" / "training").mkdir(parents=True, exist_ok=True)
+            (work / "pretrain_gpt.py").write_text("")
+        states = {f: [(work / f).read_bytes() if (work / f).exists() else None] for f in touched}
+        for p in patches:
+            if not applicable(p, work):
+                continue
+            if _git_apply(work, p).returncode:
+                out.append(f"{p.name} does not apply to the pin (make check-patches says why)")
+                return out
+            for f in p.files:
+                states[f].append((work / f).read_bytes())
+        for f in touched:
+            now = (sub / f).read_bytes() if (sub / f).exists() else None
+            if now in states[f]:
+                continue
+            if now is None:
+                out.append(f"{f}: missing; the series patches it")
+                continue
+            final = states[f][-1] or b""
+            lines = _changed_lines(final.decode(errors="replace"), now.decode(errors="replace"))
+            out.append(f"{f}: differs from the pin with the series applied: " + "; ".join(lines))
+    return out
+
+
+LOCK_VERSION_RE = re.compile(r"\d+\.\d+\.\d+(?:(?:a|b|rc|\.post|\.dev)\d+)?")
+
+
 def write_lock(tree: Path, patch_dir: Path, commit: str, tag: str, core_version: str) -> None:
+    """Write upstream.lock. `core_version`: the megatron-core release on the package index whose
+    megatron/core files are the pinned commit's (what core-only setup installs and checks
+    against the blob hashes); its line stays `megatron-core X.Y.Z`, which other tools read."""
+    if not LOCK_VERSION_RE.fullmatch(core_version or ""):
+        raise PatchError(f"megatron-core version {core_version!r} is not a release version "
+                         "(X.Y.Z, optionally rcN/aN/bN/.devN/.postN)")
     rels = sorted({f for p in read_series(patch_dir) for f in p.files})
     lines = [
         "# Pinned upstream and the git blob hash of each upstream file the series touches.",
@@ -384,20 +616,37 @@ def _with_index_lines(diff: str, blobs: dict[str, tuple[str, str]]) -> str:
 @dataclass
 class ReplayResult:
     patch: str
-    status: str  # clean | 3way | conflict | skipped | not-tried
+    status: str  # clean | 3way | conflict | upstream | skipped | not-tried
     files: list[str]
     failed: list[FailedHunk]  # hunks that do not apply strictly (for 3way and conflict)
     conflicted: list[str]  # files left with conflict markers by the 3-way merge
-    message: str = ""
+    message: str = ""  # why (conflict: git's words; upstream: how we know)
     before: dict[str, str] = field(default_factory=dict)  # the patch's files before it (applied)
     after: dict[str, str] = field(default_factory=dict)  # and after it
+    notes: list[str] = field(default_factory=list)  # worth a look, whatever the status
+
+    STATUS_TEXT = {
+        "clean": "clean",
+        "3way": "3way",
+        "conflict": "conflict",
+        "upstream": "fixed upstream: drop it",
+        "skipped": "skipped",
+        "not-tried": "not tried",
+    }
+
+    @property
+    def status_text(self) -> str:
+        return self.STATUS_TEXT.get(self.status, self.status)
 
 
 def patches_from_replay(results: list[ReplayResult], patch_dir: Path) -> dict[str, str]:
     """The patch files re-derived from a replay (headers kept, stable diff format): what
-    `refresh` would write, also for patches that needed the 3-way merge."""
+    `refresh` would write, also for patches that needed the 3-way merge. Patches upstream
+    already contains are left out."""
     out = {}
     for r in results:
+        if r.status == "upstream":
+            continue
         p = read_patch(patch_dir / r.patch)
         if r.status not in ("clean", "3way"):
             out[r.patch] = p.path.read_text()
@@ -408,27 +657,56 @@ def patches_from_replay(results: list[ReplayResult], patch_dir: Path) -> dict[st
     return out
 
 
+def _upstream_has(repo: Path, p: Patch, probe, at_pin: dict | None,
+                  fixed: set[str]) -> tuple[str, list[str]]:
+    """(why the upstream work tree of `repo` already contains the patch's change, or ""; notes).
+
+    `at_pin`: what the patch's probe finds at the pin just before the patch; `fixed`: the
+    instances the patch fixes there."""
+    present = all((repo / f).exists() for f in p.files)
+    if present and _git_apply(repo, p, "--check").returncode and \
+            _git_apply(repo, p, "--check", "--reverse").returncode == 0:
+        return "upstream already has this very change", []
+    if probe is None or not at_pin:
+        return "", []
+    now = run_probe(probe, repo)
+    if now is None:
+        return "", []
+    new = [now[k] for k in sorted(set(now) - set(at_pin))]
+    notes = ([f"upstream has the bug elsewhere, which this patch does not fix: {'; '.join(new)}"]
+             if new else [])
+    if fixed and not fixed & set(now):
+        return (f"upstream fixed the bug its own way: probe {probe.label} no longer finds "
+                f"{', '.join(sorted(fixed))}"), notes
+    return "", notes
+
+
 def replay_3way(
-    repo: Path, base_rev: str, patch_dir: Path, stop_on_conflict: bool = True, log=print
+    repo: Path, base_rev: str, patch_dir: Path, stop_on_conflict: bool = False, log=print,
+    root: Path | None = None,
 ) -> list[ReplayResult]:
     """Apply the series to the work tree of git repository `repo`, falling back to a 3-way merge.
 
     `repo`'s work tree must hold the new upstream files, pristine; `base_rev` is a commit of
-    `repo` holding the old pin, to which the series applies with no fuzz. Each patch is tried
-    with a strict `git apply` first; when that fails, its preimage (the pin's file with the
-    earlier patches applied, computed here and written to repo's object store) is put in `index`
-    lines and `git apply --3way` merges the patch's change into the new file.
+    `repo` holding the old pin, to which the series applies with no fuzz. For each patch, first:
+    does upstream already contain its change (its diff applies in reverse, or the bug its probe
+    finds at the pin is gone upstream)? Then it is "upstream" ("fixed upstream: drop it") and
+    left out. Else a strict `git apply`; when that fails, its preimage (the pin's file with the
+    earlier patches applied, computed here and written to repo's object store) is put in
+    `index` lines and `git apply --3way` merges the patch's change into the new file.
 
     On a conflict the patch's files are put back as they were before that patch (no conflict
-    markers are left behind) and, with stop_on_conflict, the remaining patches are not tried;
-    otherwise later patches that touch a file of a failed patch are marked not-tried. The index
-    of `repo` is left matching HEAD for every file the series touches (the 3-way merge stages
-    its result; that is undone here) so the tree looks like `tools/patches.py apply` made it.
+    markers are left behind). Every patch gets an outcome: later patches are still tried,
+    on the files without the failed one (noted in their result), unless stop_on_conflict. The
+    index of `repo` is left matching HEAD for every file the series touches (the 3-way merge
+    stages its result; that is undone here) so the tree looks like `tools/patches.py apply`
+    made it. `root`: where the patches' Probe: paths are (default: above patch_dir).
     """
+    root = patch_dir.parent if root is None else root
     patches = read_series(patch_dir)
     touched = sorted({f for p in patches for f in p.files})
     results: list[ReplayResult] = []
-    blocked: set[str] = set()
+    failed_on: dict[str, str] = {}  # file -> the first patch that conflicted on it
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)  # the pin's files with the patches so far applied (quilt's view)
         pristine_from_git(repo, base_rev, touched, base)
@@ -438,11 +716,8 @@ def replay_3way(
             if is_core_only(repo) and outside_core and not any(present):
                 results.append(ReplayResult(p.name, "skipped", p.files, [], [], "files absent"))
                 continue
-            if blocked & set(p.files):
-                results.append(
-                    ReplayResult(p.name, "not-tried", p.files, [], [], "an earlier patch failed")
-                )
-                continue
+            probe = load_probe(p, root)
+            at_pin = run_probe(probe, base) if probe else None
             blobs = {}
             base_ok = _git_apply(base, p, "--check").returncode == 0
             if base_ok:
@@ -454,11 +729,29 @@ def replay_3way(
                 for f in p.files:
                     post = (base / f).read_bytes() if (base / f).exists() else b""
                     blobs[f] = (blobs[f][0], git_blob_hash(post))
+            fixed = set(at_pin or {}) - set((run_probe(probe, base) or {}) if probe else {})
+            why, upstream_notes = _upstream_has(repo, p, probe, at_pin, fixed)
+            earlier = sorted({failed_on[f] for f in p.files if f in failed_on})
+            notes = ([f"tried on the files without {', '.join(earlier)} (which conflicted)"]
+                     if earlier else [])
+            if why:
+                results.append(ReplayResult(p.name, "upstream", p.files, [], [], why,
+                                            notes=upstream_notes + notes))
+                log(f"  fixed upstream: {p.name} ({why}): drop it")
+                continue
             texts = lambda: {f: (repo / f).read_text() for f in p.files if (repo / f).exists()}  # noqa: E731
             before = texts()
+
+            def left_by_probe() -> list[str]:
+                left = run_probe(probe, repo) if probe else None
+                return [f"its probe still finds the bug with the patch applied: "
+                        f"{'; '.join(left.values())}"] if left else []
+
             if _git_apply(repo, p, "--check").returncode == 0:
                 _git_apply(repo, p)
-                results.append(ReplayResult(p.name, "clean", p.files, [], [], "", before, texts()))
+                notes += left_by_probe()
+                results.append(ReplayResult(p.name, "clean", p.files, [], [], "", before, texts(),
+                                            notes))
                 log(f"  applied {p.name}")
                 continue
             failed = failing_hunks(repo, p)
@@ -473,7 +766,9 @@ def replay_3way(
                     cwd=repo, input=diff3, text=True, capture_output=True,
                 )
             if res is not None and res.returncode == 0:
-                results.append(ReplayResult(p.name, "3way", p.files, failed, [], "", before, texts()))
+                notes += left_by_probe()
+                results.append(ReplayResult(p.name, "3way", p.files, failed, [], "", before,
+                                            texts(), notes))
                 log(f"  applied {p.name} with a 3-way merge")
                 continue
             conflicted = [
@@ -485,9 +780,11 @@ def replay_3way(
             _git(repo, "reset", "-q", "--", *p.files)
             for f, data in saved.items():
                 (repo / f).write_bytes(data)
-            results.append(ReplayResult(p.name, "conflict", p.files, failed, conflicted, why))
+            results.append(ReplayResult(p.name, "conflict", p.files, failed, conflicted, why,
+                                        notes=notes))
             log(f"  CONFLICT in {p.name}")
-            blocked |= set(p.files)
+            for f in p.files:
+                failed_on.setdefault(f, p.name)
             if stop_on_conflict:
                 for q in patches[i + 1 :]:
                     results.append(ReplayResult(q.name, "not-tried", q.files, [], [], "stopped"))
@@ -505,6 +802,8 @@ def main(argv=None) -> int:
     ap.add_argument("--commit", help="commit for lock/refresh (default: upstream.lock's)")
     ap.add_argument("--tag", default=None)
     ap.add_argument("--core-version", default=None)
+    ap.add_argument("--root", type=Path, default=None,
+                    help="repository the Test:/Probe: paths are relative to (default: above --patches)")
     args = ap.parse_args(argv)
     tree, pdir = args.tree.resolve(), args.patches.resolve()
     try:
@@ -513,7 +812,7 @@ def main(argv=None) -> int:
         elif args.command == "verify":
             verify_lock(tree, pdir)
         elif args.command == "check":
-            check(tree, pdir)
+            check(tree, pdir, root=args.root.resolve() if args.root else None)
             print("check-patches: OK")
         elif args.command == "refresh":
             commit = args.commit or read_lock(pdir)["commit"]
@@ -523,7 +822,7 @@ def main(argv=None) -> int:
                     pristine = Path(tmp)
                     rels = sorted({f for p in read_series(pdir) for f in p.files})
                     pristine_from_git(tree, commit, rels, pristine)
-                for name, text in refreshed_patches(tree, pristine.resolve(), pdir).items():
+                for name, text in refreshed_patches(tree, pristine.resolve(), pdir, log=print).items():
                     if (pdir / name).read_text() != text:
                         (pdir / name).write_text(text)
                         print(f"  refreshed {name}")

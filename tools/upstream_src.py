@@ -10,6 +10,7 @@ sides were made of.
 
 from __future__ import annotations
 
+import ast
 import re
 import shutil
 import subprocess
@@ -67,12 +68,82 @@ def latest_core_version(python: str = sys.executable) -> str:
     return re.match(r"megatron_core-([^-]+?)(?:\.tar\.gz|-)", names[0]).group(1)
 
 
+def _package_info_values(package_info: str) -> dict:
+    """Module-level `NAME = <literal>` assignments of package_info.py, whatever the quoting."""
+    vals: dict = {}
+    try:
+        tree = ast.parse(package_info)
+    except SyntaxError:  # read the four lines alone
+        for m in re.finditer(r"^(MAJOR|MINOR|PATCH|PRE_RELEASE)\s*=\s*(.+?)\s*(?:#.*)?$",
+                             package_info, re.M):
+            try:
+                vals[m.group(1)] = ast.literal_eval(m.group(2))
+            except (ValueError, SyntaxError):
+                pass
+        return vals
+    for node in tree.body:
+        target, value = None, None
+        if isinstance(node, ast.Assign) and len(node.targets) == 1:
+            target, value = node.targets[0], node.value
+        elif isinstance(node, ast.AnnAssign) and node.value is not None:
+            target, value = node.target, node.value
+        if isinstance(target, ast.Name):
+            try:
+                vals[target.id] = ast.literal_eval(value)
+            except (ValueError, SyntaxError, TypeError):
+                pass  # computed (`__version__ = '.'.join(...)`): not a declaration
+    return vals
+
+
+def normalize_version(text: str) -> str:
+    """PEP 440 normal form ('0.20.0rc0', '0.19.1'), the spelling pip and the index use."""
+    try:
+        from packaging.version import InvalidVersion, Version
+    except ImportError:  # the tools also run outside the venv
+        if VERSION_RE.match(text):
+            return text
+        raise ValueError(f"{text!r} is not a release version") from None
+    try:
+        v = Version(text)
+    except InvalidVersion:
+        raise ValueError(f"{text!r} is not a release version") from None
+    return v.public
+
+
 def core_version_of(package_info: str) -> str:
-    """'0.19.1' from the text of megatron/core/package_info.py."""
-    vals = dict(re.findall(r'^(MAJOR|MINOR|PATCH|PRE_RELEASE) = "?([^"\n]*)"?$', package_info, re.M))
-    if not {"MAJOR", "MINOR", "PATCH"} <= vals.keys():
-        return "?"
-    return f"{vals['MAJOR']}.{vals['MINOR']}.{vals['PATCH']}{vals.get('PRE_RELEASE', '')}"
+    """The version megatron/core/package_info.py declares, e.g. '0.19.1' or '0.20.0rc0'.
+
+    MAJOR, MINOR, PATCH and PRE_RELEASE as Python literals (single or double quotes, ints or
+    strings, PRE_RELEASE '' or None), else a literal `__version__`. Raises ValueError when the
+    file declares no version, so a lock never records a malformed one.
+    """
+    vals = _package_info_values(package_info)
+    if {"MAJOR", "MINOR", "PATCH"} <= vals.keys():
+        pre = vals.get("PRE_RELEASE") or ""
+        text = f"{vals['MAJOR']}.{vals['MINOR']}.{vals['PATCH']}{pre}"
+    elif isinstance(vals.get("__version__"), str):
+        text = vals["__version__"]
+    else:
+        raise ValueError("package_info.py declares no MAJOR/MINOR/PATCH and no literal __version__")
+    return normalize_version(str(text).strip())
+
+
+def release_of(tags: list[str], package_info: str) -> str:
+    """The megatron-core release whose files a Megatron-LM commit holds.
+
+    A `core_vX.Y.Z` tag on the commit names it, whatever package_info.py says there: a release
+    tag can sit on the bump to the next version (core_v0.19.0's package_info.py says 0.19.1,
+    while the 0.19.0 wheel on the package index, whose core files are the tag's, says 0.19.0).
+    Without such a tag, package_info.py's version.
+    """
+    for tag in sorted(tags):
+        m = re.fullmatch(r"core_v(.+)", tag)
+        if m:
+            try:
+                return normalize_version(m.group(1))
+            except ValueError:
+                continue
+    return core_version_of(package_info)
 
 
 @dataclass(frozen=True)
@@ -176,6 +247,10 @@ def build_scratch(old: Side, new: Side, repo: Path | None, extra: list[str], des
         materialize(side, repo, dest, extra)
         if core_only:
             _python_files_only(dest)
+        # A fresh index: `git add` trusts the stat data the index holds, and the two sides'
+        # files can share size and mtime second (git archive stamps the commit time), so with
+        # the old index a changed file would keep the FROM content.
+        (dest / ".git" / "index").unlink(missing_ok=True)
         git(dest, "add", "-A")
         git(dest, "-c", "user.name=fluid", "-c", "user.email=fluid@localhost",
             "commit", "-q", "--allow-empty", "-m", side.label)

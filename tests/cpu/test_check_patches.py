@@ -1,9 +1,11 @@
-"""Tier: cpu. `tools/patches.py check` (what `make check-patches` runs) catches a broken series.
+"""Tier: cpu. `make check-patches` catches a broken series and a hand-edited submodule.
 
-Each case copies patches/ to a temporary folder, breaks one thing, and runs the real CLI against a
-pristine copy of the files the series touches (from the submodule's git at the pinned commit, or
-from the installed megatron-core wheel in core-only mode). The unbroken copy must pass first, so
-every failure below is caused by the one thing the case broke.
+Most cases copy patches/ to a temporary folder, break one thing, and run the real CLI
+(`tools/patches.py check`) against a pristine copy of the files the series touches (from the
+submodule's git at the pinned commit, or from the installed megatron-core wheel in core-only
+mode). The unbroken copy must pass first, so every failure below is caused by the one thing the
+case broke. The submodule cases run `tools/check_patches.py` on the synthetic superproject of
+tests/cpu/upstream_fixture.py (a full-mode checkout, offline).
 """
 
 import shutil
@@ -16,7 +18,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tools"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the fixture module beside us
 import patches as P  # noqa: E402
+from upstream_fixture import CFG, MOE, make_superproject, make_upstream, sh  # noqa: E402
 
 CONFIG = "megatron/core/transformer/transformer_config.py"
 
@@ -59,7 +63,7 @@ def case(tmp_path):
 def check(tree, pdir):
     res = subprocess.run(
         [sys.executable, str(ROOT / "tools" / "patches.py"), "check", "--tree", str(tree),
-         "--patches", str(pdir)],
+         "--patches", str(pdir), "--root", str(ROOT)],
         capture_output=True, text=True,
     )
     return res.returncode, res.stdout + res.stderr
@@ -154,3 +158,151 @@ def test_apply_takes_a_new_patch_on_a_file_an_applied_patch_changed(case):
     (fresh / other).write_text((fresh / other).read_text() + "# local edit\n")
     with pytest.raises(P.PatchError, match="differ from patches/upstream.lock"):
         P.apply_verified(fresh, pdir, log=lambda m: None)
+
+
+def _set_header_field(f, name, value):
+    """Replace header field `name` (with its continuation lines) of patch file f."""
+    head, sep, rest = f.read_text().partition("\n---\n")
+    lines, out, skipping = head.splitlines(True), [], False
+    for ln in lines:
+        if ln.startswith(f"{name}:"):
+            out.append(f"{name}: {value}\n")
+            skipping = True
+        elif skipping and ln[:1] in " \t":
+            continue
+        else:
+            skipping = False
+            out.append(ln)
+    f.write_text("".join(out) + sep + rest)
+
+
+def test_test_path_that_does_not_exist(case):
+    tree, pdir = case
+    f = first_patch(pdir)
+    _set_header_field(f, "Test", "tests/cpu/test_never_written.py (covers it, honest).")
+    rc, out = check(tree, pdir)
+    assert rc == 1 and "cite tests that do not exist" in out, out
+    assert f"{f.name}: 'Test:' names tests/cpu/test_never_written.py, which does not exist" in out
+
+
+def test_test_name_that_does_not_exist(case):
+    tree, pdir = case
+    f = first_patch(pdir)
+    _set_header_field(f, "Test", "tests/cpu/test_patches_applied.py::test_never_written")
+    rc, out = check(tree, pdir)
+    assert rc == 1, out
+    assert ("names tests/cpu/test_patches_applied.py::test_never_written, which "
+            "tests/cpu/test_patches_applied.py does not define") in out, out
+
+
+def test_test_field_naming_no_file(case):
+    tree, pdir = case
+    f = first_patch(pdir)
+    _set_header_field(f, "Test", "by hand, trust me.")
+    rc, out = check(tree, pdir)
+    assert rc == 1 and f"{f.name}: 'Test:' names no test file" in out, out
+
+
+def _probed_patch(pdir):
+    return next(p for p in P.read_series(pdir) if P.header_field(p.header, "Probe"))
+
+
+def test_probe_that_finds_nothing_at_the_pin(case, tmp_path):
+    """A bug-fix patch whose bug the pin does not have is not needed: fixed upstream."""
+    tree, pdir = case
+    patch = _probed_patch(pdir)
+    probe = tmp_path / "probe_none.py"
+    probe.write_text("def probe(tree):\n    return {}\n")
+    _set_header_field(patch.path, "Probe", f"{probe}:probe")
+    rc, out = check(tree, pdir)
+    assert rc == 1 and f"{patch.name}: its probe {probe}:probe finds nothing before the patch" in out
+    assert "fixed upstream: drop it" in out
+
+
+def test_probe_that_still_finds_the_bug_after_the_series(case, tmp_path):
+    tree, pdir = case
+    patch = _probed_patch(pdir)
+    probe = tmp_path / "probe_always.py"
+    probe.write_text("def probe(tree):\n    return {'x': 'always broken'}\n")
+    _set_header_field(patch.path, "Probe", f"{probe}:probe")
+    rc, out = check(tree, pdir)
+    assert rc == 1 and "still finds the bug with the series applied: always broken" in out, out
+
+
+def test_probe_that_does_not_resolve(case):
+    tree, pdir = case
+    patch = _probed_patch(pdir)
+    _set_header_field(patch.path, "Probe", "tools/probes.py:no_such_probe")
+    rc, out = check(tree, pdir)
+    assert rc == 1 and "tools/probes.py has no no_such_probe()" in out, out
+
+
+# ---------------------------------------------------------------- the submodule's working files
+
+
+@pytest.fixture(scope="module")
+def fake_upstream(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cp") / "Megatron-LM.git"
+    return path, make_upstream(path)
+
+
+@pytest.fixture
+def superproject(tmp_path, fake_upstream):
+    up, refs = fake_upstream
+    return make_superproject(tmp_path / "super", up, refs["pin"])
+
+
+def check_submodule(root):
+    res = subprocess.run([sys.executable, str(ROOT / "tools" / "check_patches.py"), "--root",
+                          str(root)], capture_output=True, text=True)
+    return res.returncode, res.stdout + res.stderr
+
+
+def _edit_line(path, old, new):
+    text = path.read_text()
+    assert text.count(old) == 1
+    line = text[: text.index(old)].count("\n") + 1
+    path.write_text(text.replace(old, new))
+    return line
+
+
+def test_submodule_with_the_series_passes(superproject):
+    rc, out = check_submodule(superproject)
+    assert rc == 0 and "Megatron-LM/ is the pin with the series applied" in out, out
+
+
+@pytest.mark.parametrize("rel, old, new", [
+    (MOE, "        self.fluid_seen = True\n", "        self.fluid_seen = False\n"),  # a patched line
+    (MOE, "        bias = 0\n", "        bias = 1\n"),  # elsewhere in a patched file
+    (CFG, "    num_layers: int = 0\n", "    num_layers: int = 1\n"),  # a file two patches touch
+])
+def test_edit_in_a_patched_file_is_named(superproject, rel, old, new):
+    sub = superproject / "Megatron-LM"
+    line = _edit_line(sub / rel, old, new)
+    rc, out = check_submodule(superproject)
+    assert rc == 1 and "holds edits that are neither the pin nor the series" in out, out
+    assert (f"{rel}: differs from the pin with the series applied: line {line}: "
+            f"{new.strip()!r}, expected {old.strip()!r}") in out, out
+    # make setup (patches.apply_verified) refuses it as well
+    with pytest.raises(P.PatchError, match="are not the pin: an edit the series does not make"):
+        P.apply_verified(sub, superproject / "patches", log=lambda m: None)
+
+
+def test_edit_outside_the_series_is_named(superproject):
+    sub = superproject / "Megatron-LM"
+    info = sub / "megatron" / "core" / "package_info.py"
+    line = _edit_line(info, "PATCH = 0\n", "PATCH = 7\n")
+    (sub / "megatron" / "core" / "stray.py").write_text("x = 1\n")
+    rc, out = check_submodule(superproject)
+    assert rc == 1, out
+    assert (f"megatron/core/package_info.py: changed, and the series does not touch it: line "
+            f"{line}: 'PATCH = 7', expected 'PATCH = 0'") in out, out
+    assert "megatron/core/stray.py: untracked, neither upstream nor made by the series" in out
+
+
+def test_submodule_off_the_pin(superproject, fake_upstream):
+    up, refs = fake_upstream
+    sub = superproject / "Megatron-LM"
+    sh(sub, "git", "checkout", "-q", "-f", "--detach", refs["clean"])
+    rc, out = check_submodule(superproject)
+    assert rc == 1 and f"Megatron-LM is at {refs['clean'][:12]}, not the pin" in out, out

@@ -1,7 +1,10 @@
 """Tier: cpu. The patch series is what Python imports: the `use_fluid_moe` field (0001), the
-`--use-fluid-moe` flag in Megatron's own argument parser (full tree), the log-hook seam (0003)."""
+`--use-fluid-moe` flag in Megatron's own argument parser (full tree), the log-hook seam (0003),
+TransformerConfig help strings that argparse can format (0004)."""
 
 import inspect
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -70,3 +73,17 @@ def test_pretrain_gpt_help_lists_use_fluid_moe():
     assert res.returncode == 0, res.stderr[-2000:]
     assert "--use-fluid-moe" in res.stdout
     assert "Build attention and MoE layers from the FluidMoE overlay" in " ".join(res.stdout.split())
+
+
+def test_config_help_strings_survive_argparse():
+    """Patch 0004, in either mode: every TransformerConfig field docstring of the imported
+    megatron.core (Megatron's `--help` text for the field's flag) can be %-formatted by argparse.
+    The probe is the one `make check-patches` runs: at the pristine pin it finds
+    moe_paged_stash_buffer_size_factor_cuda's "10%)"."""
+    import megatron.core
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+    import probes
+
+    tree = Path(megatron.core.__file__).resolve().parents[2]
+    assert probes.percent_safe_config_help(tree) == {}

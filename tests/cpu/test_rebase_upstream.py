@@ -1,7 +1,8 @@
 """Tier: cpu. `tools/rebase_upstream.py` on a synthetic upstream repository and superproject.
 
 The fake upstream (tests/cpu/upstream_fixture.py) has a pin and branches that move the patched
-files in different ways; every test runs the real CLI in a subprocess, offline, in a few seconds.
+files in different ways; every test runs the real CLI in a subprocess, offline (the superproject's
+.build/dist stands in for the package index), in a few seconds.
 """
 
 import subprocess
@@ -11,7 +12,12 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the fixture module beside us
-from upstream_fixture import CFG, MOE, TOOLS, P, make_superproject, make_upstream, sh, snapshot  # noqa: E402
+from upstream_fixture import (  # noqa: E402
+    CFG, MOE, SERIES, TOOLS, P, make_superproject, make_upstream, sh, snapshot,
+)
+
+sys.path.insert(0, str(TOOLS))
+import upstream_src as U  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -82,13 +88,20 @@ def test_clean_rebase_updates_gitlink_lock_and_patches(superproject, upstream):
     assert "| compatible | `megatron.core.transformer.moe.moe_layer.MoELayer.forward`" in out
     # the submodule's index is clean (the 3-way staging is undone): only work-tree edits
     assert sh(sub, "git", "diff", "--cached", "--name-only") == ""
+    # the core_v0.2.0 release holds these files: core-only setup can use the lock
+    assert "core-only setup can use the new lock (megatron-core 0.2.0" in out
+    assert out.rstrip().endswith("rebase-upstream: exit 0: rebased")
 
 
 def test_context_drift_merges_with_3way(superproject, upstream):
     up, refs = upstream
     root, sub = superproject, superproject / "Megatron-LM"
     rc, out = rebase(root, refs["drift"], up)
-    assert rc == 0, out
+    # rebased, but no release on the package index holds the drifted file: exit 3
+    assert rc == 3, out
+    assert "core-only setup (CI) could not use the new lock" in out
+    assert "does not hold the new pin's megatron/core files" in out and MOE in out
+    assert "exit 3: rebased, but core-only setup cannot use the new lock" in out
     assert "with a 3-way merge" in out
     moe = (sub / MOE).read_text()
     assert "scale = 2  # upstream" in moe and "self.fluid_seen = True" in moe
@@ -109,6 +122,8 @@ def test_conflict_names_patch_file_hunk_and_restores(superproject, upstream):
     assert f"{MOE}: hunk {hunk}" in out, out
     assert f"3-way merge left conflicts in {MOE}" in out
     assert "applied 0001-config-flag.patch" in out  # the earlier patch was fine
+    assert "clean     0003-escape-percent.patch" in out  # and the later one: every outcome listed
+    assert "exit 1: conflict, nothing changed" in out
     # everything is back: pin checked out, series applied, nothing staged, patches/lock untouched
     assert sh(sub, "git", "rev-parse", "HEAD") == refs["pin"]
     assert snapshot(root) == before
@@ -121,7 +136,91 @@ def test_refuses_local_edits_outside_the_series(superproject, upstream):
     up, refs = upstream
     root, sub = superproject, superproject / "Megatron-LM"
     (sub / MOE).write_text((sub / MOE).read_text() + "# hand edit\n")
+    lines = len((sub / MOE).read_text().splitlines())
     rc, out = rebase(root, "core_v0.2.0", up)
-    assert rc == 1 and "differ from the series" in out, out
+    assert rc == 1 and "neither the pin nor the series" in out, out
+    assert f"{MOE}: differs from the pin with the series applied: line {lines}: '# hand edit'" in out
     assert sh(sub, "git", "rev-parse", "HEAD") == refs["pin"]
     assert (sub / MOE).read_text().endswith("# hand edit\n")  # the edit is not lost
+
+
+def test_fixed_upstream_patch_is_dropped(superproject, upstream):
+    """Upstream fixed 0003's bug its own way ("10%%)" where 0003 writes "10 percent)"): a
+    textual conflict, yet the patch is not needed any more. The rebase drops it, says so, and
+    still reports the bug's new instance upstream added (the probe finds it)."""
+    up, refs = upstream
+    root, sub = superproject, superproject / "Megatron-LM"
+    rc, out = rebase(root, "fixed", up)
+    assert "fixed upstream: drop it: 0003-escape-percent.patch (upstream fixed the bug its own " \
+        "way: probe tools/probes.py:percent_safe_config_help no longer finds moe_buffer_factor)" \
+        in out, out
+    assert "dropped 0003-escape-percent.patch (fixed upstream)" in out
+    assert "CONFLICT" not in out
+    assert not (root / "patches" / "0003-escape-percent.patch").exists()
+    assert (root / "patches" / "series").read_text() == "0001-config-flag.patch\n0002-moe-hook.patch\n"
+    assert "10%%)" in (sub / CFG).read_text() and "use_fluid_moe" in (sub / CFG).read_text()
+    # the new instance of the bug is reported: exit 3
+    assert "upstream has the bug elsewhere, which this patch does not fix" in out
+    assert "moe_block" in out
+    assert rc == 3 and "a probe finds its bug at the new pin" in out
+    assert staged_gitlink(root) == refs["fixed"]
+
+
+def test_same_change_upstream_is_dropped(superproject, upstream):
+    up, refs = upstream
+    root = superproject
+    rc, out = rebase(root, "same-fix", up)
+    assert "0003-escape-percent.patch (upstream already has this very change)" in out, out
+    assert not (root / "patches" / "0003-escape-percent.patch").exists()
+
+
+def test_single_quoted_package_info_gives_a_lock_core_only_setup_can_use(
+        superproject, upstream, monkeypatch, capsys):
+    """REF's package_info.py writes PRE_RELEASE = '' (as upstream main does). The lock must say
+    `megatron-core 0.3.0`, and `make setup` in core-only mode must accept it: download that
+    release (here from the superproject's .build/dist), check the locked blobs, apply the series."""
+    up, refs = upstream
+    root = superproject
+    rc, out = rebase(root, "release", up)
+    assert rc == 0, out
+    lock = P.read_lock(root / "patches")
+    assert lock["megatron-core"] == "0.3.0" and lock["tag"] == "none"
+    assert "megatron-core 0.3.0\n" in (root / "patches" / "upstream.lock").read_text()
+    import setup_megatron as S
+
+    monkeypatch.setattr(S, "ROOT", root)
+    monkeypatch.setattr(S, "BUILD", root / ".build")
+    monkeypatch.setattr(S, "CORE_COPY", root / ".build" / "megatron-core")
+    applied, skipped = S.setup_core_only(lock["megatron-core"])
+    assert applied == list(SERIES) and skipped == []
+    core = root / ".build" / "megatron-core"
+    assert "self.fluid_seen = True" in (core / MOE).read_text()
+    assert "10 percent)" in (core / CFG).read_text()
+
+
+@pytest.mark.parametrize("text, version", [
+    ('MAJOR = 0\nMINOR = 20\nPATCH = 0\nPRE_RELEASE = ""\n', "0.20.0"),
+    ("MAJOR = 0\nMINOR = 20\nPATCH = 0\nPRE_RELEASE = ''\n", "0.20.0"),
+    ("MAJOR = 0\nMINOR = 20\nPATCH = 0\nPRE_RELEASE = 'rc0'  # next\n", "0.20.0rc0"),
+    ("MAJOR: int = 1\nMINOR = 2\nPATCH = 3\nPRE_RELEASE = None\n", "1.2.3"),
+    ("MAJOR = 0\nMINOR = 19\nPATCH = 1\nPRE_RELEASE = \"\"\nVERSION = (MAJOR, MINOR)\n"
+     "__version__ = '.'.join(map(str, VERSION))\n", "0.19.1"),
+    ('__version__ = "0.4.0.dev1"\n', "0.4.0.dev1"),
+])
+def test_core_version_of_package_info(text, version):
+    assert U.core_version_of(text) == version
+
+
+def test_core_version_of_refuses_what_is_not_a_version():
+    with pytest.raises(ValueError):
+        U.core_version_of("MAJOR = 0\nMINOR = 20\n")
+    with pytest.raises(ValueError):
+        U.core_version_of("MAJOR = 0\nMINOR = 20\nPATCH = 0\nPRE_RELEASE = 'x y'\n")
+
+
+def test_release_tag_names_the_version():
+    """core_v0.19.0's package_info.py says 0.19.1; the 0.19.0 wheel holds the tag's core files."""
+    info = 'MAJOR = 0\nMINOR = 19\nPATCH = 1\nPRE_RELEASE = ""\n'
+    assert U.release_of(["core_v0.19.0"], info) == "0.19.0"
+    assert U.release_of(["some-other-tag"], info) == "0.19.1"
+    assert U.release_of([], info) == "0.19.1"
