@@ -11,7 +11,10 @@ equals the same model on 1 rank (EP=1) loaded with the same weights:
   - the layer info lists the Fluid modules, the state-dict keys equal those of the stock local-spec
     model, the scheduler queue is empty after backward, and scheduler on/off are bit-identical;
   - under emulated Megatron DDP (main_grad + hook) with the scheduler off, where the experts add
-    their dW into main_grad themselves (fluid.moe.expert_loop), main_grad equals those gradients.
+    their dW into main_grad themselves (fluid.moe.expert_loop), main_grad equals those gradients
+    within RTOL/ATOL (not bitwise: the per-expert backward makes GEMMs of the same shapes as the
+    composition, but into other buffers, and the BLAS kernel may depend on alignment; see
+    tests/cpu/test_expert_loop.py).
 Tolerance: fp32; the two runs do the same math with different GEMM row sets and summation order
 (expert GEMMs over other token groupings, the cross-rank sum), which moves results by ~1e-6
 relative; rtol 1e-4 / atol 1e-5 catches any wrong routing, layout or missing gradient (O(1e-1)).
@@ -184,8 +187,10 @@ def _ep2(rank, world, path):
         results[enabled] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
     # Under Megatron DDP (main_grad + its hook, emulated) with the scheduler off, the experts take
     # the per-expert backward (fluid.moe.expert_loop: per-expert GEMMs on CPU, dW inline), which
-    # adds dW into main_grad itself: main_grad must equal the plain gradients (fp32 0 + g: exact),
-    # and every parameter's hook must still fire once, with a gradient present.
+    # adds dW into main_grad itself: main_grad must equal the plain gradients within RTOL/ATOL
+    # (its GEMMs write to other buffers than the composition's, which may round differently, and
+    # that reaches every gradient upstream), and every parameter's hook must still fire once,
+    # with a gradient present.
     from fluid.moe.testing import emulate_ddp_grads, reset_ddp_flags
 
     ddp_accs = emulate_ddp_grads(model.parameters())
@@ -195,7 +200,8 @@ def _ep2(rank, world, path):
     _loss(model, rank).backward()
     for n, p in model.named_parameters():
         assert hook_calls.get(n) == [True], f"{n} under DDP: hook calls {hook_calls.get(n)}"
-        assert p.grad is None and torch.equal(p.main_grad, results[False][1][n]), f"{n} under DDP"
+        assert p.grad is None, f"{n} under DDP"
+        torch.testing.assert_close(p.main_grad, results[False][1][n], rtol=RTOL, atol=ATOL, msg=n)
     assert all(m.experts.weight1.grad_added_to_main_grad for m in model.modules()
                if type(m).__name__ == "FluidMoELayer"), "the per-expert backward did not run"
     for p in model.parameters():
@@ -203,7 +209,7 @@ def _ep2(rank, world, path):
     del ddp_accs
     sched.enable()
     loss, grads = results[True]
-    for n, g in grads.items():
+    for n, g in grads.items():  # exact: on/off run the same ops; only when dW runs differs
         assert torch.equal(g, results[False][1][n]), f"scheduler on/off differ: {n}"
     torch.testing.assert_close(loss, ref["losses"][rank], rtol=RTOL, atol=ATOL)
     for n, g in grads.items():
