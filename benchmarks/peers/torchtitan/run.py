@@ -62,15 +62,13 @@ def model_args(m: Model, *, grouped_mm: bool = True):
     """torchtitan Qwen3ModelArgs for benchmark model `m`. The shared expert is torchtitan's
     `num_shared_experts` copies of the routed expert's width fused into one FeedForward, so
     `m.shared_ffn` must be a multiple of `m.ffn` (2816 = 2 x 1408 for `fine`)."""
-    from torchtitan.models.moe import MoEArgs
-    from torchtitan.models.qwen3 import Qwen3ModelArgs
-
     shared = m.shared_ffn or 0
     if shared % m.ffn:
         raise ValueError(f"model {m.name}: shared_ffn {shared} is not a multiple of ffn {m.ffn}; "
                          "torchtitan's shared expert is num_shared_experts * ffn wide")
-    if m.hidden != m.heads * m.head_dim:
-        raise ValueError(f"model {m.name}: hidden {m.hidden} != heads x head_dim")
+    from torchtitan.models.moe import MoEArgs
+    from torchtitan.models.qwen3 import Qwen3ModelArgs
+
     return Qwen3ModelArgs(
         dim=m.hidden, n_layers=m.layers, n_heads=m.heads, n_kv_heads=m.groups, head_dim=m.head_dim,
         vocab_size=m.vocab, max_seq_len=m.seq, hidden_dim=m.ffn, norm_eps=NORM_EPS,
@@ -402,7 +400,8 @@ def run_child(mdl: str, comp: bool, a, env: dict, param_dtype: str, log_path) ->
         cmd = launch(mdl, comp, a, record, param_dtype)
         t0 = time.perf_counter()
         try:
-            proc = subprocess.run(cmd, env=env, timeout=a.timeout, capture_output=True, text=True)
+            proc = subprocess.run(cmd, env=env, timeout=a.timeout_compile if comp else a.timeout,
+                                  capture_output=True, text=True)
             rc, log = proc.returncode, proc.stdout + proc.stderr
         except subprocess.TimeoutExpired as e:
             rc, log = "timeout", _text(e.stdout) + _text(e.stderr)
@@ -438,7 +437,9 @@ def main(argv=None) -> int:
                         "(float32 = bf16 compute with fp32 master weights, as Megatron)")
     p.add_argument("--oom-fallback", action="store_true",
                    help="rerun a float32 run that ran out of memory with --param-dtype bfloat16")
-    p.add_argument("--timeout", type=float, default=240, help="seconds per run before it is killed")
+    p.add_argument("--timeout", type=float, default=120, help="seconds per eager run before it is killed")
+    p.add_argument("--timeout-compile", type=float, default=200,
+                   help="seconds per torch.compile run (compilation included) before it is killed")
     p.add_argument("--out", default="torchtitan_peer.json")
     p.add_argument("--logs", default=None, help="folder for each run's full log")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

@@ -1,0 +1,139 @@
+"""The torchtitan peer (benchmarks/peers/torchtitan/run.py) on the CPU.
+
+test_job_args_*: the torchtitan CLI arguments carry the recipe's numbers (no torchtitan needed).
+The rest needs torchtitan: importable already, or installed from .whl-peers/ (tools/stage_peers.sh)
+into a temporary folder; skipped otherwise (CI does not stage the wheels).
+  - the Qwen3 model torchtitan builds from a benchmark model has exactly the parameters that model
+    has by hand count (GQA k/v widths, shared expert 2 x ffn, untied output, no q/k norm);
+  - the runner trains the tiny model for two steps through torchtitan's own Trainer on the CPU and
+    writes a record whose throughput follows from its step times by benchmarks.peers.flops.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.peers import flops
+from benchmarks.peers.torchtitan import run
+from benchmarks.recipes import MODELS
+
+REPO = Path(__file__).resolve().parents[2]
+RUNNER = REPO / "benchmarks" / "peers" / "torchtitan" / "run.py"
+
+
+def _flag(args, name):
+    return args[args.index(name) + 1]
+
+
+@pytest.mark.parametrize("name,world", [("mixtral", 1), ("fine", 1), ("mixtral", 2)])
+def test_job_args_carry_the_recipe(name, world):
+    m = MODELS[name]
+    args = run.job_args(m, compile_=False, ep=world, world=world, steps=13, dump="/tmp/x")
+    assert _flag(args, "--model.flavor") == name
+    assert int(_flag(args, "--training.seq_len")) == m.seq
+    assert int(_flag(args, "--training.local_batch_size")) == m.micro_batch
+    # global batch = micro-batch x 8 accumulation steps x DP; torchtitan derives the accumulation
+    assert int(_flag(args, "--training.global_batch_size")) == m.micro_batch * m.grad_accum * world
+    assert float(_flag(args, "--optimizer.lr")) == m.lr
+    assert (float(_flag(args, "--optimizer.beta1")), float(_flag(args, "--optimizer.beta2"))) == (0.9, 0.999)
+    assert float(_flag(args, "--optimizer.eps")) == 1e-8
+    assert float(_flag(args, "--optimizer.weight_decay")) == 0.1
+    assert float(_flag(args, "--training.max_norm")) == 1.0
+    assert _flag(args, "--activation_checkpoint.mode") == "none"
+    assert int(_flag(args, "--parallelism.expert_parallel_degree")) == world
+    assert "--compile.enable" not in args
+    assert "--compile.enable" in run.job_args(m, compile_=True, ep=1, world=1, steps=1, dump="/x")
+
+
+@pytest.fixture(scope="module")
+def torchtitan_path(tmp_path_factory):
+    """PYTHONPATH entry under which torchtitan imports, or skip."""
+    if importlib.util.find_spec("torchtitan") is not None:
+        return ""
+    wheels = sorted((REPO / ".whl-peers").glob("*.whl"))
+    if not wheels:
+        pytest.skip("torchtitan not installed and no .whl-peers/ (run tools/stage_peers.sh)")
+    target = tmp_path_factory.mktemp("peers")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
+                    "--disable-pip-version-check", "--target", str(target), *map(str, wheels)],
+                   check=True, capture_output=True)
+    return str(target)
+
+
+def _env(path):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (path, str(REPO), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def hand_param_count(m):
+    h, hd = m.hidden, m.head_dim
+    attn = h * m.heads * hd * 2 + h * m.groups * hd * 2  # wq, wo, wk, wv
+    moe = m.experts * 3 * h * m.ffn + h * m.experts + 3 * h * (m.shared_ffn or 0)
+    norms = 2 * h
+    return m.layers * (attn + moe + norms) + 2 * m.vocab * h + h  # embedding, output, final norm
+
+
+@pytest.mark.parametrize("name", ["tiny", "mixtral", "fine"])
+def test_model_matches_hand_count(torchtitan_path, name):
+    code = (
+        "import sys, torch\n"
+        "from benchmarks.peers.torchtitan import run\n"
+        "run.install_shims()\n"
+        "from torchtitan.models.qwen3 import Qwen3Model\n"
+        f"m = run.ALL_MODELS[{name!r}]\n"
+        "with torch.device('meta'):\n"
+        "    model = Qwen3Model(run.model_args(m))\n"
+        "print(sum(p.numel() for p in model.parameters()))\n"
+        "blk = model.layers['0']\n"
+        "print(blk.attention.q_norm is None, blk.moe.shared_experts is not None and"
+        " blk.moe.shared_experts.w1.weight.shape[0], blk.moe.experts.w1.shape[1])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=_env(torchtitan_path), cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.strip().splitlines()
+    m = run.ALL_MODELS[name]
+    assert int(lines[-2]) == hand_param_count(m)
+    no_qk_norm, shared_width, ffn = lines[-1].split()
+    assert no_qk_norm == "True"
+    assert shared_width == str(m.shared_ffn or False)
+    assert int(ffn) == m.ffn
+
+
+def test_shared_expert_must_be_a_multiple_of_ffn():
+    import dataclasses
+
+    bad = dataclasses.replace(run.TINY, shared_ffn=48)  # checked before torchtitan is imported
+    with pytest.raises(ValueError, match="shared_ffn"):
+        run.model_args(bad)
+
+
+def test_dry_run_tiny_trains(torchtitan_path, tmp_path):
+    out = tmp_path / "tt.json"
+    proc = subprocess.run(
+        [sys.executable, str(RUNNER), "--device", "cpu", "--models", "tiny", "--compile", "off",
+         "--steps", "1", "--warmup", "1", "--timeout", "500", "--out", str(out),
+         "--logs", str(tmp_path / "logs")],
+        env=_env(torchtitan_path), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    (rec,) = json.loads(out.read_text())
+    assert "error" not in rec, rec.get("log_tail")
+    assert rec["framework"] == "torchtitan" and rec["torchtitan"] == "0.2.2"
+    assert rec["model"] == "tiny" and rec["compile"] is False and rec["param_dtype"] == "float32"
+    assert len(rec["step_times_s"]) == 2 and rec["warmup_steps"] == 1
+    m = run.TINY
+    assert rec["tokens_per_step_per_gpu"] == m.seq * m.micro_batch * m.grad_accum
+    med = rec["step_time_median_s"]
+    assert med == rec["step_times_s"][1]
+    assert rec["tokens_per_s_per_gpu"] == pytest.approx(rec["tokens_per_step_per_gpu"] / med)
+    assert rec["tflops_per_gpu"] == pytest.approx(flops.tflops_per_gpu(m, rec["tokens_per_step_per_gpu"], med))
+    # torchtitan's own Trainer logged the steps it trained (loss near ln(vocab) at init)
+    log = next((tmp_path / "logs").glob("tiny_*.log")).read_text()
+    losses = [float(line.split("loss:")[1].split()[0]) for line in log.splitlines() if "loss:" in line]
+    assert losses and all(abs(x - 5.55) < 1.5 for x in losses), losses
