@@ -49,7 +49,12 @@ from typing import Callable, Sequence
 import torch
 
 from fluid.schedule import get_backward_scheduler
-from fluid.schedule.wgrad import _anchor, accumulate_boxed_weight_grad, mark_added_to_main_grad
+from fluid.schedule.wgrad import (
+    accumulate_boxed_weight_grad,
+    dw_probe,
+    dw_wanted,
+    mark_added_to_main_grad,
+)
 
 
 def has_main_grad(params) -> bool:
@@ -61,7 +66,7 @@ def has_main_grad(params) -> bool:
 
 class _SequentialExperts(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, probs, w1, w2, anchor, counts, params, act, name):
+    def forward(ctx, x, probs, w1, w2, probe, counts, params, act, name):
         num_rows, hidden = x.shape
         out = x.new_empty((num_rows, hidden))
         saved = []  # per expert: (h_g leaf, probs_g leaf, a_g with its activation graph)
@@ -80,6 +85,7 @@ class _SequentialExperts(torch.autograd.Function):
             torch.matmul(a_g.detach(), w2[g].t(), out=out[rows])
             saved.append((h_leaf, p_leaf, a_g))
         ctx.save_for_backward(x, w1, w2)
+        ctx.probe_index = None if probe is None else 4  # tensor inputs: x, probs, w1, w2, probe
         ctx.saved_experts, ctx.counts, ctx.params, ctx.name = saved, counts, params, name
         ctx.probs_meta = (probs.shape, probs.dtype, probs.requires_grad)
         return out
@@ -97,9 +103,11 @@ class _SequentialExperts(torch.autograd.Function):
         # Under Megatron DDP (params with main_grad) each expert's dW is added into main_grad[g]
         # and freed, as DDP's hook does with each of SequentialMLP's per-expert grads; otherwise
         # it is written into one stacked dW per weight, handed to autograd at the end.
-        direct = has_main_grad((param1, param2))
-        dw1 = w1.new_empty(w1.shape) if param1.requires_grad and not direct else None
-        dw2 = w2.new_empty(w2.shape) if param2.requires_grad and not direct else None
+        # Under autograd.grad / backward(inputs=...) no dW at all (fluid.schedule.wgrad.dw_wanted).
+        want_dw = dw_wanted(ctx, ctx.probe_index, "sequential_experts")
+        direct = want_dw and has_main_grad((param1, param2))
+        dw1 = w1.new_empty(w1.shape) if want_dw and param1.requires_grad and not direct else None
+        dw2 = w2.new_empty(w2.shape) if want_dw and param2.requires_grad and not direct else None
 
         def expert_dw(param, stacked, g, dy_t, inp):
             """Expert g's dW = dy_t @ inp: into the stacked dW, or added into main_grad[g]."""
@@ -131,6 +139,8 @@ class _SequentialExperts(torch.autograd.Function):
                 torch.matmul(d_h, w1[g], out=dx[rows])
             expert_dw(param1, dw1, g, d_h.t(), x[rows])
             del d_h, h_leaf, p_leaf, grads
+        if not want_dw:
+            return dx, dprobs, None, None, None, None, None, None, None
 
         # dW is complete; the scheduler runs this inline (this path is only taken when it would
         # not defer). Each stacked dW sits only in its box, so AccumulateGrad adopts it (no copy).
@@ -165,10 +175,10 @@ def sequential_experts(
         probs_T: routing probability per row (fp32 or the activation dtype).
         act: `(h [T_g, F1], probs [T_g]) -> a [T_g, F]`, differentiable in both.
     """
-    anchor = None
-    if not x_TH.requires_grad and (weight1_GF1H.requires_grad or weight2_GHF.requires_grad):
-        anchor = _anchor(x_TH.device)  # keeps the op in the graph so dW still runs
+    # The probe (fluid.schedule.wgrad.dw_probe) tells backward whether dW is wanted, and keeps
+    # the op in the graph when x needs no gradient, so dW still runs then.
     return _SequentialExperts.apply(
-        x_TH, probs_T, weight1_GF1H.detach(), weight2_GHF.detach(), anchor,
+        x_TH, probs_T, weight1_GF1H.detach(), weight2_GHF.detach(),
+        dw_probe(weight1_GF1H, weight2_GHF),
         tuple(int(c) for c in counts), (weight1_GF1H, weight2_GHF), act, name,
     )

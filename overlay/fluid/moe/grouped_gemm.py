@@ -31,7 +31,7 @@ from typing import Optional, Sequence
 import torch
 
 from fluid.schedule import accumulate_weight_grad, get_backward_scheduler
-from fluid.schedule.wgrad import _anchor
+from fluid.schedule.wgrad import dw_probe, dw_wanted
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ class _GroupedLinear(torch.autograd.Function):
     """y = grouped x @ W^T. Backward: dX now, dW deferred (the weight arrives detached)."""
 
     @staticmethod
-    def forward(ctx, x, weight_detached, anchor, counts, offs, param_box, name):
+    def forward(ctx, x, weight_detached, probe, counts, offs, param_box, name):
         # param_box = (param,): a tuple, so autograd gives this node no edge to the parameter.
         # A bare Parameter argument would get one, and backward's None for it would run the
         # parameter's AccumulateGrad with no gradient: Megatron DDP's hook would then fire a
@@ -163,6 +163,7 @@ class _GroupedLinear(torch.autograd.Function):
         ctx.save_for_backward(x, weight_detached)
         (param,) = param_box
         ctx.counts, ctx.offs, ctx.param, ctx.name = counts, offs, param, name
+        ctx.probe_index = None if probe is None else 2  # tensor inputs: x, weight, probe
         ctx.x_requires_grad = x.requires_grad
         return gmm(x, weight_detached, counts, offs, trans_w=True)
 
@@ -173,6 +174,8 @@ class _GroupedLinear(torch.autograd.Function):
         ctx.param = None
         dy = dy.contiguous()
         dx = gmm(dy, w, counts, offs, trans_w=False) if ctx.x_requires_grad else None
+        if not dw_wanted(ctx, ctx.probe_index, "grouped_linear"):  # e.g. autograd.grad(out, x)
+            return dx, None, None, None, None, None, None
 
         def dw_task(x=x, dy=dy):
             if param.requires_grad:
@@ -191,11 +194,11 @@ def grouped_linear(
     name: str = "",
 ) -> torch.Tensor:
     """`[T, K]` -> `[T, N]` with one `[N, K]` weight per group; dW goes through the scheduler."""
-    anchor = None
-    if not x_TK.requires_grad and weight_GNK.requires_grad:
-        anchor = _anchor(x_TK.device)  # keeps the op in the graph so dW still runs
+    # The probe (fluid.schedule.wgrad.dw_probe) tells backward whether dW is wanted, and keeps
+    # the op in the graph when x needs no gradient, so dW still runs then.
     return _GroupedLinear.apply(
-        x_TK, weight_GNK.detach(), anchor, tuple(int(c) for c in counts), offs, (weight_GNK,), name
+        x_TK, weight_GNK.detach(), dw_probe(weight_GNK), tuple(int(c) for c in counts), offs,
+        (weight_GNK,), name,
     )
 
 

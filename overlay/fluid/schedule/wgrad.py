@@ -19,6 +19,30 @@ the kernel it falls back to the unfused path above (with a one-time warning). Fl
 per-expert path (fluid.moe.expert_loop) adds each expert's dW into `main_grad` the same way. Once a
 parameter's flag is set, every later dW of the step goes into `main_grad` directly as well
 (`accumulate_boxed_weight_grad`): the hook would skip it.
+
+Which backward passes compute dW. A stock layer computes dW exactly when autograd asks for the
+weight's gradient: `loss.backward()` does, `torch.autograd.grad(out, x)` and
+`out.backward(inputs=[x])` do not (a gradient penalty, an attribution pass), so those leave
+`.grad` and DDP's `main_grad` alone. A Fluid op's autograd node has no edge to its weights, so the
+engine cannot say so through `ctx.needs_input_grad` (which is True whenever the weight requires
+grad). Each Fluid op therefore also takes its weight's *probe* (`dw_probe`): an empty leaf that
+requires grad and belongs to no `inputs=` list. Its AccumulateGrad node is in the graph, and the
+engine executes it only in a backward pass that computes every leaf's gradient (no `inputs=`:
+`loss.backward()`, Megatron's pipeline schedules, reentrant checkpointing's inner backward). In
+backward the op asks `dw_wanted(ctx, probe_index)` (`torch._C._will_engine_execute_node`, what
+`torch.autograd.graph.register_multi_grad_hook` uses for the same question): True there, False
+under `autograd.grad` and `backward(inputs=...)`, where the op then returns dX only and hands no dW
+to the scheduler. The probe gets no gradient (its AccumulateGrad runs with none and does nothing).
+
+Limits that follow from the detached weight (the reason for it is above; an edge to the weight
+would run its AccumulateGrad, and Megatron DDP's hook, when the op's backward returns, before the
+deferred dW exists):
+  - a Fluid weight cannot be asked for directly: `torch.autograd.grad(out, [w])` raises autograd's
+    "One of the differentiated Tensors appears to not have been used in the graph", and
+    `out.backward(inputs=[w])` leaves `w.grad` None. Read `w.grad` after a full backward instead;
+  - double backward is refused (`dw_wanted` raises under `create_graph=True`): the dX a Fluid op
+    returns does not depend on its weight in the autograd graph, so second-order terms through
+    the weights (a gradient penalty's effect on them) would silently be missing.
 """
 
 from __future__ import annotations
@@ -138,14 +162,56 @@ def mark_added_to_main_grad(param: torch.nn.Parameter) -> None:
     _hand_over(param, [torch.empty_like(param)])
 
 
+def dw_probe(*params: Optional[torch.nn.Parameter]) -> Optional[torch.Tensor]:
+    """The probe leaf a Fluid op takes as an extra input for `dw_wanted` (see the module doc).
+
+    One per parameter, kept on the first of `params` that requires grad (the parameter belongs
+    to the model, so does its probe), on that parameter's device; None when none requires grad.
+    """
+    for p in params:
+        if p is not None and p.requires_grad:
+            probe = getattr(p, "_fluid_dw_probe", None)
+            if probe is None or probe.device != p.device:
+                probe = torch.empty(0, device=p.device, requires_grad=True)
+                p._fluid_dw_probe = probe
+            return probe
+    return None
+
+
+CREATE_GRAPH_UNSUPPORTED = (
+    "FluidMoE: {} does not support create_graph=True (double backward): its dX is computed "
+    "with the weight detached, so the second-order terms through the weights would be missing. "
+    "Build the model without --use-fluid-moe for higher-order gradients."
+)
+
+
+def dw_wanted(ctx, probe_index: Optional[int], op: str = "this Fluid op") -> bool:
+    """In a Fluid op's backward: does this backward pass compute weight gradients?
+
+    `probe_index`: where the op's `dw_probe` is among its forward's *tensor* inputs (autograd
+    keeps one edge per tensor input; a None argument has none), or None when it had no probe (no
+    weight requires grad): then False. True in a backward without `inputs=` (loss.backward()),
+    False under `torch.autograd.grad` and `backward(inputs=...)`; see the module docstring.
+    Raises under create_graph=True, which Fluid ops do not support.
+    """
+    if torch.is_grad_enabled():  # the engine runs nodes in grad mode only for create_graph=True
+        raise RuntimeError(CREATE_GRAPH_UNSUPPORTED.format(op))
+    if probe_index is None:
+        return False
+    return torch._C._will_engine_execute_node(ctx.next_functions[probe_index][0])
+
+
 class _DeferredLinear(torch.autograd.Function):
-    """y = x @ W^T (+ b). Backward: dX now; dW (and db) deferred to the BackwardScheduler."""
+    """y = x @ W^T (+ b). Backward: dX now; dW (and db) deferred to the BackwardScheduler, only
+    in a backward pass that computes weight gradients (`dw_wanted`)."""
 
     @staticmethod
-    def forward(ctx, x, weight_detached, bias_detached, anchor, params, name, fusion):
+    def forward(ctx, x, weight_detached, bias_detached, probe, params, name, fusion, sched):
         ctx.save_for_backward(x, weight_detached)
-        ctx.params, ctx.name, ctx.fusion = params, name, fusion
+        ctx.params, ctx.name, ctx.fusion, ctx.sched = params, name, fusion, sched
         ctx.x_requires_grad = x.requires_grad
+        # the probe's edge: after x, the weight and (when given) the bias
+        ctx.probe_index = None if probe is None else 2 + (bias_detached is not None)
         y = torch.matmul(x, weight_detached.t())
         if bias_detached is not None:
             y = y + bias_detached
@@ -153,12 +219,12 @@ class _DeferredLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        from fluid.schedule.scheduler import get_backward_scheduler
-
         x, w = ctx.saved_tensors
         weight, bias = ctx.params
         ctx.params = None  # the closure below keeps what it needs; drop the rest now
         dx = torch.matmul(dy, w) if ctx.x_requires_grad else None
+        if not dw_wanted(ctx, ctx.probe_index, "a Fluid linear"):
+            return dx, None, None, None, None, None, None, None
         fusion = ctx.fusion
 
         def dw_task(x=x, dy=dy):
@@ -172,8 +238,16 @@ class _DeferredLinear(torch.autograd.Function):
             if bias is not None and bias.requires_grad:
                 accumulate_weight_grad(bias, dy2.sum(0))
 
-        get_backward_scheduler().defer(dw_task, ctx.name)
-        return dx, None, None, None, None, None, None
+        _scheduler(ctx.sched).defer(dw_task, ctx.name)
+        return dx, None, None, None, None, None, None, None
+
+
+def _scheduler(sched):
+    if sched is not None:
+        return sched
+    from fluid.schedule.scheduler import get_backward_scheduler
+
+    return get_backward_scheduler()
 
 
 def deferred_linear(
@@ -183,35 +257,24 @@ def deferred_linear(
     *,
     name: str = "",
     gradient_accumulation_fusion: bool = False,
+    scheduler=None,
 ) -> torch.Tensor:
     """`x @ weight^T + bias` whose weight/bias gradients go through the BackwardScheduler.
 
     Args:
         x: `[..., in]`; weight: `[out, in]`; bias: `[out]` or None. Returns `[..., out]`.
         name: label for stats and debugging.
+        scheduler: the BackwardScheduler that takes the dW (default `get_backward_scheduler()`).
     """
-    # When x does not need a gradient, the output would not either (the weight is detached);
-    # an empty leaf that requires grad keeps this op in the backward graph so dW still runs.
-    needs_anchor = not x.requires_grad and (
-        weight.requires_grad or (bias is not None and bias.requires_grad)
-    )
-    anchor = _anchor(x.device) if needs_anchor else None
+    # The probe also keeps this op in the backward graph when x needs no gradient (the weight
+    # is detached, so the output would not require grad), so dW still runs then.
     return _DeferredLinear.apply(
         x,
         weight.detach(),
         None if bias is None else bias.detach(),
-        anchor,
+        dw_probe(weight, bias),
         (weight, bias),
         name,
         gradient_accumulation_fusion,
+        scheduler,
     )
-
-
-_ANCHORS: dict = {}
-
-
-def _anchor(device) -> torch.Tensor:
-    key = str(device)
-    if key not in _ANCHORS:
-        _ANCHORS[key] = torch.empty(0, device=device, requires_grad=True)
-    return _ANCHORS[key]

@@ -1,0 +1,304 @@
+"""Tier: cpu. Fluid ops under autograd calls that ask for some inputs only, against stock layers.
+
+A Fluid op computes dX in its backward and hands dW to the BackwardScheduler (fluid.schedule).
+`torch.autograd.grad(out, x)` and `out.backward(inputs=[x])` ask for x's gradient only: a stock
+layer (Megatron's Column/RowParallelLinear, SequentialMLP's linears) then computes no dW and leaves
+every weight's `.grad` (and, under Megatron DDP, `main_grad`) untouched. A gradient penalty or an
+attribution pass through a Fluid layer must do the same, or its dW leaks into the next optimizer
+step. Checked for FluidColumnParallelLinear, FluidRowParallelLinear, grouped_linear (the experts'
+GEMM) and sequential_experts (the per-expert path, also under emulated Megatron DDP):
+  - after the call every Fluid weight's `.grad` is None, no dW task was handed to the scheduler
+    (`total_dw_tasks` 0) and none is pending, no hook on a weight's AccumulateGrad fired, and a
+    `main_grad` stays zero;
+  - the gradient returned for x equals the one a full backward of the same op gives (torch.equal:
+    the same dX GEMMs on the same tensors) and, for the linears, the stock layer's;
+  - a full backward afterwards gives exactly the stock gradients (nothing leaked into them).
+Also pinned: a Fluid weight cannot be asked for directly (it is not an input of the Fluid op's
+autograd node, see fluid/schedule/wgrad.py), and create_graph=True (double backward) is refused
+instead of silently dropping the second-order terms through the weights.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def megatron_tp1():
+    from megatron.core import parallel_state
+
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
+        )
+    made_mp = not parallel_state.model_parallel_is_initialized()
+    if made_mp:
+        parallel_state.initialize_model_parallel()
+    yield
+    if made_mp:
+        parallel_state.destroy_model_parallel()
+    if created:
+        dist.destroy_process_group()
+
+
+@pytest.fixture()
+def sched():
+    from fluid.schedule import get_backward_scheduler
+
+    s = get_backward_scheduler()
+    s.enable()
+    s.reset_stats()
+    yield s
+    s.clear()
+
+
+def _pair(kind, bias=True):
+    """(stock, fluid) Megatron linears of `kind` with identical weights (and biases)."""
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from fluid.linear import FluidColumnParallelLinear, FluidRowParallelLinear
+
+    cfg = TransformerConfig(
+        num_layers=1, hidden_size=32, num_attention_heads=4, use_cpu_initialization=True,
+        gradient_accumulation_fusion=False, params_dtype=torch.float32,
+    )
+    if kind == "column":
+        cls_s, cls_f, size = ColumnParallelLinear, FluidColumnParallelLinear, (32, 48)
+        extra = {"gather_output": False}
+    else:
+        cls_s, cls_f, size = RowParallelLinear, FluidRowParallelLinear, (48, 32)
+        extra = {"input_is_parallel": True}
+    kw = dict(init_method=torch.nn.init.normal_, bias=bias, skip_bias_add=False, **extra)
+    stock = cls_s(*size, config=cfg, **kw)
+    fluid = cls_f(*size, config=cfg, name=f"test.{kind}", **kw)
+    if bias:
+        with torch.no_grad():
+            stock.bias.normal_()
+    fluid.load_state_dict(stock.state_dict())
+    return stock, fluid
+
+
+def _node_hooks(params):
+    """Hooks where Megatron DDP registers its own (each parameter's AccumulateGrad node); returns
+    (calls, nodes): keep the nodes alive, as DDP does."""
+    calls, nodes = [], []
+    for i, p in enumerate(params):
+        acc = p.expand_as(p).grad_fn.next_functions[0][0]
+        acc.register_hook(lambda *_, i=i: calls.append(i))
+        nodes.append(acc)
+    return calls, nodes
+
+
+def _assert_no_dw(params, sched, calls):
+    for p in params:
+        assert p.grad is None, "a selective autograd call filled a Fluid weight's .grad"
+        if hasattr(p, "main_grad"):
+            assert not p.main_grad.any(), "a selective autograd call added into main_grad"
+    stats = sched.get_stats()
+    assert stats["total_dw_tasks"] == 0 and sched.num_pending == 0, stats
+    assert calls == [], f"hooks on the weights' AccumulateGrad fired: {calls}"
+
+
+SELECTIVE = {
+    "grad": lambda out, x: torch.autograd.grad(out.sum(), x)[0],
+    "backward_inputs": lambda out, x: (out.sum().backward(inputs=[x]), x.grad)[1],
+}
+
+
+@pytest.mark.parametrize("kind", ["column", "row"])
+@pytest.mark.parametrize("how", sorted(SELECTIVE))
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+def test_linear_selective_call_computes_no_dw(kind, how, bias, sched):
+    stock, fluid = _pair(kind, bias)
+    calls, nodes = _node_hooks(list(fluid.parameters()))
+    torch.manual_seed(0)
+    x0 = torch.randn(6, 3, stock.weight.shape[1])
+
+    x_s = x0.clone().requires_grad_(True)
+    ref_dx = torch.autograd.grad(stock(x_s)[0].sum(), x_s)[0]
+    x_f = x0.clone().requires_grad_(True)
+    dx = SELECTIVE[how](fluid(x_f)[0], x_f)
+    _assert_no_dw(fluid.parameters(), sched, calls)
+    assert torch.equal(dx, ref_dx)
+
+    # A full backward afterwards: exactly the stock gradients, nothing leaked into them.
+    for layer in (stock, fluid):
+        x = x0.clone().requires_grad_(True)
+        layer(x)[0].sum().backward()
+    for (n, ps), pf in zip(stock.named_parameters(), fluid.parameters()):
+        assert torch.equal(pf.grad, ps.grad), n
+    assert sorted(calls) == list(range(len(list(fluid.parameters())))), calls
+    del nodes
+
+
+def test_linear_gradient_of_an_upstream_tensor(sched):
+    """x is not a leaf: the gradient of the leaf it came from, through the Fluid op."""
+    stock, fluid = _pair("column")
+    y = torch.randn(5, 2, 32, requires_grad=True)
+    ref = torch.autograd.grad(stock(torch.tanh(y))[0].sum(), y)[0]
+    got = torch.autograd.grad(fluid(torch.tanh(y))[0].sum(), y)[0]
+    assert torch.equal(got, ref)
+    _assert_no_dw(fluid.parameters(), sched, [])
+
+
+def test_linear_full_backward_still_defers_dw(sched):
+    """Unchanged: in a plain backward the dW is handed over and flushed at its end."""
+    _, fluid = _pair("row")
+    x = torch.randn(4, 2, 48, requires_grad=True)
+    fluid(x)[0].sum().backward()
+    stats = sched.get_stats()
+    assert stats["total_dw_tasks"] == stats["flushed_dw_tasks"] == 1, stats
+    assert fluid.weight.grad is not None and fluid.bias.grad is not None
+
+
+def test_linear_input_without_grad_still_gets_dw(sched):
+    """x needs no gradient (e.g. the first layer's input): the op stays in the graph and the
+    full backward still produces dW, as stock's does."""
+    stock, fluid = _pair("column")
+    x = torch.randn(4, 2, 32)
+    stock(x)[0].sum().backward()
+    fluid(x)[0].sum().backward()
+    for ps, pf in zip(stock.parameters(), fluid.parameters()):
+        assert torch.equal(pf.grad, ps.grad)
+
+
+def test_probe_is_no_parameter_and_copies_with_the_weight(sched):
+    """The probe lives on the weight (the model's object), not among the parameters or in the
+    state dict; a weight that has run still deep-copies and pickles (EMA copies, torch.save)."""
+    import copy
+    import io
+
+    _, fluid = _pair("column")
+    keys = list(fluid.state_dict())
+    fluid(torch.randn(2, 1, 32))[0].sum().backward()
+    assert isinstance(fluid.weight._fluid_dw_probe, torch.Tensor)
+    assert list(fluid.state_dict()) == keys and len(list(fluid.parameters())) == 2
+    twin = copy.deepcopy(fluid.weight)
+    assert torch.equal(twin, fluid.weight)
+    assert getattr(twin, "_fluid_dw_probe", None) is not fluid.weight._fluid_dw_probe
+    buf = io.BytesIO()
+    torch.save(fluid.weight, buf)
+    buf.seek(0)
+    assert torch.equal(torch.load(buf, weights_only=False), fluid.weight)
+
+
+def test_weight_cannot_be_asked_for_directly(sched):
+    """Pinned limitation: the weight is not an input of the Fluid op's autograd node (its dW is
+    handed to autograd later, after the all-to-all window; an edge to the weight would run its
+    AccumulateGrad, and Megatron DDP's hook, before the dW exists). So autograd reports it as
+    unused, and `backward(inputs=[w])` leaves w.grad None; read `.grad` after a full backward."""
+    _, fluid = _pair("column")
+    x = torch.randn(3, 2, 32, requires_grad=True)
+    with pytest.raises(RuntimeError, match="not have been used in the graph"):
+        torch.autograd.grad(fluid(x)[0].sum(), [fluid.weight])
+    fluid(x)[0].sum().backward(inputs=[fluid.weight])
+    assert fluid.weight.grad is None
+    assert sched.num_pending == 0
+
+
+@pytest.mark.parametrize("kind", ["column", "row"])
+def test_create_graph_is_refused(kind, sched):
+    """Double backward (e.g. a gradient penalty's `grad(..., create_graph=True)`) would give
+    gradients without the terms through the weight: refused, naming the reason."""
+    _, fluid = _pair(kind)
+    x = torch.randn(3, 2, fluid.weight.shape[1], requires_grad=True)
+    with pytest.raises(RuntimeError, match="create_graph"):
+        torch.autograd.grad(fluid(x)[0].sum(), x, create_graph=True)
+    assert fluid.weight.grad is None and sched.num_pending == 0
+
+
+# -- the experts' dW paths --------------------------------------------------------------------
+H, F, G = 12, 10, 4
+COUNTS = (5, 0, 7, 3)
+
+
+def _expert_weights(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    w1 = torch.nn.Parameter(torch.randn(G, 2 * F, H, generator=gen) / H**0.5)
+    w2 = torch.nn.Parameter(torch.randn(G, H, F, generator=gen) / F**0.5)
+    return w1, w2
+
+
+def _swiglu(h, p):
+    x_glu, x_lin = torch.chunk(h, 2, dim=-1)
+    return (torch.nn.functional.silu(x_glu) * x_lin * p.unsqueeze(-1)).to(h.dtype)
+
+
+def _grouped(x, p, w1, w2):
+    from fluid.moe.grouped_gemm import grouped_linear
+
+    return grouped_linear(_swiglu(grouped_linear(x, w1, COUNTS, None), p), w2, COUNTS, None)
+
+
+def _sequential(x, p, w1, w2):
+    from fluid.moe.expert_loop import sequential_experts
+
+    return sequential_experts(x, p, w1, w2, COUNTS, _swiglu)
+
+
+def _expert_inputs(seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    T = sum(COUNTS)
+    return torch.randn(T, H, generator=gen), torch.rand(T, generator=gen)
+
+
+@pytest.mark.parametrize("path", [_grouped, _sequential], ids=["grouped_linear", "sequential"])
+@pytest.mark.parametrize("how", sorted(SELECTIVE))
+@pytest.mark.parametrize("ddp", [False, True], ids=["plain", "ddp"])
+def test_experts_selective_call_computes_no_dw(path, how, ddp, sched):
+    from fluid.moe.testing import emulate_ddp_grads
+
+    w1, w2 = _expert_weights()
+    fired = []
+    keep = emulate_ddp_grads((w1, w2), fired.append) if ddp else None
+    calls, nodes = _node_hooks((w1, w2))
+    x0, p0 = _expert_inputs()
+
+    x = x0.clone().requires_grad_(True)
+    dx = SELECTIVE[how](path(x, p0, w1, w2), x)
+    _assert_no_dw((w1, w2), sched, calls)
+    assert fired == []
+
+    # The same op in a full backward: the same dX (same GEMMs), and now the dW.
+    x = x0.clone().requires_grad_(True)
+    path(x, p0, w1, w2).sum().backward()
+    assert torch.equal(x.grad, dx)
+    for w in (w1, w2):
+        assert (w.main_grad if ddp else w.grad).abs().sum() > 0
+    del keep, nodes
+
+
+@pytest.mark.parametrize("path", [_grouped, _sequential], ids=["grouped_linear", "sequential"])
+def test_experts_weight_gradients_after_selective_call_are_the_plain_ones(path, sched):
+    """Selective call, then a full backward: weight gradients bitwise equal to a full backward
+    alone (same ops), i.e. nothing of the selective call leaked into them."""
+    x0, p0 = _expert_inputs()
+    ref_w, got_w = _expert_weights(), _expert_weights()
+    path(x0.clone().requires_grad_(True), p0, *ref_w).sum().backward()
+    x = x0.clone().requires_grad_(True)
+    torch.autograd.grad(path(x, p0, *got_w).sum(), x)
+    path(x0.clone().requires_grad_(True), p0, *got_w).sum().backward()
+    for r, g in zip(ref_w, got_w):
+        assert torch.equal(g.grad, r.grad)
+
+
+@pytest.mark.parametrize("path", [_grouped, _sequential], ids=["grouped_linear", "sequential"])
+def test_experts_create_graph_is_refused(path, sched):
+    w1, w2 = _expert_weights()
+    x0, p0 = _expert_inputs()
+    x = x0.clone().requires_grad_(True)
+    with pytest.raises(RuntimeError, match="create_graph"):
+        torch.autograd.grad(path(x, p0, w1, w2).sum(), x, create_graph=True)
+    assert w1.grad is None and w2.grad is None
