@@ -72,6 +72,35 @@ def scheduler_of(layer):
     return get_backward_scheduler()
 
 
+def _own_runtime(layer) -> bool:
+    """Whether the layer reaches a scheduler of its own model (not only the process's)."""
+    from fluid.schedule import get_backward_scheduler
+
+    return scheduler_of(layer) is not get_backward_scheduler()
+
+
+def scheduler_binder(layer):
+    """A call to make before each step of `layer`: where Fluid layers share the process's
+    scheduler, it switches that scheduler to this layer's config (scheduler on/off), keeping the
+    timing switch; where the layer's model owns its scheduler, nothing."""
+    if _own_runtime(layer) or not hasattr(layer, "config"):
+        return lambda: None
+    sched = scheduler_of(layer)
+    try:
+        from fluid.config import FluidConfig
+
+        fc = FluidConfig.from_config(layer.config)
+    except (ImportError, AttributeError):
+        return lambda: None
+
+    def bind():
+        timing = sched.timing
+        sched.configure(fc)
+        sched.timing = timing
+
+    return bind
+
+
 @contextlib.contextmanager
 def scheduler_timing(layer):
     sched = scheduler_of(layer)
@@ -141,10 +170,13 @@ def _measure(recipe, steps: dict, layers: dict, args, cuda, device) -> dict:
                     stats = sched.get_stats()
                 v["sched_stats"] = {k: val for k, val in stats.items() if not isinstance(val, (list, dict))}
                 v["comm"] = window_comm(stats, iters)
-                if R.variant_fields(name).get("fluid_scheduler") is False and \
-                        stats.get("inline_dw_tasks") != stats.get("total_dw_tasks"):
-                    v["error"] = ("scheduler off, yet dW was deferred: the variant's config did not "
-                                  "reach the scheduler its layer uses")
+                want_on = R.variant_fields(name).get("fluid_scheduler", True)
+                if stats.get("enabled") is not None and bool(stats["enabled"]) != want_on:
+                    v["error"] = (f"the scheduler its layer uses was {'on' if stats['enabled'] else 'off'}: "
+                                  "the variant's config did not reach it")
+                elif not want_on and stats.get("inline_dw_tasks") != stats.get("total_dw_tasks"):
+                    v["error"] = "scheduler off, yet dW was deferred"
+                if v.get("error"):
                     out.setdefault("errors", []).append(f"{name}: {v['error']}")
         out["variants"][name] = v
     ratios = {}
@@ -225,7 +257,10 @@ def build_moe(recipe: R.MoELayerRecipe, cuda, device, ws, variants=None):
     dy = torch.randn(tokens, 1, shape["hidden"], generator=g).to(device, dtype)
 
     def step_of(layer):
+        bind = scheduler_binder(layer)
+
         def step():
+            bind()
             reset_ddp_flags(layer.parameters())
             out, _ = layer(x)
             out.backward(dy)
@@ -289,7 +324,10 @@ def attn_job(recipe: R.AttnRecipe, args, cuda, device, ws) -> dict:
     emb = rope_emb(seq, hd, cp_group, device)
 
     def step_of(stack):
+        bind = scheduler_binder(stack[0])
+
         def step():
+            bind()
             h = x
             for layer in stack:
                 h, _ = layer(h, None, rotary_pos_emb=emb)

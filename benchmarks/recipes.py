@@ -177,7 +177,7 @@ class E2ERecipe(Recipe):
     after `warmup` iterations."""
 
     ep: int = 1
-    iters: int = 20
+    iters: int = 15
     warmup: int = 5
 
     kind = "e2e"

@@ -153,7 +153,7 @@ def run_e2e(recipe, link, args, out: Path, meta: dict, timeout: float, deadline:
     iters = args.iters or recipe.iters
     job = {"variants": {}, "order": list(recipe.variants), "iters": iters, "warmup": recipe.warmup}
     for v in recipe.variants:
-        if time.time() > deadline:
+        if deadline - time.time() < 90:  # too little left for a torchrun of the whole model
             job["variants"][v] = {"skipped": "time budget", "ms": None}
             continue
         job["variants"][v] = run_variant(recipe, v, link, out / "logs", iters,
@@ -186,8 +186,10 @@ def dry_run(selected, out: Path, meta: dict) -> int:
     jobs = _load(tmp) or {}
     for r in selected:
         job = jobs.get(r.name)
-        if job is None or job.get("errors"):
-            why = (job or {}).get("errors") or [f"no result (rc {res['rc']})"]
+        errors = (job or {}).get("errors") or [e for part in ("moe", "attn")
+                                                for e in ((job or {}).get(part) or {}).get("errors", [])]
+        if job is None or errors:
+            why = errors or [f"no result (rc {res['rc']})"]
             print(f"DRY RUN FAILED: {r.name}: {why[0][-3000:]}", flush=True)
             rc = 1
             continue
