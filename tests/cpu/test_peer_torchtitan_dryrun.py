@@ -79,31 +79,35 @@ def hand_param_count(m):
     return m.layers * (attn + moe + norms) + 2 * m.vocab * h + h  # embedding, output, final norm
 
 
-@pytest.mark.parametrize("name", ["tiny", "mixtral", "fine"])
-def test_model_matches_hand_count(torchtitan_path, name):
+def test_models_match_hand_count(torchtitan_path):
+    names = ["tiny", "mixtral", "fine"]
     code = (
-        "import sys, torch\n"
+        "import json, torch\n"
         "from benchmarks.peers.torchtitan import run\n"
         "run.install_shims()\n"
         "from torchtitan.models.qwen3 import Qwen3Model\n"
-        f"m = run.ALL_MODELS[{name!r}]\n"
-        "with torch.device('meta'):\n"
-        "    model = Qwen3Model(run.model_args(m))\n"
-        "print(sum(p.numel() for p in model.parameters()))\n"
-        "blk = model.layers['0']\n"
-        "print(blk.attention.q_norm is None, blk.moe.shared_experts is not None and"
-        " blk.moe.shared_experts.w1.weight.shape[0], blk.moe.experts.w1.shape[1])\n"
+        "out = {}\n"
+        f"for name in {names!r}:\n"
+        "    with torch.device('meta'):\n"
+        "        model = Qwen3Model(run.model_args(run.ALL_MODELS[name]))\n"
+        "    blk = model.layers['0']\n"
+        "    shared = blk.moe.shared_experts\n"
+        "    out[name] = dict(params=sum(p.numel() for p in model.parameters()),\n"
+        "                     qk_norm=blk.attention.q_norm is not None,\n"
+        "                     kv=blk.attention.wk.weight.shape[0],\n"
+        "                     shared=shared.w1.weight.shape[0] if shared is not None else None,\n"
+        "                     ffn=blk.moe.experts.w1.shape[1], experts=blk.moe.experts.w1.shape[0],\n"
+        "                     tied=model.output.weight is model.tok_embeddings.weight)\n"
+        "print(json.dumps(out))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], env=_env(torchtitan_path), cwd=REPO,
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    lines = out.stdout.strip().splitlines()
-    m = run.ALL_MODELS[name]
-    assert int(lines[-2]) == hand_param_count(m)
-    no_qk_norm, shared_width, ffn = lines[-1].split()
-    assert no_qk_norm == "True"
-    assert shared_width == str(m.shared_ffn or False)
-    assert int(ffn) == m.ffn
+    proc = subprocess.run([sys.executable, "-c", code], env=_env(torchtitan_path), cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name in names:
+        m = run.ALL_MODELS[name]
+        assert got[name] == dict(params=hand_param_count(m), qk_norm=False, kv=m.groups * m.head_dim,
+                                 shared=m.shared_ffn, ffn=m.ffn, experts=m.experts, tied=False), name
 
 
 def test_shared_expert_must_be_a_multiple_of_ffn():
