@@ -9,14 +9,15 @@ dW runs beside it; the combine-gradient window is filled by dW queued from the l
 (attention linear_proj / linear_qkv, the cross-layer queue), drawn when --attn-dw-ms > 0.
 
 Numbers, in order of preference:
-  --json docs/benchmarks/raw/<run>/bench_moe.json [--config mixtral]  (benchmarks/bench_moe.py):
+  --json docs/benchmarks/raw/<run>/bench_moe.json [--config mixtral]  (the MoE layer benchmark's
+      JSON before the recipe runner; docs/benchmarks/raw/h200x4_layers keeps one):
       a2a = results[config].a2a_ms (one all-to-all of the dispatch volume, alone),
       dW  = results[config].dw_ms, dX = variants.fluid_off_c1.bwd_ms - dW - 2 * a2a;
       the measured backward times (off, on) go in the title.
   --smoke docs/benchmarks/raw/smoke_gpu_tests_h200.txt: the `.SCHEDULER_GPU_JSON` line of
       tests/gpu/scheduler_overlap.py (a2a_alone_ms, window_dw_alone_ms); dX from --dx-ms.
   --a2a-ms / --dw-ms / --dx-ms alone.
-The figure is redrawn from docs/benchmarks/raw/ after each GPU benchmark run:
+Drawn with:
     python docs/make_timeline.py --json docs/benchmarks/raw/<run>/bench_moe.json
 """
 

@@ -20,7 +20,7 @@ from tests.conftest import needs_full_tree
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "examples" / "run_mixtral_8x7b.sh"
 
-# Flags benchmarks/e2e.py runs stock pretrain_gpt.py with where neither TE nor apex exists.
+# Flags the end-to-end benchmarks (benchmarks/e2e_job.py) run stock pretrain_gpt.py with where neither TE nor apex exists.
 NO_TE_FLAGS = ("--transformer-impl", "--no-rope-fusion", "--no-gradient-accumulation-fusion",
                "--no-persist-layer-norm", "--no-masked-softmax-fusion", "--no-bias-dropout-fusion",
                "--no-bias-swiglu-fusion")

@@ -9,7 +9,7 @@ What must hold (see `fluid.comm.context.CommContext.beside_comm`):
     carves out AUTO_SM_CARVEOUT SMs only where the link is slow.
 The setting is host state read at each GEMM launch, so reading it from inside a dW closure shows
 what that closure's GEMMs would be launched with. Whether the carve-out pays is a GPU benchmark
-(`benchmarks/contention_probe.py`, `bench_moe --extra-variants fluid_on_c2_sm16`).
+(`benchmarks/probes/contention.py`).
 """
 
 import contextlib
