@@ -25,6 +25,7 @@ docs/benchmarks/peers.md: the configuration of both sides and every mismatch.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
@@ -351,9 +352,7 @@ def run_one(a) -> dict:
         "torch": torch.__version__,
         "torchtitan": torchtitan.__version__,
         "stubbed_modules": stubbed,
-        "config": {"model": m.__dict__ if not hasattr(m, "__dataclass_fields__") else
-                   {k: getattr(m, k) for k in m.__dataclass_fields__},
-                   "torchtitan_args": args, "grouped_mm": a.grouped_mm,
+        "config": {"model": dataclasses.asdict(m), "torchtitan_args": args, "grouped_mm": a.grouped_mm,
                    "load_balance_coeff": LOAD_BALANCE_COEFF, "rope_theta": ROPE_THETA},
         "warmup_steps": a.warmup,
         "step_times_s": times,
@@ -371,6 +370,8 @@ def run_one(a) -> dict:
         rec["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
     if a.record and rank == 0:
         Path(a.record).write_text(json.dumps(rec, indent=1))
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     return rec
 
 
