@@ -372,7 +372,7 @@ def main():
     # Step times: the slowest rank sets the pace.
     times = {}
     for k, v in ok.items():
-        t = torch.tensor([statistics.median(v["ms"])], dtype=torch.float64)
+        t = torch.tensor([statistics.median(v["ms"])], dtype=torch.float64, device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         times[k] = float(t)
     if rank == 0:
