@@ -41,8 +41,9 @@ Past measurements, of earlier code: [HISTORY.md](HISTORY.md).
 To measure: stage the Megatron tree and wheels (`tools/stage_gpu.sh`), then on the GPU host, repo
 root: `source benchmarks/gpu_env.sh; python3 -m benchmarks.run RECIPE... --out OUT --commit <sha>`
 (`--links nvlink,p2poff` for a subset; each call starts no job after `--budget-s`, 540 s, and keeps
-what finished); copy `OUT/<recipe>.json` into `docs/benchmarks/raw/` and run `python -m
-benchmarks.render`. A later call at the same commit adds links to a recipe's JSON.
+what finished); then, here, `python -m benchmarks.run --merge OUT` merges `OUT/<recipe>.json`
+into `docs/benchmarks/raw/` (a later call at the same commit adds links to a recipe's JSON) and
+renders this page.
 
 **Stock** is Megatron-LM `core_v0.19.0`'s local stack (no Transformer Engine, which the GPU hosts
 do not have): `SequentialMLP` experts (a Python loop over the local experts, one GEMM pair each)

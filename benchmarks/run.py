@@ -4,6 +4,7 @@ job, raw JSON per recipe, and the regenerated results page.
     python -m benchmarks.run --list
     python -m benchmarks.run RECIPE... [--links nvlink,p2poff] [--out DIR] [--commit SHA]
     python -m benchmarks.run all --dry-run --out /tmp/bench    # CPU: tiny shapes, gloo, 2 ranks
+    python -m benchmarks.run --merge FILES_AT/raw              # a device call's JSON into raw/
     make bench RECIPE="moe_mixtral_ep2 e2e_mixtral_ep2"
 
 On a GPU host: `source benchmarks/gpu_env.sh` first (wheels, the patched Megatron tree). Layer
@@ -117,6 +118,26 @@ def save_recipe(out: Path, recipe: R.Recipe, meta: dict, link: str, job: dict) -
     return doc
 
 
+def merge(src: Path, dst: Path = RAW) -> list:
+    """Merge every <recipe>.json of `src` (a device call's --out) into `dst`: links are added to a
+    JSON of the same commit, recipe and mode, anything else is replaced. Returns the recipes."""
+    from benchmarks.results import summarize
+
+    done = []
+    for p in sorted(Path(src).glob("*.json")):
+        if p.stem not in R.RECIPES:
+            continue
+        new, old = json.loads(p.read_text()), _load(dst / p.name)
+        if old and all(old.get("meta", {}).get(k) == new.get("meta", {}).get(k) for k in ("commit", "dry_run")) \
+                and old.get("recipe") == new.get("recipe"):
+            old["links"].update(new["links"])
+            new = old
+        new["summary"] = summarize(new)
+        (dst / p.name).write_text(json.dumps(new, indent=1, default=str) + "\n")
+        done.append(p.stem)
+    return done
+
+
 def _torchrun(nproc: int) -> list:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
 
@@ -207,6 +228,9 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("recipes", nargs="*", help="recipe names, 'all', or 'gpus=N'")
     ap.add_argument("--list", action="store_true", help="list the recipes and exit")
+    ap.add_argument("--merge", type=Path, default=None, metavar="DIR",
+                    help="merge DIR/<recipe>.json (a device call's --out) into docs/benchmarks/raw, "
+                         "render the page, exit")
     ap.add_argument("--dry-run", action="store_true", help="CPU, gloo, tiny shapes, 2 ranks")
     ap.add_argument("--out", type=Path, default=RAW, help="raw JSON folder (default docs/benchmarks/raw)")
     ap.add_argument("--page", type=Path, default=None, help="page to render (see the module doc)")
@@ -223,6 +247,13 @@ def main(argv=None) -> int:
             print(R.describe(r))
         print("\nvariants: " + "; ".join(f"{k} = {v or 'stock'}" for k, v in R.VARIANTS.items()))
         print("links: " + "; ".join(f"{k} = {v or 'default NCCL'}" for k, v in R.LINKS.items()))
+        return 0
+    if args.merge:
+        from benchmarks.render import render_to
+
+        print("merged: " + ", ".join(merge(args.merge)))
+        render_to(PAGE, [RAW], commit=git_commit(dirty=False))
+        print(f"page: {PAGE}")
         return 0
     if not args.recipes:
         ap.error("name recipes (or --list)")
