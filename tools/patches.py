@@ -734,9 +734,9 @@ def replay_3way(
             earlier = sorted({failed_on[f] for f in p.files if f in failed_on})
             notes = ([f"tried on the files without {', '.join(earlier)} (which conflicted)"]
                      if earlier else [])
-            if why:
+            if why:  # judged on upstream's files alone: earlier failures do not matter
                 results.append(ReplayResult(p.name, "upstream", p.files, [], [], why,
-                                            notes=upstream_notes + notes))
+                                            notes=upstream_notes))
                 log(f"  fixed upstream: {p.name} ({why}): drop it")
                 continue
             texts = lambda: {f: (repo / f).read_text() for f in p.files if (repo / f).exists()}  # noqa: E731
