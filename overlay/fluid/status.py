@@ -48,12 +48,22 @@ def _imported_megatron() -> dict:
     }
 
 
-def status() -> dict:
-    """Everything print_status shows, as a dict."""
+def status(config=None) -> dict:
+    """Everything print_status shows, as a dict. The FluidMoE settings are the resolved
+    FluidConfig of `config` (a TransformerConfig or a FluidConfig); without one, of the model
+    built last in this process (the defaults before any)."""
+    from fluid.config import FluidConfig
     from fluid.schedule import get_backward_scheduler
 
     state = json.loads(STATE_FILE.read_text()) if STATE_FILE.exists() else {}
     sched = get_backward_scheduler()
+    if isinstance(config, FluidConfig):
+        fc = config
+    elif config is not None:
+        fc = FluidConfig.from_config(config)
+    else:
+        fc = getattr(sched, "fluid_config", None) or FluidConfig()
+    auto = lambda v: "auto" if v is None else v  # noqa: E731
     return {
         "fluid_version": __import__("fluid").__version__,
         "upstream": _lock(),
@@ -61,10 +71,13 @@ def status() -> dict:
         "applied_patches": state.get("applied_patches", []),
         "skipped_patches": state.get("skipped_patches", []),
         **_imported_megatron(),
+        # Resolved settings (TransformerConfig fluid_* fields, i.e. the --fluid-* flags).
+        "fluid_config": fc.as_dict(),
         "scheduler": {
             "enabled": sched.enabled,
             "timing": sched.timing,
-            "overlap": os.environ.get("FLUID_OVERLAP", "auto"),
+            "overlap": fc.overlap,
+            "min_window_bytes": auto(fc.min_window_bytes),
             # With the process's CommContexts as built so far: False means dW runs inline
             # (no group overlaps, e.g. one NVLink node under the auto policy).
             "defers_dw": sched.defers_dw(),
@@ -72,15 +85,15 @@ def status() -> dict:
             "CUDA_DEVICE_MAX_CONNECTIONS": os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS"),
             # GEMMs beside an all-to-all leave SMs to NCCL (CommContext.beside_comm); auto =
             # 8 over a slow link, 0 otherwise.
-            "sm_carveout": os.environ.get("FLUID_SM_CARVEOUT") or "auto",
+            "sm_carveout": auto(fc.sm_carveout),
         },
-        # MoE layer knobs (env defaults; a TransformerConfig field overrides): deduplicated
-        # all-to-alls (auto: slow link and top-k > 2), forward chunks, and the expert GEMMs
-        # (auto: grouped, per expert for experts of >= LOOP_MIN_EXPERT_GFLOP).
+        # MoE layer knobs: deduplicated all-to-alls (auto: slow link and top-k > 2), forward
+        # chunks, and the expert GEMMs (auto: grouped, per expert for experts of >=
+        # LOOP_MIN_EXPERT_GFLOP).
         "moe": {
-            "dedup": os.environ.get("FLUID_MOE_DEDUP") or "auto",
-            "chunks": int(os.environ.get("FLUID_MOE_CHUNKS") or 1),
-            "grouped_mm": os.environ.get("FLUID_GROUPED_MM") or "auto",
+            "dedup": fc.moe_dedup,
+            "chunks": fc.moe_chunks,
+            "grouped_mm": fc.grouped_gemm,
         },
         # SDPA's flash and cuDNN backward accumulate dQ with atomics unless deterministic
         # algorithms are on (Megatron --deterministic-mode); measured in benchmarks/determinism_probe.py.
@@ -88,9 +101,9 @@ def status() -> dict:
     }
 
 
-def print_status() -> dict:
-    """Print and return `status()`."""
-    s = status()
+def print_status(config=None) -> dict:
+    """Print and return `status(config)`."""
+    s = status(config)
     up = s["upstream"]
     print("FluidMoE", s["fluid_version"])
     print(f"  upstream pin : {up['tag']} {up['commit']} (megatron-core {up['megatron-core']})"
@@ -104,6 +117,7 @@ def print_status() -> dict:
     sc = s["scheduler"]
     print(
         f"  scheduler    : enabled={sc['enabled']} timing={sc['timing']} overlap={sc['overlap']}"
+        f" min_window_bytes={sc['min_window_bytes']}"
         f" CUDA_DEVICE_MAX_CONNECTIONS={sc['CUDA_DEVICE_MAX_CONNECTIONS']}"
     )
     print(f"  dW deferral  : {'on' if sc['defers_dw'] else 'off (inline)'}"

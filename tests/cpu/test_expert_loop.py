@@ -179,19 +179,17 @@ def test_auto_policy_picks_the_loop_for_large_experts_only(monkeypatch):
     monkeypatch.setattr(grouped_gemm, "_grouped_mm_supported", lambda x: True)  # as on Hopper
     mixtral = 4096 * 2 * 14336 + 14336 * 4096  # H * F1 + F * H
     fine = 2048 * 2 * 1408 + 1408 * 2048
-    monkeypatch.setenv("FLUID_GROUPED_MM", "auto")
-    assert not use_grouped_mm(x, [2048] * 4, mixtral)  # 721 GFLOP per expert
+    assert not use_grouped_mm(x, [2048] * 4, mixtral, "auto")  # 721 GFLOP per expert
     assert use_grouped_mm(x, [768] * 32, fine)  # 13 GFLOP per expert
     e2e = 2048 * 2 * 5632 + 5632 * 2048  # benchmarks/e2e.py's layer: 141 GFLOP, host-bound as a loop
     assert use_grouped_mm(x, [2048] * 4, e2e)
     assert use_grouped_mm(x, [16] * 4, mixtral)  # small batch of a large expert: 5.6 GFLOP
-    monkeypatch.setenv("FLUID_GROUPED_MM", "1")
-    assert use_grouped_mm(x, [2048] * 4, mixtral)
-    monkeypatch.setenv("FLUID_GROUPED_MM", "0")
-    assert not use_grouped_mm(x, [768] * 32, fine)
-    monkeypatch.setenv("FLUID_GROUPED_MM", "sometimes")
-    with pytest.raises(ValueError, match="FLUID_GROUPED_MM must be auto, 1 or 0, not 'sometimes'"):
-        grouped_gemm.grouped_mm_mode()
+    assert use_grouped_mm(x, [2048] * 4, mixtral, "on")
+    assert not use_grouped_mm(x, [768] * 32, fine, "off")
+    from fluid.config import FluidConfig, FluidConfigError
+
+    with pytest.raises(FluidConfigError, match="--fluid-grouped-gemm .*auto, on, off, got 'sometimes'"):
+        FluidConfig(grouped_gemm="sometimes")
 
 
 @pytest.mark.parametrize("ddp", [False, True])

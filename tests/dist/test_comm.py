@@ -75,9 +75,9 @@ def _uneven_body(rank, world):
     # at launch may still be in use by compute queued after `ready` (the collective would race it).
     with pytest.raises(ValueError, match="needs `out`"):
         fluid_all_to_all(comm, x.detach(), out_splits, in_splits, ready=object())
-    # A bad SM carve-out (FLUID_SM_CARVEOUT or the field) fails when the context is built, naming it.
-    for bad in ("abc", "-3"):
-        with pytest.raises(ValueError, match=f"FLUID_SM_CARVEOUT must be 'auto' or an int >= 0, not '{bad}'"):
+    # A bad SM carve-out (--fluid-sm-carveout) fails when the context is built, naming the flag.
+    for bad in ("abc", -3):
+        with pytest.raises(ValueError, match=f"--fluid-sm-carveout must be 'auto' or an int >= 0, not {bad!r}"):
             CommContext(dist.group.WORLD, sm_carveout=bad)
 
 

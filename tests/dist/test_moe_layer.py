@@ -14,7 +14,7 @@ with all experts. Checked per case:
     combine/postprocess give the same output as forward.
 Cases cover top-1/2/6, SwiGLU (unfused and Megatron's fused weighted SwiGLU) and GELU, shared experts on/off, chunks 1/2/4, and uneven routing
 with experts (and with EP=4 a whole rank) receiving zero tokens; and the deduplicated dispatch
-(FLUID_MOE_DEDUP) on its own cases.
+(`--fluid-moe-dedup on`) on its own cases.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def _run_case(rank, ws, pg, topk, glu, shared, chunks, dead, check_stage, fused,
     )
     weights = global_moe_weights(cfg, dead_experts=dead)
     x_all, dy_all = global_inputs(TOKENS * ws, H)
-    cfg.fluid_moe_dedup_dispatch = dedup
+    cfg.fluid_moe_dedup = "on" if dedup else "off"
     layer = FluidMoELayer(cfg, submodules=local_moe_submodules(), pg_collection=pg, num_chunks=chunks)
     load_moe_weights(layer, weights, rank)
     assert layer.token_dispatcher.dedup is dedup
@@ -141,7 +141,7 @@ def _run_case(rank, ws, pg, topk, glu, shared, chunks, dead, check_stage, fused,
     assert stats_off["inline_dw_tasks"] == stats_off["total_dw_tasks"] > 0, stats_off
 
     if dedup:  # same expert rows in the same order; top-1/2 outputs are the same 1-2 term sums
-        cfg.fluid_moe_dedup_dispatch = False
+        cfg.fluid_moe_dedup = "off"
         plain = FluidMoELayer(cfg, submodules=local_moe_submodules(), pg_collection=pg, num_chunks=1)
         load_moe_weights(plain, weights, rank)
         # Grad mode on, as for `out`: under no_grad Megatron's fused weighted SwiGLU takes
@@ -151,7 +151,7 @@ def _run_case(rank, ws, pg, topk, glu, shared, chunks, dead, check_stage, fused,
             assert torch.equal(out_plain.detach().squeeze(1), out), "dedup forward != plain forward"
         else:  # a token's terms are summed per rank first: fp32 grouping only
             torch.testing.assert_close(out_plain.detach().squeeze(1), out, rtol=RTOL, atol=ATOL)
-        cfg.fluid_moe_dedup_dispatch = True
+        cfg.fluid_moe_dedup = "on"
 
     if check_stage:
         x = x_all[sl].clone().unsqueeze(1)
@@ -195,8 +195,8 @@ def _dedup_refusals(ws, pg):
     from fluid.moe.testing import local_moe_submodules, moe_config
 
     cfg = moe_config(hidden=H, ffn=FFN, num_experts=E, topk=2, ep=ws)
-    cfg.fluid_moe_dedup_dispatch = True
-    with pytest.raises(ValueError, match="FLUID_MOE_CHUNKS"):
+    cfg.fluid_moe_dedup = "on"
+    with pytest.raises(ValueError, match="--fluid-moe-chunks"):
         FluidMoELayer(cfg, submodules=local_moe_submodules(), pg_collection=pg, num_chunks=2)
     cfg.moe_expert_capacity_factor = 1.0
     with pytest.raises(ValueError, match="capacity-factor"):

@@ -130,7 +130,7 @@ def main() -> int:
         bitwise = all(torch.equal(grads[n], grads_off[n]) for n in grads) and torch.equal(dx, dx_off)
         on_off_ok = all(close(grads[n], grads_off[n]) for n in grads) and close(dx, dx_off)
         check(on_off_ok, f"{tag}: scheduler on == off (bitwise: {bitwise})")
-        if sched.defers_dw():  # a link where overlap pays (P2P off, between nodes, FLUID_OVERLAP)
+        if sched.defers_dw():  # a link where overlap pays (P2P off, between nodes, --fluid-overlap always)
             check(
                 stats["overlapped_dw_tasks"] + stats["after_wait_dw_tasks"] == 1
                 and stats["flushed_dw_tasks"] == 1,

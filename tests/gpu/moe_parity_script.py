@@ -10,7 +10,7 @@ Fluid gets the stock state dict. Checks (printed PASS/FAIL per line, JSON to --o
   1. torch._grouped_mm against the per-expert loop on uneven groups incl. an empty one;
   2. output, dX and every parameter gradient, Fluid (chunks 1 and 2) vs stock;
   3. Fluid scheduler on vs off: bit-identical output and gradients.
-Settings: chunks 1/2, deduplicated dispatch, and per-expert GEMMs (FLUID_GROUPED_MM=0) with dW
+Settings: chunks 1/2, deduplicated dispatch, and per-expert GEMMs (--fluid-grouped-gemm off) with dW
 inline and deferred (overlap forced on); last, per-expert GEMMs under emulated Megatron DDP
 (fluid.moe.expert_loop's per-expert backward): main_grad == the plain gradients, bitwise.
 Tolerance for 2: relative Frobenius error ||fluid - stock|| / ||stock|| <= 2e-2. Both compute the
@@ -39,7 +39,9 @@ def rel_err(a, b) -> float:
 
 
 def check_grouped_mm(device, results):
-    from fluid.moe.grouped_gemm import gmm, gmm_wgrad, grouped_mm_available, offsets_for
+    from fluid.moe.grouped_gemm import (
+        GroupedMMFallbacks, gmm, gmm_wgrad, grouped_mm_available, offsets_for,
+    )
 
     x = torch.randn(300, 256, device=device, dtype=torch.bfloat16)
     if not grouped_mm_available(x):
@@ -49,21 +51,19 @@ def check_grouped_mm(device, results):
     offs = offsets_for(counts, device)
     w = torch.randn(4, 512, 256, device=device, dtype=torch.bfloat16) * 0.05
     dy = torch.randn(300, 512, device=device, dtype=torch.bfloat16)
-    os.environ["FLUID_GROUPED_MM"] = "0"
     ref = (gmm(x, w, counts, None, trans_w=True), gmm(dy, w, counts, None, trans_w=False),
-           gmm_wgrad(dy, x, counts, None))
-    os.environ["FLUID_GROUPED_MM"] = "1"
-    got = (gmm(x, w, counts, offs, trans_w=True), gmm(dy, w, counts, offs, trans_w=False),
-           gmm_wgrad(dy, x, counts, offs))
+           gmm_wgrad(dy, x, counts, None))  # offs None: the per-expert loop
+    fb = GroupedMMFallbacks("parity")  # a rejected grouped call would take the loop, recorded here
+    got = (gmm(x, w, counts, offs, trans_w=True, fallbacks=fb),
+           gmm(dy, w, counts, offs, trans_w=False, fallbacks=fb),
+           gmm_wgrad(dy, x, counts, offs, fb))
     for name, a, b in zip(("fwd", "dgrad", "wgrad"), got, ref):
         e = rel_err(a, b)
         results.append((f"grouped_mm {name} vs loop", "PASS" if e <= REL_TOL else "FAIL", e))
     results.append(("grouped_mm empty group wgrad zero",
                     "PASS" if got[2][1].abs().max().item() == 0 else "FAIL", None))
-    from fluid.moe import grouped_gemm
-
     results.append(("grouped_mm accepted every operand layout",
-                    "FAIL" if grouped_gemm._BROKEN else "PASS", grouped_gemm._BROKEN[:1]))
+                    "FAIL" if fb.messages else "PASS", fb.messages[:1]))
 
 
 def run(layer, x, dy):
@@ -121,20 +121,20 @@ def main():
         ref = run(fluid, x, dy)
     ref_grads = ref[2]
     sched = get_backward_scheduler()
-    # (chunks, dedup, FLUID_GROUPED_MM, CommContext.overlap). At these sizes auto picks the
-    # grouped kernel; "0" gives per-expert GEMMs: with dW inline (NVLink, or scheduler off) the
+    # (chunks, dedup, --fluid-grouped-gemm, CommContext.overlap). At these sizes auto picks the
+    # grouped kernel; "off" gives per-expert GEMMs: with dW inline (NVLink, or scheduler off) the
     # per-expert backward of fluid.moe.expert_loop, with overlap "always" and the scheduler on
     # the deferred composition, so "on == off" there compares the two paths bit for bit.
     settings = ((1, False, "auto", "auto"), (2, False, "auto", "auto"), (1, True, "auto", "auto"),
-                (1, False, "0", "auto"), (1, False, "0", "always"), (2, False, "0", "always"))
+                (1, False, "off", "auto"), (1, False, "off", "always"), (2, False, "off", "always"))
     for chunks, dedup, gemm, overlap in settings:
         set_dedup(fluid, False)
         set_num_chunks(fluid, chunks)
         set_dedup(fluid, dedup)
-        os.environ["FLUID_GROUPED_MM"] = gemm
+        fluid.experts.grouped_gemm = gemm
         fluid.comm.overlap = overlap
         setting = (f"chunks={chunks}{' dedup' if dedup else ''}"  # the label of this setting's lines
-                   f"{' gemm=loop' if gemm == '0' else ''}{' overlap=' + overlap if overlap != 'auto' else ''}")
+                   f"{' gemm=loop' if gemm == 'off' else ''}{' overlap=' + overlap if overlap != 'auto' else ''}")
         outs = {}
         for mode in ("on", "off"):
             sched.enable() if mode == "on" else sched.disable()
@@ -163,7 +163,7 @@ def main():
     from fluid.moe.testing import emulate_ddp_grads, reset_ddp_flags
 
     set_num_chunks(fluid, 1)
-    os.environ["FLUID_GROUPED_MM"] = "0"
+    fluid.experts.grouped_gemm = "off"
     fluid.comm.overlap = "never"  # dW inline on any link
     plain = run(fluid, x, dy)[2]
     accs = emulate_ddp_grads(fluid.parameters())
@@ -175,7 +175,7 @@ def main():
     results.append(("gemm=loop under DDP: expert weights flagged grad_added_to_main_grad",
                     "PASS" if fluid.experts.weight1.grad_added_to_main_grad else "FAIL", None))
     del accs
-    os.environ["FLUID_GROUPED_MM"] = "auto"
+    fluid.experts.grouped_gemm = "auto"
     fluid.comm.overlap = "auto"
 
     failed = [r for r in results if r[1] == "FAIL"]

@@ -8,7 +8,7 @@ two are of similar length when the link is slow (NCCL_P2P_DISABLE=1, about 30 GB
 
 Usage: torchrun --nproc-per-node 4 tests/gpu/scheduler_overlap.py --out OUT.json
 Prints one JSON line and PASS/FAIL lines; exit code 1 on FAIL (checks apply only where overlap is
-on, i.e. the link is slow or FLUID_OVERLAP=always).
+on, i.e. the link is slow or --fluid-overlap always).
 """
 
 import argparse

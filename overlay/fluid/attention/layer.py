@@ -52,6 +52,7 @@ from megatron.core.utils import get_pg_size
 from fluid.attention.core import FluidCoreAttention
 from fluid.attention.cp_layout import natural_to_zigzag, zigzag_to_natural
 from fluid.comm import CommContext, fluid_all_to_all_hp2sp, fluid_all_to_all_sp2hp
+from fluid.config import FluidConfig
 from fluid.linear import FluidColumnParallelLinear, FluidRowParallelLinear
 from fluid.schedule import get_backward_scheduler
 
@@ -135,7 +136,11 @@ class FluidSelfAttention(SelfAttention):
             )
         # kv heads are repeated `kv_repeat` times so that cp divides their number (module doc).
         self.kv_repeat = self.cp_size // math.gcd(ng, self.cp_size)
-        self.cp_comm = CommContext(cp_group) if self.cp_size > 1 else None
+        self.fluid_config = FluidConfig.from_config(config)
+        get_backward_scheduler().configure(self.fluid_config)
+        self.cp_comm = (
+            CommContext.from_fluid_config(cp_group, self.fluid_config) if self.cp_size > 1 else None
+        )
 
     # -- forward ----------------------------------------------------------------------------
     def forward(

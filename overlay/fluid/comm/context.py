@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -123,16 +123,17 @@ class CommContext:
         group: the torch.distributed process group (EP or CP group). Required: FluidMoE never
             falls back to a global group.
         overlap: "auto" (overlap compute with this group's all-to-alls only where the link is slow,
-            see `_link_is_slow`), "always" or "never". Default from env FLUID_OVERLAP.
+            see `_link_is_slow`), "always" or "never" (`--fluid-overlap`).
         min_window_bytes: all-to-alls sending fewer bytes than this leave the dW queue alone
-            (env FLUID_MIN_WINDOW_BYTES; default 1 MiB on NCCL, 0 on gloo).
+            (`--fluid-min-window-bytes`; None: 1 MiB on NCCL, 0 on gloo).
         sm_carveout: SMs that GEMMs issued beside this group's all-to-alls leave free for NCCL
-            (env FLUID_SM_CARVEOUT, an int or "auto"; default auto = AUTO_SM_CARVEOUT where the
+            (`--fluid-sm-carveout`: an int >= 0, or None / "auto" = AUTO_SM_CARVEOUT where the
             link is slow (`_link_is_slow`), else 0); see `beside_comm`.
+    `CommContext.from_fluid_config(group, fluid_config)` takes the three from a FluidConfig.
     """
 
     group: object
-    overlap: str = field(default_factory=lambda: os.environ.get("FLUID_OVERLAP", "auto"))
+    overlap: str = "auto"
     min_window_bytes: Optional[int] = None
     sm_carveout: Optional[int | str] = None
     stream: Optional[torch.cuda.Stream] = None
@@ -142,30 +143,37 @@ class CommContext:
         if self.group is None:
             raise ValueError("CommContext needs an explicit process group")
         if self.overlap not in ("auto", "always", "never"):
-            raise ValueError(f"FLUID_OVERLAP must be auto, always or never, not {self.overlap!r}")
+            raise ValueError(f"--fluid-overlap must be auto, always or never, not {self.overlap!r}")
+        mwb = self.min_window_bytes
+        if mwb is not None and (isinstance(mwb, bool) or not isinstance(mwb, int) or mwb < 0):
+            raise ValueError(f"--fluid-min-window-bytes must be an int >= 0, not {mwb!r}")
+        if self.sm_carveout is None:
+            self.sm_carveout = "auto"
+        raw = self.sm_carveout
+        if raw != "auto" and (isinstance(raw, bool) or not isinstance(raw, int) or raw < 0):
+            raise ValueError(f"--fluid-sm-carveout must be 'auto' or an int >= 0, not {raw!r}")
         self.size = dist.get_world_size(self.group)
         self.rank = dist.get_rank(self.group)
         self.is_nccl = dist.get_backend(self.group) == "nccl"
         if self.min_window_bytes is None:
-            env = os.environ.get("FLUID_MIN_WINDOW_BYTES")
             # A window smaller than this is not worth filling: the queued dW waits for the next
             # (larger) all-to-all. Measured: the MoE dispatcher's probs all-to-all (a few KiB)
             # comes just before the token all-to-all in backward and took the whole expert dW
             # into a 0.13 ms window, leaving the 1.76 ms token window empty. gloo: no minimum.
-            self.min_window_bytes = int(env) if env else (1 << 20 if self.is_nccl else 0)
-        if self.sm_carveout is None:
-            self.sm_carveout = os.environ.get("FLUID_SM_CARVEOUT", "auto") or "auto"
-        if self.sm_carveout != "auto":
-            raw = self.sm_carveout
-            try:
-                self.sm_carveout = int(raw)
-            except ValueError:
-                self.sm_carveout = -1
-            if self.sm_carveout < 0:
-                raise ValueError(f"FLUID_SM_CARVEOUT must be 'auto' or an int >= 0, not {raw!r}")
+            self.min_window_bytes = 1 << 20 if self.is_nccl else 0
         from fluid.schedule.scheduler import get_backward_scheduler
 
         get_backward_scheduler().register_comm(self)  # its policy gates deferral (overlap_possible)
+
+    @classmethod
+    def from_fluid_config(cls, group, fluid_config) -> "CommContext":
+        """A context for `group` with the overlap, window and carve-out settings of a FluidConfig."""
+        return cls(
+            group,
+            overlap=fluid_config.overlap,
+            min_window_bytes=fluid_config.min_window_bytes,
+            sm_carveout=fluid_config.sm_carveout,
+        )
 
     def comm_stream(self) -> Optional[torch.cuda.Stream]:
         if not self.is_nccl:

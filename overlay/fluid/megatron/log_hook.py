@@ -2,7 +2,7 @@
 
 Installed under the entry-point group `megatron.training.log_hooks`; Megatron's `training_log`
 calls it at every --log-interval after printing the iteration line. It prints one line with the
-counters since the previous log (and timings when FLUID_SCHEDULER_TIMING=1), then resets them.
+counters since the previous log (and timings with --fluid-scheduler-timing), then resets them.
 """
 
 from __future__ import annotations

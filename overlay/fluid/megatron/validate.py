@@ -8,11 +8,13 @@ shapes again in their constructors (the checks here are the ones that concern th
 from __future__ import annotations
 
 
-class FluidConfigError(ValueError):
-    """A configuration FluidMoE cannot run; the message names the flag to change."""
+from fluid.config import FluidConfig, FluidConfigError
+
+__all__ = ["FluidConfigError", "validate_config"]
 
 
-def validate_config(config) -> None:
+def validate_config(config) -> FluidConfig:
+    """Check `config` for FluidMoE; return its FluidConfig (the --fluid-* flags, checked too)."""
     from fluid.moe.layer import SUPPORTED_DISPATCHER_SETTINGS
 
     def need(ok: bool, msg: str) -> None:
@@ -20,6 +22,17 @@ def validate_config(config) -> None:
             raise FluidConfigError(f"--use-fluid-moe: {msg}")
 
     need(bool(config.num_moe_experts), "needs an MoE model: set --num-experts")
+    fluid = FluidConfig.from_config(config)
+    topk = config.moe_router_topk
+    need(
+        topk <= config.num_moe_experts,
+        f"--moe-router-topk {topk} is larger than --num-experts {config.num_moe_experts}",
+    )
+    if fluid.moe_dedup == "on":
+        need(fluid.moe_chunks == 1, f"--fluid-moe-dedup on needs --fluid-moe-chunks 1, got "
+             f"{fluid.moe_chunks}: drop one of them")
+        need(config.moe_expert_capacity_factor is None, "--fluid-moe-dedup on does not support "
+             "--moe-expert-capacity-factor (token dropping): unset one of them")
     tp = config.tensor_model_parallel_size
     need(
         tp == 1,
@@ -58,3 +71,4 @@ def validate_config(config) -> None:
         f"--moe-token-dispatcher-type {config.moe_token_dispatcher_type} is not implemented by "
         "FluidMoE's all-to-all dispatcher (which replaces alltoall and allgather alike); use alltoall",
     )
+    return fluid

@@ -93,14 +93,16 @@ def segmented_index_add(dst, index, src, counts) -> torch.Tensor:
 
 def check_dedup_settings(config, num_chunks: int) -> None:
     """Deduplicated dispatch is implemented for chunks 1 and dropless routing only."""
+    from fluid.config import FluidConfigError
+
     if num_chunks != 1:
-        raise ValueError(
-            f"FluidMoE deduplicated dispatch (fluid_moe_dedup_dispatch / FLUID_MOE_DEDUP=1) needs "
-            f"fluid_moe_num_chunks = 1 (FLUID_MOE_CHUNKS), got {num_chunks}"
+        raise FluidConfigError(
+            f"--fluid-moe-dedup on (deduplicated dispatch) needs --fluid-moe-chunks 1, got "
+            f"{num_chunks}: drop one of them"
         )
     if config.moe_expert_capacity_factor is not None:
-        raise ValueError(
-            "FluidMoE deduplicated dispatch (FLUID_MOE_DEDUP=1) does not support "
+        raise FluidConfigError(
+            "--fluid-moe-dedup on (deduplicated dispatch) does not support "
             "--moe-expert-capacity-factor (token dropping): unset one of them"
         )
 
@@ -170,7 +172,7 @@ class FluidTokenDispatcher:
         dedup=False,
     ):
         if num_chunks < 1:
-            raise ValueError(f"fluid_moe_num_chunks must be >= 1, got {num_chunks}")
+            raise ValueError(f"--fluid-moe-chunks must be >= 1, got {num_chunks}")
         self.dedup = bool(dedup)
         if self.dedup:
             check_dedup_settings(config, num_chunks)
@@ -368,7 +370,7 @@ class FluidTokenDispatcher:
     def token_dispatch(self, permuted, permuted_probs):
         """Megatron stage API: dispatch and wait; with C > 1 the chunks are concatenated."""
         if self.num_chunks != 1:
-            raise RuntimeError("token_dispatch (stage API) needs fluid_moe_num_chunks = 1")
+            raise RuntimeError("token_dispatch (stage API) needs --fluid-moe-chunks 1")
         ((x, p, handles),) = self.launch_dispatch(permuted, permuted_probs)
         for h in handles:
             h.wait()

@@ -20,8 +20,8 @@ Forward per expert (as MLP.forward with `per_token_scale=probs`):
     h = x @ W1^T; a = act(h) or act(h_gate) * (h_up + glu_linear_offset) (clamped if configured);
     a = (a * probs).to(dtype); y = a @ W2^T.
 Which path runs (decided per forward call, `FluidGroupedMLP.forward`):
-  - `torch._grouped_mm` for all local experts at once (`use_grouped_mm`; FLUID_GROUPED_MM=auto keeps
-    it for experts below LOOP_MIN_EXPERT_GFLOP), dW deferred to the BackwardScheduler;
+  - `torch._grouped_mm` for all local experts at once (`use_grouped_mm`; `--fluid-grouped-gemm
+    auto` keeps it for experts below LOOP_MIN_EXPERT_GFLOP), dW deferred to the BackwardScheduler;
   - large experts: one cuBLAS GEMM per expert, as the same composition (grouped_linear's loop);
   - large experts under Megatron DDP with dW inline: `fluid.moe.expert_loop.sequential_experts`,
     forward and backward one expert after another, each dW added into `main_grad[g]`.
@@ -43,7 +43,8 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from fluid.moe.expert_loop import has_main_grad, sequential_experts
-from fluid.moe.grouped_gemm import grouped_linear, grouped_mm_mode, offsets_for, use_grouped_mm
+from fluid.config import FluidConfig
+from fluid.moe.grouped_gemm import GroupedMMFallbacks, grouped_linear, offsets_for, use_grouped_mm
 from fluid.moe.scale_rows import scale_rows
 from fluid.schedule import get_backward_scheduler
 
@@ -76,12 +77,14 @@ class FluidGroupedMLP(MegatronModule):
             raise ValueError("FluidGroupedMLP does not support use_te_activation_func")
         if config.moe_latent_size:
             raise ValueError("FluidGroupedMLP does not support moe_latent_size")
-        grouped_mm_mode()  # a bad FLUID_GROUPED_MM fails here, at build time
+        # auto|on|off (--fluid-grouped-gemm); a bad value fails here, at build time
+        self.grouped_gemm = FluidConfig.from_config(config).grouped_gemm
         self.num_local_experts = num_local_experts
         self.ep_group = pg_collection.ep
         self.dp_group = pg_collection.expt_dp
         self.tp_group = pg_collection.expt_tp
         self.name = name or "experts"
+        self.grouped_mm_fallbacks = GroupedMMFallbacks(self.name)
         hidden, ffn = config.hidden_size, config.moe_ffn_hidden_size
         fc1_out = 2 * ffn if config.gated_linear_unit else ffn
         self.macs_per_row = hidden * fc1_out + ffn * hidden  # one row through one expert's MLP
@@ -171,7 +174,7 @@ class FluidGroupedMLP(MegatronModule):
                 raise ValueError("moe_apply_probs_on_input only works with moe_router_topk=1")
             x = (permuted_probs.unsqueeze(-1) * x).to(permuted_hidden.dtype)
             permuted_probs = torch.ones_like(permuted_probs)
-        if not use_grouped_mm(x, counts, self.macs_per_row):
+        if not use_grouped_mm(x, counts, self.macs_per_row, self.grouped_gemm):
             inline = not get_backward_scheduler().defers_dw()
             if inline and has_main_grad((self.weight1, self.weight2)):
                 # Per-expert GEMMs, dW inline anyway, and Megatron DDP's main_grad to add each
@@ -185,9 +188,10 @@ class FluidGroupedMLP(MegatronModule):
             offs = None  # grouped_linear's per-expert loop
         elif offs is None:
             offs = offsets_for(counts, permuted_hidden.device)
-        h = grouped_linear(x, self.weight1, counts, offs, name=f"{self.name}.fc1")
+        fb = self.grouped_mm_fallbacks
+        h = grouped_linear(x, self.weight1, counts, offs, name=f"{self.name}.fc1", fallbacks=fb)
         a = self._weighted_activation(h, permuted_probs)
-        out = grouped_linear(a, self.weight2, counts, offs, name=f"{self.name}.fc2")
+        out = grouped_linear(a, self.weight2, counts, offs, name=f"{self.name}.fc2", fallbacks=fb)
         return out, None
 
     def backward_dw(self) -> None:

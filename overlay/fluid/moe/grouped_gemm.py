@@ -8,14 +8,18 @@ Shape legend: G local experts (groups), T tokens (rows, expert-major: the rows o
 Megatron's SequentialMLP does with one matmul per expert. Two implementations:
 
   - `torch._grouped_mm` (one kernel for all groups): CUDA, bf16, compute capability >= 9.0,
-    and not disabled by env FLUID_GROUPED_MM=0;
+    when the caller passes `offs`;
   - a loop over `torch.split(x, counts)` (one cuBLAS GEMM per group) otherwise: CPU, fp32,
     older GPUs, and callers that pass `offs=None`. It is also the reference the fast path is
-    tested against.
+    tested against. A call that `torch._grouped_mm` rejects (its shape checks raise on the host,
+    before any launch) takes the loop; the rejection is recorded in the caller's
+    `GroupedMMFallbacks` (one per experts module) and logged once per module, and the next call
+    tries the grouped kernel again.
 
-Which one an MLP uses is `use_grouped_mm` (env FLUID_GROUPED_MM: `auto`, the default, `1`, `0`):
-`auto` takes the grouped kernel for many small experts and the loop for large ones, where one
-cuBLAS GEMM per expert is faster (see LOOP_MIN_EXPERT_GFLOP).
+Which one an MLP uses is `use_grouped_mm(x, counts, macs_per_row, mode)`, mode from
+`--fluid-grouped-gemm` (FluidConfig.grouped_gemm): `auto`, the default, takes the grouped kernel
+for many small experts and the loop for large ones, where one cuBLAS GEMM per expert is faster
+(see LOOP_MIN_EXPERT_GFLOP); `on` / `off` force one of them.
 
 Backward computes dX at once (the previous op needs it) and defers dW (a grouped `dy^T @ x`) as a
 closure to the BackwardScheduler, which runs it while a later backward all-to-all is in flight.
@@ -25,7 +29,6 @@ Zero-token groups give an all-zero dW (as SequentialMLP's per-expert linears do)
 from __future__ import annotations
 
 import logging
-import os
 from typing import Optional, Sequence
 
 import torch
@@ -36,9 +39,7 @@ from fluid.schedule.wgrad import dw_probe, dw_wanted
 log = logging.getLogger(__name__)
 
 
-_BROKEN: list[str] = []  # set once if torch._grouped_mm rejected a call: loop from then on
-
-# FLUID_GROUPED_MM=auto: one expert's MLP (fc1 + fc2, mean rows per expert) of at least this many
+# --fluid-grouped-gemm auto: one expert's MLP (fc1 + fc2, mean rows per expert) of at least this many
 # GFLOP runs as one cuBLAS GEMM per expert instead of torch._grouped_mm. Measured points (2x H200,
 # EP=2, docs/benchmarks/raw/s6b, s6d; session 5's 4x H200 profile agrees on the first):
 # - Mixtral-like (H 4096, F 14336, about 2048 rows per expert): 721 GFLOP. Per-expert GEMMs are
@@ -52,24 +53,28 @@ _BROKEN: list[str] = []  # set once if torch._grouped_mm rejected a call: loop f
 LOOP_MIN_EXPERT_GFLOP = 400.0
 
 
-def grouped_mm_mode() -> str:
-    """FLUID_GROUPED_MM as "auto" (default), "on" (`1`) or "off" (`0`); raises on other values."""
-    raw = os.environ.get("FLUID_GROUPED_MM", "auto").strip().lower() or "auto"
-    if raw == "auto":
-        return "auto"
-    if raw in ("1", "on", "true", "yes"):
-        return "on"
-    if raw in ("0", "off", "false", "no"):
-        return "off"
-    raise ValueError(f"FLUID_GROUPED_MM must be auto, 1 or 0, not {raw!r}")
+class GroupedMMFallbacks:
+    """Calls `torch._grouped_mm` rejected, for one experts module (FluidGroupedMLP owns one).
+
+    Each rejected call takes the per-group loop; the first rejection is logged. `messages` holds
+    every rejection's reason (benchmarks report it: a non-empty list means the numbers are not the
+    grouped kernel's)."""
+
+    def __init__(self, owner: str = ""):
+        self.owner = owner
+        self.messages: list[str] = []
+
+    def record(self, exc: Exception) -> None:
+        if not self.messages:
+            log.warning("FluidMoE %s: torch._grouped_mm failed (%s); this call uses the "
+                        "per-expert loop", self.owner, exc)
+        self.messages.append(str(exc))
 
 
-def grouped_mm_available(x: torch.Tensor, mode: Optional[str] = None) -> bool:
-    """True where `torch._grouped_mm` can be used for `x` (see the module docstring); `mode` is
-    `grouped_mm_mode()` when the caller has it already."""
-    if _BROKEN or (mode or grouped_mm_mode()) == "off":
-        return False
-    return _grouped_mm_supported(x)
+def grouped_mm_available(x: torch.Tensor, mode: str = "auto") -> bool:
+    """True where `torch._grouped_mm` can be used for `x` under `mode` (auto|on|off): CUDA bf16
+    on compute capability >= 9.0, and mode not "off"."""
+    return mode != "off" and _grouped_mm_supported(x)
 
 
 def _grouped_mm_supported(x: torch.Tensor) -> bool:
@@ -79,15 +84,16 @@ def _grouped_mm_supported(x: torch.Tensor) -> bool:
     return torch.cuda.get_device_capability(x.device) >= (9, 0)
 
 
-def use_grouped_mm(x: torch.Tensor, counts: Sequence[int], macs_per_row: int) -> bool:
+def use_grouped_mm(x: torch.Tensor, counts: Sequence[int], macs_per_row: int,
+                   mode: str = "auto") -> bool:
     """Whether an expert MLP over `x` (rows grouped by `counts`) should use `torch._grouped_mm`.
 
     Args:
         macs_per_row: multiply-adds one row costs in one expert's MLP (fc1 + fc2), e.g.
             `H * F1 + F * H`.
-    With FLUID_GROUPED_MM=auto, False when the mean expert's MLP reaches LOOP_MIN_EXPERT_GFLOP.
+        mode: `--fluid-grouped-gemm` (auto|on|off). With auto, False when the mean expert's MLP
+            reaches LOOP_MIN_EXPERT_GFLOP.
     """
-    mode = grouped_mm_mode()
     if not grouped_mm_available(x, mode):
         return False
     if mode == "on" or not counts:
@@ -96,13 +102,14 @@ def use_grouped_mm(x: torch.Tensor, counts: Sequence[int], macs_per_row: int) ->
     return 2.0 * mean_rows * macs_per_row < LOOP_MIN_EXPERT_GFLOP * 1e9
 
 
-def _try_grouped_mm(a, b, offs):
-    """torch._grouped_mm, or None (with a one-time warning) if it rejects these operands."""
+def _try_grouped_mm(a, b, offs, fallbacks: Optional[GroupedMMFallbacks]):
+    """torch._grouped_mm, or None if it rejects these operands (recorded in `fallbacks`)."""
     try:
         return torch._grouped_mm(a, b, offs=offs)
     except RuntimeError as exc:  # shape/layout checks raise on the host, before any launch
-        log.warning("FluidMoE: torch._grouped_mm failed (%s); using the per-expert loop", exc)
-        _BROKEN.append(str(exc))
+        if fallbacks is None:
+            raise
+        fallbacks.record(exc)
         return None
 
 
@@ -110,16 +117,19 @@ def _split(x: torch.Tensor, counts: Sequence[int]):
     return torch.split(x, list(counts), dim=0)
 
 
-def gmm(a_TK: torch.Tensor, w: torch.Tensor, counts: Sequence[int], offs, *, trans_w: bool):
+def gmm(a_TK: torch.Tensor, w: torch.Tensor, counts: Sequence[int], offs, *, trans_w: bool,
+        fallbacks: Optional[GroupedMMFallbacks] = None):
     """Per group g: `a[g] @ w[g]^T` (trans_w, w `[G, N, K]`) or `a[g] @ w[g]` (w `[G, K, N]`).
 
     Args:
         a_TK: `[T, K]`, rows grouped by `counts` (host ints, one per group, summing to T).
-        offs: int32 `[G]` cumulative counts on a_TK's device, or None (loop path only).
+        offs: int32 `[G]` cumulative counts on a_TK's device: use `torch._grouped_mm` where it
+            is supported; None: the loop.
+        fallbacks: where a rejected grouped call is recorded (then the loop runs); None: raise.
     """
     b = w.transpose(1, 2) if trans_w else w
-    if offs is not None and a_TK.shape[0] > 0 and grouped_mm_available(a_TK):
-        out = _try_grouped_mm(a_TK, b, offs)
+    if offs is not None and a_TK.shape[0] > 0 and _grouped_mm_supported(a_TK):
+        out = _try_grouped_mm(a_TK, b, offs, fallbacks)
         if out is not None:
             return out
     out = a_TK.new_empty((a_TK.shape[0], b.shape[2]))
@@ -129,11 +139,13 @@ def gmm(a_TK: torch.Tensor, w: torch.Tensor, counts: Sequence[int], offs, *, tra
     return out
 
 
-def gmm_wgrad(dy_TN: torch.Tensor, x_TK: torch.Tensor, counts: Sequence[int], offs) -> torch.Tensor:
-    """Per group g: `dy[g]^T @ x[g]`, returned as `[G, N, K]` (zero for empty groups)."""
+def gmm_wgrad(dy_TN: torch.Tensor, x_TK: torch.Tensor, counts: Sequence[int], offs,
+              fallbacks: Optional[GroupedMMFallbacks] = None) -> torch.Tensor:
+    """Per group g: `dy[g]^T @ x[g]`, returned as `[G, N, K]` (zero for empty groups); `offs`
+    and `fallbacks` as in `gmm`."""
     num_groups = len(counts)
-    if offs is not None and x_TK.shape[0] > 0 and grouped_mm_available(x_TK):
-        dw = _try_grouped_mm(dy_TN.t(), x_TK, offs)
+    if offs is not None and x_TK.shape[0] > 0 and _grouped_mm_supported(x_TK):
+        dw = _try_grouped_mm(dy_TN.t(), x_TK, offs, fallbacks)
         if dw is not None:
             for g, c in enumerate(counts):  # empty groups: make the zero explicit
                 if c == 0:
@@ -154,7 +166,7 @@ class _GroupedLinear(torch.autograd.Function):
     """y = grouped x @ W^T. Backward: dX now, dW deferred (the weight arrives detached)."""
 
     @staticmethod
-    def forward(ctx, x, weight_detached, probe, counts, offs, param_box, name):
+    def forward(ctx, x, weight_detached, probe, counts, offs, param_box, name, fallbacks, sched):
         # param_box = (param,): a tuple, so autograd gives this node no edge to the parameter.
         # A bare Parameter argument would get one, and backward's None for it would run the
         # parameter's AccumulateGrad with no gradient: Megatron DDP's hook would then fire a
@@ -163,26 +175,29 @@ class _GroupedLinear(torch.autograd.Function):
         ctx.save_for_backward(x, weight_detached)
         (param,) = param_box
         ctx.counts, ctx.offs, ctx.param, ctx.name = counts, offs, param, name
+        ctx.fallbacks, ctx.sched = fallbacks, sched
         ctx.probe_index = None if probe is None else 2  # tensor inputs: x, weight, probe
         ctx.x_requires_grad = x.requires_grad
-        return gmm(x, weight_detached, counts, offs, trans_w=True)
+        return gmm(x, weight_detached, counts, offs, trans_w=True, fallbacks=fallbacks)
 
     @staticmethod
     def backward(ctx, dy):
         x, w = ctx.saved_tensors
-        counts, offs, param = ctx.counts, ctx.offs, ctx.param
+        counts, offs, param, fallbacks = ctx.counts, ctx.offs, ctx.param, ctx.fallbacks
         ctx.param = None
         dy = dy.contiguous()
-        dx = gmm(dy, w, counts, offs, trans_w=False) if ctx.x_requires_grad else None
+        dx = None
+        if ctx.x_requires_grad:
+            dx = gmm(dy, w, counts, offs, trans_w=False, fallbacks=fallbacks)
         if not dw_wanted(ctx, ctx.probe_index, "grouped_linear"):  # e.g. autograd.grad(out, x)
-            return dx, None, None, None, None, None, None
+            return dx, None, None, None, None, None, None, None, None
 
         def dw_task(x=x, dy=dy):
             if param.requires_grad:
-                accumulate_weight_grad(param, gmm_wgrad(dy, x, counts, offs))
+                accumulate_weight_grad(param, gmm_wgrad(dy, x, counts, offs, fallbacks))
 
-        get_backward_scheduler().defer(dw_task, ctx.name)
-        return dx, None, None, None, None, None, None
+        (ctx.sched or get_backward_scheduler()).defer(dw_task, ctx.name)
+        return dx, None, None, None, None, None, None, None, None
 
 
 def grouped_linear(
@@ -192,13 +207,17 @@ def grouped_linear(
     offs: Optional[torch.Tensor],
     *,
     name: str = "",
+    fallbacks: Optional[GroupedMMFallbacks] = None,
+    scheduler=None,
 ) -> torch.Tensor:
-    """`[T, K]` -> `[T, N]` with one `[N, K]` weight per group; dW goes through the scheduler."""
+    """`[T, K]` -> `[T, N]` with one `[N, K]` weight per group; dW goes through `scheduler` (the
+    model's BackwardScheduler; default `get_backward_scheduler()`). `offs` None: the per-group
+    loop; `fallbacks`: see `gmm`."""
     # The probe (fluid.schedule.wgrad.dw_probe) tells backward whether dW is wanted, and keeps
     # the op in the graph when x needs no gradient, so dW still runs then.
     return _GroupedLinear.apply(
         x_TK, weight_GNK.detach(), dw_probe(weight_GNK), tuple(int(c) for c in counts), offs,
-        (weight_GNK,), name,
+        (weight_GNK,), name, fallbacks, scheduler,
     )
 
 

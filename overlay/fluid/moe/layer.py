@@ -29,7 +29,6 @@ routed_experts_compute, combine, postprocess) work with num_chunks = 1, which th
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Optional
 
 import torch
@@ -42,6 +41,7 @@ from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from fluid.comm import CommContext
+from fluid.config import FluidConfig, FluidConfigError
 from fluid.moe.dispatcher import FluidTokenDispatcher
 from fluid.moe.experts import FluidGroupedMLP
 from fluid.moe.router import FluidTopKRouter
@@ -53,31 +53,25 @@ SUPPORTED_DISPATCHER_SETTINGS = ("alltoall", "allgather")
 
 
 def resolve_num_chunks(config: TransformerConfig, num_chunks: Optional[int] = None) -> int:
-    """Pipelining depth: the argument, else `config.fluid_moe_num_chunks`, else env
-    FLUID_MOE_CHUNKS, else 1 (off)."""
-    for value in (num_chunks, getattr(config, "fluid_moe_num_chunks", None)):
-        if value is not None:
-            return int(value)
-    return int(os.environ.get("FLUID_MOE_CHUNKS", "1") or 1)
+    """Pipelining depth: the argument, else `--fluid-moe-chunks` (FluidConfig.moe_chunks, 1 = off)."""
+    if num_chunks is not None:
+        if isinstance(num_chunks, bool) or not isinstance(num_chunks, int) or num_chunks < 1:
+            raise FluidConfigError(f"FluidMoELayer num_chunks must be an int >= 1, got {num_chunks!r}")
+        return num_chunks
+    return FluidConfig.from_config(config).moe_chunks
 
 
 def resolve_dedup(config: TransformerConfig, comm: Optional[CommContext] = None,
                   num_chunks: int = 1) -> bool:
     """Deduplicated dispatch (a token sent once per destination rank; see dispatcher.py):
-    `config.fluid_moe_dedup_dispatch` if set, else env FLUID_MOE_DEDUP (on/off/auto), default
-    auto: on where it measured faster, i.e. over a slow link (`comm.slow_link()`: P2P off, between
-    nodes) with top-k > 2 and a setting it supports (chunks 1, no capacity factor). Measured on
-    4x H200, P2P off, 64 experts top-6: 13.8-14.0 vs 15.0-15.2 ms fwd+bwd; over NVLink it is
-    slower (9.5-9.9 vs 7.5 ms), and top-2 of 8 experts gains nothing (raw/s5a, s5b)."""
-    value = getattr(config, "fluid_moe_dedup_dispatch", None)
-    if value is None:
-        value = os.environ.get("FLUID_MOE_DEDUP", "auto").strip().lower() or "auto"
-        if value != "auto":
-            if value not in ("1", "true", "on", "yes", "0", "false", "off", "no"):
-                raise ValueError(f"FLUID_MOE_DEDUP must be on, off or auto, not {value!r}")
-            return value in ("1", "true", "on", "yes")
-    if value != "auto":
-        return bool(value)
+    `--fluid-moe-dedup` (FluidConfig.moe_dedup) on or off, or auto (the default): on where it
+    measured faster, i.e. over a slow link (`comm.slow_link()`: P2P off, between nodes) with
+    top-k > 2 and a setting it supports (chunks 1, no capacity factor). Measured on 4x H200, P2P
+    off, 64 experts top-6: 13.8-14.0 vs 15.0-15.2 ms fwd+bwd; over NVLink it is slower (9.5-9.9
+    vs 7.5 ms), and top-2 of 8 experts gains nothing (raw/s5a, s5b)."""
+    mode = FluidConfig.from_config(config).moe_dedup
+    if mode != "auto":
+        return mode == "on"
     return (
         comm is not None
         and comm.slow_link()
@@ -147,7 +141,7 @@ class FluidMoELayer(MoELayer):
         pg_collection: process groups (`ep`, `tp`, `expt_tp`, `expt_dp`, router's `cp`,
             `tp_cp`, `tp_dp_cp`); if None they are taken from Megatron's parallel_state once,
             here, as the stock layer does.
-        num_chunks: forward pipelining depth; default see `resolve_num_chunks`.
+        num_chunks: forward pipelining depth; default `--fluid-moe-chunks` (`resolve_num_chunks`).
     """
 
     def __init__(
@@ -181,7 +175,9 @@ class FluidMoELayer(MoELayer):
         router_cls = FluidTopKRouter if submodules.router is TopKRouter else submodules.router
         self.router = router_cls(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer)
 
-        self.comm = CommContext(self.ep_group)
+        self.fluid_config = FluidConfig.from_config(config)
+        get_backward_scheduler().configure(self.fluid_config)
+        self.comm = CommContext.from_fluid_config(self.ep_group, self.fluid_config)
         self.num_chunks = resolve_num_chunks(config, num_chunks)
         self.token_dispatcher = FluidTokenDispatcher(
             self.num_local_experts, self.local_expert_indices, config, self.comm, self.num_chunks,

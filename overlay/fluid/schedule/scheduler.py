@@ -41,7 +41,6 @@ ends (correct, with less overlap than without recomputation).
 from __future__ import annotations
 
 import logging
-import os
 import time
 import weakref
 from collections import deque
@@ -51,13 +50,6 @@ from typing import Callable, Optional
 import torch
 
 log = logging.getLogger(__name__)
-
-
-def _env_flag(name: str, default: bool) -> bool:
-    v = os.environ.get(name)
-    if v is None or v == "":
-        return default
-    return v.strip().lower() not in ("0", "false", "off", "no")
 
 
 def _graph_task_id() -> int:
@@ -87,20 +79,27 @@ class BackwardScheduler:
     """One per process (`get_backward_scheduler()`).
 
     Args:
-        enabled: defer dW into all-to-all windows (env FLUID_SCHEDULER, default on). Disabled,
+        enabled: defer dW into all-to-all windows (`--fluid-scheduler`, default on). Disabled,
             every dW runs inline in its op's backward, giving bit-identical gradients.
-        timing: record CUDA events per window (env FLUID_SCHEDULER_TIMING, default off; reading
+        timing: record CUDA events per window (`--fluid-scheduler-timing`, default off; reading
             them in `get_stats()` synchronizes the device).
     """
 
-    def __init__(self, enabled: Optional[bool] = None, timing: Optional[bool] = None):
-        self.enabled = _env_flag("FLUID_SCHEDULER", True) if enabled is None else enabled
-        self.timing = _env_flag("FLUID_SCHEDULER_TIMING", False) if timing is None else timing
+    def __init__(self, enabled: bool = True, timing: bool = False):
+        self.enabled = bool(enabled)
+        self.timing = bool(timing)
         self._queue: deque[_Task] = deque()
         self._armed_for: Optional[int] = None
         self.trace: Optional[list] = None  # set to a list to record (task name, kind) in run order
         self._comms: "weakref.WeakSet" = weakref.WeakSet()  # live CommContexts (register_comm)
+        self.fluid_config = None  # the FluidConfig last applied by `configure`
         self.reset_stats()
+
+    def configure(self, fluid_config) -> None:
+        """Take the switches of a FluidConfig (`--fluid-scheduler`, `--fluid-scheduler-timing`)."""
+        self.enabled = fluid_config.scheduler
+        self.timing = fluid_config.scheduler_timing
+        self.fluid_config = fluid_config
 
     # -- switches ---------------------------------------------------------------------------
     def enable(self) -> None:
@@ -318,7 +317,8 @@ _SCHEDULER: Optional[BackwardScheduler] = None
 
 
 def get_backward_scheduler() -> BackwardScheduler:
-    """The process's BackwardScheduler (created on first use from the environment)."""
+    """The process's BackwardScheduler (created on first use with the defaults; Fluid layers set
+    its switches from their FluidConfig when built)."""
     global _SCHEDULER
     if _SCHEDULER is None:
         _SCHEDULER = BackwardScheduler()
