@@ -367,6 +367,7 @@ def main() -> int:
     ap.add_argument("--dry-run", action="store_true", help="CPU, gloo, tiny shapes")
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--iters", type=int, default=None)
+    ap.add_argument("--variants", default=None, help="comma-separated subset of the recipe's variants")
     args = ap.parse_args()
     cuda = not args.dry_run
     if cuda:
@@ -379,6 +380,9 @@ def main() -> int:
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     results = {}
     for recipe in R.select(args.recipes.split(",")):
+        if args.variants:
+            keep = tuple(v for v in recipe.variants if v in args.variants.split(","))
+            recipe = dataclasses.replace(recipe, variants=keep)
         if not cuda and recipe.kind not in JOBS:
             continue
         if cuda and recipe.kind == "e2e":

@@ -158,6 +158,8 @@ def run_layer(recipe, link, args, out: Path, meta: dict, timeout: float) -> dict
         cmd += ["--rounds", str(args.rounds)]
     if args.iters:
         cmd += ["--iters", str(args.iters)]
+    if args.variants:
+        cmd += ["--variants", args.variants]
     r = run_logged(cmd, _child_env(link), out / "logs" / f"{recipe.name}_{link}.log", cwd=ROOT,
                    timeout=timeout)
     res = (_load(tmp) or {}).get(recipe.name)
@@ -172,8 +174,9 @@ def run_e2e(recipe, link, args, out: Path, meta: dict, timeout: float, deadline:
     from benchmarks.e2e_job import run_variant
 
     iters = args.iters or recipe.iters
-    job = {"variants": {}, "order": list(recipe.variants), "iters": iters, "warmup": recipe.warmup}
-    for v in recipe.variants:
+    order = [v for v in recipe.variants if not args.variants or v in args.variants.split(",")]
+    job = {"variants": {}, "order": order, "iters": iters, "warmup": recipe.warmup}
+    for v in order:
         if deadline - time.time() < 90:  # too little left for a torchrun of the whole model
             job["variants"][v] = {"skipped": "time budget", "ms": None}
             continue
@@ -237,6 +240,8 @@ def main(argv=None) -> int:
     ap.add_argument("--links", default=None, help="comma-separated subset of each recipe's links")
     ap.add_argument("--rounds", type=int, default=None, help="override the layer recipes' rounds")
     ap.add_argument("--iters", type=int, default=None, help="override iterations per round / e2e run")
+    ap.add_argument("--variants", default=None,
+                    help="comma-separated subset of each recipe's variants (default: all of them)")
     ap.add_argument("--commit", default=None, help="commit to record where the tree has no .git")
     ap.add_argument("--budget-s", type=float, default=540.0,
                     help="start no job after this many seconds (a device call's limit)")
