@@ -1,0 +1,78 @@
+"""Tier: cpu. FluidConfig, the one place FluidMoE's settings are read and checked.
+
+What must hold: every bad value fails when the config is built with a FluidConfigError naming the
+flag (not a bare `int()` error, not accepted as "on"); a FLUID_* environment variable (how older
+versions were configured) changes nothing and is reported with its flag; no module of the overlay
+outside fluid/config.py reads a FLUID_* variable.
+"""
+
+import re
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from fluid.config import RETIRED_ENV, FluidConfig, FluidConfigError
+
+OVERLAY = Path(__file__).resolve().parents[2] / "overlay" / "fluid"
+
+
+@pytest.mark.parametrize("field,value,flag", [
+    ("fluid_scheduler", 2, "--no-fluid-scheduler"),
+    ("fluid_scheduler", "off", "--no-fluid-scheduler"),
+    ("fluid_scheduler_timing", "bogus", "--fluid-scheduler-timing"),
+    ("fluid_overlap", "sometimes", "--fluid-overlap"),
+    ("fluid_min_window_bytes", -1, "--fluid-min-window-bytes"),
+    ("fluid_min_window_bytes", "1M", "--fluid-min-window-bytes"),
+    ("fluid_sm_carveout", -3, "--fluid-sm-carveout"),
+    ("fluid_sm_carveout", "auto", "--fluid-sm-carveout"),
+    ("fluid_moe_chunks", 0, "--fluid-moe-chunks"),
+    ("fluid_moe_chunks", "2", "--fluid-moe-chunks"),
+    ("fluid_moe_dedup", True, "--fluid-moe-dedup"),
+    ("fluid_grouped_gemm", "1", "--fluid-grouped-gemm"),
+])
+def test_bad_value_fails_naming_the_flag(field, value, flag):
+    with pytest.raises(FluidConfigError, match=re.escape(flag)):
+        FluidConfig.from_config(SimpleNamespace(**{field: value}))
+
+
+def test_defaults_and_good_values():
+    assert FluidConfig.from_config(SimpleNamespace()) == FluidConfig()
+    fc = FluidConfig.from_config(SimpleNamespace(fluid_sm_carveout=0, fluid_min_window_bytes=0,
+                                                 fluid_moe_chunks=4, fluid_overlap="never"))
+    assert (fc.sm_carveout, fc.min_window_bytes, fc.moe_chunks, fc.overlap) == (0, 0, 4, "never")
+    with pytest.raises(dataclasses_frozen_error()):
+        fc.overlap = "always"
+
+
+def dataclasses_frozen_error():
+    import dataclasses
+
+    return dataclasses.FrozenInstanceError
+
+
+def test_environment_variables_change_nothing_and_are_reported(monkeypatch):
+    for name in RETIRED_ENV:
+        monkeypatch.setenv(name, "0")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fc = FluidConfig.from_config(SimpleNamespace())
+    assert fc == FluidConfig()
+    text = "\n".join(str(w.message) for w in caught)
+    for name, flag in RETIRED_ENV.items():
+        assert f"{name}: set {flag}" in text
+
+
+def test_no_fluid_env_read_outside_config_construction():
+    pattern = re.compile(r"environ[^\n]*FLUID_|getenv\([^\n]*FLUID_")
+    offenders = [
+        str(p.relative_to(OVERLAY)) for p in OVERLAY.rglob("*.py")
+        if p.name != "config.py" and ("FLUID_" in p.read_text() and pattern.search(p.read_text()))
+    ]
+    assert offenders == []
+    # and no variable's name at all outside config.py (docstrings name the flags instead)
+    names = re.compile(r"\b(" + "|".join(RETIRED_ENV) + r")\b")
+    named = [str(p.relative_to(OVERLAY)) for p in OVERLAY.rglob("*.py")
+             if p.name != "config.py" and names.search(p.read_text())]
+    assert named == []
