@@ -117,7 +117,7 @@ def header_field(header: str, name: str) -> str | None:
 TEST_REF_RE = re.compile(r"(?<![\w./-])((?:[\w.-]+/)+[\w.-]+\.py)(?:::([A-Za-z_]\w*))?")
 
 
-def test_refs(header: str) -> list[tuple[str, str | None]]:
+def cited_tests(header: str) -> list[tuple[str, str | None]]:
     """The (path, test name or None) pairs the `Test:` field names."""
     refs = TEST_REF_RE.findall(header_field(header, "Test") or "")
     return [(path, name or None) for path, name in refs]
@@ -127,7 +127,7 @@ def check_test_refs(patches: list[Patch], root: Path) -> None:
     """Every `Test:` names at least one test file, and every file (and test) it names exists."""
     bad = []
     for p in patches:
-        refs = test_refs(p.header)
+        refs = cited_tests(p.header)
         if not refs:
             bad.append(f"{p.name}: 'Test:' names no test file (tests/.../test_x.py[::test_name])")
         for path, name in refs:
@@ -417,8 +417,8 @@ def check_probes(pristine: Path, patch_dir: Path, root: Path, log=print) -> None
                     found_before[p.name] = found
                 elif found is not None:
                     bad.append(f"{p.name}: its probe {fn.label} finds nothing before the "
-                                   "patch: upstream fixed the bug, the patch is not needed "
-                                   "(fixed upstream: drop it)")
+                               "patch: upstream fixed the bug, the patch is not needed "
+                               "(fixed upstream: drop it)")
             res = _git_apply(work, p)
             if res.returncode:
                 return  # apply_series, next, says which patch and why
