@@ -17,6 +17,14 @@ _LAZY = {
     "FluidMoELayer": "fluid.moe",
     "get_fluid_moe_layer_spec": "fluid.megatron.specs",
     "print_fluid_layer_info": "fluid.megatron.info",
+    # Names FluidMoE v0.5 exported that exist today (docs/MIGRATION.md).
+    "BackwardScheduler": "fluid.schedule",
+    "fluid_all_to_all_sp2hp": "fluid.comm",
+    "fluid_all_to_all_hp2sp": "fluid.comm",
+    "FluidColumnParallelLinear": "fluid.linear",
+    "FluidRowParallelLinear": "fluid.linear",
+    "FluidGroupedMLP": "fluid.moe",
+    "FluidTokenDispatcher": "fluid.moe",
 }
 
 __all__ = [
@@ -27,6 +35,13 @@ __all__ = [
     "print_fluid_layer_info",
     "print_status",
     "status",
+    "BackwardScheduler",
+    "fluid_all_to_all_sp2hp",
+    "fluid_all_to_all_hp2sp",
+    "FluidColumnParallelLinear",
+    "FluidRowParallelLinear",
+    "FluidGroupedMLP",
+    "FluidTokenDispatcher",
 ]
 
 

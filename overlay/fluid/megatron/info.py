@@ -1,4 +1,5 @@
-"""`print_fluid_layer_info(model)`: which modules of a model are Fluid, by qualified name."""
+"""`print_fluid_layer_info(model)`: which modules of a model are Fluid, by qualified name, and the
+state of the BackwardScheduler they hand their weight gradients to."""
 
 from __future__ import annotations
 
@@ -17,8 +18,35 @@ def fluid_layer_info(model) -> list[tuple[str, str]]:
     return rows
 
 
+def model_scheduler(model):
+    """The BackwardScheduler of `model`: the one a module of it holds (any attribute that is a
+    BackwardScheduler), else the process's (`get_backward_scheduler()`)."""
+    from fluid.schedule import BackwardScheduler, get_backward_scheduler
+
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+    for chunk in chunks:
+        for mod in chunk.modules():
+            for value in vars(mod).values():
+                if isinstance(value, BackwardScheduler):
+                    return value
+    return get_backward_scheduler()
+
+
+def scheduler_state(sched) -> str:
+    """One line: on/off, whether a dW handed over in backward would be deferred, timing, queue."""
+    if not sched.enabled:
+        mode = "disabled (every dW inline, as stock Megatron)"
+    elif sched.defers_dw():
+        mode = "enabled (dW deferred into backward all-to-all windows)"
+    else:
+        mode = "enabled, dW inline (no all-to-all group overlaps compute, e.g. one NVLink node)"
+    timing = "on" if sched.timing else "off"
+    return f"scheduler: {mode}; timing {timing}; {sched.num_pending} dW task(s) pending"
+
+
 def print_fluid_layer_info(model, rank0_only: bool = True) -> list[tuple[str, str]]:
-    """Print and return fluid_layer_info(model); counts per class on the last line."""
+    """Print and return fluid_layer_info(model); counts per class, then the scheduler's state
+    (`scheduler_state`) on the last line."""
     import torch.distributed as dist
 
     rows = fluid_layer_info(model)
@@ -32,4 +60,5 @@ def print_fluid_layer_info(model, rank0_only: bool = True) -> list[tuple[str, st
     for _, cls in rows:
         counts[cls] = counts.get(cls, 0) + 1
     print("  " + ", ".join(f"{c}: {n}" for c, n in sorted(counts.items())) if counts else "  none")
+    print("  " + scheduler_state(model_scheduler(model)))
     return rows

@@ -13,6 +13,13 @@ the layer's `input_layernorm` to be a real norm; it is set to the backend's norm
 `get_fluid_moe_layer_spec(config, ...)` is the public entry: Megatron's decoder block spec
 (`get_gpt_decoder_block_spec`: moe_layer_freq pattern, pipeline-stage slicing) with every layer
 fluidized. It does not need the patched hook, so it also serves programmatic model builds.
+
+`get_fluid_moe_layer_spec()` without a config (the form FluidMoE v0.5's documentation showed, like
+Megatron's bare `get_gpt_layer_local_spec()`) returns a layer ModuleSpec whose module,
+`FluidLayerFromConfig`, reads the config when TransformerBlock builds each layer: it builds the
+TransformerLayer that the block spec of `get_fluid_moe_layer_spec(config)` has at that position
+(dense or MoE by moe_layer_freq, this pipeline stage's slice), so the model is the same module for
+module. Megatron's `get_gpt_mtp_block_spec` does not take such a spec: MTP models pass the config.
 """
 
 from __future__ import annotations
@@ -20,6 +27,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 from typing import Optional
+
+from megatron.core.transformer.transformer_layer import BaseTransformerLayer
 
 
 def _target(spec):
@@ -75,7 +84,7 @@ def fluidize_layer_spec(layer_spec, config, use_transformer_engine: bool = False
 
 
 def get_fluid_moe_layer_spec(
-    config,
+    config=None,
     use_transformer_engine: Optional[bool] = None,
     normalization: Optional[str] = None,
     qk_l2_norm: bool = False,
@@ -85,11 +94,30 @@ def get_fluid_moe_layer_spec(
     """Decoder block spec (TransformerBlockSubmodules) with Fluid layers; see module doc.
 
     Args:
-        config: the model's TransformerConfig (an MoE model: num_moe_experts set).
+        config: the model's TransformerConfig (an MoE model: num_moe_experts set). None: a layer
+            ModuleSpec that reads the config when each layer is built (`FluidLayerFromConfig`;
+            GPTModel and TransformerBlock take it as they take a stock layer spec).
         use_transformer_engine: TE modules for the rest of the layer; default: True iff
             config.transformer_impl == "transformer_engine" and TE is installed.
-        normalization, qk_l2_norm, vp_stage, pp_rank: as Megatron's get_gpt_decoder_block_spec.
+        normalization, qk_l2_norm, vp_stage, pp_rank: as Megatron's get_gpt_decoder_block_spec
+            (with config None, vp_stage and pp_rank come from the block that builds the layer).
     """
+    if config is None:
+        if vp_stage is not None or pp_rank is not None:
+            raise ValueError(
+                "get_fluid_moe_layer_spec() without a config takes the pipeline stage from the "
+                "block that builds the layer: pass vp_stage/pp_rank only together with a config"
+            )
+        from megatron.core.transformer.spec_utils import ModuleSpec
+
+        return ModuleSpec(
+            module=FluidLayerFromConfig,
+            params=dict(
+                use_transformer_engine=use_transformer_engine,
+                normalization=normalization,
+                qk_l2_norm=qk_l2_norm,
+            ),
+        )
     import copy
 
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
@@ -119,3 +147,59 @@ def get_fluid_moe_layer_spec(
             cache[id(spec)] = fluidize_layer_spec(spec, config, use_transformer_engine)
         layers.append(cache[id(spec)])
     return dataclasses.replace(block, layer_specs=layers)
+
+
+class FluidLayerFromConfig(BaseTransformerLayer):
+    """Target of the config-less `get_fluid_moe_layer_spec()`: building it builds a layer.
+
+    TransformerBlock turns a layer ModuleSpec whose module subclasses BaseTransformerLayer into
+    one copy per layer of its stage, and builds each with `config`, `layer_number` (1-based within
+    the stage), `pg_collection` and `vp_stage`. `FluidLayerFromConfig(...)` then returns the
+    module that `get_fluid_moe_layer_spec(config, ...)`'s block spec gives that layer (a
+    TransformerLayer with FluidSelfAttention, and FluidMoELayer where moe_layer_freq puts an MoE
+    layer), built with the same arguments: never an instance of this class. The block's final
+    norm is what TransformerBlock gives any layer spec (as for Megatron's bare
+    `get_gpt_layer_local_spec()`).
+    """
+
+    def __new__(
+        cls,
+        config,
+        layer_number: int = 1,
+        *,
+        use_transformer_engine: Optional[bool] = None,
+        normalization: Optional[str] = None,
+        qk_l2_norm: bool = False,
+        vp_stage: Optional[int] = None,
+        pg_collection=None,
+        is_mtp_layer: bool = False,
+        **kwargs,
+    ):
+        from megatron.core.transformer.spec_utils import build_module
+        from megatron.core.utils import get_pg_rank
+
+        if is_mtp_layer:
+            raise ValueError(
+                "multi-token prediction layers need the explicit form: build the MTP block spec "
+                "from get_fluid_moe_layer_spec(config)"
+            )
+        pp_rank = None
+        if pg_collection is not None and getattr(pg_collection, "pp", None) is not None:
+            pp_rank = get_pg_rank(pg_collection.pp)
+        block = get_fluid_moe_layer_spec(
+            config,
+            use_transformer_engine=use_transformer_engine,
+            normalization=normalization,
+            qk_l2_norm=qk_l2_norm,
+            vp_stage=vp_stage,
+            pp_rank=pp_rank,
+        )
+        spec = block.layer_specs[layer_number - 1]
+        return build_module(
+            spec,
+            config=config,
+            layer_number=layer_number,
+            pg_collection=pg_collection,
+            vp_stage=vp_stage,
+            **kwargs,
+        )

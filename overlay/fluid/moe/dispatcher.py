@@ -440,3 +440,20 @@ class FluidTokenDispatcher:
         )
         self.plan = None
         return out.view(plan.hidden_shape)
+
+    # -- FluidMoE v0.5's one-call form (thin wrappers over the stages above) --------------------
+    def dispatch(self, hidden_states, routing_map, probs):
+        """Stages 1-3 at once: `[S, B, H]` or `[T, H]` tokens, the router's `routing_map [T, E]`
+        (bool) and `probs [T, E]` -> `(rows [N, H] grouped by local expert, tokens_per_expert
+        (G host ints), row probs [N])`, ready for the experts. Needs --fluid-moe-chunks 1 (as
+        `token_dispatch`); `combine` must follow before the next `dispatch`."""
+        rows, row_probs = self.dispatch_preprocess(hidden_states, routing_map, probs)
+        rows, row_probs = self.token_dispatch(rows, row_probs)
+        rows, tokens_per_expert, row_probs, _ = self.dispatch_postprocess(rows, row_probs)
+        return rows, tokens_per_expert, row_probs
+
+    def combine(self, expert_output):
+        """Stages 5-6 at once: the experts' `[N, H]` output of the last `dispatch` -> the layer
+        output, shaped like the `hidden_states` given to it."""
+        rows = self.token_combine(self.combine_preprocess(expert_output))
+        return self.combine_postprocess(rows)
