@@ -271,3 +271,22 @@ def _combined_equals_plain(rank, world):
 
 def test_combined_1f1b_equals_plain_schedule():
     run_distributed(_combined_equals_plain, 2)
+
+
+def test_combined_1f1b_needs_one_chunk():
+    """The schedule calls the stages one at a time (no chunked pipelining): refused at build
+    time, naming the flag."""
+    import pytest
+
+    from fluid.config import FluidConfigError
+    from fluid.megatron.validate import validate_config
+
+    cfg = _config()
+    validate_config(cfg)  # plain schedule, chunks 1
+    cfg.overlap_moe_expert_parallel_comm = True
+    validate_config(cfg)  # combined, chunks 1
+    cfg.fluid_moe_chunks = 2
+    with pytest.raises(FluidConfigError, match="--fluid-moe-chunks 1"):
+        validate_config(cfg)
+    cfg.overlap_moe_expert_parallel_comm = False
+    validate_config(cfg)  # chunks 2 without the schedule
