@@ -30,6 +30,7 @@ import torch
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.utils import get_pg_size
 
+from fluid.runtime import runtime_for
 from fluid.schedule import deferred_linear
 
 TP_UNSUPPORTED = (
@@ -62,6 +63,7 @@ class FluidColumnParallelLinear(ColumnParallelLinear):
         self.config = config
         self.gradient_accumulation_fusion = config.gradient_accumulation_fusion
         self.fluid_name = name or "column_parallel_linear"
+        self.fluid_scheduler = runtime_for(config).scheduler  # the model's (fluid.runtime)
         _check_tp(self)
 
     def forward(
@@ -97,6 +99,7 @@ class FluidColumnParallelLinear(ColumnParallelLinear):
             bias,
             name=self.fluid_name,
             gradient_accumulation_fusion=self.gradient_accumulation_fusion,
+            scheduler=self.fluid_scheduler,
         )
         return output, (self.bias if self.skip_bias_add else None)
 
@@ -113,6 +116,7 @@ class FluidRowParallelLinear(RowParallelLinear):
     def __init__(self, input_size: int, output_size: int, *, config, name: str | None = None, **kwargs):
         super().__init__(input_size, output_size, config=config, name=name, **kwargs)
         self.fluid_name = name or "row_parallel_linear"
+        self.fluid_scheduler = runtime_for(config).scheduler  # the model's (fluid.runtime)
         _check_tp(self)
 
     def forward(self, input_: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -124,6 +128,7 @@ class FluidRowParallelLinear(RowParallelLinear):
             bias,
             name=self.fluid_name,
             gradient_accumulation_fusion=self.gradient_accumulation_fusion,
+            scheduler=self.fluid_scheduler,
         )
         return output, (self.bias if self.skip_bias_add else None)
 

@@ -50,19 +50,22 @@ def _imported_megatron() -> dict:
 
 def status(config=None) -> dict:
     """Everything print_status shows, as a dict. The FluidMoE settings are the resolved
-    FluidConfig of `config` (a TransformerConfig or a FluidConfig); without one, of the model
-    built last in this process (the defaults before any)."""
+    FluidConfig of `config` (a TransformerConfig or a FluidConfig) and, for a model's config, the
+    state of that model's runtime (fluid.runtime); without one, of the model built last in this
+    process (the defaults and the scheduler of model-less code before any)."""
     from fluid.config import FluidConfig
+    from fluid.runtime import latest_runtime, live_runtimes
     from fluid.schedule import get_backward_scheduler
 
     state = json.loads(STATE_FILE.read_text()) if STATE_FILE.exists() else {}
-    sched = get_backward_scheduler()
-    if isinstance(config, FluidConfig):
-        fc = config
-    elif config is not None:
-        fc = FluidConfig.from_config(config)
+    if config is None:
+        rt = latest_runtime()
+        fc = rt.config if rt is not None else FluidConfig()
+    elif isinstance(config, FluidConfig):
+        rt, fc = None, config
     else:
-        fc = getattr(sched, "fluid_config", None) or FluidConfig()
+        rt, fc = getattr(config, "_fluid_runtime", None), FluidConfig.from_config(config)
+    sched = rt.scheduler if rt is not None else get_backward_scheduler()
     auto = lambda v: "auto" if v is None else v  # noqa: E731
     return {
         "fluid_version": __import__("fluid").__version__,
@@ -82,6 +85,7 @@ def status(config=None) -> dict:
             # (no group overlaps, e.g. one NVLink node under the auto policy).
             "defers_dw": sched.defers_dw(),
             "comm_groups": sched.num_comms,
+            "models": len(live_runtimes()),  # runtimes alive: one per model (or model chunk)
             "CUDA_DEVICE_MAX_CONNECTIONS": os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS"),
             # GEMMs beside an all-to-all leave SMs to NCCL (CommContext.beside_comm); auto =
             # 8 over a slow link, 0 otherwise.
@@ -121,7 +125,8 @@ def print_status(config=None) -> dict:
         f" CUDA_DEVICE_MAX_CONNECTIONS={sc['CUDA_DEVICE_MAX_CONNECTIONS']}"
     )
     print(f"  dW deferral  : {'on' if sc['defers_dw'] else 'off (inline)'}"
-          f" ({sc['comm_groups']} communication group(s) built so far),"
+          f" ({sc['comm_groups']} communication group(s) built so far,"
+          f" {sc['models']} model(s)),"
           f" SM carve-out beside all-to-alls={sc['sm_carveout']}")
     print(f"  MoE          : dedup={s['moe']['dedup']} chunks={s['moe']['chunks']}"
           f" grouped_mm={s['moe']['grouped_mm']}")

@@ -52,11 +52,19 @@ def megatron_tp1():
         dist.destroy_process_group()
 
 
+class _LatestScheduler:
+    """`get_backward_scheduler()` at each use: the scheduler of the model built last (each
+    `_pair` builds its linears from a new config, i.e. a new model with its own scheduler)."""
+
+    def __getattr__(self, name):
+        from fluid.schedule import get_backward_scheduler
+
+        return getattr(get_backward_scheduler(), name)
+
+
 @pytest.fixture()
 def sched():
-    from fluid.schedule import get_backward_scheduler
-
-    s = get_backward_scheduler()
+    s = _LatestScheduler()
     s.enable()
     s.reset_stats()
     yield s

@@ -92,6 +92,7 @@ def _worker(rank, world_size):
             ref = build_layer(config, pgc(tp_group, singles[rank]))
             fluid = build_layer(config, pgc(tp_group, cp_group), seed=99)
             fluid.load_state_dict(ref.state_dict())
+            sched = fluid.scheduler  # the model's (ref and fluid share `config`, so one runtime)
             assert fluid.kv_repeat == cp // math.gcd(num_groups, cp)
 
             torch.manual_seed(7)

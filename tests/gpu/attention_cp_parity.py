@@ -97,6 +97,7 @@ def main() -> int:
             "fluid", attention_config(cp=cp, dtype=dtype, **kw), pg_collection(tp, cp_group), seed=9, device=device
         )
         fluid.load_state_dict({k: v.to(dtype) if torch.is_tensor(v) else v for k, v in state.items()})
+        sched = fluid.scheduler  # the scheduler of fluid's model (fluid.runtime)
 
         g = torch.Generator(device=device).manual_seed(3)
         x_full = torch.randn(S, b, heads * hd, device=device, generator=g)

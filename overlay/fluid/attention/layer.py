@@ -51,10 +51,9 @@ from megatron.core.utils import get_pg_size
 
 from fluid.attention.core import FluidCoreAttention
 from fluid.attention.cp_layout import natural_to_zigzag, zigzag_to_natural
-from fluid.comm import CommContext, fluid_all_to_all_hp2sp, fluid_all_to_all_sp2hp
-from fluid.config import FluidConfig
+from fluid.comm import fluid_all_to_all_hp2sp, fluid_all_to_all_sp2hp
 from fluid.linear import FluidColumnParallelLinear, FluidRowParallelLinear
-from fluid.schedule import get_backward_scheduler
+from fluid.runtime import runtime_for
 
 
 def fluid_submodules(submodules: SelfAttentionSubmodules) -> SelfAttentionSubmodules:
@@ -136,11 +135,11 @@ class FluidSelfAttention(SelfAttention):
             )
         # kv heads are repeated `kv_repeat` times so that cp divides their number (module doc).
         self.kv_repeat = self.cp_size // math.gcd(ng, self.cp_size)
-        self.fluid_config = FluidConfig.from_config(config)
-        get_backward_scheduler().configure(self.fluid_config)
-        self.cp_comm = (
-            CommContext.from_fluid_config(cp_group, self.fluid_config) if self.cp_size > 1 else None
-        )
+        # The model's runtime (fluid.runtime): settings, scheduler, the CP group's one context.
+        self.fluid_runtime = runtime_for(config)
+        self.fluid_config = self.fluid_runtime.config
+        self.scheduler = self.fluid_runtime.scheduler
+        self.cp_comm = self.fluid_runtime.comm(cp_group) if self.cp_size > 1 else None
 
     # -- forward ----------------------------------------------------------------------------
     def forward(
@@ -165,7 +164,7 @@ class FluidSelfAttention(SelfAttention):
         or None. `rotary_pos_emb`: `[s, 1, 1, rot_dim]` for this rank (or a (q, k) pair), as
         Megatron's RotaryEmbedding returns it.
         """
-        get_backward_scheduler().on_forward()
+        self.scheduler.on_forward()
         self._refuse_unsupported(
             key_value_states,
             inference_context if inference_context is not None else inference_params,

@@ -146,7 +146,8 @@ def fwd_bwd(layer, x, emb, grad_out):
     """`(output + bias, dX, {param name: grad}, scheduler stats)` of one forward + backward."""
     from fluid.schedule import get_backward_scheduler
 
-    get_backward_scheduler().reset_stats()
+    sched = getattr(layer, "scheduler", None) or get_backward_scheduler()  # the layer's model's
+    sched.reset_stats()
     x = x.detach().clone().requires_grad_(True)
     layer.zero_grad(set_to_none=True)
     out, bias = layer(x, None, rotary_pos_emb=emb)
@@ -154,4 +155,4 @@ def fwd_bwd(layer, x, emb, grad_out):
         out = out + bias
     out.backward(grad_out)
     grads = {n: p.grad.clone() for n, p in layer.named_parameters()}
-    return out.detach(), x.grad, grads, get_backward_scheduler().get_stats()
+    return out.detach(), x.grad, grads, sched.get_stats()

@@ -69,9 +69,7 @@ class _AllToAll(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        from fluid.schedule import get_backward_scheduler
-
-        sched = get_backward_scheduler()
+        sched = ctx.comm.scheduler  # the model's (CommContext.scheduler)
         grad_in, handle = _launch(
             ctx.comm, grad_out, ctx.input_splits, ctx.output_splits, timing=sched.timing
         )

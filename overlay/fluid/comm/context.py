@@ -1,8 +1,8 @@
 """CommContext: the process group, its communication stream, and the async handle.
 
-One CommContext is created per process group (expert-parallel group, context-parallel group) by
-the layer that owns the group, and passed explicitly to every all-to-all; there are no module-level
-streams. On CUDA the context owns a dedicated stream: an all-to-all launched through it first
+One CommContext exists per process group (expert-parallel group, context-parallel group) and
+model: the model's FluidRuntime creates it when the first layer using the group is built, and the
+layers pass it explicitly to every all-to-all; there are no module-level streams. On CUDA the context owns a dedicated stream: an all-to-all launched through it first
 makes that stream wait for the compute stream (the input is ready), runs NCCL there, and returns
 a CommHandle; `handle.wait()` makes the *current* stream wait for the communication. The caller
 decides where to wait, so compute can be issued in between (this is how the backward scheduler
@@ -129,6 +129,9 @@ class CommContext:
         sm_carveout: SMs that GEMMs issued beside this group's all-to-alls leave free for NCCL
             (`--fluid-sm-carveout`: an int >= 0, or None / "auto" = AUTO_SM_CARVEOUT where the
             link is slow (`_link_is_slow`), else 0); see `beside_comm`.
+        scheduler: the BackwardScheduler that fills this group's backward windows (the model's;
+            set by fluid.runtime.FluidRuntime.comm). None: `default_scheduler()`, the one of code
+            without a model, so a context built by hand never changes a model's dW deferral.
     `CommContext.from_fluid_config(group, fluid_config)` takes the three from a FluidConfig.
     """
 
@@ -138,6 +141,7 @@ class CommContext:
     sm_carveout: Optional[int | str] = None
     stream: Optional[torch.cuda.Stream] = None
     _slow_link: Optional[bool] = None
+    scheduler: Optional[object] = None
 
     def __post_init__(self):
         if self.group is None:
@@ -161,18 +165,21 @@ class CommContext:
             # comes just before the token all-to-all in backward and took the whole expert dW
             # into a 0.13 ms window, leaving the 1.76 ms token window empty. gloo: no minimum.
             self.min_window_bytes = 1 << 20 if self.is_nccl else 0
-        from fluid.schedule.scheduler import get_backward_scheduler
+        if self.scheduler is None:  # built by hand, outside a model: never a model's scheduler
+            from fluid.schedule.scheduler import default_scheduler
 
-        get_backward_scheduler().register_comm(self)  # its policy gates deferral (overlap_possible)
+            self.scheduler = default_scheduler()
+        self.scheduler.register_comm(self)  # its policy gates deferral (overlap_possible)
 
     @classmethod
-    def from_fluid_config(cls, group, fluid_config) -> "CommContext":
+    def from_fluid_config(cls, group, fluid_config, scheduler=None) -> "CommContext":
         """A context for `group` with the overlap, window and carve-out settings of a FluidConfig."""
         return cls(
             group,
             overlap=fluid_config.overlap,
             min_window_bytes=fluid_config.min_window_bytes,
             sm_carveout=fluid_config.sm_carveout,
+            scheduler=scheduler,
         )
 
     def comm_stream(self) -> Optional[torch.cuda.Stream]:

@@ -2,7 +2,8 @@
 
 Installed under the entry-point group `megatron.training.log_hooks`; Megatron's `training_log`
 calls it at every --log-interval after printing the iteration line. It prints one line with the
-counters since the previous log (and timings with --fluid-scheduler-timing), then resets them.
+counters since the previous log (summed over the schedulers of every model chunk built from its
+own config; timings with --fluid-scheduler-timing), then resets them.
 """
 
 from __future__ import annotations
@@ -28,14 +29,37 @@ def format_stats(stats: dict) -> str:
     return "[FluidMoE scheduler] " + " | ".join(parts)
 
 
+def combined_stats(stats: list[dict]) -> dict:
+    """The stats of several schedulers (one per model chunk built from its own config) as one:
+    counters and times summed; overlap_efficiency only where a single scheduler has it."""
+    if len(stats) == 1:
+        return stats[0]
+    out: dict = {}
+    for s in stats:
+        for k, v in s.items():
+            if k == "overlap_efficiency":
+                continue
+            if isinstance(v, bool) or v is None:
+                out.setdefault(k, v)
+            elif isinstance(v, (int, float)):
+                out[k] = out.get(k, 0) + v
+    effs = [s["overlap_efficiency"] for s in stats if s.get("overlap_efficiency") is not None]
+    if any("a2a_ms" in s for s in stats):
+        out["overlap_efficiency"] = effs[0] if len(effs) == 1 else None
+    return out
+
+
 def log_scheduler_stats(iteration: int, args) -> None:
     if not getattr(args, "use_fluid_moe", False):
         return
     import torch.distributed as dist
 
+    from fluid.runtime import live_runtimes
     from fluid.schedule import get_backward_scheduler
 
-    sched = get_backward_scheduler()
+    scheds = [rt.scheduler for rt in live_runtimes()] or [get_backward_scheduler()]
+    stats = combined_stats([s.get_stats() for s in scheds])
     if not dist.is_initialized() or dist.get_rank() == 0:
-        print(f"iteration {iteration:8d} " + format_stats(sched.get_stats()), flush=True)
-    sched.reset_stats()
+        print(f"iteration {iteration:8d} " + format_stats(stats), flush=True)
+    for s in scheds:
+        s.reset_stats()

@@ -66,7 +66,7 @@ def has_main_grad(params) -> bool:
 
 class _SequentialExperts(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, probs, w1, w2, probe, counts, params, act, name):
+    def forward(ctx, x, probs, w1, w2, probe, counts, params, act, name, sched):
         num_rows, hidden = x.shape
         out = x.new_empty((num_rows, hidden))
         saved = []  # per expert: (h_g leaf, probs_g leaf, a_g with its activation graph)
@@ -87,6 +87,7 @@ class _SequentialExperts(torch.autograd.Function):
         ctx.save_for_backward(x, w1, w2)
         ctx.probe_index = None if probe is None else 4  # tensor inputs: x, probs, w1, w2, probe
         ctx.saved_experts, ctx.counts, ctx.params, ctx.name = saved, counts, params, name
+        ctx.sched = sched
         ctx.probs_meta = (probs.shape, probs.dtype, probs.requires_grad)
         return out
 
@@ -140,7 +141,7 @@ class _SequentialExperts(torch.autograd.Function):
             expert_dw(param1, dw1, g, d_h.t(), x[rows])
             del d_h, h_leaf, p_leaf, grads
         if not want_dw:
-            return dx, dprobs, None, None, None, None, None, None, None
+            return dx, dprobs, None, None, None, None, None, None, None, None
 
         # dW is complete; the scheduler runs this inline (this path is only taken when it would
         # not defer). Each stacked dW sits only in its box, so AccumulateGrad adopts it (no copy).
@@ -154,8 +155,8 @@ class _SequentialExperts(torch.autograd.Function):
                 elif direct and param.requires_grad:
                     mark_added_to_main_grad(param)
 
-        get_backward_scheduler().defer(hand_over, ctx.name)
-        return dx, dprobs, None, None, None, None, None, None, None
+        (ctx.sched or get_backward_scheduler()).defer(hand_over, ctx.name)
+        return dx, dprobs, None, None, None, None, None, None, None, None
 
 
 def sequential_experts(
@@ -167,8 +168,10 @@ def sequential_experts(
     act: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     *,
     name: str = "",
+    scheduler=None,
 ) -> torch.Tensor:
-    """`[T, H]` -> `[T, H]`: every local expert's MLP on its rows (see the module docstring).
+    """`[T, H]` -> `[T, H]`: every local expert's MLP on its rows (see the module docstring);
+    the dW hand-over goes through `scheduler` (the model's; default `get_backward_scheduler()`).
 
     Args:
         x_TH: rows of expert g contiguous, g ascending; counts: G host ints summing to T.
@@ -180,5 +183,5 @@ def sequential_experts(
     return _SequentialExperts.apply(
         x_TH, probs_T, weight1_GF1H.detach(), weight2_GHF.detach(),
         dw_probe(weight1_GF1H, weight2_GHF),
-        tuple(int(c) for c in counts), (weight1_GF1H, weight2_GHF), act, name,
+        tuple(int(c) for c in counts), (weight1_GF1H, weight2_GHF), act, name, scheduler,
     )

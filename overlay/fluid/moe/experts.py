@@ -43,10 +43,9 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from fluid.moe.expert_loop import has_main_grad, sequential_experts
-from fluid.config import FluidConfig
 from fluid.moe.grouped_gemm import GroupedMMFallbacks, grouped_linear, offsets_for, use_grouped_mm
 from fluid.moe.scale_rows import scale_rows
-from fluid.schedule import get_backward_scheduler
+from fluid.runtime import runtime_for
 
 _FC_NAMES = ("linear_fc1", "linear_fc2")
 
@@ -77,8 +76,11 @@ class FluidGroupedMLP(MegatronModule):
             raise ValueError("FluidGroupedMLP does not support use_te_activation_func")
         if config.moe_latent_size:
             raise ValueError("FluidGroupedMLP does not support moe_latent_size")
-        # auto|on|off (--fluid-grouped-gemm); a bad value fails here, at build time
-        self.grouped_gemm = FluidConfig.from_config(config).grouped_gemm
+        # The model's runtime (fluid.runtime): the scheduler that takes the dW, and
+        # --fluid-grouped-gemm (auto|on|off; a bad value fails here, at build time).
+        runtime = runtime_for(config)
+        self.scheduler = runtime.scheduler
+        self.grouped_gemm = runtime.config.grouped_gemm
         self.num_local_experts = num_local_experts
         self.ep_group = pg_collection.ep
         self.dp_group = pg_collection.expt_dp
@@ -175,23 +177,26 @@ class FluidGroupedMLP(MegatronModule):
             x = (permuted_probs.unsqueeze(-1) * x).to(permuted_hidden.dtype)
             permuted_probs = torch.ones_like(permuted_probs)
         if not use_grouped_mm(x, counts, self.macs_per_row, self.grouped_gemm):
-            inline = not get_backward_scheduler().defers_dw()
+            inline = not self.scheduler.defers_dw()
             if inline and has_main_grad((self.weight1, self.weight2)):
                 # Per-expert GEMMs, dW inline anyway, and Megatron DDP's main_grad to add each
                 # expert's dW into: run the experts one after another in backward too, as
                 # SequentialMLP does, with stock's peak memory (see expert_loop).
                 out = sequential_experts(
                     x, permuted_probs, self.weight1, self.weight2, counts,
-                    self._weighted_activation, name=self.name,
+                    self._weighted_activation, name=self.name, scheduler=self.scheduler,
                 )
                 return out, None
             offs = None  # grouped_linear's per-expert loop
         elif offs is None:
             offs = offsets_for(counts, permuted_hidden.device)
         fb = self.grouped_mm_fallbacks
-        h = grouped_linear(x, self.weight1, counts, offs, name=f"{self.name}.fc1", fallbacks=fb)
+        sched = self.scheduler
+        h = grouped_linear(x, self.weight1, counts, offs, name=f"{self.name}.fc1", fallbacks=fb,
+                           scheduler=sched)
         a = self._weighted_activation(h, permuted_probs)
-        out = grouped_linear(a, self.weight2, counts, offs, name=f"{self.name}.fc2", fallbacks=fb)
+        out = grouped_linear(a, self.weight2, counts, offs, name=f"{self.name}.fc2", fallbacks=fb,
+                             scheduler=sched)
         return out, None
 
     def backward_dw(self) -> None:

@@ -45,7 +45,7 @@ from fluid.config import FluidConfig, FluidConfigError
 from fluid.moe.dispatcher import FluidTokenDispatcher
 from fluid.moe.experts import FluidGroupedMLP
 from fluid.moe.router import FluidTopKRouter
-from fluid.schedule import get_backward_scheduler
+from fluid.runtime import runtime_for
 
 
 # Megatron dispatcher settings FluidTokenDispatcher stands in for (see validate_config).
@@ -175,9 +175,11 @@ class FluidMoELayer(MoELayer):
         router_cls = FluidTopKRouter if submodules.router is TopKRouter else submodules.router
         self.router = router_cls(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer)
 
-        self.fluid_config = FluidConfig.from_config(config)
-        get_backward_scheduler().configure(self.fluid_config)
-        self.comm = CommContext.from_fluid_config(self.ep_group, self.fluid_config)
+        # The model's runtime: its settings, its scheduler, the EP group's one CommContext.
+        self.fluid_runtime = runtime_for(config)
+        self.fluid_config = self.fluid_runtime.config
+        self.scheduler = self.fluid_runtime.scheduler
+        self.comm = self.fluid_runtime.comm(self.ep_group)
         self.num_chunks = resolve_num_chunks(config, num_chunks)
         self.token_dispatcher = FluidTokenDispatcher(
             self.num_local_experts, self.local_expert_indices, config, self.comm, self.num_chunks,
@@ -224,7 +226,7 @@ class FluidMoELayer(MoELayer):
             raise ValueError(
                 "During training, MoE with tensor parallelism needs sequence parallelism."
             )
-        get_backward_scheduler().on_forward()
+        self.scheduler.on_forward()
         if padding_mask is not None:
             padding_mask = padding_mask.transpose(0, 1).bool()
         disp = self.token_dispatcher

@@ -8,8 +8,8 @@ T_dX + T_dW + T_a2a into T_dX + max(T_dW, T_a2a).
 
 Protocol (one backward pass, i.e. one `torch.autograd.backward` call):
   1. A Fluid op's backward calls `defer(fn)`. Outside a backward, with the scheduler disabled, or
-     when no all-to-all of this process can take dW beside it (every CommContext's overlap policy
-     says no: the auto policy over NVLink, see CommContext.should_overlap), `fn` runs inline,
+     when no all-to-all of this scheduler's model can take dW beside it (every CommContext of its
+     runtime says no: the auto policy over NVLink, see CommContext.should_overlap), `fn` runs inline,
      exactly where stock Megatron computes dW: deferring it would only hold its activations
      longer. Otherwise it is queued and, once per backward pass, an end-of-backward callback is
      armed on the autograd engine.
@@ -76,7 +76,7 @@ class _Window:
 
 
 class BackwardScheduler:
-    """One per process (`get_backward_scheduler()`).
+    """One per model (fluid.runtime.FluidRuntime; `get_backward_scheduler()` for the latest).
 
     Args:
         enabled: defer dW into all-to-all windows (`--fluid-scheduler`, default on). Disabled,
@@ -92,14 +92,12 @@ class BackwardScheduler:
         self._armed_for: Optional[int] = None
         self.trace: Optional[list] = None  # set to a list to record (task name, kind) in run order
         self._comms: "weakref.WeakSet" = weakref.WeakSet()  # live CommContexts (register_comm)
-        self.fluid_config = None  # the FluidConfig last applied by `configure`
         self.reset_stats()
 
     def configure(self, fluid_config) -> None:
         """Take the switches of a FluidConfig (`--fluid-scheduler`, `--fluid-scheduler-timing`)."""
         self.enabled = fluid_config.scheduler
         self.timing = fluid_config.scheduler_timing
-        self.fluid_config = fluid_config
 
     # -- switches ---------------------------------------------------------------------------
     def enable(self) -> None:
@@ -118,7 +116,8 @@ class BackwardScheduler:
         return len(self._queue)
 
     def register_comm(self, comm) -> None:
-        """Called by every CommContext: its policy decides whether deferring can pay at all."""
+        """Called by every CommContext whose windows this scheduler fills: their policies decide
+        whether deferring can pay at all."""
         self._comms.add(comm)
 
     @property
@@ -126,19 +125,23 @@ class BackwardScheduler:
         """Live CommContexts registered so far."""
         return len(self._comms)
 
-    def overlap_possible(self) -> bool:
-        """False when CommContexts exist and none overlaps compute with its all-to-alls: then a
-        queued dW would only run after some wait, later than inline and holding memory longer.
-        True with no CommContext at all (e.g. deferred linears tested alone)."""
+    def overlap_possible(self, comm=None) -> bool:
+        """Whether a queued dW can run beside an all-to-all: of `comm` when given (the group
+        whose window will take it), else of any CommContext registered here (this model's).
+        False then means a queued dW would only run after some wait, later than inline and
+        holding memory longer. True with no CommContext at all (deferred linears tested alone)."""
+        if comm is not None:
+            return comm.should_overlap()
         comms = list(self._comms)
         return not comms or any(c.should_overlap() for c in comms)
 
-    def defers_dw(self) -> bool:
-        """Whether a dW handed to `defer` inside a backward would be queued (not run inline).
+    def defers_dw(self, comm=None) -> bool:
+        """Whether a dW handed to `defer` inside a backward would be queued (not run inline);
+        `comm` as in `overlap_possible`.
 
         Layers ask this at forward time to pick a backward that needs no deferral when none will
         happen (FluidGroupedMLP's per-expert path, fluid.moe.expert_loop)."""
-        return self.enabled and self.overlap_possible()
+        return self.enabled and self.overlap_possible(comm)
 
     # -- producer side ----------------------------------------------------------------------
     def defer(self, fn: Callable[[], None], name: str = "") -> None:
@@ -313,13 +316,22 @@ class BackwardScheduler:
         return s
 
 
-_SCHEDULER: Optional[BackwardScheduler] = None
+_DEFAULT: Optional[BackwardScheduler] = None
+
+
+def default_scheduler() -> BackwardScheduler:
+    """The scheduler of code that runs without a model's runtime (a CommContext or a deferred
+    linear built by hand, as in tests): default settings, created on first use."""
+    global _DEFAULT
+    if _DEFAULT is None:
+        _DEFAULT = BackwardScheduler()
+    return _DEFAULT
 
 
 def get_backward_scheduler() -> BackwardScheduler:
-    """The process's BackwardScheduler (created on first use with the defaults; Fluid layers set
-    its switches from their FluidConfig when built)."""
-    global _SCHEDULER
-    if _SCHEDULER is None:
-        _SCHEDULER = BackwardScheduler()
-    return _SCHEDULER
+    """The scheduler of the most recently built model that is still alive (fluid.runtime): with
+    one model per process, that model's. Before any model, `default_scheduler()`."""
+    from fluid.runtime import latest_runtime
+
+    rt = latest_runtime()
+    return rt.scheduler if rt is not None else default_scheduler()
