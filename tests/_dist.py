@@ -1,4 +1,4 @@
-"""Spawn CPU worker processes on gloo for the multi-process tier (tests/dist).
+"""Start CPU worker processes on gloo for the multi-process tier (tests/dist).
 
 `run_distributed(fn, world_size, *args)` starts `world_size` processes, each initialises a gloo
 default group on a free loopback port and calls `fn(rank, world_size, *args)`; `fn` must be a

@@ -22,9 +22,10 @@ fresh output by 1 ulp. Bitwise equality is therefore not a property of the code.
 dot product changes by at most about n * eps * sum|a_k b_k| under reordering; the longest chain of
 reductions after the first GEMM that may differ is d_a (H terms) then dx (2F terms), with O(1)
 values, so the bound is (H + 2F) * eps * max(1, max|ref|) = 3.8e-6 at unit scale (measured: at
-most 1.9 eps * scale over 1500 seeded cases). A wrong row, expert or probability changes entries
-by > 1e-2. Exact comparisons (torch.equal) stay where both sides run the same operations on the
-same buffers: a zero-row expert's explicit zero dW, and reentrant checkpointing vs the plain run.
+most 1.9 eps * scale in 1500 seeded comparisons). A wrong row, expert or probability changes
+entries by > 1e-2. Exact comparisons (torch.equal) stay where both sides run the same operations
+on the same buffers: a zero-row expert's explicit zero dW, and reentrant checkpointing vs the plain
+run.
 """
 
 import gc
@@ -49,7 +50,8 @@ def assert_fp32_close(got, ref, what, micro_batches=1):
     accumulated into the same tensor)."""
     atol = micro_batches * FP32_TERMS * EPS * max(1.0, ref.abs().max().item())
     torch.testing.assert_close(
-        got, ref, rtol=0, atol=atol, msg=lambda m: f"{what} differs from the composition: {m} (atol {atol:.2e})"
+        got, ref, rtol=0, atol=atol,
+        msg=lambda m: f"{what} differs from the composition: {m} (atol {atol:.2e})",
     )
 
 
