@@ -100,7 +100,7 @@ def _check_round_trip(rank, ws, pg, glu, root):
         # host copies (filesystem_async.preload_tensors; CPU tensors: nothing to wait for) and
         # `device=torch.cuda.current_device()` for a one-int failure all-reduce
         # (state_dict_saver.save_state_dict_async_finalize; gloo reduces it on the CPU). This is
-        # a spawned worker process, so the patch dies with it.
+        # a worker process of its own (tests/_dist.py), so the patch dies with it.
         torch.cuda.synchronize = lambda *args, **kwargs: None
         torch.cuda.current_device = lambda: "cpu"
     ckpt_dir = f"{root}/glu{int(glu)}"
