@@ -64,7 +64,7 @@ def scheduler_of(layer):
         if obj is not None and hasattr(obj, "get_stats"):
             return obj
     for m in layer.modules():
-        rt = getattr(m, "runtime", None)
+        rt = getattr(m, "fluid_runtime", None)
         if rt is not None and hasattr(getattr(rt, "scheduler", None), "get_stats"):
             return rt.scheduler
     from fluid.schedule import get_backward_scheduler
@@ -73,10 +73,9 @@ def scheduler_of(layer):
 
 
 def _own_runtime(layer) -> bool:
-    """Whether the layer reaches a scheduler of its own model (not only the process's)."""
-    from fluid.schedule import get_backward_scheduler
-
-    return scheduler_of(layer) is not get_backward_scheduler()
+    """Whether the layer's Fluid modules belong to a model runtime (fluid.runtime.FluidRuntime,
+    one per model), whose scheduler no other layer shares."""
+    return any(getattr(m, "fluid_runtime", None) is not None for m in layer.modules())
 
 
 def scheduler_binder(layer):
