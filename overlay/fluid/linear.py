@@ -33,17 +33,12 @@ from megatron.core.utils import get_pg_size
 from fluid.runtime import runtime_for
 from fluid.schedule import deferred_linear
 
-TP_UNSUPPORTED = (
-    "FluidMoE supports tensor_model_parallel_size=1 (got a tensor-parallel group of size {}) for "
-    "{}; use context parallelism (Ulysses attention) and expert parallelism instead, or build "
-    "this layer with Megatron's stock linears."
-)
 
 
 def _check_tp(layer: torch.nn.Module) -> None:
-    size = get_pg_size(layer.tp_group)
-    if size != 1:
-        raise ValueError(TP_UNSUPPORTED.format(size, type(layer).__name__))
+    from fluid.megatron.validate import check_tensor_parallel_size
+
+    check_tensor_parallel_size(get_pg_size(layer.tp_group), type(layer).__name__)
 
 
 class FluidColumnParallelLinear(ColumnParallelLinear):

@@ -76,3 +76,21 @@ def test_no_fluid_env_read_outside_config_construction():
     named = [str(p.relative_to(OVERLAY)) for p in OVERLAY.rglob("*.py")
              if p.name != "config.py" and names.search(p.read_text())]
     assert named == []
+
+
+@pytest.mark.parametrize("fields,flag", [
+    ({"fluid_overlap": "bogus"}, "--fluid-overlap"),
+    ({"fluid_min_window_bytes": -1}, "--fluid-min-window-bytes"),
+    ({"moe_router_topk": 5, "moe_router_load_balancing_type": "none"}, "--moe-router-topk 5"),
+    ({"fluid_moe_dedup": "on", "fluid_moe_chunks": 2}, "--fluid-moe-chunks 1"),
+])
+def test_model_build_validator_names_the_flag(fields, flag):
+    """What the layer-spec hook and get_fluid_moe_layer_spec run when the model is built."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from fluid.megatron.validate import validate_config
+
+    cfg = TransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_moe_experts=4,
+                            use_cpu_initialization=True, use_fluid_moe=True, **fields)
+    with pytest.raises(FluidConfigError, match=re.escape(flag)):
+        validate_config(cfg)

@@ -53,6 +53,7 @@ from fluid.attention.core import FluidCoreAttention
 from fluid.attention.cp_layout import natural_to_zigzag, zigzag_to_natural
 from fluid.comm import fluid_all_to_all_hp2sp, fluid_all_to_all_sp2hp
 from fluid.linear import FluidColumnParallelLinear, FluidRowParallelLinear
+from fluid.megatron.validate import check_tensor_parallel_size, validate_config
 from fluid.runtime import runtime_for
 
 
@@ -105,14 +106,7 @@ class FluidSelfAttention(SelfAttention):
         pp_layer_offset: Optional[int] = None,
         name: str | None = None,
     ):
-        if config.tensor_model_parallel_size != 1:
-            raise ValueError(
-                "FluidMoE supports tensor_model_parallel_size=1 "
-                f"(got {config.tensor_model_parallel_size}); use context parallelism "
-                "(--context-parallel-size) for long sequences instead."
-            )
-        if config.fused_single_qkv_rope:
-            raise ValueError("FluidSelfAttention does not support fused_single_qkv_rope")
+        check_tensor_parallel_size(config.tensor_model_parallel_size, "FluidSelfAttention")
         super().__init__(
             config=config,
             submodules=fluid_submodules(submodules),
@@ -123,16 +117,11 @@ class FluidSelfAttention(SelfAttention):
             pp_layer_offset=pp_layer_offset,
             name=name,
         )
-        if get_pg_size(self.pg_collection.tp) != 1:
-            raise ValueError("FluidMoE supports a tensor-parallel group of size 1 only")
+        # The one validator, on the groups this layer runs on (TP 1, CP divides the heads, ...).
+        validate_config(config, self.pg_collection, moe=False)
         cp_group = getattr(self.pg_collection, "cp", None)
         self.cp_size = get_pg_size(cp_group) if cp_group is not None else 1
-        np_, ng = config.num_attention_heads, config.num_query_groups
-        if np_ % self.cp_size:
-            raise ValueError(
-                f"FluidSelfAttention: context_parallel_size {self.cp_size} must divide "
-                f"num_attention_heads {np_} (Ulysses gives each CP rank heads/cp heads)"
-            )
+        ng = config.num_query_groups
         # kv heads are repeated `kv_repeat` times so that cp divides their number (module doc).
         self.kv_repeat = self.cp_size // math.gcd(ng, self.cp_size)
         # The model's runtime (fluid.runtime): settings, scheduler, the CP group's one context.

@@ -14,12 +14,16 @@ Shape legend: S sequence, B micro-batch, H hidden; T = S*B local tokens.
 In backward every all-to-all (fluid_all_to_all) lets the BackwardScheduler run the expert dW
 (deferred by FluidGroupedMLP) while the gradient is on the wire.
 
-It subclasses MoELayer (Megatron checks `isinstance(mlp, MoELayer)` for aux-loss logging and
-more) but does not run MoELayer.__init__, whose dispatcher creates CUDA streams and which
-builds experts from the spec: the router and shared experts come from the spec's
-MoESubmodules, the experts and dispatcher are Fluid's. State-dict keys equal those of the stock
-layer built from the local spec (router.*, experts.local_experts.{i}.linear_fc{1,2}.*,
-shared_experts.*), see FluidGroupedMLP.
+It is a MoELayer (Megatron checks `isinstance(mlp, MoELayer)` for aux-loss logging and more)
+built by MoELayer.__init__ itself, so every attribute upstream's methods read is set by upstream's
+own code, at any pin. What Fluid replaces goes in through the spec or is swapped afterwards:
+  - the spec's `experts` becomes FluidGroupedMLP and a stock TopKRouter FluidTopKRouter (same
+    parameters), so MoELayer.__init__ builds those; router and shared experts are the spec's;
+  - the token dispatcher MoELayer.__init__ builds is replaced by FluidTokenDispatcher. It is
+    built as Megatron's allgather dispatcher (whose constructor only stores sizes; the alltoall
+    one creates a CUDA stream, impossible on a CPU host) and dropped.
+State-dict keys equal those of the stock layer built from the local spec (router.*,
+experts.local_experts.{i}.linear_fc{1,2}.*, shared_experts.*), see FluidGroupedMLP.
 
 The stage methods used by Megatron's combined-1F1B schedule (route, preprocess, dispatch,
 routed_experts_compute, combine, postprocess) work with num_chunks = 1, which that schedule
@@ -29,27 +33,23 @@ routed_experts_compute, combine, postprocess) work with num_chunks = 1, which th
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Optional
 
 import torch
 
-from megatron.core import utils
 from megatron.core.process_groups_config import ProcessGroupCollection
-from megatron.core.transformer.moe.moe_layer import BaseMoELayer, MoELayer, MoESubmodules
-from megatron.core.transformer.moe.moe_utils import MoECudaGraphTensorStore
+from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from fluid.comm import CommContext
 from fluid.config import FluidConfig, FluidConfigError
 from fluid.moe.dispatcher import FluidTokenDispatcher
+from fluid.megatron.validate import SUPPORTED_DISPATCHER_SETTINGS, validate_config
 from fluid.moe.experts import FluidGroupedMLP
 from fluid.moe.router import FluidTopKRouter
 from fluid.runtime import runtime_for
-
-
-# Megatron dispatcher settings FluidTokenDispatcher stands in for (see validate_config).
-SUPPORTED_DISPATCHER_SETTINGS = ("alltoall", "allgather")
 
 
 def resolve_num_chunks(config: TransformerConfig, num_chunks: Optional[int] = None) -> int:
@@ -81,52 +81,17 @@ def resolve_dedup(config: TransformerConfig, comm: Optional[CommContext] = None,
     )
 
 
-def validate_config(config: TransformerConfig, pg_collection: ProcessGroupCollection) -> None:
-    """Reject, with the reason, every setting FluidMoELayer does not implement."""
-    ep_size = utils.get_pg_size(pg_collection.ep)
-    if config.num_moe_experts is None or config.num_moe_experts % ep_size:
-        raise ValueError(
-            f"FluidMoELayer: num_moe_experts ({config.num_moe_experts}) must be divisible by the "
-            f"expert-parallel size ({ep_size})"
-        )
-    if utils.get_pg_size(pg_collection.expt_tp) != 1:
-        raise ValueError("FluidMoELayer supports expert_tensor_parallel_size = 1 only")
-    # FluidTokenDispatcher replaces Megatron's dispatcher whichever of the two classic ones is
-    # configured (Megatron's default is allgather): routing and token dropping are the router's,
-    # so the math does not depend on it. The flex (DeepEP/HybridEP) dispatcher's own features are
-    # not implemented.
-    if config.moe_token_dispatcher_type not in SUPPORTED_DISPATCHER_SETTINGS:
-        raise ValueError(
-            "FluidMoELayer replaces Megatron's token dispatcher with its own all-to-all one and "
-            f"does not implement {config.moe_token_dispatcher_type!r}: set "
-            "--moe-token-dispatcher-type alltoall (or leave Megatron's default, allgather)"
-        )
-    unsupported = {
-        "overlap_dispatch_backward_with_experts_wgrad": "TE's delayed expert wgrad (the "
-        "BackwardScheduler does this)",
-        "moe_shared_expert_overlap": "the stock shared-expert side stream (FluidMoELayer always "
-        "computes the shared experts during the dispatch all-to-all)",
-        "moe_pad_expert_input_to_capacity": "padding expert inputs to capacity (capacity factor "
-        "with dropping but without padding is supported)",
-        "moe_router_padding_for_quantization": "fp8/fp4 routing-map padding",
-        "moe_latent_size": "MoE latent projections",
-        "fp8": "fp8 experts",
-        "fp4": "fp4 experts",
-    }
-    for attr, what in unsupported.items():
-        if getattr(config, attr, None):
-            raise ValueError(f"FluidMoELayer does not support {attr}: {what}")
-    if getattr(config, "cuda_graph_impl", "none") != "none":
-        raise ValueError("FluidMoELayer does not support CUDA graphs (cuda_graph_impl)")
-    if getattr(config, "transformer_impl", None) == "inference_optimized":
-        raise ValueError("FluidMoELayer does not support transformer_impl='inference_optimized'")
-    if config.recompute_granularity == "selective" and (
-        {"moe", "shared_experts"} & set(config.recompute_modules or [])
-    ):
-        raise ValueError(
-            "FluidMoELayer does not support selective recompute of 'moe'/'shared_experts' "
-            "(deferred dW closures would be re-created inside the recompute)"
-        )
+@contextlib.contextmanager
+def _stock_dispatcher_as_allgather(config):
+    """MoELayer.__init__ builds the dispatcher `moe_token_dispatcher_type` names; FluidMoELayer
+    replaces it. Built as allgather (the other supported setting, SUPPORTED_DISPATCHER_SETTINGS),
+    whose constructor allocates nothing; the setting is restored on exit."""
+    saved = config.moe_token_dispatcher_type
+    config.moe_token_dispatcher_type = "allgather"
+    try:
+        yield
+    finally:
+        config.moe_token_dispatcher_type = saved
 
 
 class FluidMoELayer(MoELayer):
@@ -138,9 +103,8 @@ class FluidMoELayer(MoELayer):
             FluidTopKRouter, same parameters) and `shared_experts` are used, `experts` is replaced
             by FluidGroupedMLP.
         layer_number, is_mtp_layer, name: as MoELayer.
-        pg_collection: process groups (`ep`, `tp`, `expt_tp`, `expt_dp`, router's `cp`,
-            `tp_cp`, `tp_dp_cp`); if None they are taken from Megatron's parallel_state once,
-            here, as the stock layer does.
+        pg_collection: the model's process groups (`ep`, `tp`, `expt_tp`, `expt_dp`, `tp_ep`,
+            router's `cp`, `tp_cp`, `tp_dp_cp`); Megatron's TransformerLayer always passes it.
         num_chunks: forward pipelining depth; default `--fluid-moe-chunks` (`resolve_num_chunks`).
     """
 
@@ -157,24 +121,20 @@ class FluidMoELayer(MoELayer):
         if submodules is None:
             raise ValueError("FluidMoELayer needs the spec's MoESubmodules (router, shared_experts)")
         if pg_collection is None:
-            pg_collection = ProcessGroupCollection.use_mpu_process_groups()
+            raise ValueError("FluidMoELayer needs the model's pg_collection (explicit process "
+                             "groups; Megatron's TransformerLayer passes it)")
         validate_config(config, pg_collection)
-        BaseMoELayer.__init__(
-            self,
-            config=config,
-            layer_number=layer_number,
-            pg_collection=pg_collection,
-            is_mtp_layer=is_mtp_layer,
-        )
-        self.submodules = submodules
-        self.tp_group = pg_collection.tp
-        self.moe_layer_recompute = False
-        self.shared_experts_recompute = False
-        self.shared_expert_overlap = False
-
-        router_cls = FluidTopKRouter if submodules.router is TopKRouter else submodules.router
-        self.router = router_cls(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer)
-
+        router = FluidTopKRouter if submodules.router is TopKRouter else submodules.router
+        fluid_submodules = dataclasses.replace(submodules, router=router, experts=FluidGroupedMLP)
+        with _stock_dispatcher_as_allgather(config):
+            super().__init__(
+                config=config,
+                submodules=fluid_submodules,
+                layer_number=layer_number,
+                pg_collection=pg_collection,
+                is_mtp_layer=is_mtp_layer,
+                name=name,
+            )
         # The model's runtime: its settings, its scheduler, the EP group's one CommContext.
         self.fluid_runtime = runtime_for(config)
         self.fluid_config = self.fluid_runtime.config
@@ -185,26 +145,6 @@ class FluidMoELayer(MoELayer):
             self.num_local_experts, self.local_expert_indices, config, self.comm, self.num_chunks,
             dedup=resolve_dedup(config, self.comm, self.num_chunks),
         )
-        self.experts = FluidGroupedMLP(
-            self.num_local_experts,
-            config,
-            pg_collection=pg_collection,
-            name=(name + ".experts") if name is not None else "experts",
-        )
-        if self.use_shared_expert:
-            if submodules.shared_experts is None:
-                raise ValueError("moe_shared_expert_intermediate_size is set but the spec has no "
-                                 "shared_experts builder")
-            self.shared_experts = submodules.shared_experts(
-                config=config,
-                pg_collection=pg_collection,
-                gate=config.moe_shared_expert_gate,
-                name=(name + ".shared_experts") if name is not None else None,
-            )
-        self.cudagraph_tensor_store = MoECudaGraphTensorStore()
-        self.fwd_execution_map = ["route", "expert_compute", "postprocess"]
-        self._delayed_wgrad_event = None
-        self._delayed_wgrad_stream = None
 
     def routed_experts_compute(self, hidden_states: torch.Tensor, probs: torch.Tensor):
         """Stage API (num_chunks = 1): sort by expert, experts, unsort."""
