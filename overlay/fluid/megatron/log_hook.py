@@ -19,6 +19,8 @@ def format_stats(stats: dict) -> str:
         ("a2a", "a2a_calls"),
         ("skipped windows", "skipped_windows"),
         ("stale", "dropped_stale_tasks"),
+        ("failed", "failed_dw_tasks"),
+        ("discarded", "discarded_dw_tasks"),
     ]
     parts = [f"{label} {stats.get(k, 0)}" for label, k in keys]
     if stats.get("a2a_ms") is not None:

@@ -28,10 +28,14 @@ exists, never before. Buckets cannot reduce early, `finalize_model_grads` and th
 after the backward call returned (after step 3), and the next micro-batch starts from a flushed
 queue.
 
-Failure: a closure that raises clears the queue before the exception propagates. If another op
-raises, the engine never reaches step 3; the stale closures are dropped (with a warning) the next
-time a Fluid layer runs forward, so no activation is held past the next step and the next step's
-gradients are not polluted.
+Every task is accounted for: total_dw_tasks = completed + failed + discarded + dropped_stale +
+pending (`get_stats()`).
+
+Failure: a closure that raises clears the queue before the exception propagates; it counts as
+failed, the queued tasks as discarded, and both are logged. If another op raises, the engine
+never reaches step 3; the stale closures are dropped (with a warning) the next time a Fluid layer
+runs forward, so no activation is held past the next step and the next step's gradients are not
+polluted.
 
 Reentrant checkpointing: a recomputed layer's backward is a nested graph task; its tasks join the
 same queue, and the callback armed for the nested task flushes the queue when the nested backward
@@ -208,9 +212,9 @@ class BackwardScheduler:
             self._drain(kind="flushed")
 
     def clear(self) -> None:
-        """Drop pending tasks without running them (their gradients are lost)."""
-        self._queue.clear()
-        self._armed_for = None
+        """Drop pending tasks without running them (their gradients are lost; counted in
+        `discarded_dw_tasks`)."""
+        self._discard("discarded_dw_tasks")
 
     # -- internals --------------------------------------------------------------------------
     def _on_backward_end(self) -> None:
@@ -218,10 +222,14 @@ class BackwardScheduler:
         self.flush()
 
     def _drop_stale(self, why: str) -> None:
-        n = len(self._queue)
-        log.warning("FluidMoE: dropping %d stale dW task(s): %s", n, why)
-        self._stats["dropped_stale_tasks"] += n
-        self.clear()
+        log.warning("FluidMoE: dropping %d stale dW task(s): %s", len(self._queue), why)
+        self._discard("dropped_stale_tasks")
+
+    def _discard(self, counter: str) -> None:
+        """Empty the queue, counting the tasks in `counter`."""
+        self._stats[counter] += len(self._queue)
+        self._queue.clear()
+        self._armed_for = None
 
     def _drain(self, kind: str) -> None:
         while self._queue:
@@ -230,8 +238,15 @@ class BackwardScheduler:
     def _run(self, task: _Task, kind: str) -> None:
         try:
             task.fn()
-        except BaseException:
-            self.clear()
+        except BaseException as exc:
+            # The failed task and every task still queued are lost: count and log them, so the
+            # stats still add up (module docstring, "Failure").
+            self._stats["failed_dw_tasks"] += 1
+            log.error(
+                "FluidMoE: dW task %r raised %s: %s; %d queued dW task(s) discarded, their "
+                "weight gradients are lost", task.name, type(exc).__name__, exc, len(self._queue),
+            )
+            self._discard("discarded_dw_tasks")
             raise
         self._stats["completed_dw_tasks"] += 1
         self._stats[f"{kind}_dw_tasks"] += 1
@@ -257,6 +272,8 @@ class BackwardScheduler:
                 "after_wait_dw_tasks",
                 "inline_dw_tasks",
                 "flushed_dw_tasks",
+                "failed_dw_tasks",
+                "discarded_dw_tasks",
                 "dropped_stale_tasks",
                 "a2a_calls",
                 "overlapped_windows",
@@ -273,8 +290,9 @@ class BackwardScheduler:
         overlapped_dw_tasks (ran while an all-to-all was in flight), after_wait_dw_tasks (ran
         right after a short all-to-all, see CommContext.should_overlap), inline_dw_tasks
         (scheduler off, outside backward, or no CommContext overlaps: `overlap_possible`),
-        flushed_dw_tasks (end of backward),
-        dropped_stale_tasks, a2a_calls, overlapped_windows, skipped_windows (all-to-alls below
+        flushed_dw_tasks (end of backward), failed_dw_tasks (closures that raised),
+        discarded_dw_tasks (queued tasks dropped unrun: after a failure, or by `clear()`),
+        dropped_stale_tasks (queued tasks a forward found left over), a2a_calls, overlapped_windows, skipped_windows (all-to-alls below
         CommContext.min_window_bytes, left for a larger window). With timing on (CUDA): a2a_ms (sum of
         all backward all-to-alls, comm-stream events), overlapped_a2a_ms, dw_in_window_ms,
         window_ms (launch of the dW to the end of the wait, overlapped windows only) and
