@@ -60,14 +60,17 @@ def _describe(spec):
     return (name(spec), name(s.self_attention), name(s.mlp), name(s.input_layernorm))
 
 
-def test_hook_called_and_replacement_in_pattern():
+def _override(monkeypatch, fn):
+    """Replace the installed hook's transformation (Megatron loads the entry point per call)."""
+    monkeypatch.setattr("fluid.megatron.spec_hook.transform_layer_specs", fn)
+
+
+def test_hook_called_and_replacement_in_pattern(monkeypatch):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_layer_specs
 
-    from fluid.megatron.spec_hook import override_transform
-
     calls = []
-    with override_transform(_dummy_transform(calls)):
-        specs = get_gpt_decoder_layer_specs(_cfg(use_fluid_moe=True), use_transformer_engine=False)
+    _override(monkeypatch, _dummy_transform(calls))
+    specs = get_gpt_decoder_layer_specs(_cfg(use_fluid_moe=True), use_transformer_engine=False)
     assert calls == [(True, False)]
     assert [_describe(s)[1] for s in specs] == ["DummyAttention"] * 4
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -76,33 +79,29 @@ def test_hook_called_and_replacement_in_pattern():
     assert [_describe(s)[2] for s in specs] == ["DummyMoE", dense_mlp, "DummyMoE", "DummyMoE"]
 
 
-def test_hook_reaches_pipeline_sliced_block_spec():
+def test_hook_reaches_pipeline_sliced_block_spec(monkeypatch):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
-
-    from fluid.megatron.spec_hook import override_transform
 
     import torch
 
     cfg = _cfg(use_fluid_moe=True, pipeline_model_parallel_size=2, pipeline_dtype=torch.float32)
-    with override_transform(_dummy_transform([])):
-        block = get_gpt_decoder_block_spec(cfg, use_transformer_engine=False, pp_rank=1)
+    _override(monkeypatch, _dummy_transform([]))
+    block = get_gpt_decoder_block_spec(cfg, use_transformer_engine=False, pp_rank=1)
     # Layers 2 and 3 of the pattern [1, 0, 1, 1] live on the second stage.
     assert [_describe(s)[2] for s in block.layer_specs] == ["DummyMoE", "DummyMoE"]
 
 
-def test_flag_off_specs_equal_upstream():
+def test_flag_off_specs_equal_upstream(monkeypatch):
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_decoder_layer_specs,
         get_gpt_layer_local_spec,
     )
 
-    from fluid.megatron.spec_hook import override_transform
-
     def boom(*a):
         raise AssertionError("hook must not be called with use_fluid_moe off")
 
-    with override_transform(boom):
-        specs = get_gpt_decoder_layer_specs(_cfg(), use_transformer_engine=False)
+    _override(monkeypatch, boom)
+    specs = get_gpt_decoder_layer_specs(_cfg(), use_transformer_engine=False)
     moe = _describe(get_gpt_layer_local_spec(num_experts=4))
     dense = _describe(get_gpt_layer_local_spec(num_experts=None))
     assert [_describe(s) for s in specs] == [moe, dense, moe, moe]

@@ -4,31 +4,16 @@ Installed by overlay/pyproject.toml under the entry-point group
 `megatron.core.gpt_layer_spec_hooks`. Megatron calls it only when `config.use_fluid_moe` is set,
 with the dense and MoE layer specs it just built, before it applies `moe_layer_freq` and slices
 the layers for the pipeline stage, so patterns, pipeline slicing and MTP all see the Fluid specs.
+Megatron resolves the entry point (`ep.load()`) at each call, so a test replaces the
+transformation by patching this module's `transform_layer_specs` (pytest's monkeypatch); the
+module keeps no state of its own.
 """
 
 from __future__ import annotations
 
-import contextlib
-from typing import Callable, Optional
-
-_override: Optional[Callable] = None
-
-
-@contextlib.contextmanager
-def override_transform(fn: Callable):
-    """Replace the transformation for a test: fn(config, dense, moe, use_te) -> (dense, moe)."""
-    global _override
-    old, _override = _override, fn
-    try:
-        yield
-    finally:
-        _override = old
-
 
 def transform_layer_specs(config, dense_layer_spec, moe_layer_spec, use_transformer_engine):
     """Return the (dense, moe) layer specs with Fluid attention and Fluid MoE swapped in."""
-    if _override is not None:
-        return _override(config, dense_layer_spec, moe_layer_spec, use_transformer_engine)
     from fluid.megatron.specs import fluidize_layer_spec
     from fluid.megatron.validate import validate_config
 
