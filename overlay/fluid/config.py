@@ -99,7 +99,8 @@ class FluidConfig:
             if value is None and name != "moe_chunks":
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                bad(name, value, f"expected an int >= {low}" + (" (or unset: auto)" if low == 0 else ""))
+                unset = " (or unset: auto)" if low == 0 else ""
+                bad(name, value, f"expected an int >= {low}{unset}")
 
     @classmethod
     def from_config(cls, config) -> "FluidConfig":

@@ -100,7 +100,7 @@ def status(config=None) -> dict:
             "grouped_mm": fc.grouped_gemm,
         },
         # SDPA's flash and cuDNN backward accumulate dQ with atomics unless deterministic
-        # algorithms are on (Megatron --deterministic-mode); measured in benchmarks/determinism_probe.py.
+        # algorithms are on (Megatron --deterministic-mode); benchmarks/probes/determinism.py.
         "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
     }
 

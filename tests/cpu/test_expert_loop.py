@@ -1,5 +1,5 @@
 """Tier: cpu. `fluid.moe.expert_loop.sequential_experts` (experts one after another, dW inline) and
-the FLUID_GROUPED_MM policy that picks it.
+the --fluid-grouped-gemm policy that picks it.
 
 What must hold (see the module docstring):
   - outputs, dX, dprobs and both expert dWs equal the composition FluidGroupedMLP uses otherwise
@@ -10,8 +10,8 @@ What must hold (see the module docstring):
   - its backward keeps one expert's activation gradient at a time, and frees each expert's saved
     activations once that expert is done (the stock SequentialMLP memory profile it exists for);
   - the dWs are adopted as `param.grad` (not copied);
-  - FLUID_GROUPED_MM=auto picks the loop for Mixtral-sized experts and the grouped kernel for the
-    64-expert layer and the e2e model's layer; a bad value raises.
+  - --fluid-grouped-gemm auto picks the loop for Mixtral-sized experts and the grouped kernel
+    for the 64-expert layer and the e2e model's layer; a bad value raises.
 
 Tolerance. Both paths run GEMMs of the same per-expert shapes, but not into the same memory: the
 composition writes each expert's result into rows of a `[T, N]` buffer (`out=`, at a row offset
@@ -190,7 +190,8 @@ def test_auto_policy_picks_the_loop_for_large_experts_only(monkeypatch):
     assert not use_grouped_mm(x, [768] * 32, fine, "off")
     from fluid.config import FluidConfig, FluidConfigError
 
-    with pytest.raises(FluidConfigError, match="--fluid-grouped-gemm .*auto, on, off, got 'sometimes'"):
+    bad = "--fluid-grouped-gemm .*auto, on, off, got 'sometimes'"
+    with pytest.raises(FluidConfigError, match=bad):
         FluidConfig(grouped_gemm="sometimes")
 
 

@@ -77,7 +77,8 @@ def _uneven_body(rank, world):
         fluid_all_to_all(comm, x.detach(), out_splits, in_splits, ready=object())
     # A bad SM carve-out (--fluid-sm-carveout) fails when the context is built, naming the flag.
     for bad in ("abc", -3):
-        with pytest.raises(ValueError, match=f"--fluid-sm-carveout must be 'auto' or an int >= 0, not {bad!r}"):
+        msg = f"--fluid-sm-carveout must be 'auto' or an int >= 0, not {bad!r}"
+        with pytest.raises(ValueError, match=msg):
             CommContext(dist.group.WORLD, sm_carveout=bad)
 
 

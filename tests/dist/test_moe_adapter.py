@@ -47,7 +47,7 @@ def _body(rank, ws):
         fluid_cfg = cfg()
         fluid = FluidMoELayer(fluid_cfg, submodules=local_moe_submodules(), pg_collection=pg)
         missing = set(vars(stock)) - set(vars(fluid))
-        assert missing == set(), f"attributes MoELayer.__init__ sets that FluidMoELayer lacks: {missing}"
+        assert missing == set(), f"set by MoELayer.__init__, missing on FluidMoELayer: {missing}"
         assert isinstance(fluid.token_dispatcher, FluidTokenDispatcher)
         assert isinstance(fluid.experts, FluidGroupedMLP)
         assert fluid_cfg.moe_token_dispatcher_type == "alltoall"  # restored after the build

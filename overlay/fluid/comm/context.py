@@ -173,7 +173,7 @@ class CommContext:
 
     @classmethod
     def from_fluid_config(cls, group, fluid_config, scheduler=None) -> "CommContext":
-        """A context for `group` with the overlap, window and carve-out settings of a FluidConfig."""
+        """A context for `group` with a FluidConfig's overlap, window and carve-out settings."""
         return cls(
             group,
             overlap=fluid_config.overlap,

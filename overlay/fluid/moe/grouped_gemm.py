@@ -39,8 +39,8 @@ from fluid.schedule.wgrad import dw_probe, dw_wanted
 log = logging.getLogger(__name__)
 
 
-# --fluid-grouped-gemm auto: one expert's MLP (fc1 + fc2, mean rows per expert) of at least this many
-# GFLOP runs as one cuBLAS GEMM per expert instead of torch._grouped_mm. Measured points (2x H200,
+# --fluid-grouped-gemm auto: one expert's MLP (fc1 + fc2, mean rows per expert) of at least this
+# many GFLOP runs as one cuBLAS GEMM per expert instead of torch._grouped_mm. Measured points (2x H200,
 # EP=2, docs/benchmarks/raw/s6b, s6d; session 5's 4x H200 profile agrees on the first):
 # - Mixtral-like (H 4096, F 14336, about 2048 rows per expert): 721 GFLOP. Per-expert GEMMs are
 #   faster: layer fwd+bwd 17.54 vs 18.65 ms (NVLink), 19.97 vs 21.29 ms under DDP main_grad.

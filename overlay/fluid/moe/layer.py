@@ -53,10 +53,13 @@ from fluid.runtime import runtime_for
 
 
 def resolve_num_chunks(config: TransformerConfig, num_chunks: Optional[int] = None) -> int:
-    """Pipelining depth: the argument, else `--fluid-moe-chunks` (FluidConfig.moe_chunks, 1 = off)."""
+    """Pipelining depth: the argument, else `--fluid-moe-chunks` (FluidConfig.moe_chunks; 1 is
+    off)."""
     if num_chunks is not None:
         if isinstance(num_chunks, bool) or not isinstance(num_chunks, int) or num_chunks < 1:
-            raise FluidConfigError(f"FluidMoELayer num_chunks must be an int >= 1, got {num_chunks!r}")
+            raise FluidConfigError(
+                f"FluidMoELayer num_chunks must be an int >= 1, got {num_chunks!r}"
+            )
         return num_chunks
     return FluidConfig.from_config(config).moe_chunks
 

@@ -9,7 +9,8 @@ T_dX + T_dW + T_a2a into T_dX + max(T_dW, T_a2a).
 Protocol (one backward pass, i.e. one `torch.autograd.backward` call):
   1. A Fluid op's backward calls `defer(fn)`. Outside a backward, with the scheduler disabled, or
      when no all-to-all of this scheduler's model can take dW beside it (every CommContext of its
-     runtime says no: the auto policy over NVLink, see CommContext.should_overlap), `fn` runs inline,
+     runtime says no: the auto policy over NVLink, see CommContext.should_overlap), `fn` runs
+     inline,
      exactly where stock Megatron computes dW: deferring it would only hold its activations
      longer. Otherwise it is queued and, once per backward pass, an end-of-backward callback is
      armed on the autograd engine.
