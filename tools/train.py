@@ -41,9 +41,8 @@ def main() -> int:
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
            str(script), *MODEL.format(seq=4096, iters=args.iters, warmup=min(5, args.iters - 1)).split(),
-           "--expert-model-parallel-size", str(ep), "--use-fluid-moe"]
-    env = {**os.environ, "CUDA_DEVICE_MAX_CONNECTIONS": "1", "NCCL_NVLS_ENABLE": "0",
-           "FLUID_SCHEDULER_TIMING": os.environ.get("FLUID_SCHEDULER_TIMING", "1")}
+           "--expert-model-parallel-size", str(ep), "--use-fluid-moe", "--fluid-scheduler-timing"]
+    env = {**os.environ, "CUDA_DEVICE_MAX_CONNECTIONS": "1", "NCCL_NVLS_ENABLE": "0"}
     print("make train:", " ".join(cmd), flush=True)
     return subprocess.call(cmd, env=env, cwd=ROOT)
 
