@@ -163,7 +163,7 @@ def _peak_gb(log_text: str):
 def run_variant(recipe: R.E2ERecipe, variant: str, link: str, logs: Path, iters: int,
                 timeout: float) -> dict:
     """One torchrun of pretrain_gpt.py; the parsed iterations and medians after the warm-up."""
-    from fluid.bench.launch import parse_megatron_log, run_logged, steady_median
+    from fluid.testing.bench.launch import parse_megatron_log, run_logged, steady_median
 
     env = {**os.environ, **R.BASE_ENV, **R.LINKS[link]}
     argv = variant_argv(recipe, variant, iters)

@@ -9,7 +9,7 @@ loaded into each Fluid layer, the checkpoint path); its TransformerConfig carrie
 fields. Then `rounds` alternating rounds (A B C A' A B C A' ...), each variant's median fwd+bwd
 over `iters` steps per round (CUDA events, all ranks start each step together, rank 0 reports).
 After the rounds, per variant: the peak memory of one step (max over ranks) and, for Fluid
-variants, the scheduler's per-window CUDA events over `iters` steps (fluid.bench.overlap).
+variants, the scheduler's per-window CUDA events over `iters` steps (fluid.testing.bench.overlap).
 Writes JSON (rank 0): {recipe name: {variants: {name: {ms, rounds_ms, peak_gb, comm}}, rounds,
 ratios, wall_s}}.
 """
@@ -144,8 +144,8 @@ def _resident_bytes(layer) -> int:
 
 
 def _measure(recipe, steps: dict, layers: dict, args, cuda, device) -> dict:
-    from fluid.bench.overlap import window_comm
-    from fluid.bench.timing import Timer, alternating_rounds, round_ratios, spread
+    from fluid.testing.bench.overlap import window_comm
+    from fluid.testing.bench.timing import Timer, alternating_rounds, round_ratios, spread
 
     timer = Timer(cuda)
     # Stock Megatron's router needs CUDA: the CPU dry run builds the stock layer but runs Fluid only.
@@ -203,7 +203,7 @@ def build_moe(recipe: R.MoELayerRecipe, cuda, device, ws, variants=None):
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
     from fluid.moe import FluidMoELayer
-    from fluid.moe.testing import emulate_ddp_grads, local_moe_submodules, moe_config, reset_ddp_flags
+    from fluid.testing.moe import emulate_ddp_grads, local_moe_submodules, moe_config, reset_ddp_flags
 
     m = recipe.model_spec
     shape = dict(hidden=m.hidden, ffn=m.ffn, experts=m.experts, topk=m.topk, shared_ffn=m.shared_ffn)
@@ -288,7 +288,7 @@ def moe_job(recipe: R.MoELayerRecipe, args, cuda, device, ws) -> dict:
 def attn_job(recipe: R.AttnRecipe, args, cuda, device, ws) -> dict:
     from megatron.core import parallel_state
 
-    from fluid.attention.testing import attention_config, build_attention, pg_collection, rope_emb
+    from fluid.testing.attention import attention_config, build_attention, pg_collection, rope_emb
 
     m = recipe.model_spec
     heads, groups, hd, cp, seq = m.heads, m.groups, m.head_dim, recipe.cp, recipe.seq

@@ -70,7 +70,7 @@ How the numbers are made:
   the same job.
 - Peak memory: layers, the variant's parameters and gradient buffers plus what one step adds
   (max over ranks); end to end, Megatron's `max allocated` (rank 0).
-- Hidden communication, two measures (`overlay/fluid/bench/overlap.py`):
+- Hidden communication, two measures (`overlay/fluid/testing/bench/overlap.py`):
   1. *per window*, from the scheduler's CUDA events: exposed = the time the compute stream waits
      for all-to-alls (after the dW of a filled window; the whole all-to-all of an unfilled one),
      hidden = all-to-all time - exposed, in ms per step and per window; the fraction hidden /

@@ -1,11 +1,11 @@
 """Derived numbers of one recipe's raw JSON (what the page shows): per link the variants' times,
 the ratios with their spread, the stock-vs-stock spread, peak memory, hidden/exposed communication,
-and per slow link the step-level hidden fraction (fluid.bench.overlap). Pure: the page and the
+and per slow link the step-level hidden fraction (fluid.testing.bench.overlap). Pure: the page and the
 runner compute the same numbers from the same JSON."""
 
 from __future__ import annotations
 
-from fluid.bench.overlap import link_hidden_fraction, relative_noise
+from fluid.testing.bench.overlap import link_hidden_fraction, relative_noise
 
 # (label, numerator variant, denominator variant): ratio num/den > 1 means den is faster.
 RATIOS = {

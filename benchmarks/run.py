@@ -149,7 +149,7 @@ def _child_env(link: str) -> dict:
 
 
 def run_layer(recipe, link, args, out: Path, meta: dict, timeout: float) -> dict:
-    from fluid.bench.launch import run_logged
+    from fluid.testing.bench.launch import run_logged
 
     tmp = out / "logs" / f"{recipe.name}_{link}.json"
     cmd = _torchrun(recipe.nproc) + ["-m", "benchmarks.layer_job", "--recipes", recipe.name,
@@ -194,7 +194,7 @@ def dry_run(selected, out: Path, meta: dict) -> int:
     """CPU: every selected recipe through the layer path at tiny shapes on gloo (2 ranks, one
     job), end-to-end recipes' command lines checked (benchmarks.e2e_job.dry_run)."""
     from benchmarks.e2e_job import dry_run as e2e_dry
-    from fluid.bench.launch import run_logged
+    from fluid.testing.bench.launch import run_logged
 
     rc = 0
     checks = {}
@@ -272,7 +272,7 @@ def main(argv=None) -> int:
     if args.dry_run:
         rc = dry_run(selected, args.out, meta)
     else:
-        from fluid.bench.launch import Terminated, install_sigterm
+        from fluid.testing.bench.launch import Terminated, install_sigterm
 
         install_sigterm()
         gpus = meta.get("gpus", 0)

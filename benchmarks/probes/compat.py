@@ -185,7 +185,7 @@ def variant_args(name: str, iters: int, ckpt_dir: Path) -> str:
 
 
 def run_variant(name, out: Path, iters: int, p2p_off: bool, nproc: int, ckpt_dir: Path) -> dict:
-    from fluid.bench.launch import parse_megatron_log, run_logged
+    from fluid.testing.bench.launch import parse_megatron_log, run_logged
 
     seq, load = VARIANTS[name][2], VARIANTS[name][4]
     env = {**os.environ, "CUDA_DEVICE_MAX_CONNECTIONS": "1", "NCCL_NVLS_ENABLE": "0"}
@@ -260,7 +260,7 @@ def main():
     def save():  # after every variant: partial results survive a later failure
         (args.out / f"e2e{tag}.json").write_text(json.dumps(results, indent=1))
 
-    from fluid.bench.launch import Terminated, install_sigterm
+    from fluid.testing.bench.launch import Terminated, install_sigterm
 
     install_sigterm()
     try:

@@ -7,7 +7,7 @@ Per variant (benchmarks/recipes.py names; layers built as the benchmark builds t
 benchmarks/layer_job.build_moe):
   timeline: every rank's GPU timeline of one fwd+bwd (after a warm-up) with FluidMoELayer's forward
     stages annotated, rows [stream, start ms, duration ms, name]; summarized by
-    fluid.bench.timeline (benchmarks/probes/timeline_summary.py prints it);
+    fluid.testing.bench.timeline (benchmarks/probes/timeline_summary.py prints it);
   stages: host time per forward stage and of the fwd and bwd calls, microseconds per step, no
     profiler (a stage that waits for the device includes that wait);
   cprofile: cProfile of --iters steps, own time per function.
@@ -36,7 +36,7 @@ from benchmarks.layer_job import build_moe
 def kernel_timeline(layer, step) -> list:
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    from fluid.bench.stages import stage_hooks
+    from fluid.testing.bench.stages import stage_hooks
 
     step()
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof, \
@@ -58,7 +58,7 @@ def kernel_timeline(layer, step) -> list:
 
 
 def stage_times(layer, step, iters: int, cuda: bool) -> dict:
-    from fluid.bench.stages import stage_hooks
+    from fluid.testing.bench.stages import stage_hooks
 
     acc: dict = {}
 
@@ -102,7 +102,7 @@ class _Step:
         self.layer, self.x, self.dy, self.out = layer, x, dy, None
 
     def fwd(self):
-        from fluid.moe.testing import reset_ddp_flags
+        from fluid.testing.moe import reset_ddp_flags
 
         reset_ddp_flags(self.layer.parameters())
         self.out, _ = self.layer(self.x)
@@ -137,7 +137,7 @@ def main() -> int:
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     variants = args.variants.split(",")
     layers, _, shape = build_moe(recipe, cuda, device, dist.get_world_size(), variants)
-    from fluid.bench.timeline import summarize
+    from fluid.testing.bench.timeline import summarize
 
     g = torch.Generator(device="cpu").manual_seed(7 + dist.get_rank())
     dtype = torch.bfloat16 if cuda else torch.float32

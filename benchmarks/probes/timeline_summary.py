@@ -1,9 +1,9 @@
-"""Print the summaries of `benchmarks/probes/timeline.py` output (stdlib + fluid.bench.timeline).
+"""Print the summaries of `benchmarks/probes/timeline.py` output (stdlib + fluid.testing.bench.timeline).
 
     python -m benchmarks.probes.timeline_summary OUT/timeline_<recipe>.json [--gaps 5]
 
 Per variant and rank: span, host fwd/bwd, compute busy and idle, NCCL time, kernels, host time per
-annotated stage, and the largest compute-stream gaps (fluid.bench.timeline.summarize says how each
+annotated stage, and the largest compute-stream gaps (fluid.testing.bench.timeline.summarize says how each
 is computed). Idle on one rank while the same all-to-all is short on the other means that rank
 arrived late (host or compute skew); idle with no collective around it means the host was too slow.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from fluid.bench.timeline import summarize
+from fluid.testing.bench.timeline import summarize
 
 
 def main():

@@ -266,7 +266,7 @@ def _expert_inputs(seed=1):
 @pytest.mark.parametrize("how", sorted(SELECTIVE))
 @pytest.mark.parametrize("ddp", [False, True], ids=["plain", "ddp"])
 def test_experts_selective_call_computes_no_dw(path, how, ddp, sched):
-    from fluid.moe.testing import emulate_ddp_grads
+    from fluid.testing.moe import emulate_ddp_grads
 
     w1, w2 = _expert_weights()
     fired = []

@@ -1,4 +1,4 @@
-"""Tier: cpu. The measurement helpers the benchmarks and probes share (fluid.bench): the timeline
+"""Tier: cpu. The measurement helpers the benchmarks and probes share (fluid.testing.bench): the timeline
 busy/idle arithmetic on a hand-made timeline; stage_hooks wrapping a FluidMoELayer's stages and
 restoring them (a GPU run that reports wrong numbers or leaves wrappers behind would cost device
 time); the overlap measures (docs/benchmarks/README.md): at most 1, 0 when nothing overlapped,
@@ -9,10 +9,10 @@ import math
 
 import pytest
 
-from fluid.bench.overlap import link_hidden_fraction, relative_noise, window_comm
-from fluid.bench.stages import FLUID_STAGES, stage_hooks
-from fluid.bench.timeline import summarize
-from fluid.bench.timing import alternating_rounds, round_ratios
+from fluid.testing.bench.overlap import link_hidden_fraction, relative_noise, window_comm
+from fluid.testing.bench.stages import FLUID_STAGES, stage_hooks
+from fluid.testing.bench.timeline import summarize
+from fluid.testing.bench.timing import alternating_rounds, round_ratios
 
 
 def test_summarize_busy_idle_and_gaps():

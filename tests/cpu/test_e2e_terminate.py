@@ -1,4 +1,4 @@
-"""Tier: cpu. The benchmark launcher (fluid.bench.launch, used by benchmarks/run.py for every
+"""Tier: cpu. The benchmark launcher (fluid.testing.bench.launch, used by benchmarks/run.py for every
 torchrun) under an outer `timeout`: on SIGTERM the running child is stopped and what it logged so
 far is still there to parse (a driver killed while it waited for torchrun to exit once lost a
 finished run's numbers); a child past its own timeout is stopped the same way."""
@@ -8,7 +8,7 @@ import signal
 import sys
 import threading
 
-from fluid.bench import launch
+from fluid.testing.bench import launch
 
 FAKE_RUN = (
     "import sys, time\n"

@@ -37,7 +37,7 @@ import torch
 from fluid.moe import grouped_gemm
 from fluid.moe.expert_loop import sequential_experts
 from fluid.moe.grouped_gemm import grouped_linear, use_grouped_mm
-from fluid.moe.testing import emulate_ddp_grads
+from fluid.testing.moe import emulate_ddp_grads
 from fluid.schedule import get_backward_scheduler
 
 H, F, G = 12, 10, 4

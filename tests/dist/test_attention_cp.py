@@ -24,8 +24,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from fluid.attention.testing import attention_config, build_attention, fwd_bwd, megatron_shard, rope_angles
-from fluid.attention.testing import pg_collection as pgc
+from fluid.testing.attention import attention_config, build_attention, fwd_bwd, megatron_shard, rope_angles
+from fluid.testing.attention import pg_collection as pgc
 from tests._dist import run_distributed
 
 # fp32 tolerance. CP and CP=1 run the same math on the same values; only the reduction order

@@ -232,7 +232,7 @@ def _hooks(model):
 
 def _combined_equals_plain(rank, world):
     cpu_stream_shim()
-    from fluid.moe.testing import emulate_ddp_grads, reset_ddp_flags
+    from fluid.testing.moe import emulate_ddp_grads, reset_ddp_flags
 
     model, cfg = _build()
     calls, accs = _hooks(model)

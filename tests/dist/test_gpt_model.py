@@ -191,7 +191,7 @@ def _ep2(rank, world, path):
     # (its GEMMs write to other buffers than the composition's, which may round differently, and
     # that reaches every gradient upstream), and every parameter's hook must still fire once,
     # with a gradient present.
-    from fluid.moe.testing import emulate_ddp_grads, reset_ddp_flags
+    from fluid.testing.moe import emulate_ddp_grads, reset_ddp_flags
 
     ddp_accs = emulate_ddp_grads(model.parameters())
     reset_ddp_flags(model.parameters())

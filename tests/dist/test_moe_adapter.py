@@ -30,7 +30,7 @@ def _body(rank, ws):
     from fluid.moe import FluidMoELayer
     from fluid.moe.dispatcher import FluidTokenDispatcher
     from fluid.moe.experts import FluidGroupedMLP
-    from fluid.moe.testing import local_moe_submodules, moe_config
+    from fluid.testing.moe import local_moe_submodules, moe_config
 
     parallel_state.initialize_model_parallel(expert_model_parallel_size=ws)
     try:

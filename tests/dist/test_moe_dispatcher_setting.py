@@ -15,7 +15,7 @@ H, FFN, E, TOKENS = 16, 8, 4, 12
 
 def _run(rank, ws, pg, dispatcher, capacity):
     from fluid.moe import FluidMoELayer
-    from fluid.moe.testing import global_inputs, global_moe_weights, load_moe_weights, local_moe_submodules, moe_config
+    from fluid.testing.moe import global_inputs, global_moe_weights, load_moe_weights, local_moe_submodules, moe_config
 
     cfg = moe_config(hidden=H, ffn=FFN, num_experts=E, topk=2, ep=ws, moe_token_dispatcher_type=dispatcher,
                      moe_expert_capacity_factor=capacity)
@@ -33,7 +33,7 @@ def _worker(rank, ws):
     from megatron.core.process_groups_config import ProcessGroupCollection
 
     from fluid.moe import FluidMoELayer
-    from fluid.moe.testing import local_moe_submodules, moe_config
+    from fluid.testing.moe import local_moe_submodules, moe_config
 
     parallel_state.initialize_model_parallel(expert_model_parallel_size=ws)
     try:

@@ -65,7 +65,7 @@ DEDUP_CASES = {
 def _run_case(rank, ws, pg, topk, glu, shared, chunks, dead, check_stage, fused, dedup=False):
     from fluid.moe import FluidMoELayer
     from fluid.moe.reference import reference_activation, reference_moe
-    from fluid.moe.testing import (
+    from fluid.testing.moe import (
         global_inputs,
         global_moe_weights,
         load_moe_weights,
@@ -193,7 +193,7 @@ def test_fluid_moe_matches_reference(world_size):
 def _dedup_refusals(ws, pg):
     """Unsupported combinations fail when the layer is built, naming the setting to change."""
     from fluid.moe import FluidMoELayer
-    from fluid.moe.testing import local_moe_submodules, moe_config
+    from fluid.testing.moe import local_moe_submodules, moe_config
 
     cfg = moe_config(hidden=H, ffn=FFN, num_experts=E, topk=2, ep=ws)
     cfg.fluid_moe_dedup = "on"

@@ -78,7 +78,7 @@ def _check_param_map(rank, ws, pg, glu):
     from megatron.core.dist_checkpointing.optimizer import get_param_id_to_sharded_param_map
 
     from fluid.moe import FluidMoELayer
-    from fluid.moe.testing import local_moe_submodules, moe_config
+    from fluid.testing.moe import local_moe_submodules, moe_config
 
     cfg = moe_config(hidden=H, ffn=FFN, num_experts=E, topk=2, ep=ws, shared=12, glu=glu)
     layer = FluidMoELayer(cfg, submodules=local_moe_submodules(), pg_collection=pg)
@@ -93,7 +93,7 @@ def _check_param_map(rank, ws, pg, glu):
 
 def _check_round_trip(rank, ws, pg, glu, root):
     from fluid.moe import FluidMoELayer
-    from fluid.moe.testing import local_moe_submodules, moe_config
+    from fluid.testing.moe import local_moe_submodules, moe_config
 
     if not torch.cuda.is_available():
         # The torch_dist writer assumes CUDA in two places: torch.cuda.synchronize() after its

@@ -55,7 +55,7 @@ def _leaves(sharded):
 def _check(rank, ws, pg, glu):
     from fluid.moe import FluidMoELayer
     from fluid.moe.reference import reference_activation, reference_moe
-    from fluid.moe.testing import global_inputs, local_moe_submodules, moe_config
+    from fluid.testing.moe import global_inputs, local_moe_submodules, moe_config
 
     cfg = moe_config(hidden=H, ffn=FFN, num_experts=E, topk=2, ep=ws, shared=12, glu=glu)
     sub = local_moe_submodules()

@@ -28,7 +28,7 @@ def _body(rank, ws):
     from megatron.core.process_groups_config import ProcessGroupCollection
 
     from fluid.moe import FluidMoELayer
-    from fluid.moe.testing import (
+    from fluid.testing.moe import (
         global_inputs, global_moe_weights, load_moe_weights, local_moe_submodules, moe_config,
     )
     from fluid.schedule import get_backward_scheduler

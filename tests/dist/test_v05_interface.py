@@ -169,7 +169,7 @@ def _dispatcher_body(rank, world):
     from fluid import FluidTokenDispatcher
     from fluid.moe import FluidMoELayer
     from fluid.moe.reference import reference_moe
-    from fluid.moe.testing import (
+    from fluid.testing.moe import (
         global_inputs, global_moe_weights, load_moe_weights, local_moe_submodules, moe_config,
     )
 

@@ -63,7 +63,7 @@ def main() -> int:
     from megatron.core import parallel_state
 
     from fluid.attention.cp_layout import shard_sequence
-    from fluid.attention.testing import (
+    from fluid.testing.attention import (
         attention_config,
         build_attention,
         fwd_bwd,

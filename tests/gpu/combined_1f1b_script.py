@@ -193,7 +193,7 @@ def train_step(a, model, data, carveout: int = 0):
     from megatron.core.pipeline_parallel.schedules import forward_backward_no_pipelining
 
     from fluid.comm.context import sm_carveout
-    from fluid.moe.testing import reset_ddp_flags
+    from fluid.testing.moe import reset_ddp_flags
 
     if carveout:
         with sm_carveout(carveout):
@@ -230,7 +230,7 @@ def uses_carveout(model) -> bool:
 
 
 def run_variant(a, variant, ws, rank, cuda, device, state, data):
-    from fluid.moe.testing import emulate_ddp_grads
+    from fluid.testing.moe import emulate_ddp_grads
     from fluid.schedule import get_backward_scheduler
 
     model, cfg = build(a, variant, ws, cuda, state)
@@ -298,7 +298,7 @@ def main():
         from tests.dist.test_combined_1f1b import cpu_stream_shim
 
         cpu_stream_shim()
-    from fluid.moe.testing import init_expert_parallel_world
+    from fluid.testing.moe import init_expert_parallel_world
 
     rank, ws, device, _ = init_expert_parallel_world(cuda)
     cdmc = os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS", "default")

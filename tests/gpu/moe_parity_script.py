@@ -96,7 +96,7 @@ def main():
     args = p.parse_args()
 
     cuda = args.device == "cuda"
-    from fluid.moe.testing import (
+    from fluid.testing.moe import (
         init_expert_parallel_world, moe_config, set_dedup, set_num_chunks, stock_and_fluid,
     )
     from fluid.schedule import get_backward_scheduler
@@ -160,7 +160,7 @@ def main():
     # Under Megatron DDP (main_grad + its grad hook, emulated), per-expert GEMMs with dW inline
     # take fluid.moe.expert_loop's per-expert backward, which adds each expert's dW straight into
     # main_grad: it must equal the composition's gradients (same GEMMs, fp32 0 + bf16 add: exact).
-    from fluid.moe.testing import emulate_ddp_grads, reset_ddp_flags
+    from fluid.testing.moe import emulate_ddp_grads, reset_ddp_flags
 
     set_num_chunks(fluid, 1)
     fluid.experts.grouped_gemm = "off"

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from fluid.bench.timing import Timer  # noqa: E402
+from fluid.testing.bench.timing import Timer  # noqa: E402
 
 
 def main():

@@ -31,7 +31,7 @@ def _free_port() -> int:
 
 
 def _build(kind, dtype, state=None):
-    from fluid.attention.testing import attention_config, build_attention
+    from fluid.testing.attention import attention_config, build_attention
 
     config = attention_config(
         heads=16, groups=4, head_dim=64, qk_layernorm=True, dtype=dtype, init_method_std=0.02
