@@ -26,28 +26,29 @@ def format_stats(stats: dict) -> str:
     if stats.get("a2a_ms") is not None:
         parts.append(f"a2a {stats['a2a_ms']:.2f} ms")
         parts.append(f"dW in window {stats.get('dw_in_window_ms', 0.0):.2f} ms")
-        eff = stats.get("overlap_efficiency")
-        parts.append("overlap eff " + ("n/a" if eff is None else f"{eff:.2f}"))
+        parts.append(f"exposed {stats.get('exposed_a2a_ms', 0.0):.2f} ms")
+        hf = stats.get("hidden_fraction")
+        parts.append("hidden " + ("n/a" if hf is None else f"{hf:.2f}"))
     return "[FluidMoE scheduler] " + " | ".join(parts)
 
 
 def combined_stats(stats: list[dict]) -> dict:
     """The stats of several schedulers (one per model chunk built from its own config) as one:
-    counters and times summed; overlap_efficiency only where a single scheduler has it."""
+    counters and times summed, hidden_fraction recomputed from the summed times."""
     if len(stats) == 1:
         return stats[0]
     out: dict = {}
     for s in stats:
         for k, v in s.items():
-            if k == "overlap_efficiency":
+            if k == "hidden_fraction":
                 continue
             if isinstance(v, bool) or v is None:
                 out.setdefault(k, v)
             elif isinstance(v, (int, float)):
                 out[k] = out.get(k, 0) + v
-    effs = [s["overlap_efficiency"] for s in stats if s.get("overlap_efficiency") is not None]
-    if any("a2a_ms" in s for s in stats):
-        out["overlap_efficiency"] = effs[0] if len(effs) == 1 else None
+    if out.get("a2a_ms") is not None:
+        a2a = out["a2a_ms"]
+        out["hidden_fraction"] = (1.0 - out.get("exposed_a2a_ms", 0.0) / a2a) if a2a > 0 else None
     return out
 
 

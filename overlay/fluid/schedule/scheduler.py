@@ -296,11 +296,11 @@ class BackwardScheduler:
         dropped_stale_tasks (queued tasks a forward found left over), a2a_calls, overlapped_windows, skipped_windows (all-to-alls below
         CommContext.min_window_bytes, left for a larger window). With timing on (CUDA): a2a_ms (sum of
         all backward all-to-alls, comm-stream events), overlapped_a2a_ms, dw_in_window_ms,
-        window_ms (launch of the dW to the end of the wait, overlapped windows only) and
-        overlap_efficiency = (T_a2a + T_dW - T_window) / min(T_a2a, T_dW) summed over overlapped
-        windows: 1 means the shorter of the two was fully hidden, 0 serial. The component times
-        are measured while overlapped (so include contention); benchmarks/ reports the
-        end-to-end efficiency against separately timed serial runs. Reading them synchronizes.
+        window_ms (launch of the dW to the end of the wait, overlapped windows only),
+        exposed_a2a_ms (what the compute stream waited for all-to-alls: the wait after the dW of
+        a filled window, the whole all-to-all of an unfilled one) and hidden_fraction =
+        1 - exposed_a2a_ms / a2a_ms: at most 1, 0 when no window was filled, below 0 when the
+        compute stream waited longer than the all-to-alls took. Reading them synchronizes.
         """
         s = dict(self._stats)
         s.update(enabled=self.enabled, timing=self.timing, pending_dw_tasks=len(self._queue))
@@ -308,24 +308,22 @@ class BackwardScheduler:
             return s
         if self._windows:
             torch.cuda.synchronize()
-            a2a = ov_a2a = dw = win = hidden = denom = 0.0
+            a2a = ov_a2a = dw = win = 0.0
             for w in self._windows:
                 t_a2a = w.a2a_start.elapsed_time(w.a2a_end) if w.a2a_start is not None else 0.0
                 a2a += t_a2a
                 if w.dw_start is not None:
-                    t_dw = w.dw_start.elapsed_time(w.dw_end)
-                    t_win = w.dw_start.elapsed_time(w.end)
                     ov_a2a += t_a2a
-                    dw += t_dw
-                    win += t_win
-                    hidden += t_a2a + t_dw - t_win
-                    denom += min(t_a2a, t_dw)
+                    dw += w.dw_start.elapsed_time(w.dw_end)
+                    win += w.dw_start.elapsed_time(w.end)
+            exposed = (win - dw) + (a2a - ov_a2a)
             s.update(
                 a2a_ms=a2a,
                 overlapped_a2a_ms=ov_a2a,
                 dw_in_window_ms=dw,
                 window_ms=win,
-                overlap_efficiency=(hidden / denom) if denom > 0 else None,
+                exposed_a2a_ms=exposed,
+                hidden_fraction=(1.0 - exposed / a2a) if a2a > 0 else None,
             )
         else:
             s.update(
