@@ -1,4 +1,5 @@
-"""Helpers shared by the attention tests, the GPU parity script and the benchmark (not training).
+"""Test-only (not in the wheel): helpers shared by the attention tests, the GPU parity script and
+the benchmarks; training never imports them.
 
 `attention_config(...)`: a one-layer TransformerConfig for self-attention (dropout off).
 `build_attention(kind, config, pg)`: stock `SelfAttention` or `FluidSelfAttention` from Megatron's

@@ -1,4 +1,5 @@
-"""Helpers shared by the MoE tests, the GPU parity script and the benchmark (not used in training).
+"""Test-only (not in the wheel): helpers shared by the MoE tests, the GPU parity script and the
+benchmarks; training never imports them.
 
 `moe_config(...)`: a TransformerConfig for one MoE layer (alltoall dispatcher, no expert bias).
 `global_moe_weights(...)`: every expert's weights for the whole model, identical on all ranks

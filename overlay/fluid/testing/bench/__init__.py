@@ -1,4 +1,5 @@
-"""Measurement helpers shared by `benchmarks/` and `tests/` (tests do not import benchmarks/).
+"""Test-only (not in the wheel): measurement helpers shared by `benchmarks/` and `tests/` (tests do
+not import benchmarks/).
 
 - `timing`: `Timer` (median ms with CUDA events, wall clock on CPU) and alternating rounds.
 - `overlap`: hidden and exposed communication from the scheduler's per-window CUDA events, and
