@@ -76,7 +76,7 @@ MODELS = {
 }
 
 # ---------------------------------------------------------------------------------------------
-# Variants: TransformerConfig fields (issue 16 names). `stock` sets none of Fluid's.
+# Variants: TransformerConfig fields. `stock` sets none of Fluid's.
 
 VARIANTS = {
     "stock": {},

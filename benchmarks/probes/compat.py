@@ -61,7 +61,7 @@ VARIANTS = {
     "stock_ep_overlap": ("--overlap-moe-expert-parallel-comm", EP4, 4096, None, "ckpt_init", None),
     "stock_from_fluid": ("", EP4, 4096, 3, "ckpt_fluid", None),
     "fluid_from_fluid": ("--use-fluid-moe", EP4, 4096, 3, "ckpt_fluid", None),
-    # Training-loop compatibility (issue 7), each against stock with the same flags:
+    # Training-loop compatibility, each against stock with the same flags:
     "stock_ddp_overlap": ("--overlap-grad-reduce --use-distributed-optimizer", EP4, 4096, None, "ckpt_init", None),
     "fluid_ddp_overlap": (
         "--use-fluid-moe --overlap-grad-reduce --use-distributed-optimizer", EP4, 4096, None, "ckpt_init", None
@@ -100,10 +100,9 @@ VARIANTS = {
         "--use-fluid-moe --ckpt-step 10", EP4, 4096, 20, "ckpt_fluid_optim_plain", None,
         {"full_load": True},
     ),
-    # Next session (prepared, flags checked on CPU): the noise floor of the loss comparison (stock
-    # against itself: a second identical run), and stock's own optimizer-checkpoint resume (does
-    # stock show the iteration-12 jump of fluid_optim_resume_plain? does stock's distributed
-    # optimizer resume without apex/TE?).
+    # The noise floor of the loss comparison (stock against itself: a second identical run), and
+    # stock's own optimizer-checkpoint resume (does stock show the iteration-12 jump of
+    # fluid_optim_resume_plain? does stock's distributed optimizer resume without apex/TE?).
     "stock_repeat": ("", EP4, 4096, None, "ckpt_init", None),
     "fluid_repeat": ("--use-fluid-moe", EP4, 4096, None, "ckpt_init", None),
     # Megatron's --deterministic-mode (torch.use_deterministic_algorithms, NCCL_ALGO=Ring, cuBLAS

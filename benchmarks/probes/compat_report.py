@@ -1,4 +1,4 @@
-"""Training-loop compatibility table (issue 7) from one or more benchmarks/probes/compat.py JSON files.
+"""Training-loop compatibility table (docs/benchmarks/compat.md) from one or more benchmarks/probes/compat.py JSON files.
 
     python -m benchmarks.probes.compat_report A.json B.json ... --md docs/benchmarks/compat.md \
         --pair stock:fluid_recompute_full --pair stock_ddp_overlap:fluid_ddp_overlap ...

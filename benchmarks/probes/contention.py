@@ -1,8 +1,8 @@
 """How much do a GEMM and an all-to-all slow each other down when they run at the same time?
 
 Chunked forward pipelining (`--fluid-moe-chunks`) lost in every measured configuration because the
-expert GEMMs ran slower beside the all-to-alls (session 3 kernel profile: +14% GEMM time), and
-capping NCCL at 4 thread blocks did not help (session 4). This probe isolates that effect from the
+expert GEMMs ran slower beside the all-to-alls (+14% GEMM time in a kernel profile), and capping
+NCCL at 4 thread blocks did not help (docs/benchmarks/HISTORY.md). This probe isolates that effect from the
 MoE layer: one bf16 GEMM of the Mixtral-like expert shape and one even all-to-all of the dispatch
 volume, each timed alone and then together (the all-to-all launched first on its own stream, as
 FluidMoE does), with CUDA events on each stream. Run it under different NCCL settings

@@ -1,8 +1,8 @@
 """Tier: cpu. When FluidMoELayer deduplicates its all-to-alls (`fluid.moe.layer.resolve_dedup`).
 
 The default, auto, turns dedup on only where it measured faster: a slow link (P2P off or between
-nodes), top-k > 2, chunks 1 and no capacity factor (docs/benchmarks, session 5: 64 experts top-6
-over P2P off 13.8-14.0 vs 15.0-15.2 ms; over NVLink slower, 9.5-9.9 vs 7.5 ms). `--fluid-moe-dedup on|off`
+nodes), top-k > 2, chunks 1 and no capacity factor (64 experts top-6 over P2P off: 1.44x stock;
+over NVLink slower; docs/benchmarks/HISTORY.md). `--fluid-moe-dedup on|off`
 (TransformerConfig.fluid_moe_dedup) overrides it; a bad value is refused naming the flag and
 the accepted values.
 """

@@ -10,8 +10,7 @@ that dW is a transient bf16 tensor the size of the weight (0.94 GiB for the Mixt
 EP=2) that the DDP hook adds into `main_grad` and drops. Stock SequentialMLP runs each expert's
 backward on its own: one expert's dW and `d_h` at a time, and each expert's saved `h`, `a` are
 freed as it goes. Large experts also run faster as one cuBLAS GEMM each than in
-`torch._grouped_mm` (session 5, EP=4 kernel profile: fc1 dW 2.49 vs 2.77 ms, fc1 forward 2.43 vs
-2.56 ms).
+`torch._grouped_mm` (Mixtral-like fc1 dW at EP=4 on H200: 2.49 vs 2.77 ms; docs/benchmarks/HISTORY.md).
 
 `sequential_experts` is one autograd Function over the whole expert MLP. Forward, per expert g:
     h_g = x_g @ W1[g]^T;  a_g = act(h_g, probs_g);  y[rows of g] = a_g @ W2[g]^T
@@ -27,7 +26,7 @@ Where each dW goes:
   - otherwise into one stacked dW per weight, handed to autograd at the end. That buffer exists
     for the whole backward, allocated while every expert's activations are still alive, so the
     peak is higher than the composition's (Mixtral-like layer, 2x H200, no main_grad: 4.32 vs
-    3.44 GB; docs/benchmarks/raw/s6a). FluidGroupedMLP therefore takes this path only under DDP.
+    3.44 GB; docs/benchmarks/HISTORY.md). FluidGroupedMLP therefore takes this path only under DDP.
 FluidGroupedMLP also takes it only when the scheduler would run dW inline anyway
 (`BackwardScheduler.defers_dw()` is False: scheduler off, or no all-to-all can take dW beside it,
 e.g. over NVLink): deferring dW would need every expert's `d_h` kept until the window.

@@ -69,9 +69,9 @@ def resolve_dedup(config: TransformerConfig, comm: Optional[CommContext] = None,
     """Deduplicated dispatch (a token sent once per destination rank; see dispatcher.py):
     `--fluid-moe-dedup` (FluidConfig.moe_dedup) on or off, or auto (the default): on where it
     measured faster, i.e. over a slow link (`comm.slow_link()`: P2P off, between nodes) with
-    top-k > 2 and a setting it supports (chunks 1, no capacity factor). Measured on 4x H200, P2P
-    off, 64 experts top-6: 13.8-14.0 vs 15.0-15.2 ms fwd+bwd; over NVLink it is slower (9.5-9.9
-    vs 7.5 ms), and top-2 of 8 experts gains nothing (raw/s5a, s5b)."""
+    top-k > 2 and a setting it supports (chunks 1, no capacity factor). It measured 1.44x stock for
+    64 experts top-6 over P2P off on 4x H200, slower over NVLink, no gain with top-2 of 8 experts
+    (docs/benchmarks/HISTORY.md)."""
     mode = FluidConfig.from_config(config).moe_dedup
     if mode != "auto":
         return mode == "on"

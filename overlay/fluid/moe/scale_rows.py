@@ -7,10 +7,9 @@ Shape legend: T rows (dispatched tokens), F features (expert FFN size).
 Why a Function: with bf16 activations and fp32 probs the product is an fp32 `[T, F]` temporary in
 forward and another (the fp32 incoming gradient) in backward. Stock SequentialMLP makes it per
 expert; FluidGroupedMLP runs all local experts at once, so that temporary was G times larger: for
-the Mixtral-like layer (T = 8192, F = 14336) 448 MiB instead of 224 MiB, which by this arithmetic
-is most of the 0.30 GB peak memory Fluid had above stock (docs/benchmarks, session 3; the effect of
-this change is not measured yet). Here it is made `rows_per_block` rows at a time, straight into a
-preallocated output.
+the Mixtral-like layer (T = 8192, F = 14336) 448 MiB instead of 224 MiB, by this arithmetic most
+of the 0.30 GB peak memory Fluid measured above stock (docs/benchmarks/HISTORY.md). Here it is made
+`rows_per_block` rows at a time, straight into a preallocated output.
 
 Numerics: forward and the activation gradient are elementwise, so each element is computed by the
 same operations as the plain expression (bit-identical). The probs gradient is a per-row sum over
