@@ -6,6 +6,7 @@ import dataclasses
 import sys
 
 import pytest
+import torch
 
 from fluid.config import FIELDS, FluidConfig
 from tests.conftest import needs_full_tree
@@ -49,10 +50,13 @@ ARGV = [
 def test_parse_args_carries_every_flag_into_the_config(monkeypatch):
     from megatron.training.arguments import core_transformer_config_from_args, parse_args
 
+    # --no-rope-fusion: Megatron's default rope fusion needs Transformer Engine (not installed).
     monkeypatch.setattr(sys, "argv", ARGV + ["--num-layers", "2", "--hidden-size", "64",
-                                             "--num-attention-heads", "4"])
+                                             "--num-attention-heads", "4", "--no-rope-fusion"])
     args = parse_args(ignore_unknown_args=True)
     assert args.fluid_scheduler is False and args.fluid_overlap == "always"
+    # validate_args derives params_dtype from --bf16/--fp16 but needs a launched world; fp32 here.
+    args.params_dtype = torch.float32
     cfg = core_transformer_config_from_args(args)
     assert FluidConfig.from_config(cfg) == FluidConfig(
         scheduler=False, scheduler_timing=True, overlap="always", min_window_bytes=4096,
