@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import socket
 from dataclasses import dataclass
 from typing import Optional
 
@@ -30,24 +32,74 @@ import torch
 import torch.distributed as dist
 
 
+def _c_strtol(text: str) -> int:
+    """C's `strtol(text, NULL, 0)`: optional leading space and sign, then the longest hex
+    (0x...), octal (0...) or decimal prefix; 0 when there is none. NCCL parses its integer
+    variables this way, so "1abc" reads as 1 and "true" as 0."""
+    m = re.match(r"\s*([+-]?)(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)", text)
+    if m is None:
+        return 0
+    sign, digits = m.groups()
+    base = 16 if digits[:2].lower() == "0x" else 8 if digits.startswith("0") else 10
+    value = int(digits, base)
+    return -value if sign == "-" else value
+
+
+def _p2p_disabled(env) -> bool:
+    """Whether NCCL's peer-to-peer transport is off for every GPU pair, read the way NCCL reads
+    it (ncclGetLevel, src/graph/paths.cc): `NCCL_P2P_DISABLE` whose value parses as the integer
+    1 ("1", "0x1"; not "true", "yes" or "2", which NCCL ignores), else `NCCL_P2P_LEVEL` "LOC"
+    (case-sensitive) or a number that parses as 0 (the old numbering's "never")."""
+    disable = env.get("NCCL_P2P_DISABLE")
+    if disable is not None and _c_strtol(disable) == 1:
+        return True
+    level = env.get("NCCL_P2P_LEVEL")
+    if level is None:
+        return False
+    if level == "LOC":
+        return True
+    return "0" <= level[:1] <= "9" and _c_strtol(level) == 0
+
+
+def _host_id() -> str:
+    """This host as NCCL tells hosts apart (getHostHash): `NCCL_HOSTID` if set, else the
+    hostname followed by the kernel's boot id. Ranks with different ids talk through the
+    network transport; containers of one machine share the boot id, machines do not."""
+    host_id = os.environ.get("NCCL_HOSTID")
+    if host_id is not None:
+        return host_id
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot_id = f.read().strip()
+    except OSError:
+        boot_id = ""
+    return socket.gethostname() + boot_id
+
+
 def _link_is_slow(group) -> bool:
     """True when the all-to-all of `group` does not run over direct GPU peer links.
 
     Over NVLink a Hopper all-to-all of tens of MiB takes a fraction of a millisecond, and running it
     beside a GEMM costs more (SM and memory contention) than it hides; measured in
-    docs/hardware.md. Through host memory (`NCCL_P2P_DISABLE=1`, the multi-node stand-in)
-    or between nodes it takes milliseconds and hides almost fully behind a GEMM.
+    docs/hardware.md. Through host memory (NCCL's P2P transport off, `_p2p_disabled`: the
+    multi-node stand-in) or between hosts it takes milliseconds and hides almost fully behind a
+    GEMM.
+
+    Whether the group spans hosts is asked of the group itself: every rank contributes its
+    `_host_id` (one `all_gather_object` over `group`), which holds under any launcher and rank
+    layout (torchrun, srun, mpirun; node-major or not). It is a collective: every rank of the
+    group must call this at the same point (CommContext does at construction). P2P off
+    answers without it, as it does on every rank (launchers give all ranks one environment).
+    Within one host the GPUs are taken to have peer links (NVLink).
     """
-    if os.environ.get("NCCL_P2P_DISABLE", "0") not in ("", "0"):
+    if _p2p_disabled(os.environ):
         return True
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0)
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    if local and local < world:
-        # The group spans nodes only if its ranks are not all on this node; ranks are laid out
-        # node-major by torchrun, so compare node indices of the group's global ranks.
-        ranks = dist.get_process_group_ranks(group) if group is not None else list(range(world))
-        return len({r // local for r in ranks}) > 1
-    return False
+    size = dist.get_world_size(group)
+    if size == 1:
+        return False
+    hosts = [None] * size
+    dist.all_gather_object(hosts, _host_id(), group=group)
+    return len(set(hosts)) > 1
 
 
 # SMs left to NCCL by GEMMs beside an all-to-all over a slow link. Measured (P2P off):
@@ -159,6 +211,11 @@ class CommContext:
         self.size = dist.get_world_size(self.group)
         self.rank = dist.get_rank(self.group)
         self.is_nccl = dist.get_backend(self.group) == "nccl"
+        if self.is_nccl and self._slow_link is None:
+            # `_link_is_slow` is a collective over the group: resolved here, where every rank of
+            # the group builds its contexts in the same order, not at first use, which
+            # short-circuiting conditions (scheduler, dedup) reach on some ranks only.
+            self._slow_link = _link_is_slow(self.group)
         if self.min_window_bytes is None:
             # A window smaller than this is not worth filling: the queued dW waits for the next
             # (larger) all-to-all. Measured: the MoE dispatcher's probs all-to-all (a few KiB)
