@@ -17,6 +17,20 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
+def train_argv(script: Path, nproc: int, iters: int) -> list[str]:
+    """torchrun over `nproc` GPUs of `pretrain_gpt.py` with the benchmarks' small 8-expert model
+    (benchmarks/recipes.py `small`, arguments from benchmarks/e2e_job.py), EP = the largest of
+    1, 2, 4, 8 that divides `nproc`, Fluid on with the scheduler's timing."""
+    from benchmarks import recipes
+    from benchmarks.e2e_job import model_args
+
+    ep = max(d for d in (1, 2, 4, 8) if d <= nproc and nproc % d == 0)
+    recipe = recipes.E2ERecipe("train", "small", "make train", nproc=nproc, ep=ep)
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc-per-node={nproc}", str(script), *model_args(recipe, iters),
+            "--use-fluid-moe", "--fluid-scheduler-timing"]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--nproc", type=int, default=None, help="GPUs to use (default: all)")
@@ -36,12 +50,7 @@ def main() -> int:
         print("make train: no CUDA GPU on this machine; training needs at least one.", file=sys.stderr)
         return 2
     n = args.nproc or torch.cuda.device_count()
-    ep = max(d for d in (1, 2, 4, 8) if d <= n and n % d == 0)
-    from benchmarks.e2e import MODEL
-
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
-           str(script), *MODEL.format(seq=4096, iters=args.iters, warmup=min(5, args.iters - 1)).split(),
-           "--expert-model-parallel-size", str(ep), "--use-fluid-moe", "--fluid-scheduler-timing"]
+    cmd = train_argv(script, n, args.iters)
     env = {**os.environ, "CUDA_DEVICE_MAX_CONNECTIONS": "1", "NCCL_NVLS_ENABLE": "0"}
     print("make train:", " ".join(cmd), flush=True)
     return subprocess.call(cmd, env=env, cwd=ROOT)
