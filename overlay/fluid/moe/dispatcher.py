@@ -47,7 +47,12 @@ sync comes before the permutation kernels instead of after them.
 
 Metadata of the forward in flight lives in `self.plan` (a DispatchPlan), because Megatron's stage
 methods are called one after another without passing it; the dispatcher is therefore not
-re-entrant (one forward at a time per layer, as Megatron's own dispatchers).
+re-entrant (one forward at a time per layer, as Megatron's own dispatchers). Megatron's
+combined-1F1B schedule keeps to that: it runs one layer's forward stages back to back
+(TransformerLayerSchedulePlan.run) and the other micro-batch's backward reads only its autograd
+graph. Its stages run on two streams, though: called through the stage API (`staged=True`, the
+default of `dispatch_preprocess`), the plan's device tensors a later stage reads (`offs`,
+`sorted_indices`) are handed over with an event and `record_stream` (fluid.moe.handoff).
 """
 
 from __future__ import annotations
@@ -63,6 +68,7 @@ from megatron.core.transformer.moe.moe_utils import unpermute
 from fluid.comm import CommContext, fluid_all_to_all
 from fluid.comm.context import current_stream
 from fluid.moe.grouped_gemm import offsets_for
+from fluid.moe.handoff import Handoff
 
 
 def chunk_bounds(n: int, num_chunks: int) -> list[int]:
@@ -120,6 +126,9 @@ class DispatchPlan:
             are one per (token, destination rank), rank-major, tokens ascending within a rank.
         offs: per chunk, int32 cumulative tokens_per_expert on the GPU (None on CPU).
         expand_rows: dedup only, `[N]` the received row each expert-major row was copied from.
+        staged: built through the stage API (`dispatch_preprocess(staged=True)`): the stages may
+            run on different streams, so `indices_handoff` / `offs_handoff` carry sorted_indices
+            (pre-dispatch stage) and offs (dispatch stage) to their readers (experts, combine).
     """
 
     hidden_shape: torch.Size
@@ -132,6 +141,21 @@ class DispatchPlan:
     tokens_per_expert: list = field(default_factory=list)
     offs: list = field(default_factory=list)
     expand_rows: Optional[torch.Tensor] = None
+    staged: bool = False
+    indices_handoff: Optional[Handoff] = None
+    offs_handoff: Optional[Handoff] = None
+
+    def offs_for_chunk(self, chunk: int) -> Optional[torch.Tensor]:
+        """`offs[chunk]`, usable on the current stream (see `staged`)."""
+        if self.offs_handoff is not None:
+            return self.offs_handoff.take()[chunk]
+        return self.offs[chunk]
+
+    def indices(self) -> torch.Tensor:
+        """`sorted_indices`, usable on the current stream (see `staged`)."""
+        if self.indices_handoff is not None:
+            return self.indices_handoff.take()[0]
+        return self.sorted_indices
 
 
 class _PendingCounts:
@@ -212,13 +236,24 @@ class FluidTokenDispatcher:
             flat_sorted = flat_sorted[order]
         return flat_sorted
 
-    def dispatch_preprocess(self, hidden_states, routing_map, probs):
+    def dispatch_preprocess(self, hidden_states, routing_map, probs, *, staged: bool = True):
         """`[S, B, H]` or `[T, H]` tokens -> permuted rows `[R, H]` and their probs `[R]`
-        (dedup: one row per (token, destination rank), `[R, H]` and `[R, 2G]`)."""
+        (dedup: one row per (token, destination rank), `[R, H]` and `[R, 2G]`).
+
+        `staged`: the later stages may run on other streams (Megatron's stage API, the default;
+        see DispatchPlan.staged). FluidMoELayer.forward, all on one stream, passes False."""
         assert routing_map.dim() == 2 and routing_map.dtype == torch.bool
         if self.dedup:
             check_dedup_settings(self.config, self.num_chunks)
-            return self._dedup_preprocess(hidden_states, routing_map, probs)
+            out = self._dedup_preprocess(hidden_states, routing_map, probs)
+        else:
+            out = self._plain_preprocess(hidden_states, routing_map, probs)
+        if staged:  # the combine stage's unpermute reads sorted_indices (and saves it)
+            self.plan.staged = True
+            self.plan.indices_handoff = Handoff(self.plan.sorted_indices)
+        return out
+
+    def _plain_preprocess(self, hidden_states, routing_map, probs):
         hidden_shape = hidden_states.shape
         hidden = hidden_states.reshape(-1, hidden_shape[-1])
         num_tokens = hidden.shape[0]
@@ -308,7 +343,14 @@ class FluidTokenDispatcher:
         if plan.send_splits:
             return plan
         if self.dedup:
-            return self._finish_dedup_plan(plan)
+            self._finish_dedup_plan(plan)
+        else:
+            self._finish_chunk_plan(plan)
+        if plan.staged:  # offs are read by the experts stage, maybe on another stream
+            plan.offs_handoff = Handoff(*plan.offs)
+        return plan
+
+    def _finish_chunk_plan(self, plan: DispatchPlan) -> DispatchPlan:
         counts = self._pending.get()
         self._pending = None
         E, G, P, C = self.num_experts, self.num_local_experts, self.ep_size, self.num_chunks
@@ -395,11 +437,16 @@ class FluidTokenDispatcher:
         plan = self._finish_plan()
         if self.dedup:
             tokens, probs = self._dedup_expand(tokens, probs, plan)
-            return tokens, plan.tokens_per_expert[chunk], probs, plan.offs[chunk]
+            return tokens, plan.tokens_per_expert[chunk], probs, plan.offs_for_chunk(chunk)
         counts = plan.recv_counts[chunk]
+        if tokens.shape[0] != sum(counts):
+            raise RuntimeError(
+                f"dispatch_postprocess: {tokens.shape[0]} received rows, the plan of this layer's "
+                f"forward in flight expects {sum(counts)} (stages of two forwards interleaved?)"
+            )
         tokens = self._reorder(tokens, counts, True)
         probs = self._reorder(probs, counts, True)
-        return tokens, plan.tokens_per_expert[chunk], probs, plan.offs[chunk]
+        return tokens, plan.tokens_per_expert[chunk], probs, plan.offs_for_chunk(chunk)
 
     # -- 5. combine -----------------------------------------------------------------------------
     def combine_preprocess(self, expert_out, chunk: int = 0):
@@ -428,12 +475,12 @@ class FluidTokenDispatcher:
         hidden = plan.hidden_shape[-1]
         if self.dedup:  # one row per (token, rank): add each rank's rows, rank by rank
             out = rows.new_zeros((plan.num_tokens, hidden))
-            segmented_index_add(out, plan.sorted_indices, rows, plan.send_splits[0])
+            segmented_index_add(out, plan.indices(), rows, plan.send_splits[0])
             self.plan = None
             return out.view(plan.hidden_shape)
         out = unpermute(
             rows,
-            plan.sorted_indices,
+            plan.indices(),
             restore_shape=torch.Size((plan.num_tokens, hidden)),
             routing_map=plan.routing_map,
             fused=False,

@@ -150,7 +150,9 @@ class FluidMoELayer(MoELayer):
         )
 
     def routed_experts_compute(self, hidden_states: torch.Tensor, probs: torch.Tensor):
-        """Stage API (num_chunks = 1): sort by expert, experts, unsort."""
+        """Stage API (num_chunks = 1): sort by expert, experts, unsort. Under the combined-1F1B
+        schedule this runs on the compute stream, the dispatch before it on the communication
+        stream: the grouped GEMM's offsets come through a Handoff (fluid.moe.handoff)."""
         disp = self.token_dispatcher
         tokens, tokens_per_expert, probs, offs = disp.dispatch_postprocess(hidden_states, probs)
         out, bias = self.experts(tokens, tokens_per_expert, probs, offs)
@@ -175,7 +177,7 @@ class FluidMoELayer(MoELayer):
         disp = self.token_dispatcher
 
         probs, routing_map = self.route(hidden_states, padding_mask)
-        rows, row_probs = disp.dispatch_preprocess(hidden_states, routing_map, probs)
+        rows, row_probs = disp.dispatch_preprocess(hidden_states, routing_map, probs, staged=False)
         parts, ready = disp.dispatch_chunks(rows, row_probs)
         del rows, row_probs
         C = len(parts)
