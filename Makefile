@@ -38,7 +38,7 @@ NPROC ?= $(shell python3 -c 'import os;print(os.environ.get("NPROC") or "")' 2>/
 
 .PHONY: help setup venv deps megatron overlay status test test-cpu test-dist test-gpu \
         check-patches refresh-patches rebase-upstream diff-report upstream-report train bench clean \
-        print-reqs
+        print-reqs lint
 
 help:
 	@echo "make setup            venv (Python 3.12), pinned torch + megatron-core, Megatron-LM submodule"
@@ -52,6 +52,7 @@ help:
 	@echo "make diff-report [FROM=<pin>] [TO=<ref>]       upstream diff + API report (markdown)"
 	@echo "make upstream-report  CI's report: pin vs newest megatron-core on the package index"
 	@echo "make train            small Mixtral-like model, stock pretrain_gpt.py --use-fluid-moe, all local GPUs"
+	@echo "make lint             ruff check, ruff format --check, mypy (basic) on overlay/fluid and tools/"
 	@echo "make status           fluid.print_status()"
 	@echo "make print-reqs       the requirements make setup installs (megatron-core from $(LOCK))"
 
@@ -92,6 +93,24 @@ overlay: deps
 status:
 	$(NEED_SETUP)
 	@$(VPY) -W ignore -c 'import fluid; fluid.print_status()'
+
+# Lint: pinned tools, installed into the venv by this target when missing or at another version
+# (not part of `make setup`'s stamp, so changing them never reinstalls torch). Config: ruff.toml,
+# mypy.ini. Every path below is checked; nothing is skipped.
+RUFF_VERSION := 0.17.5
+MYPY_VERSION := 2.4.1
+LINT_PATHS := overlay/fluid tools tests benchmarks examples
+TYPE_PATHS := overlay/fluid tools
+lint:
+	$(NEED_SETUP)
+	@if ! $(VENV)/bin/ruff --version 2>/dev/null | grep -qx "ruff $(RUFF_VERSION)" || \
+	  ! $(VENV)/bin/mypy --version 2>/dev/null | grep -q "^mypy $(MYPY_VERSION) "; then \
+	  echo "lint: installing ruff==$(RUFF_VERSION) mypy==$(MYPY_VERSION)"; \
+	  $(VPY) -m pip install -q --disable-pip-version-check ruff==$(RUFF_VERSION) mypy==$(MYPY_VERSION) \
+	    2>&1 | { grep -v "^WARNING: Location" || true; }; fi
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
+	$(VENV)/bin/mypy $(TYPE_PATHS)
 
 test:
 	$(NEED_SETUP)

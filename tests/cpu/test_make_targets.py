@@ -14,7 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 VENV_TARGETS = [
     "test", "test-cpu", "test-dist", "test-gpu", "status", "train", "check-patches",
-    "refresh-patches", "diff-report", "rebase-upstream REF=main",
+    "refresh-patches", "diff-report", "rebase-upstream REF=main", "lint",
 ]
 
 
