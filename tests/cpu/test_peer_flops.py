@@ -1,4 +1,4 @@
-"""benchmarks/peers/flops.py: the one model-FLOPs formula of the peers page.
+"""fluid.testing.bench.flops: the one model-FLOPs formula of the peers page.
 
 Checked against (1) a hand count of every GEMM of a tiny config, written out shape by shape, and
 (2) Megatron's `num_floating_point_operations` (megatron/training/training.py at the pinned
@@ -12,8 +12,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from benchmarks.peers import flops
-from benchmarks.recipes import MODELS, Model
+from fluid.testing.bench import flops
+from fluid.testing.bench.models import MODELS, Model
 
 TINY = Model("t", layers=3, hidden=32, ffn=24, experts=4, topk=2, heads=4, groups=2, shared_ffn=48,
              seq=16, vocab=100)

@@ -6,7 +6,8 @@ into a temporary folder; skipped otherwise (CI does not stage the wheels).
   - the Qwen3 model torchtitan builds from a benchmark model has exactly the parameters that model
     has by hand count (GQA k/v widths, shared expert 2 x ffn, untied output, no q/k norm);
   - the runner trains the tiny model for two steps through torchtitan's own Trainer on the CPU and
-    writes a record whose throughput follows from its step times by benchmarks.peers.flops.
+    writes a record whose throughput follows from its step times by fluid.testing.bench.flops.
+The runner's functions are called in a subprocess (`_runner`): tests do not import benchmarks/.
 """
 
 import importlib.util
@@ -18,12 +19,26 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.peers import flops
-from benchmarks.peers.torchtitan import run
-from benchmarks.recipes import MODELS
+from fluid.testing.bench import flops
+from fluid.testing.bench.models import MODELS, Model
 
 REPO = Path(__file__).resolve().parents[2]
 RUNNER = REPO / "benchmarks" / "peers" / "torchtitan" / "run.py"
+
+
+def _runner(expr: str):
+    """The JSON value of `expr`, evaluated with the runner imported as `run`, in a subprocess."""
+    code = ("import dataclasses, json\nfrom benchmarks.peers.torchtitan import run\n"
+            f"print(json.dumps({expr}))\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
+    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def _tiny() -> Model:
+    return Model(**_runner("dataclasses.asdict(run.TINY)"))
 
 
 def _flag(args, name):
@@ -33,7 +48,9 @@ def _flag(args, name):
 @pytest.mark.parametrize("name,world", [("mixtral", 1), ("fine", 1), ("mixtral", 2)])
 def test_job_args_carry_the_recipe(name, world):
     m = MODELS[name]
-    args = run.job_args(m, compile_=False, ep=world, world=world, steps=13, dump="/tmp/x")
+    args, args_compiled = _runner(
+        f"[run.job_args(run.ALL_MODELS[{name!r}], compile_=c, ep={world}, world={world}, steps=13, "
+        f"dump='/tmp/x') for c in (False, True)]")
     assert _flag(args, "--model.flavor") == name
     assert int(_flag(args, "--training.seq_len")) == m.seq
     assert int(_flag(args, "--training.local_batch_size")) == m.micro_batch
@@ -47,7 +64,7 @@ def test_job_args_carry_the_recipe(name, world):
     assert _flag(args, "--activation_checkpoint.mode") == "none"
     assert int(_flag(args, "--parallelism.expert_parallel_degree")) == world
     assert "--compile.enable" not in args
-    assert "--compile.enable" in run.job_args(m, compile_=True, ep=1, world=1, steps=1, dump="/x")
+    assert "--compile.enable" in args_compiled
 
 
 @pytest.fixture(scope="module")
@@ -105,17 +122,18 @@ def test_models_match_hand_count(torchtitan_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     for name in names:
-        m = run.ALL_MODELS[name]
+        m = MODELS[name] if name in MODELS else _tiny()
         assert got[name] == dict(params=hand_param_count(m), qk_norm=False, kv=m.groups * m.head_dim,
                                  shared=m.shared_ffn, ffn=m.ffn, experts=m.experts, tied=False), name
 
 
 def test_shared_expert_must_be_a_multiple_of_ffn():
-    import dataclasses
-
-    bad = dataclasses.replace(run.TINY, shared_ffn=48)  # checked before torchtitan is imported
-    with pytest.raises(ValueError, match="shared_ffn"):
-        run.model_args(bad)
+    # checked before torchtitan is imported
+    code = ("import dataclasses\nfrom benchmarks.peers.torchtitan import run\n"
+            "run.model_args(dataclasses.replace(run.TINY, shared_ffn=48))\n")
+    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(""), capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode != 0 and "ValueError" in p.stderr and "shared_ffn" in p.stderr, p.stderr[-2000:]
 
 
 def test_dry_run_tiny_trains(torchtitan_path, tmp_path):
@@ -131,7 +149,7 @@ def test_dry_run_tiny_trains(torchtitan_path, tmp_path):
     assert rec["framework"] == "torchtitan" and rec["torchtitan"] == "0.2.2"
     assert rec["model"] == "tiny" and rec["compile"] is False and rec["param_dtype"] == "float32"
     assert len(rec["step_times_s"]) == 2 and rec["warmup_steps"] == 1
-    m = run.TINY
+    m = _tiny()
     assert rec["tokens_per_step_per_gpu"] == m.seq * m.micro_batch * m.grad_accum
     med = rec["step_time_median_s"]
     assert med == rec["step_times_s"][1]

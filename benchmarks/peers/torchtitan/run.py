@@ -12,7 +12,7 @@ Data are synthetic uniform tokens through torchtitan's ParallelAwareDataloader; 
 
 Each step of the Trainer (`train_step`: all micro-batches, clip, optimizer) is timed with
 CUDA-synchronised wall time; the median over the timed steps after the warm-up steps gives
-tokens/s/GPU and model TFLOP/s per GPU by benchmarks.peers.flops (the formula used for FluidMoE's
+tokens/s/GPU and model TFLOP/s per GPU by fluid.testing.bench.flops (the formula used for FluidMoE's
 side too). One JSON record per model x compile setting goes to --out.
 
 On the GPU host (wheels from tools/stage_peers.sh):
@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parents[3]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.peers import flops  # noqa: E402
+from fluid.testing.bench import flops  # noqa: E402
 from benchmarks.recipes import MODELS, Model  # noqa: E402
 
 # A model small enough for the CPU dry run; every feature of `fine` (shared expert, GQA, top-k > 1).

@@ -7,5 +7,7 @@ not import benchmarks/).
   docs/benchmarks/README.md states.
 - `stages`: host-time hooks around FluidMoELayer's forward stages.
 - `timeline`: busy/idle arithmetic of a GPU timeline.
+- `models`: the benchmark models (`MODELS`: mixtral, fine, small).
+- `flops`: the one model-FLOPs formula for FluidMoE and its peers (docs/benchmarks/peers.md).
 - `launch`: a logged subprocess that survives an outer timeout, and Megatron training-log parsing.
 """

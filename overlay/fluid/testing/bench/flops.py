@@ -20,7 +20,7 @@ This is Megatron's `num_floating_point_operations` (megatron/training/training.p
 as here; torchtitan's own `get_moe_model_nparams_and_flops` counts them full (12*s*q per token and
 layer, fwd+bwd 3x included as 6*2) and counts the router, so its logged TFLOP/s differ from these.
 
-Pure Python: `model` is any object with the fields of `benchmarks.recipes.Model` (layers, hidden,
+Pure Python: `model` is any object with the fields of `fluid.testing.bench.models.Model` (layers, hidden,
 ffn, experts, topk, heads, groups, shared_ffn, seq, vocab, head_dim).
 """
 
