@@ -24,43 +24,80 @@ ROOT = Path(__file__).resolve().parent.parent
 # structure that Megatron maps onto fields under other names). tests/cpu/test_recipes.py checks
 # them against Megatron's parser where the full tree is present.
 TRAINING_FLAGS = {
-    "max-position-embeddings", "seq-length", "micro-batch-size", "global-batch-size", "num-experts",
-    "swiglu", "position-embedding-type", "no-rope-fusion", "disable-bias-linear",
-    "untie-embeddings-and-output-weights", "group-query-attention", "no-persist-layer-norm",
-    "no-gradient-accumulation-fusion", "no-masked-softmax-fusion", "no-bias-dropout-fusion",
-    "no-bias-swiglu-fusion", "mock-data", "tokenizer-type", "vocab-size", "split", "optimizer", "lr",
-    "min-lr", "lr-decay-style", "lr-warmup-iters", "weight-decay", "adam-beta1", "adam-beta2",
-    "adam-eps", "clip-grad", "seed", "train-iters", "log-interval", "eval-iters", "eval-interval",
-    "log-throughput", "distributed-timeout-minutes", "attention-dropout", "hidden-dropout",
-    "transformer-impl", "moe-router-load-balancing-type", "bf16",
+    "max-position-embeddings",
+    "seq-length",
+    "micro-batch-size",
+    "global-batch-size",
+    "num-experts",
+    "swiglu",
+    "position-embedding-type",
+    "no-rope-fusion",
+    "disable-bias-linear",
+    "untie-embeddings-and-output-weights",
+    "group-query-attention",
+    "no-persist-layer-norm",
+    "no-gradient-accumulation-fusion",
+    "no-masked-softmax-fusion",
+    "no-bias-dropout-fusion",
+    "no-bias-swiglu-fusion",
+    "mock-data",
+    "tokenizer-type",
+    "vocab-size",
+    "split",
+    "optimizer",
+    "lr",
+    "min-lr",
+    "lr-decay-style",
+    "lr-warmup-iters",
+    "weight-decay",
+    "adam-beta1",
+    "adam-beta2",
+    "adam-eps",
+    "clip-grad",
+    "seed",
+    "train-iters",
+    "log-interval",
+    "eval-iters",
+    "eval-interval",
+    "log-throughput",
+    "distributed-timeout-minutes",
+    "attention-dropout",
+    "hidden-dropout",
+    "transformer-impl",
+    "moe-router-load-balancing-type",
+    "bf16",
 }
 
 
 def model_args(recipe: R.E2ERecipe, iters: int) -> list:
     """The pretrain_gpt.py arguments of the recipe's model (no Fluid flags)."""
     m = recipe.model_spec
-    a = (f"--num-layers {m.layers} --hidden-size {m.hidden} --ffn-hidden-size {m.ffn} "
-         f"--num-attention-heads {m.heads} --group-query-attention --num-query-groups {m.groups} "
-         f"--kv-channels {m.head_dim} --max-position-embeddings {m.seq} --seq-length {m.seq} "
-         f"--micro-batch-size {m.micro_batch} --global-batch-size {m.global_batch(recipe.dp)} "
-         f"--num-experts {m.experts} --moe-router-topk {m.topk} --moe-ffn-hidden-size {m.ffn} ")
+    a = (
+        f"--num-layers {m.layers} --hidden-size {m.hidden} --ffn-hidden-size {m.ffn} "
+        f"--num-attention-heads {m.heads} --group-query-attention --num-query-groups {m.groups} "
+        f"--kv-channels {m.head_dim} --max-position-embeddings {m.seq} --seq-length {m.seq} "
+        f"--micro-batch-size {m.micro_batch} --global-batch-size {m.global_batch(recipe.dp)} "
+        f"--num-experts {m.experts} --moe-router-topk {m.topk} --moe-ffn-hidden-size {m.ffn} "
+    )
     if m.shared_ffn:
         a += f"--moe-shared-expert-intermediate-size {m.shared_ffn} "
-    a += (f"--moe-token-dispatcher-type alltoall --moe-aux-loss-coeff {m.aux_loss_coeff} "
-          "--moe-router-load-balancing-type aux_loss "
-          f"--swiglu --normalization {m.normalization} --position-embedding-type {m.position_embedding} "
-          "--no-rope-fusion --disable-bias-linear --untie-embeddings-and-output-weights "
-          "--attention-dropout 0.0 --hidden-dropout 0.0 "
-          "--bf16 --transformer-impl local --no-persist-layer-norm --no-gradient-accumulation-fusion "
-          "--no-masked-softmax-fusion --no-bias-dropout-fusion --no-bias-swiglu-fusion "
-          f"--mock-data --tokenizer-type NullTokenizer --vocab-size {m.vocab} --split 99,1,0 "
-          f"--optimizer adam --lr {m.lr} --min-lr {m.lr / 10} --lr-decay-style cosine "
-          f"--lr-warmup-iters {min(5, iters - 1)} --weight-decay {m.weight_decay} "
-          f"--adam-beta1 {m.adam_beta1} --adam-beta2 {m.adam_beta2} --adam-eps {m.adam_eps} "
-          f"--clip-grad {m.clip_grad} --init-method-std 0.02 --seed 1234 "
-          f"--train-iters {iters} --log-interval 1 --eval-iters 0 --eval-interval 100000 "
-          f"--log-throughput --distributed-timeout-minutes 5 "
-          f"--expert-model-parallel-size {recipe.ep}")
+    a += (
+        f"--moe-token-dispatcher-type alltoall --moe-aux-loss-coeff {m.aux_loss_coeff} "
+        "--moe-router-load-balancing-type aux_loss "
+        f"--swiglu --normalization {m.normalization} --position-embedding-type {m.position_embedding} "
+        "--no-rope-fusion --disable-bias-linear --untie-embeddings-and-output-weights "
+        "--attention-dropout 0.0 --hidden-dropout 0.0 "
+        "--bf16 --transformer-impl local --no-persist-layer-norm --no-gradient-accumulation-fusion "
+        "--no-masked-softmax-fusion --no-bias-dropout-fusion --no-bias-swiglu-fusion "
+        f"--mock-data --tokenizer-type NullTokenizer --vocab-size {m.vocab} --split 99,1,0 "
+        f"--optimizer adam --lr {m.lr} --min-lr {m.lr / 10} --lr-decay-style cosine "
+        f"--lr-warmup-iters {min(5, iters - 1)} --weight-decay {m.weight_decay} "
+        f"--adam-beta1 {m.adam_beta1} --adam-beta2 {m.adam_beta2} --adam-eps {m.adam_eps} "
+        f"--clip-grad {m.clip_grad} --init-method-std 0.02 --seed 1234 "
+        f"--train-iters {iters} --log-interval 1 --eval-iters 0 --eval-interval 100000 "
+        f"--log-throughput --distributed-timeout-minutes 5 "
+        f"--expert-model-parallel-size {recipe.ep}"
+    )
     return a.split()
 
 
@@ -114,12 +151,19 @@ def megatron_validate(argv: list, world: int) -> str:
     """Megatron's parse_args + validate_args for `world` ranks, and FluidMoE's build-time
     validation of the resulting config; 'skipped: ...' without megatron.training."""
     try:
-        from megatron.training.arguments import core_transformer_config_from_args, parse_args, validate_args
+        from megatron.training.arguments import (
+            core_transformer_config_from_args,
+            parse_args,
+            validate_args,
+        )
     except ImportError as e:
         return f"skipped: megatron.training not importable ({e.name})"
     env = {"WORLD_SIZE": str(world), "RANK": "0", "CUDA_DEVICE_MAX_CONNECTIONS": "1"}
-    with mock.patch.dict(os.environ, env), mock.patch.object(sys, "argv", ["pretrain_gpt.py", *argv]), \
-            contextlib.redirect_stdout(io.StringIO()):  # validate_args prints every argument
+    with (
+        mock.patch.dict(os.environ, env),
+        mock.patch.object(sys, "argv", ["pretrain_gpt.py", *argv]),
+        contextlib.redirect_stdout(io.StringIO()),
+    ):  # validate_args prints every argument
         args = parse_args()
         with mock.patch("megatron.training.arguments.get_device_arch_version", return_value=9):
             validate_args(args, {})
@@ -139,8 +183,10 @@ def dry_run(recipe: R.E2ERecipe) -> dict:
         argv = variant_argv(recipe, v, recipe.iters)
         bad = check_flag_names(argv)
         if bad:
-            raise SystemExit(f"{recipe.name} {v}: unknown flag(s) {bad}: not a TransformerConfig "
-                             "field nor in benchmarks/e2e_job.py TRAINING_FLAGS")
+            raise SystemExit(
+                f"{recipe.name} {v}: unknown flag(s) {bad}: not a TransformerConfig "
+                "field nor in benchmarks/e2e_job.py TRAINING_FLAGS"
+            )
         out[v] = {"argv": argv, "megatron_parse": megatron_validate(argv, recipe.nproc)}
     return out
 
@@ -149,8 +195,10 @@ def pretrain_script() -> Path:
     for p in (ROOT / ".megatron" / "pretrain_gpt.py", ROOT / "Megatron-LM" / "pretrain_gpt.py"):
         if p.exists():
             return p
-    raise SystemExit("pretrain_gpt.py not found: end-to-end recipes need the full Megatron tree "
-                     "(tools/stage_gpu.sh, then `source benchmarks/gpu_env.sh` on the GPU host)")
+    raise SystemExit(
+        "pretrain_gpt.py not found: end-to-end recipes need the full Megatron tree "
+        "(tools/stage_gpu.sh, then `source benchmarks/gpu_env.sh` on the GPU host)"
+    )
 
 
 def _peak_gb(log_text: str):
@@ -160,15 +208,23 @@ def _peak_gb(log_text: str):
     return max(v) / 1024 if v else None
 
 
-def run_variant(recipe: R.E2ERecipe, variant: str, link: str, logs: Path, iters: int,
-                timeout: float) -> dict:
+def run_variant(
+    recipe: R.E2ERecipe, variant: str, link: str, logs: Path, iters: int, timeout: float
+) -> dict:
     """One torchrun of pretrain_gpt.py; the parsed iterations and medians after the warm-up."""
     from fluid.testing.bench.launch import parse_megatron_log, run_logged, steady_median
 
     env = {**os.environ, **R.BASE_ENV, **R.LINKS[link]}
     argv = variant_argv(recipe, variant, iters)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={recipe.nproc}", str(pretrain_script().relative_to(ROOT)), *argv]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={recipe.nproc}",
+        str(pretrain_script().relative_to(ROOT)),
+        *argv,
+    ]
     log = logs / f"{recipe.name}_{link}_{variant.replace('#', '_')}.log"
     r = run_logged(cmd, env, log, cwd=ROOT, timeout=timeout)
     text = log.read_text()

@@ -32,11 +32,16 @@ import torch.distributed as dist
 from benchmarks import recipes as R
 
 # Tiny shapes of the dry run (CPU, gloo): same structure (experts, top-k, shared expert, GQA).
-TINY_MOE = {"mixtral": dict(hidden=64, ffn=96, experts=8, topk=2, shared_ffn=None),
-            "fine": dict(hidden=32, ffn=24, experts=16, topk=6, shared_ffn=48),
-            "small": dict(hidden=32, ffn=48, experts=8, topk=2, shared_ffn=None)}
-TINY_ATTN = {"mixtral": dict(heads=8, groups=2, head_dim=8), "fine": dict(heads=4, groups=2, head_dim=8),
-             "small": dict(heads=4, groups=2, head_dim=8)}
+TINY_MOE = {
+    "mixtral": dict(hidden=64, ffn=96, experts=8, topk=2, shared_ffn=None),
+    "fine": dict(hidden=32, ffn=24, experts=16, topk=6, shared_ffn=48),
+    "small": dict(hidden=32, ffn=48, experts=8, topk=2, shared_ffn=None),
+}
+TINY_ATTN = {
+    "mixtral": dict(heads=8, groups=2, head_dim=8),
+    "fine": dict(heads=4, groups=2, head_dim=8),
+    "small": dict(heads=4, groups=2, head_dim=8),
+}
 
 
 def config_fields(fields: dict) -> dict:
@@ -48,8 +53,10 @@ def config_fields(fields: dict) -> dict:
     names = {f.name for f in dataclasses.fields(TransformerConfig)}
     missing = sorted(k for k in fields if k not in names)
     if missing:
-        raise SystemExit(f"TransformerConfig has no field(s) {missing}: the Fluid config fields "
-                         "(patch 0001) are missing from this Megatron tree")
+        raise SystemExit(
+            f"TransformerConfig has no field(s) {missing}: the Fluid config fields "
+            "(patch 0001) are missing from this Megatron tree"
+        )
     return {k: v for k, v in fields.items() if k != "use_fluid_moe"}
 
 
@@ -167,12 +174,16 @@ def _measure(recipe, steps: dict, layers: dict, args, cuda, device) -> dict:
                     for _ in range(iters):
                         steps[name]()
                     stats = sched.get_stats()
-                v["sched_stats"] = {k: val for k, val in stats.items() if not isinstance(val, (list, dict))}
+                v["sched_stats"] = {
+                    k: val for k, val in stats.items() if not isinstance(val, (list, dict))
+                }
                 v["comm"] = window_comm(stats, iters)
                 want_on = R.variant_fields(name).get("fluid_scheduler", True)
                 if stats.get("enabled") is not None and bool(stats["enabled"]) != want_on:
-                    v["error"] = (f"the scheduler its layer uses was {'on' if stats['enabled'] else 'off'}: "
-                                  "the variant's config did not reach it")
+                    v["error"] = (
+                        f"the scheduler its layer uses was {'on' if stats['enabled'] else 'off'}: "
+                        "the variant's config did not reach it"
+                    )
                 elif not want_on and stats.get("inline_dw_tasks") != stats.get("total_dw_tasks"):
                     v["error"] = "scheduler off, yet dW was deferred"
                 if v.get("error"):
@@ -203,10 +214,17 @@ def build_moe(recipe: R.MoELayerRecipe, cuda, device, ws, variants=None):
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
     from fluid.moe import FluidMoELayer
-    from fluid.testing.moe import emulate_ddp_grads, local_moe_submodules, moe_config, reset_ddp_flags
+    from fluid.testing.moe import (
+        emulate_ddp_grads,
+        local_moe_submodules,
+        moe_config,
+        reset_ddp_flags,
+    )
 
     m = recipe.model_spec
-    shape = dict(hidden=m.hidden, ffn=m.ffn, experts=m.experts, topk=m.topk, shared_ffn=m.shared_ffn)
+    shape = dict(
+        hidden=m.hidden, ffn=m.ffn, experts=m.experts, topk=m.topk, shared_ffn=m.shared_ffn
+    )
     ep, tokens = recipe.ep, recipe.tokens
     if not cuda:
         shape, ep, tokens = TINY_MOE[recipe.model], min(recipe.ep, ws), 16
@@ -220,10 +238,19 @@ def build_moe(recipe: R.MoELayerRecipe, cuda, device, ws, variants=None):
     dtype = torch.bfloat16 if cuda else torch.float32
 
     def cfg(fields):
-        return moe_config(hidden=shape["hidden"], ffn=shape["ffn"], num_experts=shape["experts"],
-                          topk=shape["topk"], ep=ep, shared=shape["shared_ffn"], dtype=dtype,
-                          init_method_std=0.02, moe_aux_loss_coeff=m.aux_loss_coeff,
-                          moe_router_load_balancing_type="aux_loss", **config_fields(fields))
+        return moe_config(
+            hidden=shape["hidden"],
+            ffn=shape["ffn"],
+            num_experts=shape["experts"],
+            topk=shape["topk"],
+            ep=ep,
+            shared=shape["shared_ffn"],
+            dtype=dtype,
+            init_method_std=0.02,
+            moe_aux_loss_coeff=m.aux_loss_coeff,
+            moe_router_load_balancing_type="aux_loss",
+            **config_fields(fields),
+        )
 
     if not cuda:
         from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
@@ -310,11 +337,19 @@ def attn_job(recipe: R.AttnRecipe, args, cuda, device, ws) -> dict:
         if base in stacks:
             stacks[name] = stacks[base]
             continue
-        cfg = attention_config(heads=heads, groups=groups, head_dim=hd, cp=cp, dtype=dtype,
-                               init_method_std=0.02, **config_fields(R.variant_fields(name)))
+        cfg = attention_config(
+            heads=heads,
+            groups=groups,
+            head_dim=hd,
+            cp=cp,
+            dtype=dtype,
+            init_method_std=0.02,
+            **config_fields(R.variant_fields(name)),
+        )
         stack = torch.nn.ModuleList(
             build_attention("fluid", cfg, pg_collection(tp, cp_group), seed=1 + i, device=device)
-            for i in range(recipe.layers))
+            for i in range(recipe.layers)
+        )
         stacks[name] = stack
     s_local, H = seq // cp, heads * hd
     g = torch.Generator(device="cpu").manual_seed(11 + dist.get_rank())
@@ -338,8 +373,14 @@ def attn_job(recipe: R.AttnRecipe, args, cuda, device, ws) -> dict:
 
     steps = {name: step_of(s) for name, s in stacks.items()}
     res = _measure(recipe, steps, stacks, args, cuda, device)
-    res["shape"] = {"heads": heads, "groups": groups, "head_dim": hd, "cp": cp, "seq": seq,
-                    "layers": recipe.layers}
+    res["shape"] = {
+        "heads": heads,
+        "groups": groups,
+        "head_dim": hd,
+        "cp": cp,
+        "seq": seq,
+        "layers": recipe.layers,
+    }
     del stacks, steps
     if cuda:
         torch.cuda.empty_cache()
@@ -350,9 +391,19 @@ def e2e_layers_job(recipe: R.E2ERecipe, args, cuda, device, ws) -> dict:
     """The dry run of an end-to-end recipe: its model's MoE layer and attention through the
     layer path (tiny shapes), with every variant's fields."""
     moe = R.MoELayerRecipe(recipe.name + ":moe", recipe.model, "", nproc=recipe.nproc, ep=recipe.ep)
-    attn = R.AttnRecipe(recipe.name + ":attn", recipe.model, "", nproc=recipe.nproc, cp=1, layers=1,
-                        variants=tuple(v for v in recipe.variants if R.variant_fields(v)))
-    return {"moe": moe_job(moe, args, cuda, device, ws), "attn": attn_job(attn, args, cuda, device, ws)}
+    attn = R.AttnRecipe(
+        recipe.name + ":attn",
+        recipe.model,
+        "",
+        nproc=recipe.nproc,
+        cp=1,
+        layers=1,
+        variants=tuple(v for v in recipe.variants if R.variant_fields(v)),
+    )
+    return {
+        "moe": moe_job(moe, args, cuda, device, ws),
+        "attn": attn_job(attn, args, cuda, device, ws),
+    }
 
 
 JOBS = {"moe": moe_job, "attn": attn_job, "e2e": e2e_layers_job}
@@ -366,7 +417,9 @@ def main() -> int:
     ap.add_argument("--dry-run", action="store_true", help="CPU, gloo, tiny shapes")
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--iters", type=int, default=None)
-    ap.add_argument("--variants", default=None, help="comma-separated subset of the recipe's variants")
+    ap.add_argument(
+        "--variants", default=None, help="comma-separated subset of the recipe's variants"
+    )
     args = ap.parse_args()
     cuda = not args.dry_run
     if cuda:
@@ -397,8 +450,11 @@ def main() -> int:
         res["wall_s"] = time.time() - t0
         results[recipe.name] = res
         if rank == 0:
-            print(f"[layer_job] {recipe.name} {args.link}: " + json.dumps(
-                {k: v.get("ms") for k, v in res.get("variants", {}).items()}), flush=True)
+            print(
+                f"[layer_job] {recipe.name} {args.link}: "
+                + json.dumps({k: v.get("ms") for k, v in res.get("variants", {}).items()}),
+                flush=True,
+            )
     if rank == 0:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1, default=str)

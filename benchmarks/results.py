@@ -33,10 +33,14 @@ def _ratio(job: dict, num: str, den: str):
 
 def link_summary(job: dict) -> dict:
     v = job.get("variants", {})
-    out = {"ms": {k: r.get("ms") for k, r in v.items()},
-           "peak_gb": {k: r.get("peak_gb") for k, r in v.items() if "#" not in k},
-           "tflops": {k: r.get("tflops") for k, r in v.items() if r.get("tflops") is not None},
-           "failed": sorted(k for k, r in v.items() if r.get("rc") not in (None, 0) or r.get("ms") is None)}
+    out = {
+        "ms": {k: r.get("ms") for k, r in v.items()},
+        "peak_gb": {k: r.get("peak_gb") for k, r in v.items() if "#" not in k},
+        "tflops": {k: r.get("tflops") for k, r in v.items() if r.get("tflops") is not None},
+        "failed": sorted(
+            k for k, r in v.items() if r.get("rc") not in (None, 0) or r.get("ms") is None
+        ),
+    }
     for label, (num, den) in RATIOS.items():
         r = _ratio(job, num, den)
         if r:
@@ -69,7 +73,12 @@ def summarize(doc: dict) -> dict:
         s = links.get(slow)
         if not (nv and s):
             continue
-        t = [s["ms"].get("fluid"), nv["ms"].get("fluid"), s["ms"].get("fluid_off"), nv["ms"].get("fluid_off")]
+        t = [
+            s["ms"].get("fluid"),
+            nv["ms"].get("fluid"),
+            s["ms"].get("fluid_off"),
+            nv["ms"].get("fluid_off"),
+        ]
         if any(x is None for x in t):
             continue
         hf[slow] = link_hidden_fraction(*t, noise_slow=_noise(s), noise_nv=_noise(nv))

@@ -43,7 +43,9 @@ PAGE = ROOT / "docs" / "benchmarks" / "README.md"
 
 def _sh(cmd: list) -> str:
     try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=30, cwd=ROOT).stdout.strip()
+        return subprocess.run(
+            cmd, capture_output=True, text=True, timeout=30, cwd=ROOT
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
 
@@ -56,16 +58,23 @@ def git_commit(given: str = None, dirty: bool = True) -> str:
     sha = _sh(["git", "rev-parse", "--short=12", "HEAD"])
     if not sha:
         return "unknown"
-    changed = dirty and _sh(["git", "status", "--porcelain", "--", "benchmarks", "overlay", "patches"])
+    changed = dirty and _sh(
+        ["git", "status", "--porcelain", "--", "benchmarks", "overlay", "patches"]
+    )
     return sha + ("-dirty" if changed else "")
 
 
 def host_meta(commit: str, dry: bool) -> dict:
     """Host, GPU, clocks, versions, commit, command: what a number needs to be reproduced."""
-    meta = {"commit": commit, "host": socket.gethostname(), "platform": platform.platform(),
-            "python": platform.python_version(), "dry_run": dry,
-            "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
-            "command": "python -m benchmarks.run " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
+    meta = {
+        "commit": commit,
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "dry_run": dry,
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+        "command": "python -m benchmarks.run " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+    }
     try:
         import torch
 
@@ -85,8 +94,13 @@ def host_meta(commit: str, dry: bool) -> dict:
             meta["megatron_core"] = getattr(megatron.core, "__version__", "unknown")
         except ImportError:
             meta["megatron_core"] = None
-    smi = _sh(["nvidia-smi", "--query-gpu=index,name,clocks.sm,clocks.max.sm,clocks.mem,power.limit,"
-               "driver_version", "--format=csv,noheader"])
+    smi = _sh(
+        [
+            "nvidia-smi",
+            "--query-gpu=index,name,clocks.sm,clocks.max.sm,clocks.mem,power.limit,driver_version",
+            "--format=csv,noheader",
+        ]
+    )
     if smi:
         meta["nvidia_smi"] = smi.splitlines()
         meta["gpu"] = smi.splitlines()[0].split(",")[1].strip()
@@ -107,12 +121,18 @@ def save_recipe(out: Path, recipe: R.Recipe, meta: dict, link: str, job: dict) -
 
     path = out / f"{recipe.name}.json"
     doc = _load(path)
-    same = (doc and doc.get("meta", {}).get("commit") == meta["commit"]
-            and doc.get("recipe") == json.loads(json.dumps(recipe.to_dict()))
-            and doc.get("meta", {}).get("dry_run") == meta["dry_run"])
+    same = (
+        doc
+        and doc.get("meta", {}).get("commit") == meta["commit"]
+        and doc.get("recipe") == json.loads(json.dumps(recipe.to_dict()))
+        and doc.get("meta", {}).get("dry_run") == meta["dry_run"]
+    )
     if not same:
         doc = {"recipe": recipe.to_dict(), "meta": meta, "links": {}}
-    doc["links"][link] = {**job, "job_meta": {"date_utc": meta["date_utc"], "command": meta["command"]}}
+    doc["links"][link] = {
+        **job,
+        "job_meta": {"date_utc": meta["date_utc"], "command": meta["command"]},
+    }
     doc["summary"] = summarize(doc)
     path.write_text(json.dumps(doc, indent=1, default=str) + "\n")
     return doc
@@ -128,8 +148,14 @@ def merge(src: Path, dst: Path = RAW) -> list:
         if p.stem not in R.RECIPES:
             continue
         new, old = json.loads(p.read_text()), _load(dst / p.name)
-        if old and all(old.get("meta", {}).get(k) == new.get("meta", {}).get(k) for k in ("commit", "dry_run")) \
-                and old.get("recipe") == new.get("recipe"):
+        if (
+            old
+            and all(
+                old.get("meta", {}).get(k) == new.get("meta", {}).get(k)
+                for k in ("commit", "dry_run")
+            )
+            and old.get("recipe") == new.get("recipe")
+        ):
             old["links"].update(new["links"])
             new = old
         new["summary"] = summarize(new)
@@ -139,7 +165,13 @@ def merge(src: Path, dst: Path = RAW) -> list:
 
 
 def _torchrun(nproc: int) -> list:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+    ]
 
 
 def _child_env(link: str) -> dict:
@@ -152,18 +184,34 @@ def run_layer(recipe, link, args, out: Path, meta: dict, timeout: float) -> dict
     from fluid.testing.bench.launch import run_logged
 
     tmp = out / "logs" / f"{recipe.name}_{link}.json"
-    cmd = _torchrun(recipe.nproc) + ["-m", "benchmarks.layer_job", "--recipes", recipe.name,
-                                     "--link", link, "--out", str(tmp)]
+    cmd = _torchrun(recipe.nproc) + [
+        "-m",
+        "benchmarks.layer_job",
+        "--recipes",
+        recipe.name,
+        "--link",
+        link,
+        "--out",
+        str(tmp),
+    ]
     if args.rounds:
         cmd += ["--rounds", str(args.rounds)]
     if args.iters:
         cmd += ["--iters", str(args.iters)]
     if args.variants:
         cmd += ["--variants", args.variants]
-    r = run_logged(cmd, _child_env(link), out / "logs" / f"{recipe.name}_{link}.log", cwd=ROOT,
-                   timeout=timeout)
+    r = run_logged(
+        cmd, _child_env(link), out / "logs" / f"{recipe.name}_{link}.log", cwd=ROOT, timeout=timeout
+    )
     res = (_load(tmp) or {}).get(recipe.name)
-    job = res if res else {"variants": {}, "error": f"no result (rc {r['rc']}, see logs/{recipe.name}_{link}.log)"}
+    job = (
+        res
+        if res
+        else {
+            "variants": {},
+            "error": f"no result (rc {r['rc']}, see logs/{recipe.name}_{link}.log)",
+        }
+    )
     if res and res.get("errors"):
         job["error"] = "; ".join(res["errors"])
     job["run"] = r
@@ -180,10 +228,14 @@ def run_e2e(recipe, link, args, out: Path, meta: dict, timeout: float, deadline:
         if deadline - time.time() < 90:  # too little left for a torchrun of the whole model
             job["variants"][v] = {"skipped": "time budget", "ms": None}
             continue
-        job["variants"][v] = run_variant(recipe, v, link, out / "logs", iters,
-                                         min(timeout, max(deadline - time.time(), 30)))
-        print(f"  {recipe.name} {link} {v}: {job['variants'][v]['ms']} ms/iter "
-              f"(rc {job['variants'][v]['rc']})", flush=True)
+        job["variants"][v] = run_variant(
+            recipe, v, link, out / "logs", iters, min(timeout, max(deadline - time.time(), 30))
+        )
+        print(
+            f"  {recipe.name} {link} {v}: {job['variants'][v]['ms']} ms/iter "
+            f"(rc {job['variants'][v]['rc']})",
+            flush=True,
+        )
         save_recipe(out, recipe, meta, link, job)  # partial results survive a later failure
         if job["variants"][v].get("terminated"):
             break
@@ -204,14 +256,22 @@ def dry_run(selected, out: Path, meta: dict) -> int:
     tmp = out / "logs" / "dry_run.json"
     env = _child_env("nvlink")
     env["CUDA_VISIBLE_DEVICES"] = ""
-    cmd = _torchrun(2) + ["-m", "benchmarks.layer_job", "--dry-run", "--out", str(tmp),
-                          "--recipes", ",".join(r.name for r in selected)]
+    cmd = _torchrun(2) + [
+        "-m",
+        "benchmarks.layer_job",
+        "--dry-run",
+        "--out",
+        str(tmp),
+        "--recipes",
+        ",".join(r.name for r in selected),
+    ]
     res = run_logged(cmd, env, out / "logs" / "dry_run.log", cwd=ROOT, timeout=900)
     jobs = _load(tmp) or {}
     for r in selected:
         job = jobs.get(r.name)
-        errors = (job or {}).get("errors") or [e for part in ("moe", "attn")
-                                                for e in ((job or {}).get(part) or {}).get("errors", [])]
+        errors = (job or {}).get("errors") or [
+            e for part in ("moe", "attn") for e in ((job or {}).get(part) or {}).get("errors", [])
+        ]
         if job is None or errors:
             why = errors or [f"no result (rc {res['rc']})"]
             print(f"DRY RUN FAILED: {r.name}: {why[0][-3000:]}", flush=True)
@@ -227,24 +287,41 @@ def dry_run(selected, out: Path, meta: dict) -> int:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("recipes", nargs="*", help="recipe names, 'all', or 'gpus=N'")
     ap.add_argument("--list", action="store_true", help="list the recipes and exit")
-    ap.add_argument("--merge", type=Path, default=None, metavar="DIR",
-                    help="merge DIR/<recipe>.json (a device call's --out) into docs/benchmarks/raw, "
-                         "render the page, exit")
+    ap.add_argument(
+        "--merge",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="merge DIR/<recipe>.json (a device call's --out) into docs/benchmarks/raw, "
+        "render the page, exit",
+    )
     ap.add_argument("--dry-run", action="store_true", help="CPU, gloo, tiny shapes, 2 ranks")
-    ap.add_argument("--out", type=Path, default=RAW, help="raw JSON folder (default docs/benchmarks/raw)")
+    ap.add_argument(
+        "--out", type=Path, default=RAW, help="raw JSON folder (default docs/benchmarks/raw)"
+    )
     ap.add_argument("--page", type=Path, default=None, help="page to render (see the module doc)")
     ap.add_argument("--links", default=None, help="comma-separated subset of each recipe's links")
     ap.add_argument("--rounds", type=int, default=None, help="override the layer recipes' rounds")
-    ap.add_argument("--iters", type=int, default=None, help="override iterations per round / e2e run")
-    ap.add_argument("--variants", default=None,
-                    help="comma-separated subset of each recipe's variants (default: all of them)")
+    ap.add_argument(
+        "--iters", type=int, default=None, help="override iterations per round / e2e run"
+    )
+    ap.add_argument(
+        "--variants",
+        default=None,
+        help="comma-separated subset of each recipe's variants (default: all of them)",
+    )
     ap.add_argument("--commit", default=None, help="commit to record where the tree has no .git")
-    ap.add_argument("--budget-s", type=float, default=540.0,
-                    help="start no job after this many seconds (a device call's limit)")
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        default=540.0,
+        help="start no job after this many seconds (a device call's limit)",
+    )
     ap.add_argument("--job-timeout-s", type=float, default=400.0, help="one torchrun at most")
     args = ap.parse_args(argv)
     if args.list:
@@ -284,14 +361,23 @@ def main(argv=None) -> int:
                 links = [l for l in r.links if not args.links or l in args.links.split(",")]
                 for link in links:
                     if time.time() > deadline:
-                        print(f"skip {r.name} {link}: time budget ({args.budget_s:.0f} s) spent", flush=True)
+                        print(
+                            f"skip {r.name} {link}: time budget ({args.budget_s:.0f} s) spent",
+                            flush=True,
+                        )
                         continue
                     print(f"{r.name} {link} ...", flush=True)
                     if r.kind == "e2e":
                         job = run_e2e(r, link, args, args.out, meta, args.job_timeout_s, deadline)
                     else:
-                        job = run_layer(r, link, args, args.out, meta,
-                                        min(args.job_timeout_s, max(deadline - time.time(), 60)))
+                        job = run_layer(
+                            r,
+                            link,
+                            args,
+                            args.out,
+                            meta,
+                            min(args.job_timeout_s, max(deadline - time.time(), 60)),
+                        )
                     doc = save_recipe(args.out, r, meta, link, job)
                     s = doc["summary"]["links"][link]
                     print(f"  {r.name} {link}: ms {s['ms']} speedup {s.get('speedup')}", flush=True)
@@ -303,7 +389,11 @@ def main(argv=None) -> int:
     from benchmarks.render import render_to
 
     page = args.page or (PAGE if args.out.resolve() == RAW.resolve() else args.out / "README.md")
-    render_to(page, [args.out, RAW] if args.out.resolve() != RAW.resolve() else [RAW], commit=meta["commit"])
+    render_to(
+        page,
+        [args.out, RAW] if args.out.resolve() != RAW.resolve() else [RAW],
+        commit=meta["commit"],
+    )
     print(f"page: {page}", flush=True)
     return rc
 

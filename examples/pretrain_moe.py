@@ -36,9 +36,12 @@ import torch.distributed as dist
 
 # CPU defaults are tiny (CI runs this on 2 cores); GPU defaults are a small Mixtral-like shape.
 SIZES = {
-    "cpu": dict(layers=2, hidden=64, ffn=128, heads=4, groups=2, experts=4, seq=32, mbs=2, vocab=128),
-    "cuda": dict(layers=4, hidden=2048, ffn=5632, heads=16, groups=4, experts=8, seq=2048, mbs=2,
-                 vocab=32000),
+    "cpu": dict(
+        layers=2, hidden=64, ffn=128, heads=4, groups=2, experts=4, seq=32, mbs=2, vocab=128
+    ),
+    "cuda": dict(
+        layers=4, hidden=2048, ffn=5632, heads=16, groups=4, experts=8, seq=2048, mbs=2, vocab=32000
+    ),
 }
 
 
@@ -51,8 +54,12 @@ def parse_args():
     p.add_argument("--lr", type=float, default=None, help="default 3e-3 (cpu), 3e-4 (cuda)")
     p.add_argument("--seed", type=int, default=1234)
     for k in SIZES["cpu"]:
-        p.add_argument(f"--{k}", type=int, default=None, help=f"default {SIZES['cpu'][k]} (cpu), "
-                       f"{SIZES['cuda'][k]} (cuda)")
+        p.add_argument(
+            f"--{k}",
+            type=int,
+            default=None,
+            help=f"default {SIZES['cpu'][k]} (cpu), {SIZES['cuda'][k]} (cuda)",
+        )
     args = p.parse_args()
     for k, v in SIZES[args.device].items():
         if getattr(args, k) is None:
@@ -163,7 +170,8 @@ class MasterAdamW:
         self.master = [p.detach().clone().float() for p in self.params]
         self.opt = torch.optim.AdamW(self.master, lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
         self.groups = [
-            ps.get_data_parallel_group() if getattr(p, "allreduce", True)
+            ps.get_data_parallel_group()
+            if getattr(p, "allreduce", True)
             else ps.get_expert_data_parallel_group()
             for p in self.params
         ]
@@ -193,8 +201,11 @@ def main():
     device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else "cpu"
     if rank == 0:
         print_status()
-        print(f"world={dist.get_world_size()} EP={args.ep} device={args.device} "
-              f"ln(vocab)={math.log(args.vocab):.3f}", flush=True)
+        print(
+            f"world={dist.get_world_size()} EP={args.ep} device={args.device} "
+            f"ln(vocab)={math.log(args.vocab):.3f}",
+            flush=True,
+        )
     model, _ = build_model(args)
     print_fluid_layer_info(model)  # rank 0 prints
     opt = MasterAdamW(model, args.lr)
@@ -216,13 +227,27 @@ def main():
         dist.all_reduce(avg)
         avg /= dist.get_world_size()
         if rank == 0:
-            keys = ("total_dw_tasks", "overlapped_dw_tasks", "after_wait_dw_tasks",
-                    "flushed_dw_tasks", "inline_dw_tasks", "pending_dw_tasks", "a2a_calls",
-                    "overlapped_windows")
-            extra = "".join(f" {k}={stats[k]:.3f}" for k in ("a2a_ms", "dw_in_window_ms",
-                                                             "window_ms") if stats.get(k) is not None)
-            print(f"step {step}/{args.steps} | loss {avg.item():.4f} | ms {ms:.1f} | sched "
-                  + " ".join(f"{k}={stats[k]}" for k in keys) + extra, flush=True)
+            keys = (
+                "total_dw_tasks",
+                "overlapped_dw_tasks",
+                "after_wait_dw_tasks",
+                "flushed_dw_tasks",
+                "inline_dw_tasks",
+                "pending_dw_tasks",
+                "a2a_calls",
+                "overlapped_windows",
+            )
+            extra = "".join(
+                f" {k}={stats[k]:.3f}"
+                for k in ("a2a_ms", "dw_in_window_ms", "window_ms")
+                if stats.get(k) is not None
+            )
+            print(
+                f"step {step}/{args.steps} | loss {avg.item():.4f} | ms {ms:.1f} | sched "
+                + " ".join(f"{k}={stats[k]}" for k in keys)
+                + extra,
+                flush=True,
+            )
     if rank == 0:
         print("done", flush=True)
     from megatron.core import parallel_state as ps

@@ -38,7 +38,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-STAGE_HINTS = ("route", "preprocess", "dispatch", "routed_experts_compute", "combine", "postprocess")
+STAGE_HINTS = (
+    "route",
+    "preprocess",
+    "dispatch",
+    "routed_experts_compute",
+    "combine",
+    "postprocess",
+)
 
 
 # ----------------------------------------------------------------------------- upstream sources
@@ -205,7 +212,9 @@ class Discovery:
         ups = self._class_bases.get(cls.name, [])
         for up in ups:
             self.add(*up, f"subclassed by {cls.name}", f"{fname}:{cls.lineno}")
-        methods = {n.name for n in cls.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+        methods = {
+            n.name for n in cls.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+        }
         wrapped: dict[str, tuple[str, str]] = {}  # self.attr -> upstream class
         for node in ast.walk(cls):
             if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call):
@@ -229,24 +238,43 @@ class Discovery:
             f = node.func
             if sup:
                 for mod, name in ups:
-                    self.add(mod, f"{name}.{sup}", "called via super()", site, member=True,
-                             call=node)
+                    self.add(
+                        mod, f"{name}.{sup}", "called via super()", site, member=True, call=node
+                    )
                 handled.add(id(node))
             elif isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name):
                 if f.value.id == "self" and f.attr not in methods:
                     for mod, name in ups:
-                        self.add(mod, f"{name}.{f.attr}", "inherited, called", site, member=True,
-                                 call=node)
+                        self.add(
+                            mod,
+                            f"{name}.{f.attr}",
+                            "inherited, called",
+                            site,
+                            member=True,
+                            call=node,
+                        )
                 elif f.value.id in wrapped:
                     mod, name = wrapped[f.value.id]
-                    self.add(mod, f"{name}.{f.attr}", "called on a wrapped instance", site,
-                             member=True, call=node)
+                    self.add(
+                        mod,
+                        f"{name}.{f.attr}",
+                        "called on a wrapped instance",
+                        site,
+                        member=True,
+                        call=node,
+                    )
             elif isinstance(f, ast.Attribute) and isinstance(f.value, ast.Attribute):
                 v = f.value
                 if isinstance(v.value, ast.Name) and f"{v.value.id}.{v.attr}" in wrapped:
                     mod, name = wrapped[f"{v.value.id}.{v.attr}"]
-                    self.add(mod, f"{name}.{f.attr}", "called on a wrapped instance", site,
-                             member=True, call=node)
+                    self.add(
+                        mod,
+                        f"{name}.{f.attr}",
+                        "called on a wrapped instance",
+                        site,
+                        member=True,
+                        call=node,
+                    )
 
 
 def discover(overlay: Path) -> list[Item]:
@@ -319,7 +347,10 @@ def lookup(src, module: str, name: str, depth: int = 0) -> Found | None:
     rel, text, tree = parsed
     hit = None
     for node in _top_level(tree.body):
-        if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == name:
+        if (
+            isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.name == name
+        ):
             hit = node  # last definition wins, as at import time
         elif isinstance(node, (ast.Assign, ast.AnnAssign)):
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
@@ -452,7 +483,10 @@ def return_arities(found: Found | None) -> set[int]:
 
 
 def compare_params(
-    old: list[Param], new: list[Param], max_positional: int = 0, fields: bool = False,
+    old: list[Param],
+    new: list[Param],
+    max_positional: int = 0,
+    fields: bool = False,
     used_names: set[str] | None = None,
 ) -> tuple[str, list[str]]:
     """(verdict, notes) for a signature change, from a caller's and an override's view.
@@ -497,8 +531,11 @@ def compare_params(
             breaking |= shifted
             notes.append(
                 f"new optional parameter: {name}={p.default} inserted before other positionals"
-                + (" and the overlay passes arguments past it positionally" if shifted
-                   else f" (the overlay passes at most {max_positional} positionally: safe)")
+                + (
+                    " and the overlay passes arguments past it positionally"
+                    if shifted
+                    else f" (the overlay passes at most {max_positional} positionally: safe)"
+                )
             )
         else:
             new_optional.append(f"{name}={p.default}")
@@ -546,22 +583,33 @@ class Verdict:
     where_to: str
 
 
-def compare_item(item: Item, old_src, new_src, used_names: set[str] = frozenset()) -> Verdict | None:
+def compare_item(
+    item: Item, old_src, new_src, used_names: set[str] = frozenset()
+) -> Verdict | None:
     fo, fn = resolve(old_src, item), resolve(new_src, item)
     uses, sites = sorted(item.uses), sorted(item.sites)
     loc = lambda f: f"{f.file}:{getattr(f.node, 'lineno', 1)}" if f else "-"  # noqa: E731
     if fo is None and fn is None:
         if item.member:  # a method the overlay defines that upstream never had: not an override
             return None
-        return Verdict(item.key, uses, sites, "unresolved",
-                       ["not in upstream at either ref (added by a patch, or not a plain name)"],
-                       False, "-", "-")
+        return Verdict(
+            item.key,
+            uses,
+            sites,
+            "unresolved",
+            ["not in upstream at either ref (added by a patch, or not a plain name)"],
+            False,
+            "-",
+            "-",
+        )
     if fn is None:
-        return Verdict(item.key, uses, sites, "breaking", [f"removed at {new_src.label}"],
-                       True, loc(fo), "-")
+        return Verdict(
+            item.key, uses, sites, "breaking", [f"removed at {new_src.label}"], True, loc(fo), "-"
+        )
     if fo is None:
-        return Verdict(item.key, uses, sites, "compatible", [f"new at {new_src.label}"],
-                       True, "-", loc(fn))
+        return Verdict(
+            item.key, uses, sites, "compatible", [f"new at {new_src.label}"], True, "-", loc(fn)
+        )
     so, sn = signature(fo), signature(fn)
     fields = so is None and sn is None
     if fields:
@@ -585,8 +633,10 @@ def compare_item(item: Item, old_src, new_src, used_names: set[str] = frozenset(
     if verdict == "compatible" and any(u.startswith("overridden") for u in uses):
         added = [x for x in notes if x.startswith("new optional")]
         if added:
-            notes.append("overridden: check that the override accepts the new parameter(s), "
-                         "upstream callers may pass them")
+            notes.append(
+                "overridden: check that the override accepts the new parameter(s), "
+                "upstream callers may pass them"
+            )
     return Verdict(item.key, uses, sites, verdict, notes, fo.text != fn.text, loc(fo), loc(fn))
 
 
@@ -615,8 +665,10 @@ def check(overlay: Path, old_src, new_src) -> list[Verdict]:
 
 
 def to_markdown(verdicts: list[Verdict], old_label: str, new_label: str) -> str:
-    counts = {k: sum(v.verdict == k for v in verdicts) for k in
-              ("breaking", "compatible", "unchanged", "unresolved")}
+    counts = {
+        k: sum(v.verdict == k for v in verdicts)
+        for k in ("breaking", "compatible", "unchanged", "unresolved")
+    }
     lines = [
         f"API check {old_label} -> {new_label}: {len(verdicts)} upstream items the overlay uses; "
         + ", ".join(f"{n} {k}" for k, n in counts.items()),
@@ -635,7 +687,9 @@ def to_markdown(verdicts: list[Verdict], old_label: str, new_label: str) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--from", dest="old", help="old ref (default: the pin in patches/upstream.lock)")
+    ap.add_argument(
+        "--from", dest="old", help="old ref (default: the pin in patches/upstream.lock)"
+    )
     ap.add_argument("--to", dest="new", required=True, help="new ref")
     ap.add_argument("--tree", type=Path, default=ROOT / "Megatron-LM", help="git repository")
     ap.add_argument("--from-dir", type=Path, help="old upstream tree (directory holding megatron/)")
@@ -655,13 +709,17 @@ def main(argv=None) -> int:
         old_src, new_src = DirSource(args.from_dir, old), DirSource(args.to_dir, args.new)
     else:
         if not (args.tree / ".git").exists():
-            print(f"api_check: {args.tree} is not a git checkout; use --from-dir/--to-dir",
-                  file=sys.stderr)
+            print(
+                f"api_check: {args.tree} is not a git checkout; use --from-dir/--to-dir",
+                file=sys.stderr,
+            )
             return 1
         old_src, new_src = GitSource(args.tree, old), GitSource(args.tree, args.new)
         for s in (old_src, new_src):
-            if subprocess.run(["git", "-C", str(args.tree), "rev-parse", "--verify", "-q",
-                               f"{s.ref}^{{commit}}"], capture_output=True).returncode:
+            if subprocess.run(
+                ["git", "-C", str(args.tree), "rev-parse", "--verify", "-q", f"{s.ref}^{{commit}}"],
+                capture_output=True,
+            ).returncode:
                 print(f"api_check: unknown ref {s.ref} in {args.tree}", file=sys.stderr)
                 return 1
     verdicts = check(args.overlay, old_src, new_src)

@@ -40,11 +40,15 @@ def main(argv=None) -> int:
             tree = Path(tmp) / "pristine"
             if full:
                 if P._git(sub, "cat-file", "-e", f"{lock['commit']}^{{commit}}").returncode:
-                    raise P.PatchError(f"{args.submodule} lacks the pinned commit "
-                                       f"{lock['commit'][:12]}: run `make setup`")
+                    raise P.PatchError(
+                        f"{args.submodule} lacks the pinned commit "
+                        f"{lock['commit'][:12]}: run `make setup`"
+                    )
                 rels = sorted({f for p in P.read_series(pdir) for f in p.files})
                 P.pristine_from_git(sub, lock["commit"], rels, tree)
-                print(f"check-patches: pristine files from {args.submodule} at {lock['commit'][:12]}")
+                print(
+                    f"check-patches: pristine files from {args.submodule} at {lock['commit'][:12]}"
+                )
             else:
                 dist = S._download_core(lock["megatron-core"], root / ".build" / "dist")
                 S._extract_core(dist, tree)

@@ -92,8 +92,10 @@ def hunk_summary(repo: Path, old: str, new: str, rel: str) -> list[str]:
         acc[2] += 1
     old_names = {n for _, _, n in old_spans}
     new_names = {n for _, _, n in new_spans}
-    lines = [f"`{n}`: +{v[0]} -{v[1]} ({v[2]} hunk{'s' if v[2] > 1 else ''})"
-             for n, v in sorted(per.items(), key=lambda kv: -(kv[1][0] + kv[1][1]))]
+    lines = [
+        f"`{n}`: +{v[0]} -{v[1]} ({v[2]} hunk{'s' if v[2] > 1 else ''})"
+        for n, v in sorted(per.items(), key=lambda kv: -(kv[1][0] + kv[1][1]))
+    ]
     gone = sorted(old_names - new_names)
     born = sorted(new_names - old_names)
     if gone:
@@ -119,14 +121,17 @@ def section(repo: Path, old: str, new: str, title: str, paths: list[str]) -> lis
     return out + [""]
 
 
-def pin_status(pin: U.Side, repo: Path | None, pdir: Path, scratch: U.Scratch,
-               old: U.Side) -> tuple[bool, str]:
+def pin_status(
+    pin: U.Side, repo: Path | None, pdir: Path, scratch: U.Scratch, old: U.Side
+) -> tuple[bool, str]:
     """Does the series apply (zero fuzz, lock hashes, refresh no-op) to the pin itself?"""
     touched = sorted({f for p in P.read_series(pdir) for f in p.files})
     with tempfile.TemporaryDirectory() as tmp:
         tree = Path(tmp) / "pin"
-        if (pin.kind, pin.commit, pin.version if pin.kind == 'index' else None) == (
-            old.kind, old.commit, old.version if old.kind == 'index' else None
+        if (pin.kind, pin.commit, pin.version if pin.kind == "index" else None) == (
+            old.kind,
+            old.commit,
+            old.version if old.kind == "index" else None,
         ):
             P.pristine_from_git(scratch.repo, scratch.old, touched, tree)
         else:
@@ -144,7 +149,9 @@ def build_report(args) -> tuple[str, bool, str]:
     pdir, repo = args.patches.resolve(), args.tree.resolve()
     repo = repo if U.is_git_repo(repo) else None
     lock = P.read_lock(pdir)
-    pin_spec = lock["commit"] if repo and U.resolve_commit(repo, lock["commit"]) else lock["megatron-core"]
+    pin_spec = (
+        lock["commit"] if repo and U.resolve_commit(repo, lock["commit"]) else lock["megatron-core"]
+    )
     from_spec = args.old or pin_spec
     to_spec = args.new or "latest"
     if to_spec == "latest":
@@ -156,22 +163,32 @@ def build_report(args) -> tuple[str, bool, str]:
     series = P.read_series(pdir)
     touched = sorted({f for p in series for f in p.files})
     with tempfile.TemporaryDirectory() as tmp:
-        sc = U.build_scratch(old, new, repo, [f for f in touched if not f.startswith(U.CORE)],
-                             Path(tmp) / "scratch")
+        sc = U.build_scratch(
+            old, new, repo, [f for f in touched if not f.startswith(U.CORE)], Path(tmp) / "scratch"
+        )
         pin_ok, pin_log = pin_status(pin, repo, pdir, sc, old)
         results = P.replay_3way(sc.repo, sc.old, pdir, stop_on_conflict=False, log=lambda m: None)
         U.git(sc.repo, "reset", "-q", "--hard")
-        verdicts = api_check.check(args.overlay.resolve(), api_check.GitSource(sc.repo, sc.old, old.label),
-                                   api_check.GitSource(sc.repo, sc.new, new.label))
+        verdicts = api_check.check(
+            args.overlay.resolve(),
+            api_check.GitSource(sc.repo, sc.old, old.label),
+            api_check.GitSource(sc.repo, sc.new, new.label),
+        )
         shortstat = U.git(sc.repo, "diff", "--shortstat", sc.old, sc.new, "--", U.CORE).strip()
         body = []
-        body += section(sc.repo, sc.old, sc.new, "megatron/core/transformer/attention.py", [ATTENTION])
+        body += section(
+            sc.repo, sc.old, sc.new, "megatron/core/transformer/attention.py", [ATTENTION]
+        )
         body += section(sc.repo, sc.old, sc.new, "megatron/core/transformer/moe/", [MOE])
         others = [f for f in touched if f != ATTENTION and not f.startswith(MOE)]
         body += section(sc.repo, sc.old, sc.new, "Files the patch series touches", others)
         rest = U.git(sc.repo, "diff", "--numstat", sc.old, sc.new, "--", U.CORE).splitlines()
         rest = [r.split("\t") for r in rest]
-        rest = [r for r in rest if r[2] != ATTENTION and not r[2].startswith(MOE) and r[2] not in touched]
+        rest = [
+            r
+            for r in rest
+            if r[2] != ATTENTION and not r[2].startswith(MOE) and r[2] not in touched
+        ]
     kinds = ("breaking", "compatible", "unchanged", "unresolved")
     counts = {k: sum(v.verdict == k for v in verdicts) for k in kinds}
     status = {r.patch: r.status_text for r in results}
@@ -196,9 +213,12 @@ def build_report(args) -> tuple[str, bool, str]:
         f"- The series on the pin ({pin.label}): "
         + ("applies with no fuzz, lock matches, refresh is a no-op" if pin_ok else "FAILS"),
         f"- The series at {new.label}: "
-        + (f"does NOT apply: {', '.join(bad)}" if bad
-           else ("applies without the patches fixed upstream" if drop else "every patch applies")
-           + f" ({', '.join(sorted({status[r.patch] for r in results if r.patch not in drop}))})")
+        + (
+            f"does NOT apply: {', '.join(bad)}"
+            if bad
+            else ("applies without the patches fixed upstream" if drop else "every patch applies")
+            + f" ({', '.join(sorted({status[r.patch] for r in results if r.patch not in drop}))})"
+        )
         + (f"; fixed upstream, drop: {', '.join(drop)}" if drop else ""),
         f"- API check: {counts['breaking']} breaking, {counts['compatible']} compatible, "
         f"{counts['unchanged']} unchanged, {counts['unresolved']} unresolved",
@@ -214,14 +234,20 @@ def build_report(args) -> tuple[str, bool, str]:
         if r.status == "upstream":
             extra = f" ({r.message})"
         notes = "<br>".join(n.replace("|", "\\|") for n in r.notes) or "-"
-        md.append(f"| {r.patch} | {'ok' if pin_ok else 'see below'} | {r.status_text}{extra} "
-                  f"| {hunks} | {notes} |")
-    md += ["", "Status at TO: clean = `git apply` with no fuzz; 3way = applies only with "
-           "`git apply --3way` (run `make rebase-upstream` and the patch is refreshed); conflict = "
-           "must be ported by hand; fixed upstream: drop it = TO already has the change, or its "
-           "probe no longer finds the bug the patch fixes (`make rebase-upstream` drops it); "
-           "skipped = touches files absent in core-only mode. A patch after a conflicting one is "
-           "tried on the files without it (noted).", ""]
+        md.append(
+            f"| {r.patch} | {'ok' if pin_ok else 'see below'} | {r.status_text}{extra} "
+            f"| {hunks} | {notes} |"
+        )
+    md += [
+        "",
+        "Status at TO: clean = `git apply` with no fuzz; 3way = applies only with "
+        "`git apply --3way` (run `make rebase-upstream` and the patch is refreshed); conflict = "
+        "must be ported by hand; fixed upstream: drop it = TO already has the change, or its "
+        "probe no longer finds the bug the patch fixes (`make rebase-upstream` drops it); "
+        "skipped = touches files absent in core-only mode. A patch after a conflicting one is "
+        "tried on the files without it (noted).",
+        "",
+    ]
     if not pin_ok:
         md += ["Series on the pin:", "```", pin_log, "```", ""]
     md += ["## Upstream changes", ""] + body
@@ -239,17 +265,23 @@ def build_report(args) -> tuple[str, bool, str]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--from", dest="old", help="git ref or megatron-core version (default: the pin)")
+    ap.add_argument(
+        "--from", dest="old", help="git ref or megatron-core version (default: the pin)"
+    )
     ap.add_argument("--to", dest="new", help="git ref, megatron-core version, or latest (default)")
     ap.add_argument("--out", type=Path, help="write the markdown here (default: stdout)")
     ap.add_argument("--tree", type=Path, default=ROOT / "Megatron-LM", help="Megatron-LM checkout")
     ap.add_argument("--patches", type=Path, default=ROOT / "patches")
     ap.add_argument("--overlay", type=Path, default=ROOT / "overlay" / "fluid")
-    ap.add_argument("--check-pin", action="store_true",
-                    help="exit 1 when the series does not apply to the pin (CI)")
+    ap.add_argument(
+        "--check-pin",
+        action="store_true",
+        help="exit 1 when the series does not apply to the pin (CI)",
+    )
     args = ap.parse_args(argv)
     args.command_line = "tools/diff_report.py " + " ".join(
-        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
+    )
     try:
         md, pin_ok, summary = build_report(args)
     except (RuntimeError, P.PatchError, subprocess.CalledProcessError) as e:

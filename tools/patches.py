@@ -134,8 +134,9 @@ def check_test_refs(patches: list[Patch], root: Path) -> None:
             f = root / path
             if not f.is_file():
                 bad.append(f"{p.name}: 'Test:' names {path}, which does not exist")
-            elif name and not re.search(rf"^\s*(?:async\s+)?(?:def|class)\s+{name}\b",
-                                        f.read_text(), flags=re.M):
+            elif name and not re.search(
+                rf"^\s*(?:async\s+)?(?:def|class)\s+{name}\b", f.read_text(), flags=re.M
+            ):
                 bad.append(f"{p.name}: 'Test:' names {path}::{name}, which {path} does not define")
     if bad:
         raise PatchError("patch headers cite tests that do not exist:\n  " + "\n  ".join(bad))
@@ -150,7 +151,8 @@ def load_probe(patch: Patch, root: Path):
     if not m or not (root / m.group(1)).is_file():
         raise PatchError(f"{patch.name}: 'Probe: {spec}' is not <existing file>.py:<function>")
     mod_spec = importlib.util.spec_from_file_location(
-        "fluid_probe_" + re.sub(r"\W", "_", m.group(1)), root / m.group(1))
+        "fluid_probe_" + re.sub(r"\W", "_", m.group(1)), root / m.group(1)
+    )
     module = importlib.util.module_from_spec(mod_spec)
     mod_spec.loader.exec_module(module)
     fn = getattr(module, m.group(2), None)
@@ -209,7 +211,9 @@ def _git_apply(tree: Path, patch: Patch, *extra: str) -> subprocess.CompletedPro
         capture_output=True,
         # Outside a checkout, stop git from finding an enclosing repository (it would then resolve
         # the patch's paths against that repository's root instead of `tree`).
-        env=None if (tree / ".git").exists() else {**os.environ, "GIT_CEILING_DIRECTORIES": str(tree.parent)},
+        env=None
+        if (tree / ".git").exists()
+        else {**os.environ, "GIT_CEILING_DIRECTORIES": str(tree.parent)},
     )
 
 
@@ -255,7 +259,7 @@ def apply_verified(tree: Path, patch_dir: Path, log=print) -> list[str]:
         try:
             verify_lock(undone, patch_dir, files=touched)
         except PatchError as e:
-            hint = (f" (with {', '.join(reversed(undone_names))} undone)" if undone_names else "")
+            hint = f" (with {', '.join(reversed(undone_names))} undone)" if undone_names else ""
             raise PatchError(
                 f"{e}\nThe touched files{hint} are not the pin: an edit the series does not "
                 "make. `make check-patches` names the lines; `make refresh-patches` turns the "
@@ -307,8 +311,9 @@ def _copy_tree_files(src: Path, dst: Path, rels: list[str]) -> None:
         shutil.copy2(src / rel, dst / rel)
 
 
-def refreshed_patches(applied: Path, pristine: Path, patch_dir: Path,
-                      log=lambda m: None) -> dict[str, str]:
+def refreshed_patches(
+    applied: Path, pristine: Path, patch_dir: Path, log=lambda m: None
+) -> dict[str, str]:
     """Re-derive each patch's text from the applied tree, keeping headers.
 
     Patches are replayed one by one on a scratch copy of the pristine files, so each patch's diff
@@ -336,11 +341,15 @@ def refreshed_patches(applied: Path, pristine: Path, patch_dir: Path,
                 # This patch's change is what it did to `before`; later patches touching the same
                 # file are attributed to themselves when their turn comes.
                 after = (work / f).read_text()
-                if final != after and not any(f in q.files for q in patches[patches.index(p) + 1 :]):
+                if final != after and not any(
+                    f in q.files for q in patches[patches.index(p) + 1 :]
+                ):
                     after = final  # the applied tree was edited: fold the edit into this patch
                     (work / f).write_text(final)
-                    log(f"  {f}: an edit beyond the series goes into {p.name} (the last patch "
-                        "touching the file)")
+                    log(
+                        f"  {f}: an edit beyond the series goes into {p.name} (the last patch "
+                        "touching the file)"
+                    )
                 diff += render_diff(f, before[f], after)
             out[p.name] = p.header + "---\n" + diff
     return out
@@ -357,8 +366,9 @@ def pristine_from_git(tree: Path, commit: str, rels: list[str], dst: Path) -> No
         (dst / rel).write_bytes(res.stdout)
 
 
-def check(tree: Path, patch_dir: Path, log=print, root: Path | None = None,
-          probes: bool = True) -> None:
+def check(
+    tree: Path, patch_dir: Path, log=print, root: Path | None = None, probes: bool = True
+) -> None:
     """The full consistency check (make check-patches). `tree` must be pristine. `root`: where
     the Test:/Probe: paths are (default: the folder above patch_dir). `probes`: also require each
     probe to find its bug before its patch and nothing after the series."""
@@ -416,9 +426,11 @@ def check_probes(pristine: Path, patch_dir: Path, root: Path, log=print) -> None
                 if found:
                     found_before[p.name] = found
                 elif found is not None:
-                    bad.append(f"{p.name}: its probe {fn.label} finds nothing before the "
-                               "patch: upstream fixed the bug, the patch is not needed "
-                               "(fixed upstream: drop it)")
+                    bad.append(
+                        f"{p.name}: its probe {fn.label} finds nothing before the "
+                        "patch: upstream fixed the bug, the patch is not needed "
+                        "(fixed upstream: drop it)"
+                    )
             res = _git_apply(work, p)
             if res.returncode:
                 return  # apply_series, next, says which patch and why
@@ -427,12 +439,16 @@ def check_probes(pristine: Path, patch_dir: Path, root: Path, log=print) -> None
                 continue
             left = run_probe(fn, work) or {}
             if left:
-                bad.append(f"{p.name}: its probe {fn.label} still finds the bug with the series "
-                           "applied: " + "; ".join(left.values()))
+                bad.append(
+                    f"{p.name}: its probe {fn.label} still finds the bug with the series "
+                    "applied: " + "; ".join(left.values())
+                )
             else:
                 n = len(found_before[p.name])
-                log(f"  probe {fn.label}: {n} instance{'s' if n != 1 else ''} at the pin, "
-                    f"none after {p.name}")
+                log(
+                    f"  probe {fn.label}: {n} instance{'s' if n != 1 else ''} at the pin, "
+                    f"none after {p.name}"
+                )
     if bad:
         raise PatchError("probes disagree with the series:\n  " + "\n  ".join(bad))
 
@@ -462,9 +478,11 @@ def tree_drift(sub: Path, commit: str, patch_dir: Path) -> list[str]:
     the pin's nor the pin's with the series' patches applied in order (a prefix of them)."""
     head = _git(sub, "rev-parse", "HEAD").stdout.decode().strip()
     if head != commit:
-        return [f"{sub.name} is at {head[:12] or '?'}, not the pin {commit[:12]} of "
-                "patches/upstream.lock: run `make setup` (or move the pin with "
-                "`make rebase-upstream`)"]
+        return [
+            f"{sub.name} is at {head[:12] or '?'}, not the pin {commit[:12]} of "
+            "patches/upstream.lock: run `make setup` (or move the pin with "
+            "`make rebase-upstream`)"
+        ]
     patches = read_series(patch_dir)
     touched = sorted({f for p in patches for f in p.files})
     out = []
@@ -527,8 +545,10 @@ def write_lock(tree: Path, patch_dir: Path, commit: str, tag: str, core_version:
     megatron/core files are the pinned commit's (what core-only setup installs and checks
     against the blob hashes); its line stays `megatron-core X.Y.Z`, which other tools read."""
     if not LOCK_VERSION_RE.fullmatch(core_version or ""):
-        raise PatchError(f"megatron-core version {core_version!r} is not a release version "
-                         "(X.Y.Z, optionally rcN/aN/bN/.devN/.postN)")
+        raise PatchError(
+            f"megatron-core version {core_version!r} is not a release version "
+            "(X.Y.Z, optionally rcN/aN/bN/.devN/.postN)"
+        )
     rels = sorted({f for p in read_series(patch_dir) for f in p.files})
     lines = [
         "# Pinned upstream and the git blob hash of each upstream file the series touches.",
@@ -651,21 +671,27 @@ def patches_from_replay(results: list[ReplayResult], patch_dir: Path) -> dict[st
         if r.status not in ("clean", "3way"):
             out[r.patch] = p.path.read_text()
             continue
-        out[r.patch] = p.header + "---\n" + "".join(
-            render_diff(f, r.before.get(f, ""), r.after.get(f, "")) for f in r.files
+        out[r.patch] = (
+            p.header
+            + "---\n"
+            + "".join(render_diff(f, r.before.get(f, ""), r.after.get(f, "")) for f in r.files)
         )
     return out
 
 
-def _upstream_has(repo: Path, p: Patch, probe, at_pin: dict | None,
-                  fixed: set[str]) -> tuple[str, list[str]]:
+def _upstream_has(
+    repo: Path, p: Patch, probe, at_pin: dict | None, fixed: set[str]
+) -> tuple[str, list[str]]:
     """(why the upstream work tree of `repo` already contains the patch's change, or ""; notes).
 
     `at_pin`: what the patch's probe finds at the pin just before the patch; `fixed`: the
     instances the patch fixes there."""
     present = all((repo / f).exists() for f in p.files)
-    if present and _git_apply(repo, p, "--check").returncode and \
-            _git_apply(repo, p, "--check", "--reverse").returncode == 0:
+    if (
+        present
+        and _git_apply(repo, p, "--check").returncode
+        and _git_apply(repo, p, "--check", "--reverse").returncode == 0
+    ):
         return "upstream already has this very change", []
     if probe is None or not at_pin:
         return "", []
@@ -673,16 +699,25 @@ def _upstream_has(repo: Path, p: Patch, probe, at_pin: dict | None,
     if now is None:
         return "", []
     new = [now[k] for k in sorted(set(now) - set(at_pin))]
-    notes = ([f"upstream has the bug elsewhere, which this patch does not fix: {'; '.join(new)}"]
-             if new else [])
+    notes = (
+        [f"upstream has the bug elsewhere, which this patch does not fix: {'; '.join(new)}"]
+        if new
+        else []
+    )
     if fixed and not fixed & set(now):
-        return (f"upstream fixed the bug its own way: probe {probe.label} no longer finds "
-                f"{', '.join(sorted(fixed))}"), notes
+        return (
+            f"upstream fixed the bug its own way: probe {probe.label} no longer finds "
+            f"{', '.join(sorted(fixed))}"
+        ), notes
     return "", notes
 
 
 def replay_3way(
-    repo: Path, base_rev: str, patch_dir: Path, stop_on_conflict: bool = False, log=print,
+    repo: Path,
+    base_rev: str,
+    patch_dir: Path,
+    stop_on_conflict: bool = False,
+    log=print,
     root: Path | None = None,
 ) -> list[ReplayResult]:
     """Apply the series to the work tree of git repository `repo`, falling back to a 3-way merge.
@@ -732,11 +767,15 @@ def replay_3way(
             fixed = set(at_pin or {}) - set((run_probe(probe, base) or {}) if probe else {})
             why, upstream_notes = _upstream_has(repo, p, probe, at_pin, fixed)
             earlier = sorted({failed_on[f] for f in p.files if f in failed_on})
-            notes = ([f"tried on the files without {', '.join(earlier)} (which conflicted)"]
-                     if earlier else [])
+            notes = (
+                [f"tried on the files without {', '.join(earlier)} (which conflicted)"]
+                if earlier
+                else []
+            )
             if why:  # judged on upstream's files alone: earlier failures do not matter
-                results.append(ReplayResult(p.name, "upstream", p.files, [], [], why,
-                                            notes=upstream_notes))
+                results.append(
+                    ReplayResult(p.name, "upstream", p.files, [], [], why, notes=upstream_notes)
+                )
                 log(f"  fixed upstream: {p.name} ({why}): drop it")
                 continue
             texts = lambda: {f: (repo / f).read_text() for f in p.files if (repo / f).exists()}  # noqa: E731
@@ -744,14 +783,21 @@ def replay_3way(
 
             def left_by_probe() -> list[str]:
                 left = run_probe(probe, repo) if probe else None
-                return [f"its probe still finds the bug with the patch applied: "
-                        f"{'; '.join(left.values())}"] if left else []
+                return (
+                    [
+                        f"its probe still finds the bug with the patch applied: "
+                        f"{'; '.join(left.values())}"
+                    ]
+                    if left
+                    else []
+                )
 
             if _git_apply(repo, p, "--check").returncode == 0:
                 _git_apply(repo, p)
                 notes += left_by_probe()
-                results.append(ReplayResult(p.name, "clean", p.files, [], [], "", before, texts(),
-                                            notes))
+                results.append(
+                    ReplayResult(p.name, "clean", p.files, [], [], "", before, texts(), notes)
+                )
                 log(f"  applied {p.name}")
                 continue
             failed = failing_hunks(repo, p)
@@ -763,16 +809,21 @@ def replay_3way(
                 diff3 = _with_index_lines(p.diff, blobs)
                 res = subprocess.run(
                     ["git", "apply", "--3way", "--whitespace=nowarn", "-"],
-                    cwd=repo, input=diff3, text=True, capture_output=True,
+                    cwd=repo,
+                    input=diff3,
+                    text=True,
+                    capture_output=True,
                 )
             if res is not None and res.returncode == 0:
                 notes += left_by_probe()
-                results.append(ReplayResult(p.name, "3way", p.files, failed, [], "", before,
-                                            texts(), notes))
+                results.append(
+                    ReplayResult(p.name, "3way", p.files, failed, [], "", before, texts(), notes)
+                )
                 log(f"  applied {p.name} with a 3-way merge")
                 continue
             conflicted = [
-                f for f in p.files
+                f
+                for f in p.files
                 if (repo / f).exists() and b"\n<<<<<<< " in b"\n" + (repo / f).read_bytes()
             ]
             why = res.stderr.strip() if res is not None else "no 3-way merge possible"
@@ -780,8 +831,9 @@ def replay_3way(
             _git(repo, "reset", "-q", "--", *p.files)
             for f, data in saved.items():
                 (repo / f).write_bytes(data)
-            results.append(ReplayResult(p.name, "conflict", p.files, failed, conflicted, why,
-                                        notes=notes))
+            results.append(
+                ReplayResult(p.name, "conflict", p.files, failed, conflicted, why, notes=notes)
+            )
             log(f"  CONFLICT in {p.name}")
             for f in p.files:
                 failed_on.setdefault(f, p.name)
@@ -802,8 +854,12 @@ def main(argv=None) -> int:
     ap.add_argument("--commit", help="commit for lock/refresh (default: upstream.lock's)")
     ap.add_argument("--tag", default=None)
     ap.add_argument("--core-version", default=None)
-    ap.add_argument("--root", type=Path, default=None,
-                    help="repository the Test:/Probe: paths are relative to (default: above --patches)")
+    ap.add_argument(
+        "--root",
+        type=Path,
+        default=None,
+        help="repository the Test:/Probe: paths are relative to (default: above --patches)",
+    )
     args = ap.parse_args(argv)
     tree, pdir = args.tree.resolve(), args.patches.resolve()
     try:
@@ -822,7 +878,9 @@ def main(argv=None) -> int:
                     pristine = Path(tmp)
                     rels = sorted({f for p in read_series(pdir) for f in p.files})
                     pristine_from_git(tree, commit, rels, pristine)
-                for name, text in refreshed_patches(tree, pristine.resolve(), pdir, log=print).items():
+                for name, text in refreshed_patches(
+                    tree, pristine.resolve(), pdir, log=print
+                ).items():
                     if (pdir / name).read_text() != text:
                         (pdir / name).write_text(text)
                         print(f"  refreshed {name}")

@@ -37,9 +37,13 @@ def field_docstrings(source: str, class_name: str) -> dict[str, tuple[int, str]]
     for node in ast.walk(tree):
         if isinstance(node, ast.ClassDef) and node.name == class_name:
             for a, b in zip(node.body, node.body[1:]):
-                if (isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name)
-                        and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)
-                        and isinstance(b.value.value, str)):
+                if (
+                    isinstance(a, ast.AnnAssign)
+                    and isinstance(a.target, ast.Name)
+                    and isinstance(b, ast.Expr)
+                    and isinstance(b.value, ast.Constant)
+                    and isinstance(b.value.value, str)
+                ):
                     out[a.target.id] = (b.lineno, " ".join(b.value.value.split()))
     return out
 

@@ -71,8 +71,13 @@ def fetch_ref(sub: Path, ref: str, url: str | None, log=print) -> str:
     url = url or git(sub, "remote", "get-url", "origin", check=False) or None
     if url:
         log(f"rebase-upstream: fetching {ref} from {url}")
-        run = lambda *a: subprocess.run(["git", "-C", str(sub), "fetch", "-q", url, *a],  # noqa: E731
-                                        capture_output=True).returncode == 0
+        run = lambda *a: (
+            subprocess.run(
+                ["git", "-C", str(sub), "fetch", "-q", url, *a],  # noqa: E731
+                capture_output=True,
+            ).returncode
+            == 0
+        )
         if not ref.startswith("refs/") and run(f"+refs/tags/{ref}:refs/tags/{ref}"):
             return commit_of(sub, f"refs/tags/{ref}")
         if run(ref):
@@ -109,7 +114,13 @@ class Submodule:
 
     def restore(self) -> None:
         git(self.sub, "reset", "-q", "--hard")  # clears conflict entries; only series files differ
-        git(self.sub, "checkout", "-q", self.branch or "--detach", *([] if self.branch else [self.head]))
+        git(
+            self.sub,
+            "checkout",
+            "-q",
+            self.branch or "--detach",
+            *([] if self.branch else [self.head]),
+        )
         for f, data in self.saved.items():
             (self.sub / f).write_bytes(data)
         now = {f: (self.sub / f).read_bytes() for f in self.touched if (self.sub / f).exists()}
@@ -132,7 +143,9 @@ def outcome_report(results: list[P.ReplayResult], ref: str, new: str, patch_dir:
             for f in r.conflicted:
                 lines.append(f"    3-way merge left conflicts in {f}")
             if r.message:
-                lines += ["    git apply --3way said:"] + [f"      {x}" for x in r.message.splitlines()]
+                lines += ["    git apply --3way said:"] + [
+                    f"      {x}" for x in r.message.splitlines()
+                ]
         elif r.status == "upstream":
             lines.append(f"  {r.status_text}: {r.patch} ({r.message})")
         else:
@@ -175,13 +188,23 @@ def core_only_problem(version: str, pdir: Path, dist_dir: Path) -> str | None:
     return None
 
 
-def rebase(root: Path, sub_name: str, ref: str, url: str | None, run_tests: bool,
-           overlay: Path, log=print, dist_dir: Path | None = None) -> int:
+def rebase(
+    root: Path,
+    sub_name: str,
+    ref: str,
+    url: str | None,
+    run_tests: bool,
+    overlay: Path,
+    log=print,
+    dist_dir: Path | None = None,
+) -> int:
     sub, pdir = root / sub_name, root / "patches"
     dist_dir = dist_dir or root / ".build" / "dist"
     if not (sub / ".git").exists():
-        raise RebaseError(f"{sub} is not a git checkout (core-only mode cannot rebase): "
-                          "run `make setup MEGATRON_LM_URL=<mirror>` first")
+        raise RebaseError(
+            f"{sub} is not a git checkout (core-only mode cannot rebase): "
+            "run `make setup MEGATRON_LM_URL=<mirror>` first"
+        )
     lock = P.read_lock(pdir)
     pin = lock["commit"]
     state = Submodule(sub, pdir)
@@ -196,13 +219,16 @@ def rebase(root: Path, sub_name: str, ref: str, url: str | None, run_tests: bool
     git(sub, "checkout", "-q", "--", *[f for f in state.touched if f in state.saved])
     git(sub, "checkout", "-q", "--detach", new)
     try:
-        results = P.replay_3way(sub, pin, pdir, stop_on_conflict=False,
-                                log=lambda m: log("  " + m.strip()))
+        results = P.replay_3way(
+            sub, pin, pdir, stop_on_conflict=False, log=lambda m: log("  " + m.strip())
+        )
         log(outcome_report(results, ref, new, pdir))
         if any(r.status == "conflict" for r in results):
             state.restore()
-            log(f"rebase-upstream: the submodule is back at the pin {pin[:12]} with the series "
-                "applied; patches/, upstream.lock and the gitlink are unchanged.")
+            log(
+                f"rebase-upstream: the submodule is back at the pin {pin[:12]} with the series "
+                "applied; patches/, upstream.lock and the gitlink are unchanged."
+            )
             log("rebase-upstream: exit 1: conflict, nothing changed")
             return 1
         dropped = [r.patch for r in results if r.status == "upstream"]
@@ -217,7 +243,9 @@ def rebase(root: Path, sub_name: str, ref: str, url: str | None, run_tests: bool
             for name in dropped:
                 log(f"  dropped {name} (fixed upstream)")
             tags = git(sub, "tag", "--points-at", new, check=False).split()
-            tag = next((t for t in sorted(tags) if t.startswith("core_v")), tags[0] if tags else "none")
+            tag = next(
+                (t for t in sorted(tags) if t.startswith("core_v")), tags[0] if tags else "none"
+            )
             info = git(sub, "show", f"{new}:megatron/core/package_info.py", check=False)
             try:
                 version = upstream_src.release_of(tags, info)
@@ -236,10 +264,12 @@ def rebase(root: Path, sub_name: str, ref: str, url: str | None, run_tests: bool
             git(root, "update-index", "--cacheinfo", f"{mode},{sha},{sub_name}")
         log("rebase-upstream: failed after the series applied; everything was put back")
         raise
-    log(f"rebase-upstream: the series applies to {new[:12]}; patches/ refreshed"
+    log(
+        f"rebase-upstream: the series applies to {new[:12]}; patches/ refreshed"
         + (f" ({', '.join(dropped)} dropped: fixed upstream)" if dropped else "")
         + f", upstream.lock rewritten (tag {tag}, megatron-core {version}), gitlink staged "
-        "(not committed)")
+        "(not committed)"
+    )
     needs = []
     notes = [f"{r.patch}: {n}" for r in results for n in r.notes]  # probes' (nothing conflicted)
     if notes:
@@ -247,15 +277,20 @@ def rebase(root: Path, sub_name: str, ref: str, url: str | None, run_tests: bool
         needs.append("a probe finds its bug at the new pin (extend the patch, or add one)")
     problem = core_only_problem(version, pdir, dist_dir)
     if problem:
-        log(f"rebase-upstream: core-only setup (CI) could not use the new lock: {problem}\n"
+        log(
+            f"rebase-upstream: core-only setup (CI) could not use the new lock: {problem}\n"
             "  Pin a commit whose megatron/core is a release on the package index (a core_vX.Y.Z "
-            "tag), or keep this pin only where the full tree is available.")
+            "tag), or keep this pin only where the full tree is available."
+        )
         needs.append("core-only setup cannot use the new lock")
     else:
-        log(f"rebase-upstream: core-only setup can use the new lock (megatron-core {version} "
-            "holds the locked files)")
-    verdicts = api_check.check(overlay, api_check.GitSource(sub, pin, pin[:12]),
-                               api_check.GitSource(sub, new, ref))
+        log(
+            f"rebase-upstream: core-only setup can use the new lock (megatron-core {version} "
+            "holds the locked files)"
+        )
+    verdicts = api_check.check(
+        overlay, api_check.GitSource(sub, pin, pin[:12]), api_check.GitSource(sub, new, ref)
+    )
     log(api_check.to_markdown(verdicts, pin[:12], ref))
     if any(v.verdict == "breaking" for v in verdicts):
         log("rebase-upstream: the API check found breaking changes: port the overlay")
@@ -265,8 +300,10 @@ def rebase(root: Path, sub_name: str, ref: str, url: str | None, run_tests: bool
         if subprocess.run(["make", "-C", str(root), "test"]).returncode:
             log("rebase-upstream: make test FAILED on the new pin")
             needs.append("make test failed")
-    log("rebase-upstream: review `git diff --cached` and `git diff patches/`, then commit the pin "
-        "bump (gitlink + patches + lock) as its own change")
+    log(
+        "rebase-upstream: review `git diff --cached` and `git diff patches/`, then commit the pin "
+        "bump (gitlink + patches + lock) as its own change"
+    )
     if needs:
         log(f"rebase-upstream: exit 3: rebased, but {'; '.join(needs)}")
         return 3
@@ -282,15 +319,24 @@ def main(argv=None) -> int:
     ap.add_argument("--root", type=Path, default=ROOT, help="superproject (default: this repo)")
     ap.add_argument("--overlay", type=Path, help="overlay package (default: ROOT/overlay/fluid)")
     ap.add_argument("--no-test", action="store_true", help="skip `make test`")
-    ap.add_argument("--dist-dir", type=Path,
-                    help="megatron-core distributions, looked up before the package index "
-                    "(default: ROOT/.build/dist, make setup's cache)")
+    ap.add_argument(
+        "--dist-dir",
+        type=Path,
+        help="megatron-core distributions, looked up before the package index "
+        "(default: ROOT/.build/dist, make setup's cache)",
+    )
     args = ap.parse_args(argv)
     root = args.root.resolve()
     try:
-        return rebase(root, args.submodule, args.ref, args.url, not args.no_test,
-                      (args.overlay or root / "overlay" / "fluid").resolve(),
-                      dist_dir=args.dist_dir.resolve() if args.dist_dir else None)
+        return rebase(
+            root,
+            args.submodule,
+            args.ref,
+            args.url,
+            not args.no_test,
+            (args.overlay or root / "overlay" / "fluid").resolve(),
+            dist_dir=args.dist_dir.resolve() if args.dist_dir else None,
+        )
     except (RebaseError, P.PatchError) as e:
         print(f"rebase-upstream: {e}", file=sys.stderr)
         print("rebase-upstream: exit 1: nothing changed", file=sys.stderr)

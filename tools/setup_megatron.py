@@ -78,7 +78,9 @@ def _clone_source(url: str | None) -> str:
         return url
     res = subprocess.run(
         ["git", "config", "-f", ".gitmodules", "submodule.Megatron-LM.url"],
-        cwd=ROOT, text=True, capture_output=True,
+        cwd=ROOT,
+        text=True,
+        capture_output=True,
     )
     return res.stdout.strip() or "(.gitmodules)"
 
@@ -299,7 +301,9 @@ def main(argv=None) -> int:
         help="clone the submodule even if the last clone from the same URL failed",
     )
     ap.add_argument(
-        "--mode", choices=["auto", "full", "core-only"], default=os.environ.get("MEGATRON_MODE", "auto")
+        "--mode",
+        choices=["auto", "full", "core-only"],
+        default=os.environ.get("MEGATRON_MODE", "auto"),
     )
     args = ap.parse_args(argv)
     BUILD.mkdir(exist_ok=True)
@@ -308,7 +312,9 @@ def main(argv=None) -> int:
         retry = args.retry_submodule or args.mode == "full"
         full = args.mode != "core-only" and try_submodule(args.url, retry=retry)
         if args.mode == "full" and not full:
-            raise SystemExit("setup: MEGATRON_MODE=full but the Megatron-LM submodule is not available")
+            raise SystemExit(
+                "setup: MEGATRON_MODE=full but the Megatron-LM submodule is not available"
+            )
         if full:
             mode = "full"
             print(f"setup: FULL mode: Megatron-LM submodule at {pinned_commit()[:12]}")

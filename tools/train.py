@@ -26,9 +26,17 @@ def train_argv(script: Path, nproc: int, iters: int) -> list[str]:
 
     ep = max(d for d in (1, 2, 4, 8) if d <= nproc and nproc % d == 0)
     recipe = recipes.E2ERecipe("train", "small", "make train", nproc=nproc, ep=ep)
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc-per-node={nproc}", str(script), *model_args(recipe, iters),
-            "--use-fluid-moe", "--fluid-scheduler-timing"]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        str(script),
+        *model_args(recipe, iters),
+        "--use-fluid-moe",
+        "--fluid-scheduler-timing",
+    ]
 
 
 def main() -> int:
@@ -47,7 +55,9 @@ def main() -> int:
     import torch
 
     if not torch.cuda.is_available():
-        print("make train: no CUDA GPU on this machine; training needs at least one.", file=sys.stderr)
+        print(
+            "make train: no CUDA GPU on this machine; training needs at least one.", file=sys.stderr
+        )
         return 2
     n = args.nproc or torch.cuda.device_count()
     cmd = train_argv(script, n, args.iters)

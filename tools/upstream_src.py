@@ -39,7 +39,8 @@ def is_git_repo(path: Path | None) -> bool:
 def resolve_commit(repo: Path, ref: str) -> str | None:
     res = subprocess.run(
         ["git", "-C", str(repo), "rev-parse", "--verify", "-q", f"{ref}^{{commit}}"],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     return res.stdout.strip() if res.returncode == 0 else None
 
@@ -48,7 +49,9 @@ def latest_core_version(python: str = sys.executable) -> str:
     """The newest megatron-core release on the package index (pip's configured index)."""
     res = subprocess.run(
         [python, "-m", "pip", "index", "versions", "--timeout", "30", "megatron-core"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     m = re.search(r"^Available versions: (.+)$", res.stdout, flags=re.M)
     if res.returncode == 0 and m:
@@ -58,7 +61,9 @@ def latest_core_version(python: str = sys.executable) -> str:
     shutil.rmtree(tmp, ignore_errors=True)
     res2 = subprocess.run(
         [python, "-m", "pip", "download", "-q", "--no-deps", "-d", str(tmp), "megatron-core"],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     names = [p.name for p in tmp.glob("megatron_core-*")]
     if res2.returncode or not names:
@@ -74,8 +79,9 @@ def _package_info_values(package_info: str) -> dict:
     try:
         tree = ast.parse(package_info)
     except SyntaxError:  # read the four lines alone
-        for m in re.finditer(r"^(MAJOR|MINOR|PATCH|PRE_RELEASE)\s*=\s*(.+?)\s*(?:#.*)?$",
-                             package_info, re.M):
+        for m in re.finditer(
+            r"^(MAJOR|MINOR|PATCH|PRE_RELEASE)\s*=\s*(.+?)\s*(?:#.*)?$", package_info, re.M
+        ):
             try:
                 vals[m.group(1)] = ast.literal_eval(m.group(2))
             except (ValueError, SyntaxError):
@@ -192,14 +198,18 @@ def materialize(side: Side, repo: Path | None, dest: Path, extra: list[str]) -> 
         shutil.rmtree(tmp)
         return
     paths = [CORE] + [
-        p for p in extra
-        if subprocess.run(["git", "-C", str(repo), "cat-file", "-e", f"{side.commit}:{p}"],
-                          capture_output=True).returncode == 0
+        p
+        for p in extra
+        if subprocess.run(
+            ["git", "-C", str(repo), "cat-file", "-e", f"{side.commit}:{p}"], capture_output=True
+        ).returncode
+        == 0
     ]
     dest.mkdir(parents=True, exist_ok=True)
     archive = subprocess.run(
         ["git", "-C", str(repo), "archive", "--format=tar", side.commit, *paths],
-        capture_output=True, check=True,
+        capture_output=True,
+        check=True,
     ).stdout
     tar_path = dest.parent / (dest.name + ".tar")
     tar_path.write_bytes(archive)
@@ -252,7 +262,17 @@ def build_scratch(old: Side, new: Side, repo: Path | None, extra: list[str], des
         # the old index a changed file would keep the FROM content.
         (dest / ".git" / "index").unlink(missing_ok=True)
         git(dest, "add", "-A")
-        git(dest, "-c", "user.name=fluid", "-c", "user.email=fluid@localhost",
-            "commit", "-q", "--allow-empty", "-m", side.label)
+        git(
+            dest,
+            "-c",
+            "user.name=fluid",
+            "-c",
+            "user.email=fluid@localhost",
+            "commit",
+            "-q",
+            "--allow-empty",
+            "-m",
+            side.label,
+        )
         commits.append(git(dest, "rev-parse", "HEAD").strip())
     return Scratch(dest, commits[0], commits[1], core_only)

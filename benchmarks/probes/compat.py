@@ -62,19 +62,45 @@ VARIANTS = {
     "stock_from_fluid": ("", EP4, 4096, 3, "ckpt_fluid", None),
     "fluid_from_fluid": ("--use-fluid-moe", EP4, 4096, 3, "ckpt_fluid", None),
     # Training-loop compatibility, each against stock with the same flags:
-    "stock_ddp_overlap": ("--overlap-grad-reduce --use-distributed-optimizer", EP4, 4096, None, "ckpt_init", None),
+    "stock_ddp_overlap": (
+        "--overlap-grad-reduce --use-distributed-optimizer",
+        EP4,
+        4096,
+        None,
+        "ckpt_init",
+        None,
+    ),
     "fluid_ddp_overlap": (
-        "--use-fluid-moe --overlap-grad-reduce --use-distributed-optimizer", EP4, 4096, None, "ckpt_init", None
+        "--use-fluid-moe --overlap-grad-reduce --use-distributed-optimizer",
+        EP4,
+        4096,
+        None,
+        "ckpt_init",
+        None,
     ),
     "fluid_recompute_selective": (
-        "--use-fluid-moe --recompute-granularity selective", EP4, 4096, None, "ckpt_init", None
+        "--use-fluid-moe --recompute-granularity selective",
+        EP4,
+        4096,
+        None,
+        "ckpt_init",
+        None,
     ),
     "fluid_recompute_full": (
         "--use-fluid-moe --recompute-granularity full --recompute-method uniform --recompute-num-layers 1",
-        EP4, 4096, None, "ckpt_init", None,
+        EP4,
+        4096,
+        None,
+        "ckpt_init",
+        None,
     ),
     "fluid_cp4_ep4_seq16k": (
-        "--use-fluid-moe", "--expert-model-parallel-size 4 --context-parallel-size 4", 16384, None, "ckpt_init", None
+        "--use-fluid-moe",
+        "--expert-model-parallel-size 4 --context-parallel-size 4",
+        16384,
+        None,
+        "ckpt_init",
+        None,
     ),
     "fluid_cp1_ep4_seq16k": ("--use-fluid-moe", EP4, 16384, None, "ckpt_init", None),
     # Optimizer-state checkpoint with Fluid (distributed optimizer): "fluid_optim_save" trains 20
@@ -82,22 +108,42 @@ VARIANTS = {
     # iteration-10 checkpoint in full (not --finetune) and trains 11..20. Its losses must equal
     # the uninterrupted run's.
     "fluid_optim_save": (
-        "--use-fluid-moe --use-distributed-optimizer", EP4, 4096, 20, "ckpt_init",
-        "ckpt_fluid_optim", {"save_interval": 10, "full_save": True},
+        "--use-fluid-moe --use-distributed-optimizer",
+        EP4,
+        4096,
+        20,
+        "ckpt_init",
+        "ckpt_fluid_optim",
+        {"save_interval": 10, "full_save": True},
     ),
     "fluid_optim_resume": (
-        "--use-fluid-moe --use-distributed-optimizer --ckpt-step 10", EP4, 4096, 20,
-        "ckpt_fluid_optim", None, {"full_load": True},
+        "--use-fluid-moe --use-distributed-optimizer --ckpt-step 10",
+        EP4,
+        4096,
+        20,
+        "ckpt_fluid_optim",
+        None,
+        {"full_load": True},
     ),
     # The same with Megatron's default (non-distributed) optimizer, from scratch. At the pin the
     # distributed optimizer cannot resume without apex/TE for anyone (DistributedOptimizer.state_dict
     # asserts one Adam step value, and torch Adam has no state before its first step).
     "fluid_optim_save_plain": (
-        "--use-fluid-moe", EP4, 4096, 20, None, "ckpt_fluid_optim_plain",
+        "--use-fluid-moe",
+        EP4,
+        4096,
+        20,
+        None,
+        "ckpt_fluid_optim_plain",
         {"save_interval": 10, "full_save": True},
     ),
     "fluid_optim_resume_plain": (
-        "--use-fluid-moe --ckpt-step 10", EP4, 4096, 20, "ckpt_fluid_optim_plain", None,
+        "--use-fluid-moe --ckpt-step 10",
+        EP4,
+        4096,
+        20,
+        "ckpt_fluid_optim_plain",
+        None,
         {"full_load": True},
     ),
     # The noise floor of the loss comparison (stock against itself: a second identical run), and
@@ -108,29 +154,67 @@ VARIANTS = {
     # Megatron's --deterministic-mode (torch.use_deterministic_algorithms, NCCL_ALGO=Ring, cuBLAS
     # workspace): is Fluid then run-to-run reproducible, as stock is without it?
     "fluid_det": ("--use-fluid-moe --deterministic-mode", EP4, 4096, None, "ckpt_init", None),
-    "fluid_det_repeat": ("--use-fluid-moe --deterministic-mode", EP4, 4096, None, "ckpt_init", None),
+    "fluid_det_repeat": (
+        "--use-fluid-moe --deterministic-mode",
+        EP4,
+        4096,
+        None,
+        "ckpt_init",
+        None,
+    ),
     "stock_optim_save_plain": (
-        "", EP4, 4096, 20, None, "ckpt_stock_optim_plain", {"save_interval": 10, "full_save": True},
+        "",
+        EP4,
+        4096,
+        20,
+        None,
+        "ckpt_stock_optim_plain",
+        {"save_interval": 10, "full_save": True},
     ),
     "stock_optim_resume_plain": (
-        "--ckpt-step 10", EP4, 4096, 20, "ckpt_stock_optim_plain", None, {"full_load": True},
+        "--ckpt-step 10",
+        EP4,
+        4096,
+        20,
+        "ckpt_stock_optim_plain",
+        None,
+        {"full_load": True},
     ),
     "stock_optim_save": (
-        "--use-distributed-optimizer", EP4, 4096, 20, "ckpt_init", "ckpt_stock_optim",
+        "--use-distributed-optimizer",
+        EP4,
+        4096,
+        20,
+        "ckpt_init",
+        "ckpt_stock_optim",
         {"save_interval": 10, "full_save": True},
     ),
     "stock_optim_resume": (
-        "--use-distributed-optimizer --ckpt-step 10", EP4, 4096, 20, "ckpt_stock_optim", None,
+        "--use-distributed-optimizer --ckpt-step 10",
+        EP4,
+        4096,
+        20,
+        "ckpt_stock_optim",
+        None,
         {"full_load": True},
     ),
     # Pipeline parallelism (prepared, not yet run on GPU): PP=2 x EP=2, 4 layers -> 2 per stage,
     # loaded from the PP=1 initial checkpoint (torch_dist reshards).
     "stock_pp2_ep2": (
-        "", "--pipeline-model-parallel-size 2 --expert-model-parallel-size 2", 4096, None, "ckpt_init", None,
+        "",
+        "--pipeline-model-parallel-size 2 --expert-model-parallel-size 2",
+        4096,
+        None,
+        "ckpt_init",
+        None,
     ),
     "fluid_pp2_ep2": (
-        "--use-fluid-moe", "--pipeline-model-parallel-size 2 --expert-model-parallel-size 2", 4096, None,
-        "ckpt_init", None,
+        "--use-fluid-moe",
+        "--pipeline-model-parallel-size 2 --expert-model-parallel-size 2",
+        4096,
+        None,
+        "ckpt_init",
+        None,
     ),
     # On a 2-GPU host (--nproc 2): EP=2 from an EP=2 initial checkpoint. "_loop"
     # (--fluid-grouped-gemm off) takes, under Megatron DDP with dW inline (NVLink), fluid.moe.expert_loop's
@@ -140,15 +224,46 @@ VARIANTS = {
     "init_ep2": ("", EP2, 4096, 1, None, "ckpt_init_ep2"),
     "stock_ep2": ("", EP2, 4096, None, "ckpt_init_ep2", None),
     "fluid_ep2": ("--use-fluid-moe", EP2, 4096, None, "ckpt_init_ep2", None),
-    "fluid_ep2_grouped": ("--use-fluid-moe --fluid-grouped-gemm on", EP2, 4096, None, "ckpt_init_ep2", None),
-    "fluid_ep2_loop": ("--use-fluid-moe --fluid-grouped-gemm off", EP2, 4096, None, "ckpt_init_ep2", None),
+    "fluid_ep2_grouped": (
+        "--use-fluid-moe --fluid-grouped-gemm on",
+        EP2,
+        4096,
+        None,
+        "ckpt_init_ep2",
+        None,
+    ),
+    "fluid_ep2_loop": (
+        "--use-fluid-moe --fluid-grouped-gemm off",
+        EP2,
+        4096,
+        None,
+        "ckpt_init_ep2",
+        None,
+    ),
     "fluid_ep2_loop_ddp_overlap": (
         "--use-fluid-moe --fluid-grouped-gemm off --overlap-grad-reduce --use-distributed-optimizer",
-        EP2, 4096, None, "ckpt_init_ep2", None),
-    "stock_ep2_ddp_overlap": ("--overlap-grad-reduce --use-distributed-optimizer", EP2, 4096, None,
-                              "ckpt_init_ep2", None),
-    "fluid_ep2_ddp_overlap": ("--use-fluid-moe --overlap-grad-reduce --use-distributed-optimizer", EP2,
-                              4096, None, "ckpt_init_ep2", None),
+        EP2,
+        4096,
+        None,
+        "ckpt_init_ep2",
+        None,
+    ),
+    "stock_ep2_ddp_overlap": (
+        "--overlap-grad-reduce --use-distributed-optimizer",
+        EP2,
+        4096,
+        None,
+        "ckpt_init_ep2",
+        None,
+    ),
+    "fluid_ep2_ddp_overlap": (
+        "--use-fluid-moe --overlap-grad-reduce --use-distributed-optimizer",
+        EP2,
+        4096,
+        None,
+        "ckpt_init_ep2",
+        None,
+    ),
     "fluid_cp2_ep2_seq16k": (
         "--use-fluid-moe",
         "--expert-model-parallel-size 2 --context-parallel-size 2",
@@ -158,6 +273,7 @@ VARIANTS = {
         None,
     ),
 }
+
 
 def variant_options(name: str) -> dict:
     """A variant's optional last field (checkpoint modes, "env"), {} when it has none."""
@@ -196,8 +312,15 @@ def run_variant(name, out: Path, iters: int, p2p_off: bool, nproc: int, ckpt_dir
     script = ROOT / ".megatron" / "pretrain_gpt.py"
     if not script.exists():
         script = ROOT / "Megatron-LM" / "pretrain_gpt.py"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           str(script.relative_to(ROOT)), *args.split()]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        str(script.relative_to(ROOT)),
+        *args.split(),
+    ]
     tag = name + ("_p2poff" if p2p_off else "")
     log_path = out / f"e2e_{tag}.log"
     res = run_logged(cmd, env, log_path, cwd=ROOT)  # SIGTERM: the run is stopped, its log kept
@@ -236,8 +359,11 @@ def compare(ref: dict, other: dict) -> dict:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path)
-    ap.add_argument("--print-argv", action="store_true",
-                    help="print every variant's pretrain_gpt.py arguments as JSON and exit")
+    ap.add_argument(
+        "--print-argv",
+        action="store_true",
+        help="print every variant's pretrain_gpt.py arguments as JSON and exit",
+    )
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--variants", default="init,stock,fluid,stock_ep_overlap")
     ap.add_argument("--ckpt-dir", type=Path, default=Path("/tmp/fluid_e2e_ckpt"))
@@ -252,8 +378,11 @@ def main():
     args.out.mkdir(parents=True, exist_ok=True)
     import torch
 
-    results = {"card": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-               "argv": sys.argv, "runs": {}}
+    results = {
+        "card": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "argv": sys.argv,
+        "runs": {},
+    }
     tag = "_p2poff" if args.p2p_disable else ""
 
     def save():  # after every variant: partial results survive a later failure
@@ -266,8 +395,11 @@ def main():
         for v in args.variants.split(","):
             r = run_variant(v, args.out, args.iters, args.p2p_disable, args.nproc, args.ckpt_dir)
             results["runs"][v] = r
-            print(f"{v:24s} rc={r['rc']} median_ms={r['median_iter_ms_after_10']} "
-                  f"wall={r['wall_s']:.0f}s" + (" TERMINATED" if r["terminated"] else ""), flush=True)
+            print(
+                f"{v:24s} rc={r['rc']} median_ms={r['median_iter_ms_after_10']} "
+                f"wall={r['wall_s']:.0f}s" + (" TERMINATED" if r["terminated"] else ""),
+                flush=True,
+            )
             save()
             if r["terminated"]:
                 raise Terminated()
@@ -275,20 +407,32 @@ def main():
         save()
         sys.exit(128 + signal.SIGTERM)
     runs = results["runs"]
-    pairs = [("stock", "fluid"), ("stock", "stock_ep_overlap"),
-             ("stock_from_fluid", "fluid_from_fluid"),
-             ("fluid_cp1_ep4_seq16k", "fluid_cp2_ep2_seq16k"),
-             ("fluid_cp1_ep4_seq16k", "fluid_cp4_ep4_seq16k"),
-             ("stock_ddp_overlap", "fluid_ddp_overlap"),
-             ("stock", "fluid_recompute_selective"), ("stock", "fluid_recompute_full"),
-             ("fluid_optim_save", "fluid_optim_resume"),
-             ("fluid_optim_save_plain", "fluid_optim_resume_plain"),
-             ("stock", "stock_repeat"), ("stock", "stock_ddp_overlap"), ("fluid", "fluid_repeat"),
-             ("fluid_det", "fluid_det_repeat"), ("stock", "fluid_det"), ("stock_optim_save_plain", "stock_optim_resume_plain"),
-             ("stock_optim_save", "stock_optim_resume"), ("stock_pp2_ep2", "fluid_pp2_ep2"),
-             ("stock_ep2", "fluid_ep2"), ("stock_ep2", "fluid_ep2_grouped"), ("stock_ep2", "fluid_ep2_loop"),
-             ("stock_ep2_ddp_overlap", "fluid_ep2_loop_ddp_overlap"),
-             ("stock_ep2", "stock_ep2_ddp_overlap"), ("stock_ep2_ddp_overlap", "fluid_ep2_ddp_overlap")]
+    pairs = [
+        ("stock", "fluid"),
+        ("stock", "stock_ep_overlap"),
+        ("stock_from_fluid", "fluid_from_fluid"),
+        ("fluid_cp1_ep4_seq16k", "fluid_cp2_ep2_seq16k"),
+        ("fluid_cp1_ep4_seq16k", "fluid_cp4_ep4_seq16k"),
+        ("stock_ddp_overlap", "fluid_ddp_overlap"),
+        ("stock", "fluid_recompute_selective"),
+        ("stock", "fluid_recompute_full"),
+        ("fluid_optim_save", "fluid_optim_resume"),
+        ("fluid_optim_save_plain", "fluid_optim_resume_plain"),
+        ("stock", "stock_repeat"),
+        ("stock", "stock_ddp_overlap"),
+        ("fluid", "fluid_repeat"),
+        ("fluid_det", "fluid_det_repeat"),
+        ("stock", "fluid_det"),
+        ("stock_optim_save_plain", "stock_optim_resume_plain"),
+        ("stock_optim_save", "stock_optim_resume"),
+        ("stock_pp2_ep2", "fluid_pp2_ep2"),
+        ("stock_ep2", "fluid_ep2"),
+        ("stock_ep2", "fluid_ep2_grouped"),
+        ("stock_ep2", "fluid_ep2_loop"),
+        ("stock_ep2_ddp_overlap", "fluid_ep2_loop_ddp_overlap"),
+        ("stock_ep2", "stock_ep2_ddp_overlap"),
+        ("stock_ep2_ddp_overlap", "fluid_ep2_ddp_overlap"),
+    ]
     for ref, other in pairs:
         if ref in runs and other in runs:
             results[f"{other}_vs_{ref}"] = compare(runs[ref], runs[other])

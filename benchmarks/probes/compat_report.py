@@ -38,7 +38,10 @@ def main():
         for name, r in doc["runs"].items():
             runs[name], source[name] = r, p
             runs[f"{name}@{k}"], source[f"{name}@{k}"] = r, p
-    md = ["# Training-loop compatibility: `pretrain_gpt.py --use-fluid-moe` with other Megatron flags", ""]
+    md = [
+        "# Training-loop compatibility: `pretrain_gpt.py --use-fluid-moe` with other Megatron flags",
+        "",
+    ]
     md += [f"Cards: {', '.join(sorted(c for c in cards if c))}. Sources:"]
     md += [f"- `{p}`" for p in args.raw]
     md += [

@@ -43,14 +43,22 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--tag", default="default")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    ap.add_argument("--rows", type=int, default=8192, help="GEMM M and all-to-all rows (4096 tokens x top-2)")
+    ap.add_argument(
+        "--rows", type=int, default=8192, help="GEMM M and all-to-all rows (4096 tokens x top-2)"
+    )
     ap.add_argument("--hidden", type=int, default=4096)
     ap.add_argument("--ffn", type=int, default=14336)
     ap.add_argument("--local-experts", type=int, default=2, help="groups of the grouped GEMMs")
-    ap.add_argument("--carveouts", default="0,8,16,32",
-                    help="SM carve-outs to try for each GEMM (torch._C._set_sm_carveout_experimental)")
-    ap.add_argument("--modes", default="sync,async,async_internal,commctx",
-                    help="how the all-to-all is launched beside the GEMM (see launch())")
+    ap.add_argument(
+        "--carveouts",
+        default="0,8,16,32",
+        help="SM carve-outs to try for each GEMM (torch._C._set_sm_carveout_experimental)",
+    )
+    ap.add_argument(
+        "--modes",
+        default="sync,async,async_internal,commctx",
+        help="how the all-to-all is launched beside the GEMM (see launch())",
+    )
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     args = ap.parse_args()
@@ -73,7 +81,9 @@ def main():
     send = torch.randn(rows, args.hidden, device=dev, dtype=dtype)
     recv = torch.empty_like(send)
     comm_stream = torch.cuda.Stream() if cuda else None
-    grouped_ok = cuda and hasattr(torch, "_grouped_mm") and torch.cuda.get_device_capability() >= (9, 0)
+    grouped_ok = (
+        cuda and hasattr(torch, "_grouped_mm") and torch.cuda.get_device_capability() >= (9, 0)
+    )
 
     # The expert GEMMs FluidMoE issues: a dense cuBLAS GEMM (per-expert loop, shared experts), the
     # grouped forward GEMM (torch._grouped_mm, CUTLASS, persistent) and the grouped dW GEMM.
@@ -153,18 +163,35 @@ def main():
                 samples["launch_host"].append((h1 - h0) * 1e3)
         med = {k: statistics.median(v) for k, v in samples.items()}
         return dict(
-            gemm_ms=med["gemm"], a2a_ms=med["a2a"], both_ms=med["both"],
-            gemm_overlapped_ms=med["gemm_ov"], a2a_launch_host_ms=med["launch_host"],
+            gemm_ms=med["gemm"],
+            a2a_ms=med["a2a"],
+            both_ms=med["both"],
+            gemm_overlapped_ms=med["gemm_ov"],
+            a2a_launch_host_ms=med["launch_host"],
             gemm_slowdown=med["gemm_ov"] / med["gemm"],
             serial_ms=med["gemm"] + med["a2a"],
             hidden_fraction=(med["gemm"] + med["a2a"] - med["both"]) / min(med["gemm"], med["a2a"]),
         )
 
-    res = {"tag": args.tag, "world_size": ws, "rows": rows, "hidden": args.hidden, "ffn": args.ffn,
-           "local_experts": G,
-           "env": {k: os.environ.get(k) for k in ("NCCL_P2P_DISABLE", "NCCL_MAX_CTAS", "NCCL_MIN_CTAS",
-                                                  "NCCL_MAX_P2P_NCHANNELS", "NCCL_NTHREADS",
-                                                  "CUDA_DEVICE_MAX_CONNECTIONS")}}
+    res = {
+        "tag": args.tag,
+        "world_size": ws,
+        "rows": rows,
+        "hidden": args.hidden,
+        "ffn": args.ffn,
+        "local_experts": G,
+        "env": {
+            k: os.environ.get(k)
+            for k in (
+                "NCCL_P2P_DISABLE",
+                "NCCL_MAX_CTAS",
+                "NCCL_MIN_CTAS",
+                "NCCL_MAX_P2P_NCHANNELS",
+                "NCCL_NTHREADS",
+                "CUDA_DEVICE_MAX_CONNECTIONS",
+            )
+        },
+    }
     if cuda:
         from fluid.comm.context import sm_carveout
 
@@ -179,10 +206,13 @@ def main():
                         r = measure(gemm, mode)
                     res["results"][f"{mode}_{name}_sm{n}"] = r
                     if rank == 0:
-                        print(f"[probe {args.tag}] {mode} {name} carveout {n}: gemm {r['gemm_ms']:.3f}"
-                              f" (beside {r['gemm_overlapped_ms']:.3f}) a2a {r['a2a_ms']:.3f} both "
-                              f"{r['both_ms']:.3f} hidden {r['hidden_fraction']:.2f} launch "
-                              f"{r['a2a_launch_host_ms']:.3f} ms host", flush=True)
+                        print(
+                            f"[probe {args.tag}] {mode} {name} carveout {n}: gemm {r['gemm_ms']:.3f}"
+                            f" (beside {r['gemm_overlapped_ms']:.3f}) a2a {r['a2a_ms']:.3f} both "
+                            f"{r['both_ms']:.3f} hidden {r['hidden_fraction']:.2f} launch "
+                            f"{r['a2a_launch_host_ms']:.3f} ms host",
+                            flush=True,
+                        )
     else:  # dry run: exercise the ops only
         gemms["mm"]()
         a2a()

@@ -23,8 +23,9 @@ def _sdpa_twice(backend, deterministic: bool):
     torch.use_deterministic_algorithms(deterministic, warn_only=False)
     g = torch.Generator(device="cuda").manual_seed(0)
     b, n, s, d = 1, 16, 4096, 128  # e2e model: 16 heads x 128, sequence 4096
-    q, k, v, dy = (torch.randn(b, n, s, d, device="cuda", generator=g, dtype=torch.bfloat16)
-                   for _ in range(4))
+    q, k, v, dy = (
+        torch.randn(b, n, s, d, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(4)
+    )
     outs = []
     try:
         for _ in range(2):
@@ -64,9 +65,18 @@ def main():
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # as --deterministic-mode sets
-    res = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "sdpa": {}, "grouped_dw": {}}
-    backends = {"default": None, "flash": SDPBackend.FLASH_ATTENTION,
-                "efficient": SDPBackend.EFFICIENT_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
+    res = {
+        "card": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "sdpa": {},
+        "grouped_dw": {},
+    }
+    backends = {
+        "default": None,
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+    }
     for det in (False, True):
         key = "deterministic" if det else "default_mode"
         res["sdpa"][key] = {name: _sdpa_twice(be, det) for name, be in backends.items()}

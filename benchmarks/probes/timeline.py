@@ -39,8 +39,10 @@ def kernel_timeline(layer, step) -> list:
     from fluid.testing.bench.stages import stage_hooks
 
     step()
-    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof, \
-            stage_hooks(layer, record_function):
+    with (
+        profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof,
+        stage_hooks(layer, record_function),
+    ):
         with record_function("fwd"):
             step.fwd()
         with record_function("bwd"):
@@ -51,10 +53,18 @@ def kernel_timeline(layer, step) -> list:
         gpu = "cuda" in str(e.device_type()).lower()
         if not gpu and e.name() not in ("fwd", "bwd") and not e.name().startswith("stage:"):
             continue
-        rows.append([e.device_resource_id() if gpu else "cpu", e.start_ns() / 1e6, e.duration_ns() / 1e6,
-                     e.name()[:70]])
+        rows.append(
+            [
+                e.device_resource_id() if gpu else "cpu",
+                e.start_ns() / 1e6,
+                e.duration_ns() / 1e6,
+                e.name()[:70],
+            ]
+        )
     t0 = min(r[1] for r in rows) if rows else 0.0
-    return sorted([[r[0], round(r[1] - t0, 4), round(r[2], 4), r[3]] for r in rows], key=lambda r: r[1])
+    return sorted(
+        [[r[0], round(r[1] - t0, 4), round(r[2], 4), r[3]] for r in rows], key=lambda r: r[1]
+    )
 
 
 def stage_times(layer, step, iters: int, cuda: bool) -> dict:
@@ -141,7 +151,11 @@ def main() -> int:
 
     g = torch.Generator(device="cpu").manual_seed(7 + dist.get_rank())
     dtype = torch.bfloat16 if cuda else torch.float32
-    x = torch.randn(shape["tokens_per_rank"], 1, shape["hidden"], generator=g).to(device, dtype).requires_grad_(True)
+    x = (
+        torch.randn(shape["tokens_per_rank"], 1, shape["hidden"], generator=g)
+        .to(device, dtype)
+        .requires_grad_(True)
+    )
     dy = torch.randn(shape["tokens_per_rank"], 1, shape["hidden"], generator=g).to(device, dtype)
     what = args.what.split(",")
     out = {"recipe": recipe.to_dict(), "shape": shape, "variants": {}}

@@ -28,17 +28,23 @@ def main():
             if "span_ms" not in s:
                 print(f"{vname} rank {rank}: no GPU events")
                 continue
-            print(f"{vname} rank {rank}: span {s['span_ms']:.2f} ms, host fwd "
-                  f"{s['host_fwd_ms'] or 0:.2f} / bwd {s['host_bwd_ms'] or 0:.2f}, compute busy "
-                  f"{s['compute_busy_ms']:.2f}, idle {s['compute_idle_ms']:.2f}, nccl "
-                  f"{s['nccl_ms']:.2f}, {s['kernels']} kernels")
+            print(
+                f"{vname} rank {rank}: span {s['span_ms']:.2f} ms, host fwd "
+                f"{s['host_fwd_ms'] or 0:.2f} / bwd {s['host_bwd_ms'] or 0:.2f}, compute busy "
+                f"{s['compute_busy_ms']:.2f}, idle {s['compute_idle_ms']:.2f}, nccl "
+                f"{s['nccl_ms']:.2f}, {s['kernels']} kernels"
+            )
             if s["host_stages_ms"]:
-                print("    host per stage (profiled) ms: " + ", ".join(
-                    f"{k} {v:.2f}" for k, v in s["host_stages_ms"].items()))
+                print(
+                    "    host per stage (profiled) ms: "
+                    + ", ".join(f"{k} {v:.2f}" for k, v in s["host_stages_ms"].items())
+                )
             for g in s["largest_gaps"]:
                 print(f"    gap {g[0]:.3f} ms at {g[1]} after {g[2]!r} before {g[3]!r}")
         if res.get("stage_times_us"):
-            print(f"{vname} host time per stage (us per step, no profiler): {res['stage_times_us']}")
+            print(
+                f"{vname} host time per stage (us per step, no profiler): {res['stage_times_us']}"
+            )
 
 
 if __name__ == "__main__":

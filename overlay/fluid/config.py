@@ -82,9 +82,7 @@ class FluidConfig:
 
     def __post_init__(self):
         def bad(name, value, want):
-            raise FluidConfigError(
-                f"{flag(name)} ({FIELDS[name][0]}): {want}, got {value!r}"
-            )
+            raise FluidConfigError(f"{flag(name)} ({FIELDS[name][0]}): {want}, got {value!r}")
 
         for name in ("scheduler", "scheduler_timing"):
             if not isinstance(getattr(self, name), bool):
@@ -107,10 +105,12 @@ class FluidConfig:
         """The FluidConfig of a TransformerConfig (fields missing on `config` take the defaults)."""
         warn_retired_env()
         defaults = cls()
-        return cls(**{
-            name: getattr(config, cfg_field, getattr(defaults, name))
-            for name, (cfg_field, _) in FIELDS.items()
-        })
+        return cls(
+            **{
+                name: getattr(config, cfg_field, getattr(defaults, name))
+                for name, (cfg_field, _) in FIELDS.items()
+            }
+        )
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)

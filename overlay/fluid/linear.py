@@ -34,7 +34,6 @@ from fluid.runtime import runtime_for
 from fluid.schedule import deferred_linear
 
 
-
 def _check_tp(layer: torch.nn.Module) -> None:
     from fluid.megatron.validate import check_tensor_parallel_size
 
@@ -48,7 +47,9 @@ class FluidColumnParallelLinear(ColumnParallelLinear):
     the scheduler's stats.
     """
 
-    def __init__(self, input_size: int, output_size: int, *, config, name: str | None = None, **kwargs):
+    def __init__(
+        self, input_size: int, output_size: int, *, config, name: str | None = None, **kwargs
+    ):
         build_config = config
         if config.gradient_accumulation_fusion:
             # Stock raises without apex; the Fluid dW path falls back exactly (see module doc).
@@ -108,7 +109,9 @@ class FluidRowParallelLinear(RowParallelLinear):
     Args: exactly `RowParallelLinear`'s (Megatron core_v0.19).
     """
 
-    def __init__(self, input_size: int, output_size: int, *, config, name: str | None = None, **kwargs):
+    def __init__(
+        self, input_size: int, output_size: int, *, config, name: str | None = None, **kwargs
+    ):
         super().__init__(input_size, output_size, config=config, name=name, **kwargs)
         self.fluid_name = name or "row_parallel_linear"
         self.fluid_scheduler = runtime_for(config).scheduler  # the model's (fluid.runtime)

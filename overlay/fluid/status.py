@@ -36,9 +36,10 @@ def _imported_megatron() -> dict:
     if spec is None:
         return {"megatron_core": None, "megatron_training": False, "patched": False}
     core_dir = Path(spec.origin).parent
-    training = importlib.util.find_spec("megatron.training") is not None and (
-        core_dir.parent / "training" / "training.py"
-    ).exists()
+    training = (
+        importlib.util.find_spec("megatron.training") is not None
+        and (core_dir.parent / "training" / "training.py").exists()
+    )
     cfg = (core_dir / "transformer" / "transformer_config.py").read_text()
     specs = (core_dir / "models" / "gpt" / "gpt_layer_specs.py").read_text()
     return {
@@ -110,11 +111,16 @@ def print_status(config=None) -> dict:
     s = status(config)
     up = s["upstream"]
     print("FluidMoE", s["fluid_version"])
-    print(f"  upstream pin : {up['tag']} {up['commit']} (megatron-core {up['megatron-core']})"
-          if up["commit"] else f"  upstream pin : unknown (no {LOCK_FILE})")
+    print(
+        f"  upstream pin : {up['tag']} {up['commit']} (megatron-core {up['megatron-core']})"
+        if up["commit"]
+        else f"  upstream pin : unknown (no {LOCK_FILE})"
+    )
     print(f"  mode         : {s['mode']}")
     print(f"  megatron.core: {s['megatron_core']} (patched: {s['patched']})")
-    print(f"  training     : {'available' if s['megatron_training'] else 'unavailable (core-only)'}")
+    print(
+        f"  training     : {'available' if s['megatron_training'] else 'unavailable (core-only)'}"
+    )
     print(f"  patches      : {', '.join(s['applied_patches']) or 'none'}")
     if s["skipped_patches"]:
         print(f"  skipped      : {', '.join(s['skipped_patches'])}")
@@ -124,13 +130,23 @@ def print_status(config=None) -> dict:
         f" min_window_bytes={sc['min_window_bytes']}"
         f" CUDA_DEVICE_MAX_CONNECTIONS={sc['CUDA_DEVICE_MAX_CONNECTIONS']}"
     )
-    print(f"  dW deferral  : {'on' if sc['defers_dw'] else 'off (inline)'}"
-          f" ({sc['comm_groups']} communication group(s) built so far,"
-          f" {sc['models']} model(s)),"
-          f" SM carve-out beside all-to-alls={sc['sm_carveout']}")
-    print(f"  MoE          : dedup={s['moe']['dedup']} chunks={s['moe']['chunks']}"
-          f" grouped_mm={s['moe']['grouped_mm']}")
+    print(
+        f"  dW deferral  : {'on' if sc['defers_dw'] else 'off (inline)'}"
+        f" ({sc['comm_groups']} communication group(s) built so far,"
+        f" {sc['models']} model(s)),"
+        f" SM carve-out beside all-to-alls={sc['sm_carveout']}"
+    )
+    print(
+        f"  MoE          : dedup={s['moe']['dedup']} chunks={s['moe']['chunks']}"
+        f" grouped_mm={s['moe']['grouped_mm']}"
+    )
     det = s["deterministic_algorithms"]
-    print("  reproducible : " + ("bitwise (deterministic algorithms on)" if det else
-          "not bitwise on GPU (SDPA flash/cuDNN dQ uses atomics); add --deterministic-mode"))
+    print(
+        "  reproducible : "
+        + (
+            "bitwise (deterministic algorithms on)"
+            if det
+            else "not bitwise on GPU (SDPA flash/cuDNN dQ uses atomics); add --deterministic-mode"
+        )
+    )
     return s

@@ -17,7 +17,7 @@ from upstream_fixture import ROOT, TOOLS, make_upstream  # noqa: E402
 sys.path.insert(0, str(TOOLS))
 import api_check as A  # noqa: E402
 
-OVERLAY = '''
+OVERLAY = """
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe import dispatcher as disp
 import megatron.core.utils as mcu
@@ -45,7 +45,7 @@ class FluidMoELayer(MoELayer):
 class FluidChild(FluidMoELayer):  # upstream bases are inherited through overlay classes
     def combine(self, x):
         return x
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -106,12 +106,22 @@ def test_renamed_parameter_in_overridden_method_is_breaking(overlay, upstream):
 
 def test_cli_exit_status_and_json(overlay, upstream):
     up, refs = upstream
-    cmd = [sys.executable, str(TOOLS / "api_check.py"), "--tree", str(up), "--overlay", str(overlay)]
-    ok = subprocess.run(cmd + ["--from", refs["pin"], "--to", "core_v0.2.0"], capture_output=True, text=True)
+    cmd = [
+        sys.executable,
+        str(TOOLS / "api_check.py"),
+        "--tree",
+        str(up),
+        "--overlay",
+        str(overlay),
+    ]
+    ok = subprocess.run(
+        cmd + ["--from", refs["pin"], "--to", "core_v0.2.0"], capture_output=True, text=True
+    )
     assert ok.returncode == 0, ok.stderr
     assert "| compatible | `megatron.core.transformer.moe.moe_layer.MoELayer.forward`" in ok.stdout
-    bad = subprocess.run(cmd + ["--from", refs["pin"], "--to", "rename", "--json"],
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        cmd + ["--from", refs["pin"], "--to", "rename", "--json"], capture_output=True, text=True
+    )
     assert bad.returncode == 2
     assert '"verdict": "breaking"' in bad.stdout
 
@@ -126,13 +136,31 @@ def _tree(root, text):
 @pytest.mark.parametrize(
     "old, new, verdict, note",
     [
-        ("def f(a, b=1): return a, b", "def f(a, b=2): return a, b", "compatible", "default of b: 1 -> 2"),
+        (
+            "def f(a, b=1): return a, b",
+            "def f(a, b=2): return a, b",
+            "compatible",
+            "default of b: 1 -> 2",
+        ),
         ("def f(a, b=1): return a, b", "def f(a): return a, a", "breaking", "parameter removed: b"),
-        ("def f(a, b=1): return a, b", "def f(a, c, b=1): return a, b", "breaking",
-         "new required parameter: c"),
-        ("def f(a, b=1): return a, b", "def f(a, b=1): return a, b, 3", "breaking",
-         "return arity changed: [2] -> [3]"),
-        ("def f(a, b=1): return a, b", "def f(a, *, b=1): return a, b", "breaking", "b became keyword-only"),
+        (
+            "def f(a, b=1): return a, b",
+            "def f(a, c, b=1): return a, b",
+            "breaking",
+            "new required parameter: c",
+        ),
+        (
+            "def f(a, b=1): return a, b",
+            "def f(a, b=1): return a, b, 3",
+            "breaking",
+            "return arity changed: [2] -> [3]",
+        ),
+        (
+            "def f(a, b=1): return a, b",
+            "def f(a, *, b=1): return a, b",
+            "breaking",
+            "b became keyword-only",
+        ),
         ("def f(a, b=1): return a, b", "def f(a, b=1): return (a, b)", "unchanged", None),
         ("def f(a, b=1): return a, b", "def g(a): return a", "breaking", None),
     ],

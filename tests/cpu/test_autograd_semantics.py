@@ -79,8 +79,12 @@ def _pair(kind, bias=True):
     from fluid.linear import FluidColumnParallelLinear, FluidRowParallelLinear
 
     cfg = TransformerConfig(
-        num_layers=1, hidden_size=32, num_attention_heads=4, use_cpu_initialization=True,
-        gradient_accumulation_fusion=False, params_dtype=torch.float32,
+        num_layers=1,
+        hidden_size=32,
+        num_attention_heads=4,
+        use_cpu_initialization=True,
+        gradient_accumulation_fusion=False,
+        params_dtype=torch.float32,
     )
     if kind == "column":
         cls_s, cls_f, size = ColumnParallelLinear, FluidColumnParallelLinear, (32, 48)

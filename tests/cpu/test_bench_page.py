@@ -13,8 +13,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_page_is_the_render_of_the_raw_json():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    p = subprocess.run([sys.executable, "-m", "benchmarks.render", "--check"], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [sys.executable, "-m", "benchmarks.render", "--check"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]
 
 

@@ -58,7 +58,11 @@ def test_stage_hooks_wrap_and_restore():
         assert layer.route(1) == ("route", (1,))
         layer.token_dispatcher.dispatch_chunks()
         layer.experts.forward()
-    assert seen == ["stage:route", "stage:token_dispatcher.dispatch_chunks", "stage:experts.forward"]
+    assert seen == [
+        "stage:route",
+        "stage:token_dispatcher.dispatch_chunks",
+        "stage:experts.forward",
+    ]
     layer.route(2)  # the wrappers are gone, the original attributes back
     layer.token_dispatcher.dispatch_chunks()
     assert len(seen) == 3 and layer.route(3) == ("route", (3,))
@@ -97,14 +101,22 @@ def test_stage_hooks_on_class_methods():
 
 def _old_overlap_efficiency(s):
     """The scheduler's overlap_efficiency for one window: (T_a2a + T_dW - T_window) / min(...)."""
-    return (s["a2a_ms"] + s["dw_in_window_ms"] - s["window_ms"]) / min(s["a2a_ms"], s["dw_in_window_ms"])
+    return (s["a2a_ms"] + s["dw_in_window_ms"] - s["window_ms"]) / min(
+        s["a2a_ms"], s["dw_in_window_ms"]
+    )
 
 
 def test_window_measure_cannot_exceed_one():
     # One filled window: the all-to-all (2 ms) started before the dW was issued, the dW took 1 ms
     # and the compute stream then waited 0.1 ms. overlap_efficiency calls this 1.9.
-    s = {"a2a_ms": 2.0, "overlapped_a2a_ms": 2.0, "dw_in_window_ms": 1.0, "window_ms": 1.1,
-         "a2a_calls": 1, "overlapped_windows": 1}
+    s = {
+        "a2a_ms": 2.0,
+        "overlapped_a2a_ms": 2.0,
+        "dw_in_window_ms": 1.0,
+        "window_ms": 1.1,
+        "a2a_calls": 1,
+        "overlapped_windows": 1,
+    }
     assert _old_overlap_efficiency(s) > 1.5
     c = window_comm(s, steps=1)
     assert c["exposed_ms_per_step"] == pytest.approx(0.1)
@@ -113,14 +125,26 @@ def test_window_measure_cannot_exceed_one():
 
 
 def test_window_measure_zero_when_nothing_overlapped_and_negative_when_it_costs():
-    none = {"a2a_ms": 3.0, "a2a_calls": 3, "overlapped_a2a_ms": 0.0, "dw_in_window_ms": 0.0,
-            "window_ms": 0.0, "overlapped_windows": 0}
+    none = {
+        "a2a_ms": 3.0,
+        "a2a_calls": 3,
+        "overlapped_a2a_ms": 0.0,
+        "dw_in_window_ms": 0.0,
+        "window_ms": 0.0,
+        "overlapped_windows": 0,
+    }
     c = window_comm(none, steps=3)
     assert c["hidden_fraction"] == 0 and c["exposed_ms_per_step"] == pytest.approx(1.0)
     assert c["windows_per_step"] == 1 and c["filled_windows_per_step"] == 0
     # The compute stream waited 1.5 ms after its dW for a 1 ms all-to-all: overlap cost 0.5 ms.
-    costly = {"a2a_ms": 1.0, "a2a_calls": 1, "overlapped_a2a_ms": 1.0, "dw_in_window_ms": 1.0,
-              "window_ms": 2.5, "overlapped_windows": 1}
+    costly = {
+        "a2a_ms": 1.0,
+        "a2a_calls": 1,
+        "overlapped_a2a_ms": 1.0,
+        "dw_in_window_ms": 1.0,
+        "window_ms": 2.5,
+        "overlapped_windows": 1,
+    }
     assert window_comm(costly, steps=1)["hidden_fraction"] == pytest.approx(-0.5)
     assert window_comm({"total_dw_tasks": 1}, steps=1) is None  # timing off: no measure
 
@@ -142,7 +166,9 @@ def test_link_measure_band():
     h = link_hidden_fraction(105, 100, 120, 100, noise_slow=0.01, noise_nv=0.01)
     assert h["low"] < h["value"] < h["high"] <= 1
     # d_on = 2.05, d_off = 2.2: low = 1 - 7.05/17.8, high = 1 - 2.95/22.2
-    assert h["low"] == pytest.approx(1 - 7.05 / 17.8) and h["high"] == pytest.approx(1 - 2.95 / 22.2)
+    assert h["low"] == pytest.approx(1 - 7.05 / 17.8) and h["high"] == pytest.approx(
+        1 - 2.95 / 22.2
+    )
     wide = link_hidden_fraction(105, 100, 120, 100, noise_slow=0.2, noise_nv=0.2)
     assert wide["low"] is None and wide["high"] <= 1  # the noise could swallow all exposed time
     assert relative_noise({"median": 1.0, "min": 0.97, "max": 1.01}) == pytest.approx(0.03)

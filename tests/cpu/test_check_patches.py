@@ -62,9 +62,19 @@ def case(tmp_path):
 
 def check(tree, pdir):
     res = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "patches.py"), "check", "--tree", str(tree),
-         "--patches", str(pdir), "--root", str(ROOT)],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            str(ROOT / "tools" / "patches.py"),
+            "check",
+            "--tree",
+            str(tree),
+            "--patches",
+            str(pdir),
+            "--root",
+            str(ROOT),
+        ],
+        capture_output=True,
+        text=True,
     )
     return res.returncode, res.stdout + res.stderr
 
@@ -84,13 +94,21 @@ def test_fuzzed_patch_is_refused(case):
     f = first_patch(pdir)
     lines = f.read_text().splitlines(keepends=True)
     first_hunk = next(i for i, ln in enumerate(lines) if ln.startswith("@@ "))
-    ctx = next(i for i in range(first_hunk + 1, len(lines)) if lines[i].startswith(" ") and lines[i].strip())
+    ctx = next(
+        i
+        for i in range(first_hunk + 1, len(lines))
+        if lines[i].startswith(" ") and lines[i].strip()
+    )
     lines[ctx] = " " + lines[ctx][1:].rstrip("\n") + "  # drifted\n"
     f.write_text("".join(lines))
     if shutil.which("patch"):  # prove this really is a fuzz case, not garbage
         diff = P.read_patch(f).diff
-        fuzz = subprocess.run(["patch", "--dry-run", "-p1", "-F3", "-d", str(tree)],
-                              input=diff, capture_output=True, text=True)
+        fuzz = subprocess.run(
+            ["patch", "--dry-run", "-p1", "-F3", "-d", str(tree)],
+            input=diff,
+            capture_output=True,
+            text=True,
+        )
         assert fuzz.returncode == 0 and "fuzz" in fuzz.stdout, fuzz.stdout + fuzz.stderr
     rc, out = check(tree, pdir)
     assert rc == 1 and f"{f.name} does not apply (no fuzz allowed)" in out, out
@@ -122,7 +140,9 @@ def test_upstream_file_differs_from_lock(case):
 def test_header_field_missing(case):
     tree, pdir = case
     f = first_patch(pdir)
-    f.write_text("".join(ln for ln in f.read_text().splitlines(True) if not ln.startswith("Forwarded:")))
+    f.write_text(
+        "".join(ln for ln in f.read_text().splitlines(True) if not ln.startswith("Forwarded:"))
+    )
     rc, out = check(tree, pdir)
     assert rc == 1 and "lacks a 'Forwarded:' line" in out, out
 
@@ -135,7 +155,9 @@ def test_stale_patch_needs_refresh(case):
     text = f.read_text()
     header = next(ln for ln in text.splitlines() if ln.startswith("@@ "))
     old_start = header.split()[1][1:].split(",")[0]
-    f.write_text(text.replace(header, header.replace(f"-{old_start},", f"-{int(old_start) + 1},", 1), 1))
+    f.write_text(
+        text.replace(header, header.replace(f"-{old_start},", f"-{int(old_start) + 1},", 1), 1)
+    )
     rc, out = check(tree, pdir)
     assert rc == 1 and "refreshing would change" in out and f.name in out, out
 
@@ -191,8 +213,10 @@ def test_test_name_that_does_not_exist(case):
     _set_header_field(f, "Test", "tests/cpu/test_patches_applied.py::test_never_written")
     rc, out = check(tree, pdir)
     assert rc == 1, out
-    assert ("names tests/cpu/test_patches_applied.py::test_never_written, which "
-            "tests/cpu/test_patches_applied.py does not define") in out, out
+    assert (
+        "names tests/cpu/test_patches_applied.py::test_never_written, which "
+        "tests/cpu/test_patches_applied.py does not define"
+    ) in out, out
 
 
 def test_test_field_naming_no_file(case):
@@ -215,7 +239,9 @@ def test_probe_that_finds_nothing_at_the_pin(case, tmp_path):
     probe.write_text("def probe(tree):\n    return {}\n")
     _set_header_field(patch.path, "Probe", f"{probe}:probe")
     rc, out = check(tree, pdir)
-    assert rc == 1 and f"{patch.name}: its probe {probe}:probe finds nothing before the patch" in out
+    assert (
+        rc == 1 and f"{patch.name}: its probe {probe}:probe finds nothing before the patch" in out
+    )
     assert "fixed upstream: drop it" in out
 
 
@@ -253,8 +279,11 @@ def superproject(tmp_path, fake_upstream):
 
 
 def check_submodule(root):
-    res = subprocess.run([sys.executable, str(ROOT / "tools" / "check_patches.py"), "--root",
-                          str(root)], capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "check_patches.py"), "--root", str(root)],
+        capture_output=True,
+        text=True,
+    )
     return res.returncode, res.stdout + res.stderr
 
 
@@ -271,18 +300,27 @@ def test_submodule_with_the_series_passes(superproject):
     assert rc == 0 and "Megatron-LM/ is the pin with the series applied" in out, out
 
 
-@pytest.mark.parametrize("rel, old, new", [
-    (MOE, "        self.fluid_seen = True\n", "        self.fluid_seen = False\n"),  # a patched line
-    (MOE, "        bias = 0\n", "        bias = 1\n"),  # elsewhere in a patched file
-    (CFG, "    num_layers: int = 0\n", "    num_layers: int = 1\n"),  # a file two patches touch
-])
+@pytest.mark.parametrize(
+    "rel, old, new",
+    [
+        (
+            MOE,
+            "        self.fluid_seen = True\n",
+            "        self.fluid_seen = False\n",
+        ),  # a patched line
+        (MOE, "        bias = 0\n", "        bias = 1\n"),  # elsewhere in a patched file
+        (CFG, "    num_layers: int = 0\n", "    num_layers: int = 1\n"),  # a file two patches touch
+    ],
+)
 def test_edit_in_a_patched_file_is_named(superproject, rel, old, new):
     sub = superproject / "Megatron-LM"
     line = _edit_line(sub / rel, old, new)
     rc, out = check_submodule(superproject)
     assert rc == 1 and "holds edits that are neither the pin nor the series" in out, out
-    assert (f"{rel}: differs from the pin with the series applied: line {line}: "
-            f"{new.strip()!r}, expected {old.strip()!r}") in out, out
+    assert (
+        f"{rel}: differs from the pin with the series applied: line {line}: "
+        f"{new.strip()!r}, expected {old.strip()!r}"
+    ) in out, out
     # make setup (patches.apply_verified) refuses it as well
     with pytest.raises(P.PatchError, match="are not the pin: an edit the series does not make"):
         P.apply_verified(sub, superproject / "patches", log=lambda m: None)
@@ -295,8 +333,10 @@ def test_edit_outside_the_series_is_named(superproject):
     (sub / "megatron" / "core" / "stray.py").write_text("x = 1\n")
     rc, out = check_submodule(superproject)
     assert rc == 1, out
-    assert (f"megatron/core/package_info.py: changed, and the series does not touch it: line "
-            f"{line}: 'PATCH = 7', expected 'PATCH = 0'") in out, out
+    assert (
+        f"megatron/core/package_info.py: changed, and the series does not touch it: line "
+        f"{line}: 'PATCH = 7', expected 'PATCH = 0'"
+    ) in out, out
     assert "megatron/core/stray.py: untracked, neither upstream nor made by the series" in out
 
 

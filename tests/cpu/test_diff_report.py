@@ -30,10 +30,21 @@ def setup(tmp_path_factory):
 def report(up, root, tmp_path, *args):
     out = tmp_path / "report.md"
     res = subprocess.run(
-        [sys.executable, str(TOOLS / "diff_report.py"), "--tree", str(up), "--patches",
-         str(root / "patches"), "--overlay", str(root / "overlay" / "fluid"), "--out", str(out),
-         *args],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            str(TOOLS / "diff_report.py"),
+            "--tree",
+            str(up),
+            "--patches",
+            str(root / "patches"),
+            "--overlay",
+            str(root / "overlay" / "fluid"),
+            "--out",
+            str(out),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
     )
     return res.returncode, res.stdout + res.stderr, out.read_text() if out.exists() else ""
 
@@ -91,11 +102,15 @@ def test_report_on_an_upstream_that_fixed_a_patch_its_own_way(setup, tmp_path):
     rc, log, md = report(up, root, tmp_path, "--to", "fixed")
     assert rc == 0, log
     assert "does NOT apply" not in md
-    assert "applies without the patches fixed upstream (clean); fixed upstream, drop: " \
+    assert (
+        "applies without the patches fixed upstream (clean); fixed upstream, drop: "
         "0003-escape-percent.patch" in md
+    )
     row = next(ln for ln in md.splitlines() if ln.startswith("| 0003-escape-percent.patch"))
-    assert "| fixed upstream: drop it (upstream fixed the bug its own way: probe " \
-        "tools/probes.py:percent_safe_config_help no longer finds moe_buffer_factor) |" in row, row
+    assert (
+        "| fixed upstream: drop it (upstream fixed the bug its own way: probe "
+        "tools/probes.py:percent_safe_config_help no longer finds moe_buffer_factor) |" in row
+    ), row
     # upstream's new instance of the same bug is named beside it
     assert "upstream has the bug elsewhere, which this patch does not fix" in row
     assert f"{CFG}:" in row and "moe_block" in row

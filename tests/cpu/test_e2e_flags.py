@@ -22,8 +22,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _json_of(*args):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    p = subprocess.run([sys.executable, "-W", "ignore", "-m", *args], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-W", "ignore", "-m", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     return json.loads(p.stdout.strip().splitlines()[-1])
 
@@ -35,7 +41,9 @@ def recipe_argvs():
 
 @pytest.fixture(scope="module")
 def compat_argvs():
-    return _json_of("benchmarks.probes.compat", "--print-argv", "--ckpt-dir", "/tmp/fluid_compat_ckpt")
+    return _json_of(
+        "benchmarks.probes.compat", "--print-argv", "--ckpt-dir", "/tmp/fluid_compat_ckpt"
+    )
 
 
 def test_recipe_variants_are_checked(recipe_argvs):
@@ -47,10 +55,21 @@ def test_recipe_variants_are_checked(recipe_argvs):
 
 
 def _parse(argv, world, ep_overlap=False):
-    from megatron.training.arguments import core_transformer_config_from_args, parse_args, validate_args
+    from megatron.training.arguments import (
+        core_transformer_config_from_args,
+        parse_args,
+        validate_args,
+    )
 
-    env = {"WORLD_SIZE": str(world), "RANK": "0", "CUDA_DEVICE_MAX_CONNECTIONS": "32" if ep_overlap else "1"}
-    with mock.patch.dict(os.environ, env), mock.patch.object(sys, "argv", ["pretrain_gpt.py", *argv]):
+    env = {
+        "WORLD_SIZE": str(world),
+        "RANK": "0",
+        "CUDA_DEVICE_MAX_CONNECTIONS": "32" if ep_overlap else "1",
+    }
+    with (
+        mock.patch.dict(os.environ, env),
+        mock.patch.object(sys, "argv", ["pretrain_gpt.py", *argv]),
+    ):
         args = parse_args()
     with mock.patch("megatron.training.arguments.get_device_arch_version", return_value=9):
         validate_args(args, {})

@@ -50,6 +50,8 @@ def test_a_child_past_its_timeout_is_stopped(tmp_path):
 
 def test_a_finished_run_is_not_terminated(tmp_path):
     log = tmp_path / "run.log"
-    r = launch.run_logged([sys.executable, "-c", FAKE_RUN.replace("time.sleep(60)", "")], dict(os.environ), log)
+    r = launch.run_logged(
+        [sys.executable, "-c", FAKE_RUN.replace("time.sleep(60)", "")], dict(os.environ), log
+    )
     assert r["terminated"] is False and r["timed_out"] is False and r["rc"] == 0
     assert len(_parsed(log)) == 3 and log.read_text().startswith("COMMAND: ")

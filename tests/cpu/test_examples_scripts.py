@@ -21,15 +21,26 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "examples" / "run_mixtral_8x7b.sh"
 
 # Flags the end-to-end benchmarks (benchmarks/e2e_job.py) run stock pretrain_gpt.py with where neither TE nor apex exists.
-NO_TE_FLAGS = ("--transformer-impl", "--no-rope-fusion", "--no-gradient-accumulation-fusion",
-               "--no-persist-layer-norm", "--no-masked-softmax-fusion", "--no-bias-dropout-fusion",
-               "--no-bias-swiglu-fusion")
+NO_TE_FLAGS = (
+    "--transformer-impl",
+    "--no-rope-fusion",
+    "--no-gradient-accumulation-fusion",
+    "--no-persist-layer-norm",
+    "--no-masked-softmax-fusion",
+    "--no-bias-dropout-fusion",
+    "--no-bias-swiglu-fusion",
+)
 
 
 def _dry_run(**env) -> list[str]:
     full = {k: v for k, v in os.environ.items() if k not in ("NNODES", "PP", "EP", "CP", "TP")}
-    p = subprocess.run(["bash", str(SCRIPT)], env={**full, **env, "DRY_RUN": "1"},
-                       capture_output=True, text=True, timeout=30)
+    p = subprocess.run(
+        ["bash", str(SCRIPT)],
+        env={**full, **env, "DRY_RUN": "1"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert p.returncode == 0, p.stderr
     argv = shlex.split(p.stdout)
     i = next(k for k, a in enumerate(argv) if a.endswith("pretrain_gpt.py"))
@@ -67,27 +78,70 @@ def _parse(argv, world, monkeypatch):
 @needs_full_tree
 def test_mixtral_defaults_accepted_by_megatron(monkeypatch):
     args = _parse(_dry_run(), 32, monkeypatch)
-    expect = dict(num_layers=32, hidden_size=4096, ffn_hidden_size=14336, num_attention_heads=32,
-                  num_query_groups=8, num_experts=8, moe_router_topk=2, seq_length=4096,
-                  rotary_base=1000000, layernorm_epsilon=1e-5, swiglu=True, add_bias_linear=False,
-                  untie_embeddings_and_output_weights=True, bf16=True, lr=1e-4,
-                  vocab_size=32000, normalization="RMSNorm", position_embedding_type="rope",
-                  transformer_impl="local", use_fluid_moe=True, tensor_model_parallel_size=1,
-                  pipeline_model_parallel_size=4, expert_model_parallel_size=8,
-                  moe_token_dispatcher_type="alltoall", use_distributed_optimizer=True)
+    expect = dict(
+        num_layers=32,
+        hidden_size=4096,
+        ffn_hidden_size=14336,
+        num_attention_heads=32,
+        num_query_groups=8,
+        num_experts=8,
+        moe_router_topk=2,
+        seq_length=4096,
+        rotary_base=1000000,
+        layernorm_epsilon=1e-5,
+        swiglu=True,
+        add_bias_linear=False,
+        untie_embeddings_and_output_weights=True,
+        bf16=True,
+        lr=1e-4,
+        vocab_size=32000,
+        normalization="RMSNorm",
+        position_embedding_type="rope",
+        transformer_impl="local",
+        use_fluid_moe=True,
+        tensor_model_parallel_size=1,
+        pipeline_model_parallel_size=4,
+        expert_model_parallel_size=8,
+        moe_token_dispatcher_type="alltoall",
+        use_distributed_optimizer=True,
+    )
     got = {k: getattr(args, k) for k in expect}
     assert got == expect
     assert args.data_parallel_size == 8  # 32 GPUs / PP 4
 
 
 @needs_full_tree
-@pytest.mark.parametrize("env,world", [
-    (dict(NNODES="1", GPUS_PER_NODE="8", PP="4", EP="2"), 8),
-    (dict(NUM_LAYERS="2", SEQ_LENGTH="1024", NNODES="1", GPUS_PER_NODE="2", PP="1", EP="2",
-          GLOBAL_BATCH="8", TRAIN_ITERS="5"), 2),
-    (dict(NNODES="1", GPUS_PER_NODE="8", PP="1", EP="4", CP="2",
-          DATA_PATH="1.0 /data/x_text_document", TOKENIZER_MODEL="/m/tokenizer.model"), 8),
-])
+@pytest.mark.parametrize(
+    "env,world",
+    [
+        (dict(NNODES="1", GPUS_PER_NODE="8", PP="4", EP="2"), 8),
+        (
+            dict(
+                NUM_LAYERS="2",
+                SEQ_LENGTH="1024",
+                NNODES="1",
+                GPUS_PER_NODE="2",
+                PP="1",
+                EP="2",
+                GLOBAL_BATCH="8",
+                TRAIN_ITERS="5",
+            ),
+            2,
+        ),
+        (
+            dict(
+                NNODES="1",
+                GPUS_PER_NODE="8",
+                PP="1",
+                EP="4",
+                CP="2",
+                DATA_PATH="1.0 /data/x_text_document",
+                TOKENIZER_MODEL="/m/tokenizer.model",
+            ),
+            8,
+        ),
+    ],
+)
 def test_layouts_accepted_by_megatron(env, world, monkeypatch):
     argv = _dry_run(**env)
     args = _parse(argv, world, monkeypatch)

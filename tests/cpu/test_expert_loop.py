@@ -50,7 +50,10 @@ def assert_fp32_close(got, ref, what, micro_batches=1):
     accumulated into the same tensor)."""
     atol = micro_batches * FP32_TERMS * EPS * max(1.0, ref.abs().max().item())
     torch.testing.assert_close(
-        got, ref, rtol=0, atol=atol,
+        got,
+        ref,
+        rtol=0,
+        atol=atol,
         msg=lambda m: f"{what} differs from the composition: {m} (atol {atol:.2e})",
     )
 
@@ -183,7 +186,9 @@ def test_auto_policy_picks_the_loop_for_large_experts_only(monkeypatch):
     fine = 2048 * 2 * 1408 + 1408 * 2048
     assert not use_grouped_mm(x, [2048] * 4, mixtral, "auto")  # 721 GFLOP per expert
     assert use_grouped_mm(x, [768] * 32, fine)  # 13 GFLOP per expert
-    e2e = 2048 * 2 * 5632 + 5632 * 2048  # benchmarks/e2e.py's layer: 141 GFLOP, host-bound as a loop
+    e2e = (
+        2048 * 2 * 5632 + 5632 * 2048
+    )  # benchmarks/e2e.py's layer: 141 GFLOP, host-bound as a loop
     assert use_grouped_mm(x, [2048] * 4, e2e)
     assert use_grouped_mm(x, [16] * 4, mixtral)  # small batch of a large expert: 5.6 GFLOP
     assert use_grouped_mm(x, [2048] * 4, mixtral, "on")

@@ -23,7 +23,9 @@ def _run(env_python=None):
 
 
 def _version(py):
-    out = subprocess.run([py, "-c", "import sys; print(sys.version_info[:2])"], capture_output=True, text=True)
+    out = subprocess.run(
+        [py, "-c", "import sys; print(sys.version_info[:2])"], capture_output=True, text=True
+    )
     return out.stdout.strip()
 
 

@@ -18,20 +18,23 @@ from fluid.config import RETIRED_ENV, FluidConfig, FluidConfigError
 OVERLAY = Path(__file__).resolve().parents[2] / "overlay" / "fluid"
 
 
-@pytest.mark.parametrize("field,value,flag", [
-    ("fluid_scheduler", 2, "--no-fluid-scheduler"),
-    ("fluid_scheduler", "off", "--no-fluid-scheduler"),
-    ("fluid_scheduler_timing", "bogus", "--fluid-scheduler-timing"),
-    ("fluid_overlap", "sometimes", "--fluid-overlap"),
-    ("fluid_min_window_bytes", -1, "--fluid-min-window-bytes"),
-    ("fluid_min_window_bytes", "1M", "--fluid-min-window-bytes"),
-    ("fluid_sm_carveout", -3, "--fluid-sm-carveout"),
-    ("fluid_sm_carveout", "auto", "--fluid-sm-carveout"),
-    ("fluid_moe_chunks", 0, "--fluid-moe-chunks"),
-    ("fluid_moe_chunks", "2", "--fluid-moe-chunks"),
-    ("fluid_moe_dedup", True, "--fluid-moe-dedup"),
-    ("fluid_grouped_gemm", "1", "--fluid-grouped-gemm"),
-])
+@pytest.mark.parametrize(
+    "field,value,flag",
+    [
+        ("fluid_scheduler", 2, "--no-fluid-scheduler"),
+        ("fluid_scheduler", "off", "--no-fluid-scheduler"),
+        ("fluid_scheduler_timing", "bogus", "--fluid-scheduler-timing"),
+        ("fluid_overlap", "sometimes", "--fluid-overlap"),
+        ("fluid_min_window_bytes", -1, "--fluid-min-window-bytes"),
+        ("fluid_min_window_bytes", "1M", "--fluid-min-window-bytes"),
+        ("fluid_sm_carveout", -3, "--fluid-sm-carveout"),
+        ("fluid_sm_carveout", "auto", "--fluid-sm-carveout"),
+        ("fluid_moe_chunks", 0, "--fluid-moe-chunks"),
+        ("fluid_moe_chunks", "2", "--fluid-moe-chunks"),
+        ("fluid_moe_dedup", True, "--fluid-moe-dedup"),
+        ("fluid_grouped_gemm", "1", "--fluid-grouped-gemm"),
+    ],
+)
 def test_bad_value_fails_naming_the_flag(field, value, flag):
     with pytest.raises(FluidConfigError, match=re.escape(flag)):
         FluidConfig.from_config(SimpleNamespace(**{field: value}))
@@ -39,8 +42,11 @@ def test_bad_value_fails_naming_the_flag(field, value, flag):
 
 def test_defaults_and_good_values():
     assert FluidConfig.from_config(SimpleNamespace()) == FluidConfig()
-    fc = FluidConfig.from_config(SimpleNamespace(fluid_sm_carveout=0, fluid_min_window_bytes=0,
-                                                 fluid_moe_chunks=4, fluid_overlap="never"))
+    fc = FluidConfig.from_config(
+        SimpleNamespace(
+            fluid_sm_carveout=0, fluid_min_window_bytes=0, fluid_moe_chunks=4, fluid_overlap="never"
+        )
+    )
     assert (fc.sm_carveout, fc.min_window_bytes, fc.moe_chunks, fc.overlap) == (0, 0, 4, "never")
     with pytest.raises(dataclasses_frozen_error()):
         fc.overlap = "always"
@@ -67,30 +73,44 @@ def test_environment_variables_change_nothing_and_are_reported(monkeypatch):
 def test_no_fluid_env_read_outside_config_construction():
     pattern = re.compile(r"environ[^\n]*FLUID_|getenv\([^\n]*FLUID_")
     offenders = [
-        str(p.relative_to(OVERLAY)) for p in OVERLAY.rglob("*.py")
+        str(p.relative_to(OVERLAY))
+        for p in OVERLAY.rglob("*.py")
         if p.name != "config.py" and ("FLUID_" in p.read_text() and pattern.search(p.read_text()))
     ]
     assert offenders == []
     # and no variable's name at all outside config.py (docstrings name the flags instead)
     names = re.compile(r"\b(" + "|".join(RETIRED_ENV) + r")\b")
-    named = [str(p.relative_to(OVERLAY)) for p in OVERLAY.rglob("*.py")
-             if p.name != "config.py" and names.search(p.read_text())]
+    named = [
+        str(p.relative_to(OVERLAY))
+        for p in OVERLAY.rglob("*.py")
+        if p.name != "config.py" and names.search(p.read_text())
+    ]
     assert named == []
 
 
-@pytest.mark.parametrize("fields,flag", [
-    ({"fluid_overlap": "bogus"}, "--fluid-overlap"),
-    ({"fluid_min_window_bytes": -1}, "--fluid-min-window-bytes"),
-    ({"moe_router_topk": 5, "moe_router_load_balancing_type": "none"}, "--moe-router-topk 5"),
-    ({"fluid_moe_dedup": "on", "fluid_moe_chunks": 2}, "--fluid-moe-chunks 1"),
-])
+@pytest.mark.parametrize(
+    "fields,flag",
+    [
+        ({"fluid_overlap": "bogus"}, "--fluid-overlap"),
+        ({"fluid_min_window_bytes": -1}, "--fluid-min-window-bytes"),
+        ({"moe_router_topk": 5, "moe_router_load_balancing_type": "none"}, "--moe-router-topk 5"),
+        ({"fluid_moe_dedup": "on", "fluid_moe_chunks": 2}, "--fluid-moe-chunks 1"),
+    ],
+)
 def test_model_build_validator_names_the_flag(fields, flag):
     """What the layer-spec hook and get_fluid_moe_layer_spec run when the model is built."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from fluid.megatron.validate import validate_config
 
-    cfg = TransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_moe_experts=4,
-                            use_cpu_initialization=True, use_fluid_moe=True, **fields)
+    cfg = TransformerConfig(
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_moe_experts=4,
+        use_cpu_initialization=True,
+        use_fluid_moe=True,
+        **fields,
+    )
     with pytest.raises(FluidConfigError, match=re.escape(flag)):
         validate_config(cfg)

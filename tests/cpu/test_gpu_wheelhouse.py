@@ -9,17 +9,29 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "tools" / "gpu_wheelhouse.sh"
-EXTRAS = ["six", "regex", "pyyaml", "pydantic", "pydantic-core", "annotated-types", "typing-inspection"]
+EXTRAS = [
+    "six",
+    "regex",
+    "pyyaml",
+    "pydantic",
+    "pydantic-core",
+    "annotated-types",
+    "typing-inspection",
+]
 
 
 def _run(*args):
-    return subprocess.run(["bash", str(SCRIPT), *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT)
+    return subprocess.run(
+        ["bash", str(SCRIPT), *map(str, args)], capture_output=True, text=True, cwd=ROOT
+    )
 
 
 def _lock_version(lock: Path) -> str:
-    versions = [line.split()[1] for line in lock.read_text().splitlines()
-                if line.split()[:1] == ["megatron-core"]]
+    versions = [
+        line.split()[1]
+        for line in lock.read_text().splitlines()
+        if line.split()[:1] == ["megatron-core"]
+    ]
     assert len(versions) == 1, f"{lock}: expected one 'megatron-core <version>' line"
     return versions[0]
 
@@ -64,7 +76,7 @@ def test_dry_run_prints_a_py312_manylinux_binary_download(tmp_path):
     assert platforms and all(p.endswith("x86_64") and p.startswith("manylinux") for p in platforms)
     assert "manylinux2014_x86_64" in platforms  # pydantic-core, pyyaml and regex ship these
     assert argv[argv.index("-d") + 1] == str(dest)
-    assert argv[-len(EXTRAS) - 1:] == _run("--print-reqs").stdout.split()
+    assert argv[-len(EXTRAS) - 1 :] == _run("--print-reqs").stdout.split()
     assert not dest.exists(), "--dry-run must not download"
 
 

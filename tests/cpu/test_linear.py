@@ -67,7 +67,11 @@ def _pair(kind, config, bias, skip_bias_add, fluid_config=None):
 
     init = torch.nn.init.normal_
     if kind == "column":
-        cls_s, cls_f, extra = ColumnParallelLinear, FluidColumnParallelLinear, {"gather_output": False}
+        cls_s, cls_f, extra = (
+            ColumnParallelLinear,
+            FluidColumnParallelLinear,
+            {"gather_output": False},
+        )
         size = (32, 48)
     else:
         cls_s, cls_f, extra = RowParallelLinear, FluidRowParallelLinear, {"input_is_parallel": True}

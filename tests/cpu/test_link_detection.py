@@ -23,9 +23,16 @@ from fluid.comm.context import CommContext, _c_strtol, _host_id, _link_is_slow, 
 from fluid.schedule.scheduler import BackwardScheduler
 
 NCCL_VARS = ("NCCL_P2P_DISABLE", "NCCL_P2P_LEVEL", "NCCL_HOSTID")
-LAUNCHER_VARS = ("LOCAL_WORLD_SIZE", "WORLD_SIZE", "LOCAL_RANK", "SLURM_NTASKS_PER_NODE",
-                 "SLURM_LOCALID", "SLURM_NNODES", "OMPI_COMM_WORLD_LOCAL_SIZE",
-                 "OMPI_COMM_WORLD_SIZE")
+LAUNCHER_VARS = (
+    "LOCAL_WORLD_SIZE",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "SLURM_NTASKS_PER_NODE",
+    "SLURM_LOCALID",
+    "SLURM_NNODES",
+    "OMPI_COMM_WORLD_LOCAL_SIZE",
+    "OMPI_COMM_WORLD_SIZE",
+)
 # Environments of three launchers for 2 nodes x 2 GPUs (rank 0's view).
 LAUNCHERS = {
     "torchrun": {"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2", "LOCAL_RANK": "0"},
@@ -64,6 +71,7 @@ def _env(monkeypatch, **values):
 
 # -- P2P transport off ------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     "disable, level, off",
     [
@@ -95,15 +103,26 @@ def test_p2p_disabled_reads_nccl_semantics(disable, level, off):
     # Guards: the earlier rule (any NCCL_P2P_DISABLE but "" and "0" is off) says "true", "yes"
     # and "2" are off, where NCCL keeps P2P on; a rule `== "1"` misses "0x1", " 1", "01";
     # ignoring NCCL_P2P_LEVEL misses LOC / 0.
-    env = {k: v for k, v in (("NCCL_P2P_DISABLE", disable), ("NCCL_P2P_LEVEL", level))
-           if v is not None}
+    env = {
+        k: v for k, v in (("NCCL_P2P_DISABLE", disable), ("NCCL_P2P_LEVEL", level)) if v is not None
+    }
     assert _p2p_disabled(env) is off
 
 
 def test_c_strtol_matches_c():
     # Guards the parser `_p2p_disabled` relies on (C strtol(s, NULL, 0); values from glibc).
-    cases = {"1": 1, "0x1F": 31, "017": 15, "08": 0, "0x": 0, " -3": -3, "+7x": 7, "": 0,
-             "abc": 0, "  12 ": 12}
+    cases = {
+        "1": 1,
+        "0x1F": 31,
+        "017": 15,
+        "08": 0,
+        "0x": 0,
+        " -3": -3,
+        "+7x": 7,
+        "": 0,
+        "abc": 0,
+        "  12 ": 12,
+    }
     assert {s: _c_strtol(s) for s in cases} == cases
 
 
@@ -124,6 +143,7 @@ def test_p2p_off_is_slow_without_a_collective(monkeypatch):
 
 # -- groups over hosts ------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
 @pytest.mark.parametrize(
     "group, slow",
@@ -140,7 +160,8 @@ def test_two_nodes_two_gpus(monkeypatch, launcher, group, slow):
 
 
 @pytest.mark.parametrize(
-    "group, slow", [((0, 1), True), ((0, 2), False), ((1, 3), False), ((0, 1, 2, 3), True)],
+    "group, slow",
+    [((0, 1), True), ((0, 2), False), ((1, 3), False), ((0, 1, 2, 3), True)],
     ids=["ep01", "ep02", "ep13", "world"],
 )
 def test_non_contiguous_layout(monkeypatch, group, slow):
@@ -152,8 +173,11 @@ def test_non_contiguous_layout(monkeypatch, group, slow):
     assert _link_is_slow(group) is slow
 
 
-@pytest.mark.parametrize("p2p", [{}, {"NCCL_P2P_DISABLE": "0", "NCCL_P2P_LEVEL": "NVL"}],
-                         ids=["default", "p2p_explicitly_on"])
+@pytest.mark.parametrize(
+    "p2p",
+    [{}, {"NCCL_P2P_DISABLE": "0", "NCCL_P2P_LEVEL": "NVL"}],
+    ids=["default", "p2p_explicitly_on"],
+)
 def test_single_node_nvlink_is_fast(monkeypatch, p2p):
     # One host, 4 GPUs with NVLink, P2P on by default or explicitly (NCCL_P2P_DISABLE=0,
     # NCCL_P2P_LEVEL=NVL). Guards: reading "NCCL_P2P_DISABLE is set" or "NCCL_P2P_LEVEL is
@@ -176,6 +200,7 @@ def test_one_rank_group_is_fast_without_a_collective(monkeypatch):
 
 # -- host identity ----------------------------------------------------------------------------
 
+
 def test_host_id_is_ncclhostid_else_hostname_and_boot_id(monkeypatch):
     # Guards the key the hosts are compared by: NCCL's (getHostHash). Different hostnames on one
     # machine (containers) still differ here by hostname; NCCL_HOSTID overrides both.
@@ -194,6 +219,7 @@ def test_host_id_is_ncclhostid_else_hostname_and_boot_id(monkeypatch):
 
 
 # -- CommContext --------------------------------------------------------------------------------
+
 
 def test_nccl_context_resolves_the_link_once_at_construction(monkeypatch):
     # `_link_is_slow` is a collective. Resolved lazily, it would run wherever slow_link() is

@@ -13,8 +13,17 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV_TARGETS = [
-    "test", "test-cpu", "test-dist", "test-gpu", "status", "train", "check-patches",
-    "refresh-patches", "diff-report", "rebase-upstream REF=main", "lint",
+    "test",
+    "test-cpu",
+    "test-dist",
+    "test-gpu",
+    "status",
+    "train",
+    "check-patches",
+    "refresh-patches",
+    "diff-report",
+    "rebase-upstream REF=main",
+    "lint",
 ]
 
 
@@ -28,7 +37,9 @@ def _copy(tmp_path) -> Path:
 
 
 def make(repo, *args):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MAKE", "MFLAGS", "PYTEST_ARGS"))}
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("MAKE", "MFLAGS", "PYTEST_ARGS"))
+    }
     res = subprocess.run(["make", "-C", str(repo), *args], capture_output=True, text=True, env=env)
     return res.returncode, res.stdout + res.stderr
 
@@ -54,7 +65,10 @@ def test_interrupted_setup(tmp_path, target):
     (repo / ".venv" / "bin").mkdir(parents=True)
     (repo / ".venv" / "bin" / "python").symlink_to(_base_python())
     rc, out = make(repo, target)
-    assert rc != 0 and f"make {target}: run 'make setup' first (the dependencies are not installed)" in out, out
+    assert (
+        rc != 0
+        and f"make {target}: run 'make setup' first (the dependencies are not installed)" in out
+    ), out
     assert "No module named" not in out, out
 
     (repo / ".venv" / ".fluid-deps").write_text("x\n")  # deps done, Megatron step interrupted

@@ -72,7 +72,9 @@ def test_pretrain_gpt_help_lists_use_fluid_moe():
     )
     assert res.returncode == 0, res.stderr[-2000:]
     assert "--use-fluid-moe" in res.stdout
-    assert "Build attention and MoE layers from the FluidMoE overlay" in " ".join(res.stdout.split())
+    assert "Build attention and MoE layers from the FluidMoE overlay" in " ".join(
+        res.stdout.split()
+    )
 
 
 def test_config_help_strings_survive_argparse():

@@ -10,8 +10,11 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-NEW = {"commit": "0123456789abcdef0123456789abcdef01234567", "tag": "core_v9.8.7",
-       "megatron-core": "9.8.7"}
+NEW = {
+    "commit": "0123456789abcdef0123456789abcdef01234567",
+    "tag": "core_v9.8.7",
+    "megatron-core": "9.8.7",
+}
 
 
 def _lock_values(path: Path) -> dict:
@@ -42,8 +45,9 @@ def _repo_with_new_lock(tmp_path) -> Path:
 def test_changed_lock_reaches_every_reader(tmp_path):
     repo = _repo_with_new_lock(tmp_path)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MAKE", "MFLAGS"))}
-    reqs = subprocess.run(["make", "-s", "-C", str(repo), "print-reqs"], capture_output=True,
-                          text=True, env=env)
+    reqs = subprocess.run(
+        ["make", "-s", "-C", str(repo), "print-reqs"], capture_output=True, text=True, env=env
+    )
     assert reqs.returncode == 0, reqs.stderr
     assert "megatron-core==9.8.7" in reqs.stdout.split(), reqs.stdout
 
@@ -69,11 +73,15 @@ def test_no_missing_version_is_installed(tmp_path):
     asking pip for `megatron-core==`."""
     repo = _repo_with_new_lock(tmp_path)
     lock = repo / "patches" / "upstream.lock"
-    lock.write_text("".join(ln for ln in lock.read_text().splitlines(True)
-                            if not ln.startswith("megatron-core ")))
+    lock.write_text(
+        "".join(
+            ln for ln in lock.read_text().splitlines(True) if not ln.startswith("megatron-core ")
+        )
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MAKE", "MFLAGS"))}
-    res = subprocess.run(["make", "-s", "-C", str(repo), "print-reqs"], capture_output=True,
-                         text=True, env=env)
+    res = subprocess.run(
+        ["make", "-s", "-C", str(repo), "print-reqs"], capture_output=True, text=True, env=env
+    )
     assert res.returncode != 0 and "no 'megatron-core <version>' line" in res.stderr, res
 
 
@@ -82,9 +90,22 @@ def test_pin_is_written_only_in_the_lock():
     pin = _lock_values(ROOT / "patches" / "upstream.lock")
     needles = [pin["commit"], f"megatron-core=={pin['megatron-core']}", f'"{pin["tag"]}"']
     files = [ROOT / "Makefile", ROOT / "tests" / "dist" / "test_status.py", ROOT / ".ci" / "run"]
-    for pattern in ("overlay/**/*.py", "tools/**/*.py", "tools/**/*.sh", "ci/**/*.sh",
-                    "benchmarks/**/*.py", "benchmarks/**/*.sh", "examples/**/*.py", "examples/**/*.sh"):
+    for pattern in (
+        "overlay/**/*.py",
+        "tools/**/*.py",
+        "tools/**/*.sh",
+        "ci/**/*.sh",
+        "benchmarks/**/*.py",
+        "benchmarks/**/*.sh",
+        "examples/**/*.py",
+        "examples/**/*.sh",
+    ):
         files += ROOT.glob(pattern)
-    offenders = [f"{f.relative_to(ROOT)}: {n}" for f in files if f.is_file()
-                 for n in needles if n in f.read_text(errors="replace")]
+    offenders = [
+        f"{f.relative_to(ROOT)}: {n}"
+        for f in files
+        if f.is_file()
+        for n in needles
+        if n in f.read_text(errors="replace")
+    ]
     assert offenders == [], offenders

@@ -13,7 +13,15 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the fixture module beside us
 from upstream_fixture import (  # noqa: E402
-    CFG, MOE, SERIES, TOOLS, P, make_superproject, make_upstream, sh, snapshot,
+    CFG,
+    MOE,
+    SERIES,
+    TOOLS,
+    P,
+    make_superproject,
+    make_upstream,
+    sh,
+    snapshot,
 )
 
 sys.path.insert(0, str(TOOLS))
@@ -34,9 +42,19 @@ def superproject(tmp_path, upstream):
 
 def rebase(root, ref, url):
     res = subprocess.run(
-        [sys.executable, str(TOOLS / "rebase_upstream.py"), "--root", str(root), "--ref", ref,
-         "--url", str(url), "--no-test"],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            str(TOOLS / "rebase_upstream.py"),
+            "--root",
+            str(root),
+            "--ref",
+            ref,
+            "--url",
+            str(url),
+            "--no-test",
+        ],
+        capture_output=True,
+        text=True,
     )
     return res.returncode, res.stdout + res.stderr
 
@@ -65,6 +83,7 @@ def test_clean_rebase_updates_gitlink_lock_and_patches(superproject, upstream):
     assert lock["megatron-core"] == "0.2.0"
     for rel in (MOE, CFG):
         assert lock["files"][rel] == sh(sub, "git", "rev-parse", f"{new}:{rel}")
+
     # the moe patch was refreshed: its hunk moved down by as many lines as the clean variant
     # inserted above it; header kept, no index lines
     def hunk_start(text):
@@ -116,8 +135,11 @@ def test_conflict_names_patch_file_hunk_and_restores(superproject, upstream):
     before = snapshot(root)
     rc, out = rebase(root, "conflict", up)
     assert rc == 1, out
-    hunk = next(ln for ln in before["patches/0002-moe-hook.patch"].decode().splitlines()
-                if ln.startswith("@@ "))
+    hunk = next(
+        ln
+        for ln in before["patches/0002-moe-hook.patch"].decode().splitlines()
+        if ln.startswith("@@ ")
+    )
     assert "FAILED patch 0002-moe-hook.patch" in out
     assert f"{MOE}: hunk {hunk}" in out, out
     assert f"3-way merge left conflicts in {MOE}" in out
@@ -139,7 +161,9 @@ def test_refuses_local_edits_outside_the_series(superproject, upstream):
     lines = len((sub / MOE).read_text().splitlines())
     rc, out = rebase(root, "core_v0.2.0", up)
     assert rc == 1 and "neither the pin nor the series" in out, out
-    assert f"{MOE}: differs from the pin with the series applied: line {lines}: '# hand edit'" in out
+    assert (
+        f"{MOE}: differs from the pin with the series applied: line {lines}: '# hand edit'" in out
+    )
     assert sh(sub, "git", "rev-parse", "HEAD") == refs["pin"]
     assert (sub / MOE).read_text().endswith("# hand edit\n")  # the edit is not lost
 
@@ -151,13 +175,17 @@ def test_fixed_upstream_patch_is_dropped(superproject, upstream):
     up, refs = upstream
     root, sub = superproject, superproject / "Megatron-LM"
     rc, out = rebase(root, "fixed", up)
-    assert "fixed upstream: drop it: 0003-escape-percent.patch (upstream fixed the bug its own " \
-        "way: probe tools/probes.py:percent_safe_config_help no longer finds moe_buffer_factor)" \
-        in out, out
+    assert (
+        "fixed upstream: drop it: 0003-escape-percent.patch (upstream fixed the bug its own "
+        "way: probe tools/probes.py:percent_safe_config_help no longer finds moe_buffer_factor)"
+        in out
+    ), out
     assert "dropped 0003-escape-percent.patch (fixed upstream)" in out
     assert "CONFLICT" not in out
     assert not (root / "patches" / "0003-escape-percent.patch").exists()
-    assert (root / "patches" / "series").read_text() == "0001-config-flag.patch\n0002-moe-hook.patch\n"
+    assert (
+        root / "patches" / "series"
+    ).read_text() == "0001-config-flag.patch\n0002-moe-hook.patch\n"
     assert "10%%)" in (sub / CFG).read_text() and "use_fluid_moe" in (sub / CFG).read_text()
     # the new instance of the bug is reported: exit 3
     assert "upstream has the bug elsewhere, which this patch does not fix" in out
@@ -175,7 +203,8 @@ def test_same_change_upstream_is_dropped(superproject, upstream):
 
 
 def test_single_quoted_package_info_gives_a_lock_core_only_setup_can_use(
-        superproject, upstream, monkeypatch, capsys):
+    superproject, upstream, monkeypatch, capsys
+):
     """REF's package_info.py writes PRE_RELEASE = '' (as upstream main does). The lock must say
     `megatron-core 0.3.0`, and `make setup` in core-only mode must accept it: download that
     release (here from the superproject's .build/dist), check the locked blobs, apply the series."""
@@ -198,15 +227,21 @@ def test_single_quoted_package_info_gives_a_lock_core_only_setup_can_use(
     assert "10 percent)" in (core / CFG).read_text()
 
 
-@pytest.mark.parametrize("text, version", [
-    ('MAJOR = 0\nMINOR = 20\nPATCH = 0\nPRE_RELEASE = ""\n', "0.20.0"),
-    ("MAJOR = 0\nMINOR = 20\nPATCH = 0\nPRE_RELEASE = ''\n", "0.20.0"),
-    ("MAJOR = 0\nMINOR = 20\nPATCH = 0\nPRE_RELEASE = 'rc0'  # next\n", "0.20.0rc0"),
-    ("MAJOR: int = 1\nMINOR = 2\nPATCH = 3\nPRE_RELEASE = None\n", "1.2.3"),
-    ("MAJOR = 0\nMINOR = 19\nPATCH = 1\nPRE_RELEASE = \"\"\nVERSION = (MAJOR, MINOR)\n"
-     "__version__ = '.'.join(map(str, VERSION))\n", "0.19.1"),
-    ('__version__ = "0.4.0.dev1"\n', "0.4.0.dev1"),
-])
+@pytest.mark.parametrize(
+    "text, version",
+    [
+        ('MAJOR = 0\nMINOR = 20\nPATCH = 0\nPRE_RELEASE = ""\n', "0.20.0"),
+        ("MAJOR = 0\nMINOR = 20\nPATCH = 0\nPRE_RELEASE = ''\n", "0.20.0"),
+        ("MAJOR = 0\nMINOR = 20\nPATCH = 0\nPRE_RELEASE = 'rc0'  # next\n", "0.20.0rc0"),
+        ("MAJOR: int = 1\nMINOR = 2\nPATCH = 3\nPRE_RELEASE = None\n", "1.2.3"),
+        (
+            'MAJOR = 0\nMINOR = 19\nPATCH = 1\nPRE_RELEASE = ""\nVERSION = (MAJOR, MINOR)\n'
+            "__version__ = '.'.join(map(str, VERSION))\n",
+            "0.19.1",
+        ),
+        ('__version__ = "0.4.0.dev1"\n', "0.4.0.dev1"),
+    ],
+)
 def test_core_version_of_package_info(text, version):
     assert U.core_version_of(text) == version
 

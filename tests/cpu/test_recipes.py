@@ -14,20 +14,36 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 # The recipes the issue names; more may exist.
-NAMED = ["moe_mixtral_ep2", "moe_fine64_ep2", "attn_cp4_32k", "e2e_mixtral_ep2", "e2e_fine_ep2",
-         "e2e_mixtral_1gpu"]
+NAMED = [
+    "moe_mixtral_ep2",
+    "moe_fine64_ep2",
+    "attn_cp4_32k",
+    "e2e_mixtral_ep2",
+    "e2e_fine_ep2",
+    "e2e_mixtral_1gpu",
+]
 
 
 def _run(*args, timeout=900):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
-    return subprocess.run([sys.executable, "-W", "ignore", "-m", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-W", "ignore", "-m", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _listed():
     p = _run("benchmarks.run", "--list")
     assert p.returncode == 0, p.stderr
-    return [line.split()[0] for line in p.stdout.splitlines() if line and not line.startswith(("variants", "links"))]
+    return [
+        line.split()[0]
+        for line in p.stdout.splitlines()
+        if line and not line.startswith(("variants", "links"))
+    ]
 
 
 def test_list_names_the_recipes():
@@ -47,7 +63,10 @@ def test_every_recipe_dry_runs(tmp_path):
         if doc["recipe"]["kind"] == "e2e":
             cmds = job["commands"]
             assert set(cmds) == {"stock", "fluid_off", "fluid"}
-            assert "--use-fluid-moe" in cmds["fluid"]["argv"] and "--use-fluid-moe" not in cmds["stock"]["argv"]
+            assert (
+                "--use-fluid-moe" in cmds["fluid"]["argv"]
+                and "--use-fluid-moe" not in cmds["stock"]["argv"]
+            )
             assert "--no-fluid-scheduler" in cmds["fluid_off"]["argv"]
             layers = job["layers"]
             assert layers["moe"]["variants"]["fluid"]["ms"] > 0
@@ -55,7 +74,10 @@ def test_every_recipe_dry_runs(tmp_path):
         else:
             v = job["variants"]
             assert v["fluid"]["ms"] > 0 and v["fluid_off"]["ms"] > 0
-            assert v["fluid_off"]["sched_stats"]["inline_dw_tasks"] == v["fluid_off"]["sched_stats"]["total_dw_tasks"]
+            assert (
+                v["fluid_off"]["sched_stats"]["inline_dw_tasks"]
+                == v["fluid_off"]["sched_stats"]["total_dw_tasks"]
+            )
             assert not job.get("errors")
     page = (tmp_path / "README.md").read_text()
     assert all(f"`{n}`" in page for n in names)

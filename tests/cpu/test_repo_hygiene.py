@@ -37,9 +37,16 @@ _SHARED = re.compile(r"(?<![\w.\-])\.\./shared(?![\w.\-])")
 _ABSOLUTE_WORK = re.compile(r"(?<![\w.\-/~$])" + re.escape(_WORK) + r"(?![\w.\-])")
 _PATH_TOKEN = re.compile(r"[\w.\-/]+")
 # Files of the workspace's shared folder; a clone has them only if the repository tracks them.
-WORKSPACE_FILES = ("baseline.md", "landscape.md", "megatron-api.md", "style.md", "gpu-wheelhouse.sh")
-_WORKSPACE_FILE = re.compile(r"(?<![\w.\-])(?:[\w.\-]+/)*("
-                             + "|".join(map(re.escape, WORKSPACE_FILES)) + r")(?![\w\-])")
+WORKSPACE_FILES = (
+    "baseline.md",
+    "landscape.md",
+    "megatron-api.md",
+    "style.md",
+    "gpu-wheelhouse.sh",
+)
+_WORKSPACE_FILE = re.compile(
+    r"(?<![\w.\-])(?:[\w.\-]+/)*(" + "|".join(map(re.escape, WORKSPACE_FILES)) + r")(?![\w\-])"
+)
 
 
 def _climbs_out(token: str, base: str) -> bool:
@@ -62,12 +69,18 @@ def outside_refs(relpath: str, text: str, tracked_names=frozenset()) -> list[tup
             found.append((lineno, m.group(0), "the workspace's shared folder, not in a clone"))
         for m in _WORKSPACE_FILE.finditer(line):
             if m.group(1) not in tracked_names and "../shared" not in m.group(0):
-                found.append((lineno, m.group(0),
-                              "a file of the workspace's shared folder, not in a clone"))
+                found.append(
+                    (lineno, m.group(0), "a file of the workspace's shared folder, not in a clone")
+                )
         if not captured:
             for m in _ABSOLUTE_WORK.finditer(line):
-                found.append((lineno, line[m.start():m.start() + 60].split()[0],
-                              "absolute path on the development machine"))
+                found.append(
+                    (
+                        lineno,
+                        line[m.start() : m.start() + 60].split()[0],
+                        "absolute path on the development machine",
+                    )
+                )
         for m in _PATH_TOKEN.finditer(line):
             token = m.group(0)
             # A path has a separator: a bare `..` is a range or a column ("gather .. False").
@@ -77,16 +90,18 @@ def outside_refs(relpath: str, text: str, tracked_names=frozenset()) -> list[tup
                 continue  # reported above
             outside = [b or "." for b in bases if _climbs_out(token, b)]
             if outside:
-                found.append((lineno, token,
-                              f"climbs out of the repository from {', '.join(outside)}"))
+                found.append(
+                    (lineno, token, f"climbs out of the repository from {', '.join(outside)}")
+                )
     return found
 
 
 def _tracked() -> list[tuple[str, str]]:
     """(mode, path) of every tracked entry."""
     try:
-        out = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-s", "-z"],
-                             capture_output=True, check=True).stdout
+        out = subprocess.run(
+            ["git", "-C", str(ROOT), "ls-files", "-s", "-z"], capture_output=True, check=True
+        ).stdout
     except (OSError, subprocess.CalledProcessError):
         pytest.skip("not a git checkout: the tracked files are unknown")
     entries = []
@@ -128,47 +143,66 @@ def test_no_tracked_file_refers_outside_the_repo():
         if text is None:
             continue
         checked += 1
-        problems += [f"{rel}:{n}: {what} ({why})" for n, what, why in outside_refs(rel, text, names)]
+        problems += [
+            f"{rel}:{n}: {what} ({why})" for n, what, why in outside_refs(rel, text, names)
+        ]
     assert checked > 50, f"only {checked} tracked text files read"
     assert not problems, (
         "tracked files refer to paths outside the repository (bring what they need into the repo: "
-        "facts into docs/, tools into tools/):\n  " + "\n  ".join(problems))
+        "facts into docs/, tools into tools/):\n  " + "\n  ".join(problems)
+    )
 
 
 # The detector itself, on inputs with a known answer.
 
-@pytest.mark.parametrize("relpath, line", [
-    ("docs/QUICKSTART.md", "hosts we measured, `../shared/docs/baseline.md`). Constraints"),
-    ("tools/stage_gpu.sh", "[ -d .whl ] || bash ../shared/tools/gpu-wheelhouse.sh .whl"),
-    ("overlay/fluid/comm/context.py", "    ../shared/docs/baseline.md. Through host memory"),
-    ("README.md", "see [the notes](../notes.md)"),
-    ("docs/upstream/README.md", "see ../../../elsewhere/x.md"),
-    ("tools/stage_gpu.sh", "cp ../other/file ."),
-    ("benchmarks/x.py", 'open("overlay/../../x")'),
-    ("docs/upstream/README.md", "Done on `git clone " + _WORK + "/main /tmp/scratch-super`"),
-    ("docs/x.md", "--url " + _WORK + "/.mirror/NVIDIA+Megatron-LM/repo"),
-    ("docs/benchmarks/raw/s1/run.log", "bash ../shared/tools/x.sh"),
-    ("benchmarks/bench_moe.py", "  the scheduler off (chunks 1): baseline.md's eta = (T_serial"),
-    ("docs/CORE_CONCEPT.md", "(4% for the Mixtral-like layer in baseline.md) and"),
-    ("tools/stage_gpu.sh", "bash tools/gpu-wheelhouse.sh .whl"),
-])
+
+@pytest.mark.parametrize(
+    "relpath, line",
+    [
+        ("docs/QUICKSTART.md", "hosts we measured, `../shared/docs/baseline.md`). Constraints"),
+        ("tools/stage_gpu.sh", "[ -d .whl ] || bash ../shared/tools/gpu-wheelhouse.sh .whl"),
+        ("overlay/fluid/comm/context.py", "    ../shared/docs/baseline.md. Through host memory"),
+        ("README.md", "see [the notes](../notes.md)"),
+        ("docs/upstream/README.md", "see ../../../elsewhere/x.md"),
+        ("tools/stage_gpu.sh", "cp ../other/file ."),
+        ("benchmarks/x.py", 'open("overlay/../../x")'),
+        ("docs/upstream/README.md", "Done on `git clone " + _WORK + "/main /tmp/scratch-super`"),
+        ("docs/x.md", "--url " + _WORK + "/.mirror/NVIDIA+Megatron-LM/repo"),
+        ("docs/benchmarks/raw/s1/run.log", "bash ../shared/tools/x.sh"),
+        (
+            "benchmarks/bench_moe.py",
+            "  the scheduler off (chunks 1): baseline.md's eta = (T_serial",
+        ),
+        ("docs/CORE_CONCEPT.md", "(4% for the Mixtral-like layer in baseline.md) and"),
+        ("tools/stage_gpu.sh", "bash tools/gpu-wheelhouse.sh .whl"),
+    ],
+)
 def test_detector_flags(relpath, line):
     assert outside_refs(relpath, "first line\n" + line + "\n"), (relpath, line)
 
 
-@pytest.mark.parametrize("relpath, line", [
-    ("docs/benchmarks/README.md", "`../img/timeline.png` (`docs/make_timeline.py`)"),
-    ("benchmarks/gpu_env.sh", "cp overlay/fluid/../pyproject.toml /tmp/pyproject.toml"),
-    ("tools/stage_gpu.sh", 'cd "$(dirname "$0")/.."'),
-    ("docs/x.md", "`pretrain_gpt.py ... --use-fluid-moe` and x[..., 0], range 1..4"),
-    ("docs/x.md", "https://example.org" + _WORK + "/x and /tmp/bench_moe"),
-    ("docs/benchmarks/raw/s1/run.log", _WORK + "/main/.megatron/megatron/core/models/backends.py:34"),
-    ("examples/logs/x.log", "  megatron.core: " + _WORK + "/main/.megatron/megatron/core"),
-    ("docs/hardware.md", "the shared folder ./shared and sub../shared_x are other names"),
-    ("docs/benchmarks/raw/s1/run.log", "  megatron_fsdp_enable_fine_grained_param_gather .. False"),
-    ("tools/patches.py", '        return f"{m.group(0)}index {pre}..{post}\\n"'),
-    ("docs/x.md", "see mybaseline.md, baseline.mdx and tools/gpu_wheelhouse.sh"),
-])
+@pytest.mark.parametrize(
+    "relpath, line",
+    [
+        ("docs/benchmarks/README.md", "`../img/timeline.png` (`docs/make_timeline.py`)"),
+        ("benchmarks/gpu_env.sh", "cp overlay/fluid/../pyproject.toml /tmp/pyproject.toml"),
+        ("tools/stage_gpu.sh", 'cd "$(dirname "$0")/.."'),
+        ("docs/x.md", "`pretrain_gpt.py ... --use-fluid-moe` and x[..., 0], range 1..4"),
+        ("docs/x.md", "https://example.org" + _WORK + "/x and /tmp/bench_moe"),
+        (
+            "docs/benchmarks/raw/s1/run.log",
+            _WORK + "/main/.megatron/megatron/core/models/backends.py:34",
+        ),
+        ("examples/logs/x.log", "  megatron.core: " + _WORK + "/main/.megatron/megatron/core"),
+        ("docs/hardware.md", "the shared folder ./shared and sub../shared_x are other names"),
+        (
+            "docs/benchmarks/raw/s1/run.log",
+            "  megatron_fsdp_enable_fine_grained_param_gather .. False",
+        ),
+        ("tools/patches.py", '        return f"{m.group(0)}index {pre}..{post}\\n"'),
+        ("docs/x.md", "see mybaseline.md, baseline.mdx and tools/gpu_wheelhouse.sh"),
+    ],
+)
 def test_detector_passes(relpath, line):
     assert outside_refs(relpath, line + "\n") == [], (relpath, line)
 
@@ -195,17 +229,24 @@ def test_notice_names_every_patch_and_the_upstream_files_it_modifies():
     notice = (ROOT / "NOTICE").read_text()
     assert "Copyright 2026 The FluidMoE authors" in notice
     assert "Megatron-LM" in notice and "NVIDIA CORPORATION" in notice
-    series = [line.strip() for line in (ROOT / "patches" / "series").read_text().splitlines()
-              if line.strip() and not line.startswith("#")]
+    series = [
+        line.strip()
+        for line in (ROOT / "patches" / "series").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     assert series
     lines = notice.splitlines()
     for name in series:
-        files = sorted(set(re.findall(r"(?m)^\+\+\+ b/(\S+)", (ROOT / "patches" / name).read_text())))
+        files = sorted(
+            set(re.findall(r"(?m)^\+\+\+ b/(\S+)", (ROOT / "patches" / name).read_text()))
+        )
         assert files, name
         named = [line for line in lines if name in line]
         assert named, f"NOTICE does not name {name}"
         for f in files:
-            assert any(f in line for line in named), f"NOTICE: {name} modifies {f}; say so on its line"
+            assert any(f in line for line in named), (
+                f"NOTICE: {name} modifies {f}; say so on its line"
+            )
 
 
 def test_workspace_file_names_pass_once_the_repo_has_them():

@@ -15,8 +15,13 @@ from fluid.schedule.scheduler import BackwardScheduler
 
 
 def _balance(s):
-    return (s["completed_dw_tasks"] + s["failed_dw_tasks"] + s["discarded_dw_tasks"]
-            + s["dropped_stale_tasks"] + s["pending_dw_tasks"])
+    return (
+        s["completed_dw_tasks"]
+        + s["failed_dw_tasks"]
+        + s["discarded_dw_tasks"]
+        + s["dropped_stale_tasks"]
+        + s["pending_dw_tasks"]
+    )
 
 
 def _op(sched, tasks):
@@ -43,16 +48,25 @@ def test_a_raising_dw_task_is_counted_with_the_ones_it_discards(caplog):
     def boom():
         raise RuntimeError("boom in dW")
 
-    tasks = [("a", lambda: ran.append("a")), ("b", lambda: ran.append("b")), ("bad", boom),
-             ("d", lambda: ran.append("d"))]
+    tasks = [
+        ("a", lambda: ran.append("a")),
+        ("b", lambda: ran.append("b")),
+        ("bad", boom),
+        ("d", lambda: ran.append("d")),
+    ]
     x = torch.randn(3, requires_grad=True)
     with caplog.at_level(logging.ERROR, logger="fluid.schedule.scheduler"):
         with pytest.raises(RuntimeError, match="boom in dW"):
             _op(sched, tasks)(x).sum().backward()
     s = sched.get_stats()
     assert ran == ["a", "b"]
-    assert (s["total_dw_tasks"], s["completed_dw_tasks"], s["failed_dw_tasks"],
-            s["discarded_dw_tasks"], s["pending_dw_tasks"]) == (4, 2, 1, 1, 0), s
+    assert (
+        s["total_dw_tasks"],
+        s["completed_dw_tasks"],
+        s["failed_dw_tasks"],
+        s["discarded_dw_tasks"],
+        s["pending_dw_tasks"],
+    ) == (4, 2, 1, 1, 0), s
     assert _balance(s) == s["total_dw_tasks"]
     assert "'bad' raised RuntimeError: boom in dW; 1 queued dW task(s) discarded" in caplog.text
 

@@ -25,7 +25,7 @@ def _stats(windows, monkeypatch):
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
     s = BackwardScheduler(enabled=True, timing=True)
     for a0, a1, d0, d1, end in windows:
-        ev = (lambda t: None if t is None else _Ev(t))
+        ev = lambda t: None if t is None else _Ev(t)
         s._windows.append(_Window(_Ev(a0), _Ev(a1), ev(d0), ev(d1), ev(end)))
     return s.get_stats()
 
@@ -46,7 +46,9 @@ def test_partly_hidden_and_unfilled_windows(monkeypatch):
 
 
 def test_nothing_filled_reads_zero_and_overlap_that_costs_reads_negative(monkeypatch):
-    assert _stats([(0.0, 2.0, None, None, None)], monkeypatch)["hidden_fraction"] == pytest.approx(0.0)
+    assert _stats([(0.0, 2.0, None, None, None)], monkeypatch)["hidden_fraction"] == pytest.approx(
+        0.0
+    )
     # The old (T_a2a + T_dW - T_window) / min(T_a2a, T_dW) read 1.9 here; the compute stream in
     # fact waited 3 ms after a 1 ms dW for a 2 ms all-to-all (contention): -0.5.
     st = _stats([(0.0, 2.0, 0.0, 1.0, 4.0)], monkeypatch)

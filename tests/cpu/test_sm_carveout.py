@@ -86,8 +86,12 @@ def test_auto_carveout_only_over_a_slow_link():
 
 @pytest.mark.parametrize(
     "comm",
-    [_StubComm(20, overlap=False), _StubComm(0), _StubComm(20, nccl=False),
-     _StubComm("auto", nccl=False)],
+    [
+        _StubComm(20, overlap=False),
+        _StubComm(0),
+        _StubComm(20, nccl=False),
+        _StubComm("auto", nccl=False),
+    ],
     ids=["dw_after_the_wait", "carveout_0", "gloo", "gloo_auto"],
 )
 def test_no_carveout_where_nothing_runs_beside_nccl(comm):

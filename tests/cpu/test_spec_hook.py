@@ -39,7 +39,9 @@ def _dummy_transform(calls):
         def swap(spec, mlp):
             subs = dataclasses.replace(
                 spec.submodules,
-                self_attention=dataclasses.replace(spec.submodules.self_attention, module=DummyAttention),
+                self_attention=dataclasses.replace(
+                    spec.submodules.self_attention, module=DummyAttention
+                ),
                 mlp=mlp if mlp is not None else spec.submodules.mlp,
             )
             return dataclasses.replace(spec, submodules=subs)
@@ -124,8 +126,14 @@ def test_validation_rejects_bad_configs_at_build_time():
     with pytest.raises(FluidConfigError, match="--context-parallel-size"):
         validate_config(_cfg(num_attention_heads=6, context_parallel_size=4))
     # Megatron's combined-1F1B schedule runs Fluid layers (tests/dist/test_combined_1f1b.py).
-    validate_config(_cfg(overlap_moe_expert_parallel_comm=True, expert_model_parallel_size=2,
-                         moe_token_dispatcher_type="alltoall", bf16=True))
+    validate_config(
+        _cfg(
+            overlap_moe_expert_parallel_comm=True,
+            expert_model_parallel_size=2,
+            moe_token_dispatcher_type="alltoall",
+            bf16=True,
+        )
+    )
 
 
 def test_real_hook_swaps_in_fluid_layers_and_keeps_the_pattern():

@@ -22,8 +22,13 @@ def _flag(argv, name):
 def test_train_argv(nproc, ep):
     script = ROOT / "Megatron-LM" / "pretrain_gpt.py"
     argv = train.train_argv(script, nproc, iters=7)
-    assert argv[:5] == [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                        f"--nproc-per-node={nproc}"]
+    assert argv[:5] == [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+    ]
     assert argv[5] == str(script)
     assert _flag(argv, "--expert-model-parallel-size") == str(ep)
     assert _flag(argv, "--num-experts") == "8" and _flag(argv, "--moe-router-topk") == "2"

@@ -27,22 +27,52 @@ def test_fields_reach_fluidconfig():
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     cfg = TransformerConfig(
-        num_layers=2, hidden_size=64, num_attention_heads=4, num_moe_experts=4,
-        use_cpu_initialization=True, use_fluid_moe=True, fluid_scheduler=False,
-        fluid_overlap="never", fluid_min_window_bytes=0, fluid_sm_carveout=16, fluid_moe_chunks=2,
-        fluid_moe_dedup="off", fluid_grouped_gemm="on", fluid_scheduler_timing=True,
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_moe_experts=4,
+        use_cpu_initialization=True,
+        use_fluid_moe=True,
+        fluid_scheduler=False,
+        fluid_overlap="never",
+        fluid_min_window_bytes=0,
+        fluid_sm_carveout=16,
+        fluid_moe_chunks=2,
+        fluid_moe_dedup="off",
+        fluid_grouped_gemm="on",
+        fluid_scheduler_timing=True,
     )
     assert FluidConfig.from_config(cfg) == FluidConfig(
-        scheduler=False, scheduler_timing=True, overlap="never", min_window_bytes=0,
-        sm_carveout=16, moe_chunks=2, moe_dedup="off", grouped_gemm="on",
+        scheduler=False,
+        scheduler_timing=True,
+        overlap="never",
+        min_window_bytes=0,
+        sm_carveout=16,
+        moe_chunks=2,
+        moe_dedup="off",
+        grouped_gemm="on",
     )
 
 
 ARGV = [
-    "pretrain_gpt.py", "--use-fluid-moe", "--num-experts", "4", "--no-fluid-scheduler",
-    "--fluid-scheduler-timing", "--fluid-overlap", "always", "--fluid-min-window-bytes", "4096",
-    "--fluid-sm-carveout", "8", "--fluid-moe-chunks", "2", "--fluid-moe-dedup", "on",
-    "--fluid-grouped-gemm", "off",
+    "pretrain_gpt.py",
+    "--use-fluid-moe",
+    "--num-experts",
+    "4",
+    "--no-fluid-scheduler",
+    "--fluid-scheduler-timing",
+    "--fluid-overlap",
+    "always",
+    "--fluid-min-window-bytes",
+    "4096",
+    "--fluid-sm-carveout",
+    "8",
+    "--fluid-moe-chunks",
+    "2",
+    "--fluid-moe-dedup",
+    "on",
+    "--fluid-grouped-gemm",
+    "off",
 ]
 
 
@@ -51,23 +81,46 @@ def test_parse_args_carries_every_flag_into_the_config(monkeypatch):
     from megatron.training.arguments import core_transformer_config_from_args, parse_args
 
     # --no-rope-fusion: Megatron's default rope fusion needs Transformer Engine (not installed).
-    monkeypatch.setattr(sys, "argv", ARGV + ["--num-layers", "2", "--hidden-size", "64",
-                                             "--num-attention-heads", "4", "--no-rope-fusion"])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        ARGV
+        + [
+            "--num-layers",
+            "2",
+            "--hidden-size",
+            "64",
+            "--num-attention-heads",
+            "4",
+            "--no-rope-fusion",
+        ],
+    )
     args = parse_args(ignore_unknown_args=True)
     assert args.fluid_scheduler is False and args.fluid_overlap == "always"
     # validate_args derives params_dtype from --bf16/--fp16 but needs a launched world; fp32 here.
     args.params_dtype = torch.float32
     cfg = core_transformer_config_from_args(args)
     assert FluidConfig.from_config(cfg) == FluidConfig(
-        scheduler=False, scheduler_timing=True, overlap="always", min_window_bytes=4096,
-        sm_carveout=8, moe_chunks=2, moe_dedup="on", grouped_gemm="off",
+        scheduler=False,
+        scheduler_timing=True,
+        overlap="always",
+        min_window_bytes=4096,
+        sm_carveout=8,
+        moe_chunks=2,
+        moe_dedup="on",
+        grouped_gemm="off",
     )
 
 
 @needs_full_tree
-@pytest.mark.parametrize("flag,bad", [("--fluid-overlap", "sometimes"),
-                                      ("--fluid-grouped-gemm", "1"),
-                                      ("--fluid-moe-chunks", "two")])
+@pytest.mark.parametrize(
+    "flag,bad",
+    [
+        ("--fluid-overlap", "sometimes"),
+        ("--fluid-grouped-gemm", "1"),
+        ("--fluid-moe-chunks", "two"),
+    ],
+)
 def test_parser_refuses_a_bad_value_naming_the_flag(monkeypatch, capsys, flag, bad):
     from megatron.training.arguments import parse_args
 

@@ -9,8 +9,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 
-PRODUCT = ("fluid/__init__.py", "fluid/config.py", "fluid/moe/layer.py", "fluid/attention/layer.py",
-           "fluid/comm/all_to_all.py", "fluid/schedule/scheduler.py", "fluid/megatron/spec_hook.py")
+PRODUCT = (
+    "fluid/__init__.py",
+    "fluid/config.py",
+    "fluid/moe/layer.py",
+    "fluid/attention/layer.py",
+    "fluid/comm/all_to_all.py",
+    "fluid/schedule/scheduler.py",
+    "fluid/megatron/spec_hook.py",
+)
 
 
 def test_wheel_has_the_product_and_not_the_test_harness(tmp_path):
@@ -21,9 +28,24 @@ def test_wheel_has_the_product_and_not_the_test_harness(tmp_path):
     for stale in ("build", "fluidmoe.egg-info"):
         subprocess.run(["rm", "-rf", str(src / stale)], check=True)
     out = tmp_path / "wheel"
-    p = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                        "--disable-pip-version-check", "-q", str(src), "-w", str(out)],
-                       capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--disable-pip-version-check",
+            "-q",
+            str(src),
+            "-w",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stdout + p.stderr
     wheels = list(out.glob("fluidmoe-*.whl"))
     assert len(wheels) == 1, wheels
@@ -34,7 +56,10 @@ def test_wheel_has_the_product_and_not_the_test_harness(tmp_path):
     assert not leaked, f"test-only modules in the wheel: {leaked}"
     # The entry points Megatron loads ship with it.
     ep = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
-    assert "fluid.megatron.spec_hook:transform_layer_specs" in zipfile.ZipFile(wheels[0]).read(ep).decode()
+    assert (
+        "fluid.megatron.spec_hook:transform_layer_specs"
+        in zipfile.ZipFile(wheels[0]).read(ep).decode()
+    )
 
 
 def test_editable_install_imports_the_test_package():

@@ -38,10 +38,14 @@ import patches as P  # noqa: E402
 
 ENV = {
     **os.environ,
-    "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@localhost",
-    "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@localhost",
-    "GIT_CONFIG_GLOBAL": "/dev/null", "GIT_CONFIG_NOSYSTEM": "1",
-    "GIT_AUTHOR_DATE": "2024-01-01T00:00:00+0000", "GIT_COMMITTER_DATE": "2024-01-01T00:00:00+0000",
+    "GIT_AUTHOR_NAME": "t",
+    "GIT_AUTHOR_EMAIL": "t@localhost",
+    "GIT_COMMITTER_NAME": "t",
+    "GIT_COMMITTER_EMAIL": "t@localhost",
+    "GIT_CONFIG_GLOBAL": "/dev/null",
+    "GIT_CONFIG_NOSYSTEM": "1",
+    "GIT_AUTHOR_DATE": "2024-01-01T00:00:00+0000",
+    "GIT_COMMITTER_DATE": "2024-01-01T00:00:00+0000",
 }
 MOE = "megatron/core/transformer/moe/moe_layer.py"
 CFG = "megatron/core/transformer/transformer_config.py"
@@ -96,11 +100,13 @@ PKG = 'MAJOR = 0\nMINOR = {minor}\nPATCH = 0\nPRE_RELEASE = ""\n'
 
 # The series, as in the real one: a config field (0001), a hook (0002), an upstream bug fix with
 # a probe (0003) on the file 0001 also patches.
-CFG_PATCHED = CFG_V1.replace("    hidden_size: int = 0\n",
-                             "    hidden_size: int = 0\n    use_fluid_moe: bool = False\n")
-MOE_PATCHED = MOE_V1.replace("        output = hidden_states * scale + bias\n",
-                             "        output = hidden_states * scale + bias\n"
-                             "        self.fluid_seen = True\n")
+CFG_PATCHED = CFG_V1.replace(
+    "    hidden_size: int = 0\n", "    hidden_size: int = 0\n    use_fluid_moe: bool = False\n"
+)
+MOE_PATCHED = MOE_V1.replace(
+    "        output = hidden_states * scale + bias\n",
+    "        output = hidden_states * scale + bias\n        self.fluid_seen = True\n",
+)
 CFG_FIXED = CFG_PATCHED.replace(BAD_DOC, BAD_DOC.replace("10%)", "10 percent)"))
 SERIES = {  # name: (file, before, after)
     "0001-config-flag.patch": (CFG, CFG_V1, CFG_PATCHED),
@@ -110,7 +116,7 @@ SERIES = {  # name: (file, before, after)
 PROBE = "tools/probes.py:percent_safe_config_help"
 TEST_FILE = "tests/test_series.py"
 
-OVERLAY = '''from megatron.core.transformer.moe.moe_layer import MoELayer
+OVERLAY = """from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 
@@ -125,7 +131,7 @@ class FluidMoELayer(MoELayer):
 
 def make_config():
     return TransformerConfig(num_layers=1, hidden_size=4)
-'''
+"""
 
 
 def sh(cwd: Path, *cmd: str, check: bool = True) -> str:
@@ -152,30 +158,46 @@ def make_upstream(path: Path) -> dict[str, str]:
     """Build the fake upstream at `path`; return {name: commit} for pin/clean/drift/conflict/rename."""
     path.mkdir(parents=True)
     sh(path, "git", "init", "-q", "-b", "main")
-    refs = {"pin": _commit(path, {MOE: MOE_V1, CFG: CFG_V1,
-                                  "megatron/core/package_info.py": PKG.format(minor=1)}, "v1")}
+    refs = {
+        "pin": _commit(
+            path,
+            {MOE: MOE_V1, CFG: CFG_V1, "megatron/core/package_info.py": PKG.format(minor=1)},
+            "v1",
+        )
+    }
     sh(path, "git", "tag", "core_v0.1.0")
     variants = {
         "clean": {
             MOE: '"""Fake MoE layer."""\n\nimport math\n\nSCALE = math.sqrt(1.0)\n\n'
             + MOE_V1.split('"""Fake MoE layer."""\n', 1)[1].replace(
                 "def forward(self, hidden_states, padding_mask=None):",
-                "def forward(self, hidden_states, padding_mask=None, inference_context=None):"),
+                "def forward(self, hidden_states, padding_mask=None, inference_context=None):",
+            ),
             CFG: CFG_V1 + "    moe_new_knob: bool = False\n",
             "megatron/core/package_info.py": PKG.format(minor=2),
         },
         "drift": {MOE: MOE_V1.replace("        scale = 1\n", "        scale = 2  # upstream\n")},
-        "conflict": {MOE: MOE_V1.replace("        output = hidden_states * scale + bias\n",
-                                         "        output = hidden_states * scale - bias\n")},
-        "rename": {MOE: MOE_V1.replace(
-            "def forward(self, hidden_states, padding_mask=None):\n"
-            "        probs, routing_map = self.route(hidden_states)",
-            "def forward(self, x, padding_mask=None):\n        probs, routing_map = self.route(x)")},
-        "fixed": {CFG: CFG_V1.replace(BAD_DOC, BAD_DOC.replace("10%)", "10%%)"))
-                  + '    moe_block: int = 2\n    """Every layer_number % moe_block layer."""\n'},
+        "conflict": {
+            MOE: MOE_V1.replace(
+                "        output = hidden_states * scale + bias\n",
+                "        output = hidden_states * scale - bias\n",
+            )
+        },
+        "rename": {
+            MOE: MOE_V1.replace(
+                "def forward(self, hidden_states, padding_mask=None):\n"
+                "        probs, routing_map = self.route(hidden_states)",
+                "def forward(self, x, padding_mask=None):\n        probs, routing_map = self.route(x)",
+            )
+        },
+        "fixed": {
+            CFG: CFG_V1.replace(BAD_DOC, BAD_DOC.replace("10%)", "10%%)"))
+            + '    moe_block: int = 2\n    """Every layer_number % moe_block layer."""\n'
+        },
         "same-fix": {CFG: CFG_V1.replace(BAD_DOC, BAD_DOC.replace("10%)", "10 percent)"))},
-        "release": {"megatron/core/package_info.py":
-                    "MAJOR = 0\nMINOR = 3\nPATCH = 0\nPRE_RELEASE = ''\n"},
+        "release": {
+            "megatron/core/package_info.py": "MAJOR = 0\nMINOR = 3\nPATCH = 0\nPRE_RELEASE = ''\n"
+        },
     }
     for name, files in variants.items():
         sh(path, "git", "checkout", "-q", "-b", name, refs["pin"])
@@ -186,9 +208,11 @@ def make_upstream(path: Path) -> dict[str, str]:
 
 
 def patch_text(name: str, rel: str, old: str, new: str, probe: str | None = None) -> str:
-    header = (f"Description: {name} (synthetic).\nTest: {TEST_FILE}\n"
-              + (f"Probe: {probe}\n" if probe else "")
-              + "Forwarded: not-needed (test fixture).\n---\n")
+    header = (
+        f"Description: {name} (synthetic).\nTest: {TEST_FILE}\n"
+        + (f"Probe: {probe}\n" if probe else "")
+        + "Forwarded: not-needed (test fixture).\n---\n"
+    )
     return header + P.render_diff(rel, old, new)
 
 
@@ -200,8 +224,11 @@ def make_wheel(upstream: Path, commit: str, version: str, dist_dir: Path) -> Pat
     files = sh(upstream, "git", "ls-tree", "-r", "--name-only", commit, "megatron/core").split()
     with zipfile.ZipFile(out, "w") as z:
         for rel in files:
-            data = subprocess.run(["git", "-C", str(upstream), "show", f"{commit}:{rel}"],
-                                  capture_output=True, check=True).stdout
+            data = subprocess.run(
+                ["git", "-C", str(upstream), "show", f"{commit}:{rel}"],
+                capture_output=True,
+                check=True,
+            ).stdout
             z.writestr(rel, data)
     return out
 
@@ -210,22 +237,37 @@ def make_superproject(path: Path, upstream: Path, pin: str) -> Path:
     """The superproject at `path`, its submodule at `pin` with the series applied; all committed."""
     path.mkdir(parents=True)
     sh(path, "git", "init", "-q", "-b", "main")
-    sh(path, "git", "-c", "protocol.file.allow=always", "submodule", "add", "-q", str(upstream),
-       "Megatron-LM")
+    sh(
+        path,
+        "git",
+        "-c",
+        "protocol.file.allow=always",
+        "submodule",
+        "add",
+        "-q",
+        str(upstream),
+        "Megatron-LM",
+    )
     sub = path / "Megatron-LM"
     sh(sub, "git", "checkout", "-q", "--detach", pin)
     pdir = path / "patches"
-    files = {f"patches/{name}": patch_text(name[5:-6].replace("-", " "), rel, old, new,
-                                           PROBE if "percent" in name else None)
-             for name, (rel, old, new) in SERIES.items()}
-    _write(path, {
-        **files,
-        "patches/series": "".join(f"{name}\n" for name in SERIES),
-        TEST_FILE: "def test_series():\n    pass\n",
-        "overlay/fluid/__init__.py": "",
-        "overlay/fluid/moe.py": OVERLAY,
-        ".gitignore": ".build/\n",
-    })
+    files = {
+        f"patches/{name}": patch_text(
+            name[5:-6].replace("-", " "), rel, old, new, PROBE if "percent" in name else None
+        )
+        for name, (rel, old, new) in SERIES.items()
+    }
+    _write(
+        path,
+        {
+            **files,
+            "patches/series": "".join(f"{name}\n" for name in SERIES),
+            TEST_FILE: "def test_series():\n    pass\n",
+            "overlay/fluid/__init__.py": "",
+            "overlay/fluid/moe.py": OVERLAY,
+            ".gitignore": ".build/\n",
+        },
+    )
     (path / "tools").mkdir()
     shutil.copy2(TOOLS / "probes.py", path / "tools" / "probes.py")
     P.write_lock(sub, pdir, pin, "core_v0.1.0", "0.1.0")

@@ -24,7 +24,13 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from fluid.testing.attention import attention_config, build_attention, fwd_bwd, megatron_shard, rope_angles
+from fluid.testing.attention import (
+    attention_config,
+    build_attention,
+    fwd_bwd,
+    megatron_shard,
+    rope_angles,
+)
 from fluid.testing.attention import pg_collection as pgc
 from tests._dist import run_distributed
 
@@ -60,8 +66,13 @@ SEQ, BATCH, HEAD_DIM = 32, 2, 8
 
 def make_config(num_heads, num_groups, qk_layernorm, bias, cp, gate=False):
     return attention_config(
-        heads=num_heads, groups=num_groups, head_dim=HEAD_DIM, cp=cp,
-        qk_layernorm=qk_layernorm, bias=bias, gate=gate,
+        heads=num_heads,
+        groups=num_groups,
+        head_dim=HEAD_DIM,
+        cp=cp,
+        qk_layernorm=qk_layernorm,
+        bias=bias,
+        gate=gate,
     )
 
 

@@ -60,8 +60,15 @@ def _check_cp1_against_reference(tp_group, single):
         b_qkv = layer.linear_qkv.bias.detach().clone().requires_grad_(True)
         w_proj = layer.linear_proj.weight.detach().clone().requires_grad_(True)
         ref = reference_self_attention(
-            xr, w_qkv, b_qkv, w_proj, num_heads=num_heads, num_groups=ng, rotary_pos_emb=emb,
-            q_norm=layer.q_layernorm, k_norm=layer.k_layernorm,
+            xr,
+            w_qkv,
+            b_qkv,
+            w_proj,
+            num_heads=num_heads,
+            num_groups=ng,
+            rotary_pos_emb=emb,
+            q_norm=layer.q_layernorm,
+            k_norm=layer.k_layernorm,
         )
         (ref + layer.linear_proj.bias.detach()).square().sum().backward()
         tag = f"cp=1 np={num_heads} ng={ng} qk_ln={qk_ln}"
@@ -99,7 +106,10 @@ def _check_spec_transform():
         pass
 
     fused = dataclasses.replace(
-        stock, submodules=dataclasses.replace(stock.submodules, linear_qkv=TELayerNormColumnParallelLinear)
+        stock,
+        submodules=dataclasses.replace(
+            stock.submodules, linear_qkv=TELayerNormColumnParallelLinear
+        ),
     )
     with pytest.raises(ValueError, match="fuses the input layernorm"):
         fluid_self_attention_spec(fused)
@@ -132,7 +142,10 @@ def _check_tp2_refused():
         cfg.tensor_model_parallel_size = 2
         with pytest.raises(ValueError, match="tensor_model_parallel_size=1"):
             FluidColumnParallelLinear(
-                16, 16, config=make_config(8, 2, False, False, cp=1), init_method=torch.nn.init.normal_
+                16,
+                16,
+                config=make_config(8, 2, False, False, cp=1),
+                init_method=torch.nn.init.normal_,
             )
         with pytest.raises(ValueError, match="tensor_model_parallel_size=1"):
             build_layer(cfg, pgc(parallel_state.get_tensor_model_parallel_group(), None))

@@ -24,9 +24,21 @@ STEPS, VOCAB = 6, 128
 
 def test_pretrain_moe_example_cpu_loss_decreases():
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(ROOT / "examples" / "pretrain_moe.py"), "--device", "cpu", "--steps", str(STEPS),
-           "--vocab", str(VOCAB)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        str(ROOT / "examples" / "pretrain_moe.py"),
+        "--device",
+        "cpu",
+        "--steps",
+        str(STEPS),
+        "--vocab",
+        str(VOCAB),
+    ]
     p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=170)
     out = p.stdout + p.stderr
     assert p.returncode == 0, out[-4000:]
@@ -39,6 +51,7 @@ def test_pretrain_moe_example_cpu_loss_decreases():
         assert stats["pending_dw_tasks"] == "0", s
         assert int(stats["overlapped_dw_tasks"]) > 0, s  # gloo: every window overlaps
         assert int(stats["total_dw_tasks"]) == int(stats["overlapped_dw_tasks"]) + int(
-            stats["flushed_dw_tasks"]) + int(stats["after_wait_dw_tasks"]), s
+            stats["flushed_dw_tasks"]
+        ) + int(stats["after_wait_dw_tasks"]), s
     assert losses[-1] < losses[0] - 0.1, losses
     assert losses[-1] < math.log(VOCAB) - 0.05, losses

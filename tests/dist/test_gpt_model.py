@@ -131,15 +131,22 @@ def _reference(rank, world, path):
     with mock.patch("torch.cuda.Stream", lambda *a, **k: None):
         stock = GPTModel(
             config=stock_cfg,
-            transformer_layer_spec=get_gpt_decoder_block_spec(stock_cfg, use_transformer_engine=False),
+            transformer_layer_spec=get_gpt_decoder_block_spec(
+                stock_cfg, use_transformer_engine=False
+            ),
             vocab_size=VOCAB,
             max_sequence_length=SEQ,
             position_embedding_type="learned_absolute",
             share_embeddings_and_output_weights=False,
-            )
+        )
     torch.save(
-        {"losses": losses, "grads": grads, "info": info,
-         "fluid_keys": sorted(model.state_dict()), "stock_keys": sorted(stock.state_dict())},
+        {
+            "losses": losses,
+            "grads": grads,
+            "info": info,
+            "fluid_keys": sorted(model.state_dict()),
+            "stock_keys": sorted(stock.state_dict()),
+        },
         path,
     )
 
@@ -183,7 +190,9 @@ def _ep2(rank, world, path):
         loss.backward()
         assert sched.num_pending == 0
         for n, _ in model.named_parameters():
-            assert hook_calls.get(n) == [True], f"{n}: grad-accumulator hook calls {hook_calls.get(n)}"
+            assert hook_calls.get(n) == [True], (
+                f"{n}: grad-accumulator hook calls {hook_calls.get(n)}"
+            )
         results[enabled] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
     # Under Megatron DDP (main_grad + its hook, emulated) with the scheduler off, the experts take
     # the per-expert backward (fluid.moe.expert_loop: per-expert GEMMs on CPU, dW inline), which
@@ -202,8 +211,11 @@ def _ep2(rank, world, path):
         assert hook_calls.get(n) == [True], f"{n} under DDP: hook calls {hook_calls.get(n)}"
         assert p.grad is None, f"{n} under DDP"
         torch.testing.assert_close(p.main_grad, results[False][1][n], rtol=RTOL, atol=ATOL, msg=n)
-    assert all(m.experts.weight1.grad_added_to_main_grad for m in model.modules()
-               if type(m).__name__ == "FluidMoELayer"), "the per-expert backward did not run"
+    assert all(
+        m.experts.weight1.grad_added_to_main_grad
+        for m in model.modules()
+        if type(m).__name__ == "FluidMoELayer"
+    ), "the per-expert backward did not run"
     for p in model.parameters():
         del p.main_grad, p.grad_added_to_main_grad
     del ddp_accs
@@ -217,7 +229,9 @@ def _ep2(rank, world, path):
             ref_g = ref["grads"][n][ep_rank * nle : (ep_rank + 1) * nle]
             torch.testing.assert_close(g, ref_g, rtol=RTOL, atol=ATOL, msg=n)
         elif ".experts.local_experts." in n:
-            torch.testing.assert_close(g, ref["grads"][_expert_key(n, ep_rank, nle)], rtol=RTOL, atol=ATOL)
+            torch.testing.assert_close(
+                g, ref["grads"][_expert_key(n, ep_rank, nle)], rtol=RTOL, atol=ATOL
+            )
         else:
             total = g.clone()
             dist.all_reduce(total)

@@ -42,8 +42,11 @@ def _body(rank, ws):
             return moe_config(**base)
 
         # allgather: the stock alltoall dispatcher's constructor needs CUDA
-        stock = MoELayer(cfg(moe_token_dispatcher_type="allgather"),
-                         submodules=local_moe_submodules(), pg_collection=pg)
+        stock = MoELayer(
+            cfg(moe_token_dispatcher_type="allgather"),
+            submodules=local_moe_submodules(),
+            pg_collection=pg,
+        )
         fluid_cfg = cfg()
         fluid = FluidMoELayer(fluid_cfg, submodules=local_moe_submodules(), pg_collection=pg)
         missing = set(vars(stock)) - set(vars(fluid))
@@ -58,8 +61,10 @@ def _body(rank, ws):
             with pytest.raises(FluidConfigError, match=match):
                 FluidMoELayer(config, submodules=local_moe_submodules(), **kw)
 
-        refused(r"--moe-router-topk 9 is larger than --num-experts 8",
-                cfg(topk=9, moe_router_load_balancing_type="none"))
+        refused(
+            r"--moe-router-topk 9 is larger than --num-experts 8",
+            cfg(topk=9, moe_router_load_balancing_type="none"),
+        )
         refused(r"--fluid-overlap", cfg(fluid_overlap="sometimes"))
         refused(r"--fluid-moe-chunks", cfg(fluid_moe_chunks=0))
         refused(r"--moe-shared-expert-overlap", cfg(moe_shared_expert_overlap=True))

@@ -15,10 +15,23 @@ H, FFN, E, TOKENS = 16, 8, 4, 12
 
 def _run(rank, ws, pg, dispatcher, capacity):
     from fluid.moe import FluidMoELayer
-    from fluid.testing.moe import global_inputs, global_moe_weights, load_moe_weights, local_moe_submodules, moe_config
+    from fluid.testing.moe import (
+        global_inputs,
+        global_moe_weights,
+        load_moe_weights,
+        local_moe_submodules,
+        moe_config,
+    )
 
-    cfg = moe_config(hidden=H, ffn=FFN, num_experts=E, topk=2, ep=ws, moe_token_dispatcher_type=dispatcher,
-                     moe_expert_capacity_factor=capacity)
+    cfg = moe_config(
+        hidden=H,
+        ffn=FFN,
+        num_experts=E,
+        topk=2,
+        ep=ws,
+        moe_token_dispatcher_type=dispatcher,
+        moe_expert_capacity_factor=capacity,
+    )
     layer = FluidMoELayer(cfg, submodules=local_moe_submodules(), pg_collection=pg)
     load_moe_weights(layer, global_moe_weights(cfg), rank)
     x_all, dy_all = global_inputs(TOKENS * ws, H)
@@ -45,7 +58,9 @@ def _worker(rank, ws):
             assert a[2].keys() == b[2].keys()
             for n in a[2]:
                 assert torch.equal(a[2][n], b[2][n]), n
-        flex = moe_config(hidden=H, ffn=FFN, num_experts=E, topk=2, ep=ws, moe_token_dispatcher_type="flex")
+        flex = moe_config(
+            hidden=H, ffn=FFN, num_experts=E, topk=2, ep=ws, moe_token_dispatcher_type="flex"
+        )
         with pytest.raises(ValueError, match="--moe-token-dispatcher-type alltoall"):
             FluidMoELayer(flex, submodules=local_moe_submodules(), pg_collection=pg)
     finally:

@@ -75,13 +75,21 @@ def _run_case(rank, ws, pg, topk, glu, shared, chunks, dead, check_stage, fused,
     from fluid.schedule import get_backward_scheduler
 
     cfg = moe_config(
-        hidden=H, ffn=FFN, num_experts=E, topk=topk, ep=ws, shared=shared, glu=glu,
+        hidden=H,
+        ffn=FFN,
+        num_experts=E,
+        topk=topk,
+        ep=ws,
+        shared=shared,
+        glu=glu,
         bias_activation_fusion=fused,  # the fused weighted SwiGLU stock MLP uses by default
     )
     weights = global_moe_weights(cfg, dead_experts=dead)
     x_all, dy_all = global_inputs(TOKENS * ws, H)
     cfg.fluid_moe_dedup = "on" if dedup else "off"
-    layer = FluidMoELayer(cfg, submodules=local_moe_submodules(), pg_collection=pg, num_chunks=chunks)
+    layer = FluidMoELayer(
+        cfg, submodules=local_moe_submodules(), pg_collection=pg, num_chunks=chunks
+    )
     load_moe_weights(layer, weights, rank)
     assert layer.token_dispatcher.dedup is dedup
     sl = slice(rank * TOKENS, (rank + 1) * TOKENS)
@@ -91,8 +99,10 @@ def _run_case(rank, ws, pg, topk, glu, shared, chunks, dead, check_stage, fused,
     x_ref = x_all.clone().requires_grad_(True)
     shared_fn = None
     if shared:
+
         def shared_fn(x):
             return reference_activation(x @ ref_w["shared_fc1"].t(), cfg) @ ref_w["shared_fc2"].t()
+
     out_ref = reference_moe(x_ref, ref_w["router"], ref_w["w1"], ref_w["w2"], cfg, shared_fn)
     (out_ref * dy_all).sum().backward()
 
@@ -107,7 +117,12 @@ def _run_case(rank, ws, pg, topk, glu, shared, chunks, dead, check_stage, fused,
         assert bias is None and out.shape == x.shape
         (out.squeeze(1) * dy_all[sl]).sum().backward()
         grads = {n: p.grad.clone() for n, p in layer.named_parameters()}
-        results[mode] = (out.detach().squeeze(1), x.grad.squeeze(1).clone(), grads, sched.get_stats())
+        results[mode] = (
+            out.detach().squeeze(1),
+            x.grad.squeeze(1).clone(),
+            grads,
+            sched.get_stats(),
+        )
     sched.enable()
 
     out, dx, grads, stats = results["on"]
@@ -143,7 +158,9 @@ def _run_case(rank, ws, pg, topk, glu, shared, chunks, dead, check_stage, fused,
 
     if dedup:  # same expert rows in the same order; top-1/2 outputs are the same 1-2 term sums
         cfg.fluid_moe_dedup = "off"
-        plain = FluidMoELayer(cfg, submodules=local_moe_submodules(), pg_collection=pg, num_chunks=1)
+        plain = FluidMoELayer(
+            cfg, submodules=local_moe_submodules(), pg_collection=pg, num_chunks=1
+        )
         load_moe_weights(plain, weights, rank)
         # Grad mode on, as for `out`: under no_grad Megatron's fused weighted SwiGLU takes
         # another code path whose fp32 results differ in the last bit.

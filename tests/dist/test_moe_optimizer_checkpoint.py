@@ -156,7 +156,9 @@ def _check_round_trip(rank, ws, pg, glu, root):
         if not name.startswith("experts."):
             q = stock_params[name]
             assert torch.equal(p, q), name
-            assert torch.equal(opt.optimizer.state[p]["exp_avg"], stock_opt.optimizer.state[q]["exp_avg"])
+            assert torch.equal(
+                opt.optimizer.state[p]["exp_avg"], stock_opt.optimizer.state[q]["exp_avg"]
+            )
 
 
 def _check_gpt_param_map(rank, ws):

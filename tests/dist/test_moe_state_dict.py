@@ -47,8 +47,18 @@ def _leaves(sharded):
         if isinstance(v, ShardedTensorFactory):
             out += _leaves(v.build())
         else:
-            out.append(str((type(v).__name__, v.key, tuple(v.global_shape), tuple(v.global_offset),
-                            tuple(getattr(v, "local_shape", ())), v.replica_id)))
+            out.append(
+                str(
+                    (
+                        type(v).__name__,
+                        v.key,
+                        tuple(v.global_shape),
+                        tuple(v.global_offset),
+                        tuple(getattr(v, "local_shape", ())),
+                        v.replica_id,
+                    )
+                )
+            )
     return sorted(out)
 
 
@@ -82,7 +92,9 @@ def _check(rank, ws, pg, glu):
     G = E // ws
 
     def gather(i):
-        mine = torch.stack([stock_sd[f"experts.local_experts.{g}.linear_fc{i}.weight"] for g in range(G)])
+        mine = torch.stack(
+            [stock_sd[f"experts.local_experts.{g}.linear_fc{i}.weight"] for g in range(G)]
+        )
         parts = [torch.empty_like(mine) for _ in range(ws)]
         torch.distributed.all_gather(parts, mine, group=pg.ep)
         return torch.cat(parts)
@@ -100,13 +112,16 @@ def _check(rank, ws, pg, glu):
     torch.testing.assert_close(out.squeeze(1), ref, rtol=RTOL, atol=ATOL)
 
     prefix = "decoder.layers.0.mlp."
-    stock_weights = {f"{prefix}experts.local_experts.{g}.linear_fc{i}.weight"
-                     for g in range(G) for i in (1, 2)}
+    stock_weights = {
+        f"{prefix}experts.local_experts.{g}.linear_fc{i}.weight" for g in range(G) for i in (1, 2)
+    }
     fluid_weights = {f"{prefix}experts.weight1", f"{prefix}experts.weight2"}
     # Default layout (one key per weight, expert axis prepended) and singleton_local_shards
     # (one key per global expert, e.g. `experts.3.linear_fc1.weight`, GLU as `_w`/`_v`).
-    for singleton, expert_key in ((False, "experts.experts.linear_fc1.weight"),
-                                  (True, f"experts.experts.{rank * G}.linear_fc1.weight")):
+    for singleton, expert_key in (
+        (False, "experts.experts.linear_fc1.weight"),
+        (True, f"experts.experts.{rank * G}.linear_fc1.weight"),
+    ):
         metadata = {"singleton_local_shards": singleton}
         sh_stock = stock.sharded_state_dict(prefix=prefix, metadata=metadata)
         sh_fluid = fluid.sharded_state_dict(prefix=prefix, metadata=metadata)

@@ -29,7 +29,11 @@ def _body(rank, ws):
 
     from fluid.moe import FluidMoELayer
     from fluid.testing.moe import (
-        global_inputs, global_moe_weights, load_moe_weights, local_moe_submodules, moe_config,
+        global_inputs,
+        global_moe_weights,
+        load_moe_weights,
+        local_moe_submodules,
+        moe_config,
     )
     from fluid.schedule import get_backward_scheduler
 
@@ -39,8 +43,10 @@ def _body(rank, ws):
 
         def model(**fluid_fields):
             cfg = moe_config(hidden=H, ffn=FFN, num_experts=E, topk=2, ep=ws, **fluid_fields)
-            return cfg, [FluidMoELayer(cfg, submodules=local_moe_submodules(), pg_collection=pg)
-                         for _ in range(2)]
+            return cfg, [
+                FluidMoELayer(cfg, submodules=local_moe_submodules(), pg_collection=pg)
+                for _ in range(2)
+            ]
 
         cfg_a, model_a = model(fluid_overlap="never")
         cfg_b, model_b = model(fluid_overlap="always")
@@ -76,8 +82,11 @@ def _body(rank, ws):
             for lay in layers:
                 h, _ = lay(h)
             (h.squeeze(1) * dy_all[sl]).sum().backward()
-            grads = {f"{i}.{n}": p.grad.clone() for i, lay in enumerate(layers)
-                     for n, p in lay.named_parameters()}
+            grads = {
+                f"{i}.{n}": p.grad.clone()
+                for i, lay in enumerate(layers)
+                for n, p in lay.named_parameters()
+            }
             return h.detach(), x.grad.clone(), grads, [r.scheduler.get_stats() for r in runtimes]
 
         out_a, dx_a, g_a, stats = step(model_a, runtimes[0])

@@ -58,13 +58,20 @@ def _reference(world, steps):
         for step in range(steps):
             xs = [_inputs(r, world, step) for r in range(world)]
             # Layer 1 on every rank, all-to-all by reindexing, layer 2 on `rank`, all-to-all back.
-            h1 = [torch.relu(x @ (w1 if r == rank else w1.detach()).t()) for r, (x, _) in enumerate(xs)]
-            recv = [torch.cat([h1[s][d * N : (d + 1) * N] for s in range(world)]) for d in range(world)]
+            h1 = [
+                torch.relu(x @ (w1 if r == rank else w1.detach()).t())
+                for r, (x, _) in enumerate(xs)
+            ]
+            recv = [
+                torch.cat([h1[s][d * N : (d + 1) * N] for s in range(world)]) for d in range(world)
+            ]
             h2 = [
                 r_in @ (w2 if d == rank else w2.detach()).t() + (b2 if d == rank else b2.detach())
                 for d, r_in in enumerate(recv)
             ]
-            back = [torch.cat([h2[s][d * N : (d + 1) * N] for s in range(world)]) for d in range(world)]
+            back = [
+                torch.cat([h2[s][d * N : (d + 1) * N] for s in range(world)]) for d in range(world)
+            ]
             total = total + sum((back[r] * xs[r][1]).sum() for r in range(world))
         total.backward()
         grads.append((w1.grad, w2.grad, b2.grad))
@@ -238,7 +245,11 @@ def _body(rank, world):
         x, c = _inputs(rank, world, 0)
         x.requires_grad_(True)
         lin0 = lambda h, w: deferred_linear(h, w, name="recomputed")  # noqa: E731
-        h = torch.utils.checkpoint.checkpoint(lin0, x, params[0], use_reentrant=True) if use_ckpt else lin0(x, params[0])
+        h = (
+            torch.utils.checkpoint.checkpoint(lin0, x, params[0], use_reentrant=True)
+            if use_ckpt
+            else lin0(x, params[0])
+        )
         h = fluid_all_to_all(comm, deferred_linear(torch.relu(h), params[1], name="plain"))
         (h * c).sum().backward()
         assert sched.num_pending == 0

@@ -36,13 +36,28 @@ def _gpt_config():
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     return TransformerConfig(
-        num_layers=3, hidden_size=32, ffn_hidden_size=48, num_attention_heads=4,
-        num_query_groups=2, num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=24,
-        moe_layer_freq=[1, 0, 1], moe_token_dispatcher_type="alltoall", moe_aux_loss_coeff=0.0,
-        expert_model_parallel_size=2, gated_linear_unit=True,
-        activation_func=torch.nn.functional.silu, normalization="RMSNorm", add_bias_linear=False,
-        hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=True,
-        gradient_accumulation_fusion=False, use_fluid_moe=True, bf16=False,
+        num_layers=3,
+        hidden_size=32,
+        ffn_hidden_size=48,
+        num_attention_heads=4,
+        num_query_groups=2,
+        num_moe_experts=4,
+        moe_router_topk=2,
+        moe_ffn_hidden_size=24,
+        moe_layer_freq=[1, 0, 1],
+        moe_token_dispatcher_type="alltoall",
+        moe_aux_loss_coeff=0.0,
+        expert_model_parallel_size=2,
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        normalization="RMSNorm",
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        use_cpu_initialization=True,
+        gradient_accumulation_fusion=False,
+        use_fluid_moe=True,
+        bf16=False,
         params_dtype=torch.float32,
     )
 
@@ -52,8 +67,11 @@ def _gpt(spec):
 
     torch.manual_seed(0)
     return GPTModel(
-        config=_gpt_config(), transformer_layer_spec=spec, vocab_size=VOCAB,
-        max_sequence_length=SEQ, position_embedding_type="learned_absolute",
+        config=_gpt_config(),
+        transformer_layer_spec=spec,
+        vocab_size=VOCAB,
+        max_sequence_length=SEQ,
+        position_embedding_type="learned_absolute",
         share_embeddings_and_output_weights=False,
     )
 
@@ -170,7 +188,11 @@ def _dispatcher_body(rank, world):
     from fluid.moe import FluidMoELayer
     from fluid.moe.reference import reference_moe
     from fluid.testing.moe import (
-        global_inputs, global_moe_weights, load_moe_weights, local_moe_submodules, moe_config,
+        global_inputs,
+        global_moe_weights,
+        load_moe_weights,
+        local_moe_submodules,
+        moe_config,
     )
 
     H, FFN, E, T = 16, 8, 8, 24
@@ -205,7 +227,9 @@ def _dispatcher_body(rank, world):
             assert y.shape == x.shape and torch.equal(y, s_y)
 
             ref = reference_moe(x_all, weights["router"], weights["w1"], weights["w2"], cfg)
-            torch.testing.assert_close(y.squeeze(1), ref[rank * T : (rank + 1) * T], rtol=RTOL, atol=ATOL)
+            torch.testing.assert_close(
+                y.squeeze(1), ref[rank * T : (rank + 1) * T], rtol=RTOL, atol=ATOL
+            )
     finally:
         ps.destroy_model_parallel()
 

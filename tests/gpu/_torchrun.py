@@ -27,9 +27,18 @@ def torchrun(script: str, nproc: int, *args: str, env: dict | None = None, timeo
         "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
         **(env or {}),
     }
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={nproc}", str(ROOT / "tests" / "gpu" / script), *args]
-    res = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        str(ROOT / "tests" / "gpu" / script),
+        *args,
+    ]
+    res = subprocess.run(
+        cmd, env=full_env, capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
     print(res.stdout[-6000:])
     print(res.stderr[-6000:], file=sys.stderr)
     return res

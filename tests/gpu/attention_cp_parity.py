@@ -88,21 +88,33 @@ def main() -> int:
     for heads, groups, hd, qk_ln, bias, gate, dtype in CONFIGS:
         if not cuda:
             heads, hd, dtype = heads, 8, torch.float32
-        tag = f"cp={cp} np={heads} ng={groups} hn={hd} qk_ln={qk_ln} bias={bias} gate={gate} {dtype}"
+        tag = (
+            f"cp={cp} np={heads} ng={groups} hn={hd} qk_ln={qk_ln} bias={bias} gate={gate} {dtype}"
+        )
         kw = dict(heads=heads, groups=groups, head_dim=hd, qk_layernorm=qk_ln, bias=bias, gate=gate)
         ref_kind = "stock" if cuda else "fluid"
-        ref = build_attention(ref_kind, attention_config(cp=1, **kw), pg_collection(tp, single), device=device)
+        ref = build_attention(
+            ref_kind, attention_config(cp=1, **kw), pg_collection(tp, single), device=device
+        )
         state = ref.state_dict()
         fluid = build_attention(
-            "fluid", attention_config(cp=cp, dtype=dtype, **kw), pg_collection(tp, cp_group), seed=9, device=device
+            "fluid",
+            attention_config(cp=cp, dtype=dtype, **kw),
+            pg_collection(tp, cp_group),
+            seed=9,
+            device=device,
         )
-        fluid.load_state_dict({k: v.to(dtype) if torch.is_tensor(v) else v for k, v in state.items()})
+        fluid.load_state_dict(
+            {k: v.to(dtype) if torch.is_tensor(v) else v for k, v in state.items()}
+        )
         sched = fluid.scheduler  # the scheduler of fluid's model (fluid.runtime)
 
         g = torch.Generator(device=device).manual_seed(3)
         x_full = torch.randn(S, b, heads * hd, device=device, generator=g)
         dy_full = torch.randn(S, b, heads * hd, device=device, generator=g)
-        out_ref, dx_ref, grads_ref, _ = fwd_bwd(ref, x_full, rope_emb(S, hd, single, device), dy_full)
+        out_ref, dx_ref, grads_ref, _ = fwd_bwd(
+            ref, x_full, rope_emb(S, hd, single, device), dy_full
+        )
 
         x = megatron_shard(x_full, cp_group).to(dtype)
         dy = shard_sequence(dy_full, cp, rank).to(dtype)
@@ -118,7 +130,10 @@ def main() -> int:
             t = gr.float().clone()
             dist.all_reduce(t, group=cp_group)
             summed[n] = t
-        pairs = [("output", out, shard_sequence(out_ref, cp, rank)), ("dX", dx, shard_sequence(dx_ref, cp, rank))]
+        pairs = [
+            ("output", out, shard_sequence(out_ref, cp, rank)),
+            ("dX", dx, shard_sequence(dx_ref, cp, rank)),
+        ]
         pairs += [(f"d{n}", summed[n], grads_ref[n]) for n in grads_ref]
         errs = {name: rel_l2(a, r) for name, a, r in pairs}
         if dtype == torch.float32:
@@ -127,11 +142,18 @@ def main() -> int:
             ok = all(e < 2e-2 for e in errs.values())
         ok_t = torch.tensor([int(ok)], device=device)
         dist.all_reduce(ok_t, op=dist.ReduceOp.MIN)
-        check(bool(ok_t.item()), f"{tag}: CP={cp} vs {ref_kind} CP=1, max rel-L2 {max(errs.values()):.2e}")
-        bitwise = all(torch.equal(grads[n], grads_off[n]) for n in grads) and torch.equal(dx, dx_off)
+        check(
+            bool(ok_t.item()),
+            f"{tag}: CP={cp} vs {ref_kind} CP=1, max rel-L2 {max(errs.values()):.2e}",
+        )
+        bitwise = all(torch.equal(grads[n], grads_off[n]) for n in grads) and torch.equal(
+            dx, dx_off
+        )
         on_off_ok = all(close(grads[n], grads_off[n]) for n in grads) and close(dx, dx_off)
         check(on_off_ok, f"{tag}: scheduler on == off (bitwise: {bitwise})")
-        if sched.defers_dw():  # a link where overlap pays (P2P off, between nodes, --fluid-overlap always)
+        if (
+            sched.defers_dw()
+        ):  # a link where overlap pays (P2P off, between nodes, --fluid-overlap always)
             check(
                 stats["overlapped_dw_tasks"] + stats["after_wait_dw_tasks"] == 1
                 and stats["flushed_dw_tasks"] == 1,

@@ -81,8 +81,12 @@ def parse():
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    p.add_argument("--variants", default=None, help=f"default {DEFAULT_VARIANTS} "
-                   "(CPU: the Fluid ones; stock Megatron's dispatcher needs CUDA)")
+    p.add_argument(
+        "--variants",
+        default=None,
+        help=f"default {DEFAULT_VARIANTS} "
+        "(CPU: the Fluid ones; stock Megatron's dispatcher needs CUDA)",
+    )
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--ffn", type=int, default=2816, help="expert FFN size")
@@ -146,8 +150,11 @@ def build(a, variant, ws, cuda, state):
 
     fluid, combined, _ = VARIANTS[variant]
     cfg = make_config(a, fluid, combined, ws, cuda)
-    spec = (get_fluid_moe_layer_spec(cfg, use_transformer_engine=False) if fluid
-            else get_gpt_decoder_block_spec(cfg, use_transformer_engine=False))
+    spec = (
+        get_fluid_moe_layer_spec(cfg, use_transformer_engine=False)
+        if fluid
+        else get_gpt_decoder_block_spec(cfg, use_transformer_engine=False)
+    )
     torch.manual_seed(1234)
     model = GPTModel(
         config=cfg,
@@ -168,11 +175,13 @@ def batches(a, rank, device):
     out = []
     for mb in range(a.micro):
         g = torch.Generator().manual_seed(10_000 * rank + mb)
-        out.append({
-            "tokens": torch.randint(0, a.vocab, (1, a.seq), generator=g).to(device),
-            "labels": torch.randint(0, a.vocab, (1, a.seq), generator=g).to(device),
-            "position_ids": torch.arange(a.seq).unsqueeze(0).to(device),
-        })
+        out.append(
+            {
+                "tokens": torch.randint(0, a.vocab, (1, a.seq), generator=g).to(device),
+                "labels": torch.randint(0, a.vocab, (1, a.seq), generator=g).to(device),
+                "position_ids": torch.arange(a.seq).unsqueeze(0).to(device),
+            }
+        )
     return out
 
 
@@ -185,7 +194,9 @@ def loss_func(output_tensor):
 def forward_step(data_iterator, model, return_schedule_plan: bool = False):
     b = next(data_iterator)
     if return_schedule_plan:
-        return model.build_schedule_plan(b["tokens"], b["position_ids"], None, labels=b["labels"]), loss_func
+        return model.build_schedule_plan(
+            b["tokens"], b["position_ids"], None, labels=b["labels"]
+        ), loss_func
     return model(b["tokens"], b["position_ids"], None, labels=b["labels"]), loss_func
 
 
@@ -203,8 +214,13 @@ def train_step(a, model, data, carveout: int = 0):
     for p in model.parameters():
         p.main_grad.zero_()
     store = forward_backward_no_pipelining(
-        forward_step_func=forward_step, data_iterator=iter(data), model=[model],
-        num_microbatches=a.micro, seq_length=a.seq, micro_batch_size=1, forward_only=False,
+        forward_step_func=forward_step,
+        data_iterator=iter(data),
+        model=[model],
+        num_microbatches=a.micro,
+        seq_length=a.seq,
+        micro_batch_size=1,
+        forward_only=False,
     )
     return [d["lm loss"] for d in store]
 
@@ -225,8 +241,12 @@ def canonical(model):
 
 
 def uses_carveout(model) -> bool:
-    return any(getattr(m, "comm", None) is not None and m.comm.is_nccl
-               and m.comm.resolved_sm_carveout() > 0 for m in model.modules())
+    return any(
+        getattr(m, "comm", None) is not None
+        and m.comm.is_nccl
+        and m.comm.resolved_sm_carveout() > 0
+        for m in model.modules()
+    )
 
 
 def run_variant(a, variant, ws, rank, cuda, device, state, data):
@@ -309,8 +329,10 @@ def main():
     # One set of weights for every variant: the first model's state dict (identical on each rank
     # for replicated parameters, this rank's experts for the expert-parallel ones).
     first, _ = build(a, "fluid_plain", ws, cuda, None)
-    state = {k: v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v
-             for k, v in first.state_dict().items()}
+    state = {
+        k: v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v
+        for k, v in first.state_dict().items()
+    }
     del first
 
     for variant in [v for v in a.variants.split(",") if v]:
@@ -326,8 +348,10 @@ def main():
             res = {"error": f"{type(e).__name__}: {e}"}
         torch.save(res, out / f"{label}.rank{rank}.pt")
         if rank == 0:
-            msg = res.get("error") or (f"{statistics.median(res['ms']):.1f} ms/step (median of "
-                                       f"{len(res['ms'])}), peak {res['peak_gib']}")
+            msg = res.get("error") or (
+                f"{statistics.median(res['ms']):.1f} ms/step (median of "
+                f"{len(res['ms'])}), peak {res['peak_gib']}"
+            )
             print(f"[{label}] {msg}", flush=True)
         dist.barrier()
 
@@ -355,19 +379,29 @@ def main():
             else:
                 good = bitwise
                 what = f"{x} vs {y} bitwise"
-            line("PASS" if good else "FAIL", what,
-                 f"bitwise={bitwise} loss_rel={lrel:.2e} grad_rel={worst:.2e} ({wname}) missing={missing[:3]}")
+            line(
+                "PASS" if good else "FAIL",
+                what,
+                f"bitwise={bitwise} loss_rel={lrel:.2e} grad_rel={worst:.2e} ({wname}) missing={missing[:3]}",
+            )
     for x in [k for k in ok if k.startswith("fluid_")]:
         for y in [k for k in ok if k.startswith("stock_")]:
             bitwise, lrel, worst, wname, missing = compare(ok[x], ok[y])
             good = not missing and lrel <= LOSS_TOL and worst <= REL_TOL
-            line("PASS" if good else "FAIL", f"{x} vs {y} (loss {LOSS_TOL}, grads {REL_TOL})",
-                 f"loss_rel={lrel:.2e} grad_rel={worst:.2e} ({wname}) missing={missing[:3]}")
+            line(
+                "PASS" if good else "FAIL",
+                f"{x} vs {y} (loss {LOSS_TOL}, grads {REL_TOL})",
+                f"loss_rel={lrel:.2e} grad_rel={worst:.2e} ({wname}) missing={missing[:3]}",
+            )
     for x in [k for k in ok if k.startswith("stock_combined")]:
         y = "stock_plain-" + x.rsplit("-", 1)[1]
         if y in ok:
             bitwise, lrel, worst, wname, _ = compare(ok[x], ok[y])
-            line("INFO", f"{x} vs {y}", f"bitwise={bitwise} loss_rel={lrel:.2e} grad_rel={worst:.2e} ({wname})")
+            line(
+                "INFO",
+                f"{x} vs {y}",
+                f"bitwise={bitwise} loss_rel={lrel:.2e} grad_rel={worst:.2e} ({wname})",
+            )
 
     # Step times: the slowest rank sets the pace.
     times = {}
@@ -379,16 +413,26 @@ def main():
         for status, what, detail in lines:
             print(f"{status} {what}: {detail}")
         base = next((times[k] for k in sorted(times) if k.startswith("stock_plain")), None)
-        print("\nvariant@CUDA_DEVICE_MAX_CONNECTIONS  ms/step (median, max over ranks)  "
-              "vs stock_plain  peak GiB  dW tasks (overlapped/flushed/inline)")
+        print(
+            "\nvariant@CUDA_DEVICE_MAX_CONNECTIONS  ms/step (median, max over ranks)  "
+            "vs stock_plain  peak GiB  dW tasks (overlapped/flushed/inline)"
+        )
         for k in sorted(times):
             s = ok[k]["sched"] or {}
-            dw = (f"{s.get('overlapped_dw_tasks')}/{s.get('flushed_dw_tasks')}/"
-                  f"{s.get('inline_dw_tasks')}" if s else "-")
+            dw = (
+                f"{s.get('overlapped_dw_tasks')}/{s.get('flushed_dw_tasks')}/"
+                f"{s.get('inline_dw_tasks')}"
+                if s
+                else "-"
+            )
             speed = f"{base / times[k]:.3f}x" if base else "-"
             print(f"{k:34s} {times[k]:10.1f} {speed:>10s} {ok[k]['peak_gib'] or 0:8.2f}  {dw}")
-        summary = {"lines": lines, "ms_per_step": times, "args": vars(a),
-                   "sched": {k: ok[k]["sched"] for k in ok}}
+        summary = {
+            "lines": lines,
+            "ms_per_step": times,
+            "args": vars(a),
+            "sched": {k: ok[k]["sched"] for k in ok},
+        }
         (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     dist.barrier()
     dist.destroy_process_group()

@@ -40,7 +40,11 @@ def rel_err(a, b) -> float:
 
 def check_grouped_mm(device, results):
     from fluid.moe.grouped_gemm import (
-        GroupedMMFallbacks, gmm, gmm_wgrad, grouped_mm_available, offsets_for,
+        GroupedMMFallbacks,
+        gmm,
+        gmm_wgrad,
+        grouped_mm_available,
+        offsets_for,
     )
 
     x = torch.randn(300, 256, device=device, dtype=torch.bfloat16)
@@ -51,19 +55,34 @@ def check_grouped_mm(device, results):
     offs = offsets_for(counts, device)
     w = torch.randn(4, 512, 256, device=device, dtype=torch.bfloat16) * 0.05
     dy = torch.randn(300, 512, device=device, dtype=torch.bfloat16)
-    ref = (gmm(x, w, counts, None, trans_w=True), gmm(dy, w, counts, None, trans_w=False),
-           gmm_wgrad(dy, x, counts, None))  # offs None: the per-expert loop
+    ref = (
+        gmm(x, w, counts, None, trans_w=True),
+        gmm(dy, w, counts, None, trans_w=False),
+        gmm_wgrad(dy, x, counts, None),
+    )  # offs None: the per-expert loop
     fb = GroupedMMFallbacks("parity")  # a rejected grouped call would take the loop, recorded here
-    got = (gmm(x, w, counts, offs, trans_w=True, fallbacks=fb),
-           gmm(dy, w, counts, offs, trans_w=False, fallbacks=fb),
-           gmm_wgrad(dy, x, counts, offs, fb))
+    got = (
+        gmm(x, w, counts, offs, trans_w=True, fallbacks=fb),
+        gmm(dy, w, counts, offs, trans_w=False, fallbacks=fb),
+        gmm_wgrad(dy, x, counts, offs, fb),
+    )
     for name, a, b in zip(("fwd", "dgrad", "wgrad"), got, ref):
         e = rel_err(a, b)
         results.append((f"grouped_mm {name} vs loop", "PASS" if e <= REL_TOL else "FAIL", e))
-    results.append(("grouped_mm empty group wgrad zero",
-                    "PASS" if got[2][1].abs().max().item() == 0 else "FAIL", None))
-    results.append(("grouped_mm accepted every operand layout",
-                    "FAIL" if fb.messages else "PASS", fb.messages[:1]))
+    results.append(
+        (
+            "grouped_mm empty group wgrad zero",
+            "PASS" if got[2][1].abs().max().item() == 0 else "FAIL",
+            None,
+        )
+    )
+    results.append(
+        (
+            "grouped_mm accepted every operand layout",
+            "FAIL" if fb.messages else "PASS",
+            fb.messages[:1],
+        )
+    )
 
 
 def run(layer, x, dy):
@@ -91,21 +110,37 @@ def main():
     p.add_argument("--out", required=True)
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--tokens", type=int, default=2048)
-    p.add_argument("--fused", action="store_true",
-                   help="bias_activation_fusion (stock's default fused weighted SwiGLU) in both layers")
+    p.add_argument(
+        "--fused",
+        action="store_true",
+        help="bias_activation_fusion (stock's default fused weighted SwiGLU) in both layers",
+    )
     args = p.parse_args()
 
     cuda = args.device == "cuda"
     from fluid.testing.moe import (
-        init_expert_parallel_world, moe_config, set_dedup, set_num_chunks, stock_and_fluid,
+        init_expert_parallel_world,
+        moe_config,
+        set_dedup,
+        set_num_chunks,
+        stock_and_fluid,
     )
     from fluid.schedule import get_backward_scheduler
 
     rank, ws, device, pg = init_expert_parallel_world(cuda)
     dtype = torch.bfloat16 if cuda else torch.float32
     H, F, E, T = (1024, 2048, 8, args.tokens) if cuda else (64, 32, 4 * ws, 64)
-    cfg = moe_config(hidden=H, ffn=F, num_experts=E, topk=2, ep=ws, shared=F // 2, dtype=dtype,
-                     init_method_std=0.02, bias_activation_fusion=args.fused)
+    cfg = moe_config(
+        hidden=H,
+        ffn=F,
+        num_experts=E,
+        topk=2,
+        ep=ws,
+        shared=F // 2,
+        dtype=dtype,
+        init_method_std=0.02,
+        bias_activation_fusion=args.fused,
+    )
     torch.manual_seed(1234)  # identical stock weights on every rank's replicated parts
     stock, fluid = stock_and_fluid(cfg, pg, device)
     g = torch.Generator().manual_seed(77 + rank)
@@ -125,16 +160,24 @@ def main():
     # grouped kernel; "off" gives per-expert GEMMs: with dW inline (NVLink, or scheduler off) the
     # per-expert backward of fluid.moe.expert_loop, with overlap "always" and the scheduler on
     # the deferred composition, so "on == off" there compares the two paths bit for bit.
-    settings = ((1, False, "auto", "auto"), (2, False, "auto", "auto"), (1, True, "auto", "auto"),
-                (1, False, "off", "auto"), (1, False, "off", "always"), (2, False, "off", "always"))
+    settings = (
+        (1, False, "auto", "auto"),
+        (2, False, "auto", "auto"),
+        (1, True, "auto", "auto"),
+        (1, False, "off", "auto"),
+        (1, False, "off", "always"),
+        (2, False, "off", "always"),
+    )
     for chunks, dedup, gemm, overlap in settings:
         set_dedup(fluid, False)
         set_num_chunks(fluid, chunks)
         set_dedup(fluid, dedup)
         fluid.experts.grouped_gemm = gemm
         fluid.comm.overlap = overlap
-        setting = (f"chunks={chunks}{' dedup' if dedup else ''}"  # the label of this setting's lines
-                   f"{' gemm=loop' if gemm == 'off' else ''}{' overlap=' + overlap if overlap != 'auto' else ''}")
+        setting = (
+            f"chunks={chunks}{' dedup' if dedup else ''}"  # the label of this setting's lines
+            f"{' gemm=loop' if gemm == 'off' else ''}{' overlap=' + overlap if overlap != 'auto' else ''}"
+        )
         outs = {}
         for mode in ("on", "off"):
             sched.enable() if mode == "on" else sched.disable()
@@ -146,16 +189,21 @@ def main():
             e = rel_err(a, b)
             results.append((f"{setting} {what}", "PASS" if e <= REL_TOL else "FAIL", e))
         missing = set(ref_grads) ^ set(named)
-        results.append((f"{setting} same parameter set", "FAIL" if missing else "PASS",
-                        sorted(missing)))
+        results.append(
+            (f"{setting} same parameter set", "FAIL" if missing else "PASS", sorted(missing))
+        )
         for n in sorted(set(ref_grads) & set(named)):
             e = rel_err(named[n], ref_grads[n])
             results.append((f"{setting} grad {n}", "PASS" if e <= REL_TOL else "FAIL", e))
         off = outs["off"]
-        same = torch.equal(out, off[0]) and torch.equal(dx, off[1]) and all(
-            torch.equal(grads[n], off[2][n]) for n in grads)
-        results.append((f"{setting} scheduler on == off (bitwise)",
-                        "PASS" if same else "FAIL", None))
+        same = (
+            torch.equal(out, off[0])
+            and torch.equal(dx, off[1])
+            and all(torch.equal(grads[n], off[2][n]) for n in grads)
+        )
+        results.append(
+            (f"{setting} scheduler on == off (bitwise)", "PASS" if same else "FAIL", None)
+        )
 
     # Under Megatron DDP (main_grad + its grad hook, emulated), per-expert GEMMs with dW inline
     # take fluid.moe.expert_loop's per-expert backward, which adds each expert's dW straight into
@@ -170,10 +218,16 @@ def main():
     reset_ddp_flags(fluid.parameters())
     run(fluid, x, dy)
     same = all(torch.equal(p.main_grad, plain[n].float()) for n, p in fluid.named_parameters())
-    results.append(("gemm=loop under DDP main_grad == plain grads (bitwise)",
-                    "PASS" if same else "FAIL", None))
-    results.append(("gemm=loop under DDP: expert weights flagged grad_added_to_main_grad",
-                    "PASS" if fluid.experts.weight1.grad_added_to_main_grad else "FAIL", None))
+    results.append(
+        ("gemm=loop under DDP main_grad == plain grads (bitwise)", "PASS" if same else "FAIL", None)
+    )
+    results.append(
+        (
+            "gemm=loop under DDP: expert weights flagged grad_added_to_main_grad",
+            "PASS" if fluid.experts.weight1.grad_added_to_main_grad else "FAIL",
+            None,
+        )
+    )
     del accs
     fluid.experts.grouped_gemm = "auto"
     fluid.comm.overlap = "auto"
@@ -182,13 +236,25 @@ def main():
     if rank == 0:
         for name, status, val in results:
             print(f"[moe parity] {status:4s} {name} {'' if val is None else val}", flush=True)
-        print(f"[moe parity] {'FAIL' if failed else 'PASS'} ({len(failed)} failed, "
-              f"device={torch.cuda.get_device_name() if cuda else 'cpu'}, ws={ws})", flush=True)
+        print(
+            f"[moe parity] {'FAIL' if failed else 'PASS'} ({len(failed)} failed, "
+            f"device={torch.cuda.get_device_name() if cuda else 'cpu'}, ws={ws})",
+            flush=True,
+        )
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "moe_parity.json"), "w") as f:
-            json.dump({"argv": sys.argv, "world_size": ws, "rel_tol": REL_TOL,
-                       "device": torch.cuda.get_device_name() if cuda else "cpu",
-                       "results": results}, f, indent=1, default=str)
+            json.dump(
+                {
+                    "argv": sys.argv,
+                    "world_size": ws,
+                    "rel_tol": REL_TOL,
+                    "device": torch.cuda.get_device_name() if cuda else "cpu",
+                    "results": results,
+                },
+                f,
+                indent=1,
+                default=str,
+            )
     flag = torch.tensor([len(failed)], device=device)
     dist.all_reduce(flag)
     from megatron.core import parallel_state

@@ -44,7 +44,9 @@ def main():
     sched = get_backward_scheduler()
     torch.manual_seed(0)
     T, H, F = args.tokens, args.hidden, args.ffn
-    mk = lambda o, i: torch.nn.Parameter(torch.randn(o, i, device="cuda", dtype=torch.bfloat16) / i**0.5)
+    mk = lambda o, i: torch.nn.Parameter(
+        torch.randn(o, i, device="cuda", dtype=torch.bfloat16) / i**0.5
+    )
     ws = [mk(F, H), mk(H, F), mk(F, H), mk(H, F)]
     torch.manual_seed(1 + rank)
     x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -63,10 +65,14 @@ def main():
     # Gradients on vs off must be identical (same kernels, same order of accumulation).
     for w in ws:
         w.grad = None
-    sched.enable(); step(); g_on = [w.grad.clone() for w in ws]
+    sched.enable()
+    step()
+    g_on = [w.grad.clone() for w in ws]
     for w in ws:
         w.grad = None
-    sched.disable(); step(); g_off = [w.grad.clone() for w in ws]
+    sched.disable()
+    step()
+    g_off = [w.grad.clone() for w in ws]
     identical = all(torch.equal(a, b) for a, b in zip(g_on, g_off))
 
     t_off = timed(False, args.iters)
@@ -75,10 +81,14 @@ def main():
     buf = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
     out = torch.empty_like(buf)
     dy = torch.randn(T, F, device="cuda", dtype=torch.bfloat16)
+
     def a2a():
         dist.all_to_all_single(out, buf)
+
     def dw():
-        torch.matmul(dy.t(), buf); torch.matmul(buf.t(), dy)
+        torch.matmul(dy.t(), buf)
+        torch.matmul(buf.t(), dy)
+
     def alone(fn, n=20):
         for _ in range(3):
             fn()
@@ -90,9 +100,12 @@ def main():
         b.record()
         torch.cuda.synchronize()
         return a.elapsed_time(b) / n
+
     t_a2a, t_dw = alone(a2a), alone(dw)
 
-    sched.enable(); sched.set_timing(True); sched.reset_stats()
+    sched.enable()
+    sched.set_timing(True)
+    sched.reset_stats()
     for _ in range(5):
         step()
     stats = sched.get_stats()
@@ -125,12 +138,20 @@ def main():
         if overlap_on:
             ov = stats.get("dw_in_window_ms") or 0.0
             ok &= ov > 0 and stats["overlapped_dw_tasks"] > 0
-            print(("PASS" if ov > 0 else "FAIL") + f": dW ran inside a2a windows ({ov:.2f} ms over 5 steps)")
+            print(
+                ("PASS" if ov > 0 else "FAIL")
+                + f": dW ran inside a2a windows ({ov:.2f} ms over 5 steps)"
+            )
             faster = t_on < t_off
             ok &= faster
-            print(("PASS" if faster else "FAIL") + f": on {t_on:.3f} ms vs off {t_off:.3f} ms per step")
+            print(
+                ("PASS" if faster else "FAIL")
+                + f": on {t_on:.3f} ms vs off {t_off:.3f} ms per step"
+            )
         else:
-            print(f"INFO: overlap policy off on this link (fast); on {t_on:.3f} ms vs off {t_off:.3f} ms")
+            print(
+                f"INFO: overlap policy off on this link (fast); on {t_on:.3f} ms vs off {t_off:.3f} ms"
+            )
         sys.stdout.flush()
         code = 0 if ok else 1
     else:

@@ -38,7 +38,9 @@ def _build(kind, dtype, state=None):
     )
     layer = build_attention(kind, config, None, device="cuda")
     if state is not None:
-        layer.load_state_dict({k: v.to(dtype) if torch.is_tensor(v) else v for k, v in state.items()})
+        layer.load_state_dict(
+            {k: v.to(dtype) if torch.is_tensor(v) else v for k, v in state.items()}
+        )
     return layer
 
 
@@ -69,7 +71,9 @@ def test_cp1_bf16_matches_stock():
     created = not dist.is_initialized()
     if created:
         torch.cuda.set_device(0)
-        dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+        dist.init_process_group(
+            "nccl", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
+        )
     made_mp = not parallel_state.model_parallel_is_initialized()
     if made_mp:
         parallel_state.initialize_model_parallel()
@@ -95,7 +99,9 @@ def test_cp1_bf16_matches_stock():
             e_stock = (rs[k] - r32[k]).norm().item() / norm
             e_fluid = (rf[k] - r32[k]).norm().item() / norm
             d = (rf[k] - rs[k]).norm().item() / rs[k].norm().item()
-            print(f"{k:8s} rel-L2 err vs fp32: stock {e_stock:.2e} fluid {e_fluid:.2e}; fluid vs stock {d:.2e}")
+            print(
+                f"{k:8s} rel-L2 err vs fp32: stock {e_stock:.2e} fluid {e_fluid:.2e}; fluid vs stock {d:.2e}"
+            )
             if not (e_fluid <= 2 * e_stock + 2e-3 and d < 2e-2):
                 failures.append(k)
         assert not failures, f"bf16 parity failed for {failures}"

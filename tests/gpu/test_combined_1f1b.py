@@ -10,11 +10,24 @@ from tests.gpu._torchrun import require_gpus, torchrun
 def test_combined_1f1b_with_fluid_layers(tmp_path):
     require_gpus(2)
     out = str(tmp_path)
-    res = torchrun("combined_1f1b_script.py", 2, "--out", out, "--variants",
-                   "fluid_plain,stock_plain", env={"CUDA_DEVICE_MAX_CONNECTIONS": "1"})
+    res = torchrun(
+        "combined_1f1b_script.py",
+        2,
+        "--out",
+        out,
+        "--variants",
+        "fluid_plain,stock_plain",
+        env={"CUDA_DEVICE_MAX_CONNECTIONS": "1"},
+    )
     assert res.returncode == 0, "see PASS/FAIL lines above"
-    res = torchrun("combined_1f1b_script.py", 2, "--out", out, "--variants",
-                   "fluid_plain,fluid_combined,stock_plain,stock_combined",
-                   env={"CUDA_DEVICE_MAX_CONNECTIONS": "32"})
+    res = torchrun(
+        "combined_1f1b_script.py",
+        2,
+        "--out",
+        out,
+        "--variants",
+        "fluid_plain,fluid_combined,stock_plain,stock_combined",
+        env={"CUDA_DEVICE_MAX_CONNECTIONS": "32"},
+    )
     assert res.returncode == 0, "see PASS/FAIL lines above"
     assert "PASS fluid_combined-cdmc32 vs fluid_plain-cdmc32" in res.stdout

@@ -22,9 +22,16 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused_swiglu"])
 def test_moe_parity_with_stock(tmp_path, fused):
     env = dict(os.environ, CUDA_DEVICE_MAX_CONNECTIONS="1", NCCL_NVLS_ENABLE="0")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
-           "4" if torch.cuda.device_count() >= 4 else "2",
-           str(ROOT / "tests/gpu/moe_parity_script.py"), "--out", str(tmp_path)] + (["--fused"] if fused else [])
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "4" if torch.cuda.device_count() >= 4 else "2",
+        str(ROOT / "tests/gpu/moe_parity_script.py"),
+        "--out",
+        str(tmp_path),
+    ] + (["--fused"] if fused else [])
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     print(proc.stdout[-5000:], proc.stderr[-5000:])
     assert proc.returncode == 0, "moe parity script failed (see output)"

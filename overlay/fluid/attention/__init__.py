@@ -1,7 +1,7 @@
 """FluidSelfAttention: Ulysses all-to-all context parallelism for Megatron, without TE.
 
-    from fluid.attention import FluidSelfAttention, fluid_self_attention_spec
-    spec.submodules.self_attention = fluid_self_attention_spec(spec.submodules.self_attention)
+from fluid.attention import FluidSelfAttention, fluid_self_attention_spec
+spec.submodules.self_attention = fluid_self_attention_spec(spec.submodules.self_attention)
 """
 
 from __future__ import annotations
@@ -12,7 +12,12 @@ import functools
 from fluid.attention.core import FluidCoreAttention
 from fluid.attention.layer import FluidSelfAttention, fluid_submodules
 
-__all__ = ["FluidSelfAttention", "FluidCoreAttention", "fluid_self_attention_spec", "fluid_submodules"]
+__all__ = [
+    "FluidSelfAttention",
+    "FluidCoreAttention",
+    "fluid_self_attention_spec",
+    "fluid_submodules",
+]
 
 
 def fluid_self_attention_spec(stock_attention_spec):

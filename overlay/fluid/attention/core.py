@@ -63,7 +63,9 @@ class FluidCoreAttention(MegatronModule):
             raise ValueError(
                 f"FluidCoreAttention supports softmax_type='vanilla' only, not {config.softmax_type!r}"
             )
-        if is_layer_window_attention(config.window_size, config.window_attn_skip_freq, layer_number):
+        if is_layer_window_attention(
+            config.window_size, config.window_attn_skip_freq, layer_number
+        ):
             raise ValueError("FluidCoreAttention does not support sliding-window attention layers")
         self.layer_number = max(1, layer_number)
         self.attn_mask_type = attn_mask_type
@@ -71,7 +73,9 @@ class FluidCoreAttention(MegatronModule):
         self.softmax_scale = (
             softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
         )
-        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.dropout_p = (
+            config.attention_dropout if attention_dropout is None else attention_dropout
+        )
 
     def forward(
         self,

@@ -266,7 +266,9 @@ class FluidSelfAttention(SelfAttention):
                 "supported; build the model with Megatron's stock SelfAttention for inference."
             )
         if any(t is not None for t in (rotary_pos_cos, rotary_pos_sin, rotary_pos_cos_sin)):
-            raise NotImplementedError("FluidSelfAttention: rotary cos/sin inputs are inference-only")
+            raise NotImplementedError(
+                "FluidSelfAttention: rotary cos/sin inputs are inference-only"
+            )
         if packed_seq_params is not None:
             raise NotImplementedError(
                 "FluidSelfAttention does not support packed sequences (THD / packed_seq_params)"
@@ -274,7 +276,9 @@ class FluidSelfAttention(SelfAttention):
         if attention_bias is not None:
             raise NotImplementedError("FluidSelfAttention does not support attention_bias")
         if key_value_states is not None:
-            raise NotImplementedError("FluidSelfAttention is self-attention: key_value_states unsupported")
+            raise NotImplementedError(
+                "FluidSelfAttention is self-attention: key_value_states unsupported"
+            )
         if (
             self.cp_size > 1
             and attention_mask is not None

@@ -31,13 +31,25 @@ def _as_list(splits) -> Optional[list[int]]:
     return [int(s) for s in splits]
 
 
-def _launch(comm: CommContext, x: torch.Tensor, output_splits, input_splits, timing=False,
-            ready=None, out=None):
+def _launch(
+    comm: CommContext,
+    x: torch.Tensor,
+    output_splits,
+    input_splits,
+    timing=False,
+    ready=None,
+    out=None,
+):
     if not x.is_contiguous():
-        x, ready = x.contiguous(), None  # the copy is queued now: an earlier event would not cover it
+        x, ready = (
+            x.contiguous(),
+            None,
+        )  # the copy is queued now: an earlier event would not cover it
     if output_splits is None:
         if x.shape[0] % comm.size:
-            raise ValueError(f"equal-split all-to-all needs dim 0 ({x.shape[0]}) % {comm.size} == 0")
+            raise ValueError(
+                f"equal-split all-to-all needs dim 0 ({x.shape[0]}) % {comm.size} == 0"
+            )
         out_rows = x.shape[0]
     else:
         out_rows = sum(output_splits)
@@ -59,8 +71,14 @@ class _AllToAll(torch.autograd.Function):
     def forward(ctx, comm, x, output_splits, input_splits, async_op, handle_box, ready, out_box):
         ctx.comm = comm
         ctx.output_splits, ctx.input_splits = output_splits, input_splits
-        out, handle = _launch(comm, x, output_splits, input_splits, ready=ready,
-                              out=out_box.pop() if out_box else None)
+        out, handle = _launch(
+            comm,
+            x,
+            output_splits,
+            input_splits,
+            ready=ready,
+            out=out_box.pop() if out_box else None,
+        )
         if async_op:
             handle_box.append(handle)
         else:
@@ -112,7 +130,13 @@ def fluid_all_to_all(
         return (out, CommHandle(0, waited=True)) if async_op else out
     box: list[CommHandle] = []
     res = _AllToAll.apply(
-        comm, x, _as_list(output_splits), _as_list(input_splits), async_op, box, ready,
+        comm,
+        x,
+        _as_list(output_splits),
+        _as_list(input_splits),
+        async_op,
+        box,
+        ready,
         [out] if out is not None else None,
     )
     if async_op:

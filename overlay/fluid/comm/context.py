@@ -333,5 +333,6 @@ class CommContext:
             done.record(stream)
         finally:
             torch.cuda.set_stream(compute)
-        return CommHandle(nbytes, done=done, start_event=start, tensors=(input, output),
-                          device_index=dev)
+        return CommHandle(
+            nbytes, done=done, start_event=start, tensors=(input, output), device_index=dev
+        )

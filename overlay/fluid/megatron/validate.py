@@ -12,8 +12,12 @@ from __future__ import annotations
 
 from fluid.config import FluidConfig, FluidConfigError
 
-__all__ = ["FluidConfigError", "SUPPORTED_DISPATCHER_SETTINGS", "check_tensor_parallel_size",
-           "validate_config"]
+__all__ = [
+    "FluidConfigError",
+    "SUPPORTED_DISPATCHER_SETTINGS",
+    "check_tensor_parallel_size",
+    "validate_config",
+]
 
 # Megatron dispatcher settings FluidTokenDispatcher stands in for: it replaces Megatron's
 # dispatcher whichever of the two classic ones is configured (Megatron's default is allgather);
@@ -25,17 +29,22 @@ SUPPORTED_DISPATCHER_SETTINGS = ("alltoall", "allgather")
 _UNSUPPORTED_MOE = {
     "overlap_dispatch_backward_with_experts_wgrad": (
         "--overlap-dispatch-backward-with-experts-wgrad",
-        "TE's delayed expert wgrad (the BackwardScheduler does this)"),
+        "TE's delayed expert wgrad (the BackwardScheduler does this)",
+    ),
     "moe_shared_expert_overlap": (
         "--moe-shared-expert-overlap",
         "the stock shared-expert side stream (FluidMoELayer always computes the shared experts "
-        "during the dispatch all-to-all)"),
+        "during the dispatch all-to-all)",
+    ),
     "moe_pad_expert_input_to_capacity": (
         "--moe-pad-expert-input-to-capacity",
         "padding expert inputs to capacity (a capacity factor with dropping but without padding "
-        "is supported)"),
+        "is supported)",
+    ),
     "moe_router_padding_for_quantization": (
-        "--moe-router-padding-for-quantization", "fp8/fp4 routing-map padding"),
+        "--moe-router-padding-for-quantization",
+        "fp8/fp4 routing-map padding",
+    ),
     "moe_latent_size": ("--moe-latent-size", "MoE latent projections"),
     "fp8": ("--fp8-format", "fp8 experts"),
     "fp4": ("--fp4-format", "fp4 experts"),
@@ -120,11 +129,15 @@ def validate_config(config, pg_collection=None, *, moe: bool = True) -> FluidCon
     topk = config.moe_router_topk
     need(topk <= experts, f"--moe-router-topk {topk} is larger than --num-experts {experts}")
     ep = group_size("ep", config.expert_model_parallel_size)
-    need(experts % ep == 0,
-         f"--num-experts {experts} is not divisible by --expert-model-parallel-size {ep}")
+    need(
+        experts % ep == 0,
+        f"--num-experts {experts} is not divisible by --expert-model-parallel-size {ep}",
+    )
     etp = group_size("expt_tp", config.expert_tensor_parallel_size)
-    need(etp == 1, "expert tensor parallelism is not supported "
-         f"(--expert-tensor-parallel-size {etp}): use 1")
+    need(
+        etp == 1,
+        f"expert tensor parallelism is not supported (--expert-tensor-parallel-size {etp}): use 1",
+    )
     need(
         config.moe_token_dispatcher_type in SUPPORTED_DISPATCHER_SETTINGS,
         f"--moe-token-dispatcher-type {config.moe_token_dispatcher_type} is not implemented by "
@@ -134,18 +147,29 @@ def validate_config(config, pg_collection=None, *, moe: bool = True) -> FluidCon
     for attr, (flag, what) in _UNSUPPORTED_MOE.items():
         need(not getattr(config, attr, None), f"{flag} is not supported: {what}")
     need(
-        not (config.recompute_granularity == "selective"
-             and {"moe", "shared_experts"} & set(config.recompute_modules or [])),
+        not (
+            config.recompute_granularity == "selective"
+            and {"moe", "shared_experts"} & set(config.recompute_modules or [])
+        ),
         "selective recompute of 'moe'/'shared_experts' (--recompute-modules) is not supported "
         "(deferred dW closures would be re-created inside the recompute)",
     )
     if fluid.moe_dedup == "on":
-        need(fluid.moe_chunks == 1, f"--fluid-moe-dedup on needs --fluid-moe-chunks 1, got "
-             f"{fluid.moe_chunks}: drop one of them")
-        need(config.moe_expert_capacity_factor is None, "--fluid-moe-dedup on does not support "
-             "--moe-expert-capacity-factor (token dropping): unset one of them")
+        need(
+            fluid.moe_chunks == 1,
+            f"--fluid-moe-dedup on needs --fluid-moe-chunks 1, got "
+            f"{fluid.moe_chunks}: drop one of them",
+        )
+        need(
+            config.moe_expert_capacity_factor is None,
+            "--fluid-moe-dedup on does not support "
+            "--moe-expert-capacity-factor (token dropping): unset one of them",
+        )
     if config.overlap_moe_expert_parallel_comm:  # combined 1F1B: docs/CORE_CONCEPT.md
-        need(fluid.moe_chunks == 1, "--overlap-moe-expert-parallel-comm (combined 1F1B) runs "
-             "the layer's stages one at a time and needs --fluid-moe-chunks 1, got "
-             f"{fluid.moe_chunks}: drop one of them")
+        need(
+            fluid.moe_chunks == 1,
+            "--overlap-moe-expert-parallel-comm (combined 1F1B) runs "
+            "the layer's stages one at a time and needs --fluid-moe-chunks 1, got "
+            f"{fluid.moe_chunks}: drop one of them",
+        )
     return fluid

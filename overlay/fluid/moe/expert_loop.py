@@ -115,6 +115,7 @@ class _SequentialExperts(torch.autograd.Function):
                 torch.matmul(dy_t, inp, out=stacked[g])
             elif direct and param.requires_grad:
                 param.main_grad[g].add_(torch.matmul(dy_t, inp))
+
         start = 0
         for g, count in enumerate(counts):
             rows = slice(start, start + count)
@@ -180,7 +181,14 @@ def sequential_experts(
     # The probe (fluid.schedule.wgrad.dw_probe) tells backward whether dW is wanted, and keeps
     # the op in the graph when x needs no gradient, so dW still runs then.
     return _SequentialExperts.apply(
-        x_TH, probs_T, weight1_GF1H.detach(), weight2_GHF.detach(),
+        x_TH,
+        probs_T,
+        weight1_GF1H.detach(),
+        weight2_GHF.detach(),
         dw_probe(weight1_GF1H, weight2_GHF),
-        tuple(int(c) for c in counts), (weight1_GF1H, weight2_GHF), act, name, scheduler,
+        tuple(int(c) for c in counts),
+        (weight1_GF1H, weight2_GHF),
+        act,
+        name,
+        scheduler,
     )

@@ -75,5 +75,7 @@ def scale_rows(
 ) -> torch.Tensor:
     """`[T, F]`, `[T]` -> `[T, F]` in a's dtype: each row of `a` times its prob (module doc)."""
     if a.dim() != 2 or probs.shape != a.shape[:1]:
-        raise ValueError(f"scale_rows: expected a [T, F] and probs [T], got {a.shape}, {probs.shape}")
+        raise ValueError(
+            f"scale_rows: expected a [T, F] and probs [T], got {a.shape}, {probs.shape}"
+        )
     return _ScaleRows.apply(a, probs, _rows_per_block(a, probs, block_bytes))

@@ -245,7 +245,11 @@ class BackwardScheduler:
             self._stats["failed_dw_tasks"] += 1
             log.error(
                 "FluidMoE: dW task %r raised %s: %s; %d queued dW task(s) discarded, their "
-                "weight gradients are lost", task.name, type(exc).__name__, exc, len(self._queue),
+                "weight gradients are lost",
+                task.name,
+                type(exc).__name__,
+                exc,
+                len(self._queue),
             )
             self._discard("discarded_dw_tasks")
             raise

@@ -50,8 +50,12 @@ def run_logged(cmd: list, env: dict, log_path: Path, cwd=None, timeout: float = 
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-    return {"rc": proc.returncode, "wall_s": time.time() - t0, "terminated": terminated,
-            "timed_out": timed_out}
+    return {
+        "rc": proc.returncode,
+        "wall_s": time.time() - t0,
+        "terminated": terminated,
+        "timed_out": timed_out,
+    }
 
 
 ITER_RE = re.compile(r"iteration\s+(\d+)/\s*\d+ \|(.*)")

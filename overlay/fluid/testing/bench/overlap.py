@@ -55,8 +55,14 @@ def relative_noise(ratio_spread: dict) -> Optional[float]:
     return max(abs(lo - 1.0), abs(hi - 1.0))
 
 
-def link_hidden_fraction(on_slow: float, on_nv: float, off_slow: float, off_nv: float,
-                         noise_slow: float = 0.0, noise_nv: float = 0.0) -> dict:
+def link_hidden_fraction(
+    on_slow: float,
+    on_nv: float,
+    off_slow: float,
+    off_nv: float,
+    noise_slow: float = 0.0,
+    noise_nv: float = 0.0,
+) -> dict:
     """Measure 2 for one slow link: {value, low, high, exposed_on_ms, exposed_off_ms}. `value` is
     None when Fluid with overlap off exposes no communication (nothing to hide); `low` is None
     when the noise could make it so."""

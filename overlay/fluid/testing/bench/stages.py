@@ -5,11 +5,17 @@ from __future__ import annotations
 import contextlib
 
 # FluidMoELayer forward stages: (attribute path from the layer, method name).
-FLUID_STAGES = [("", "route"), ("token_dispatcher", "dispatch_preprocess"),
-                ("token_dispatcher", "dispatch_chunks"), ("token_dispatcher", "launch_dispatch_part"),
-                ("token_dispatcher", "dispatch_postprocess"), ("experts", "forward"),
-                ("token_dispatcher", "combine_preprocess"), ("token_dispatcher", "launch_combine"),
-                ("token_dispatcher", "combine_postprocess")]
+FLUID_STAGES = [
+    ("", "route"),
+    ("token_dispatcher", "dispatch_preprocess"),
+    ("token_dispatcher", "dispatch_chunks"),
+    ("token_dispatcher", "launch_dispatch_part"),
+    ("token_dispatcher", "dispatch_postprocess"),
+    ("experts", "forward"),
+    ("token_dispatcher", "combine_preprocess"),
+    ("token_dispatcher", "launch_combine"),
+    ("token_dispatcher", "combine_postprocess"),
+]
 
 _MISSING = object()
 

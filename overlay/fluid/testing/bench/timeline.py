@@ -35,8 +35,12 @@ def summarize(rows: list, gaps: int = 5) -> dict:
     per_stream: dict = {}
     for r in gpu:
         per_stream.setdefault(r[0], []).append(r)
-    compute = max(per_stream, key=lambda s: sum(r[2] for r in per_stream[s] if "nccl" not in r[3].lower()))
-    comp = sorted((r for r in per_stream[compute] if "nccl" not in r[3].lower()), key=lambda r: r[1])
+    compute = max(
+        per_stream, key=lambda s: sum(r[2] for r in per_stream[s] if "nccl" not in r[3].lower())
+    )
+    comp = sorted(
+        (r for r in per_stream[compute] if "nccl" not in r[3].lower()), key=lambda r: r[1]
+    )
     t0 = min(r[1] for r in gpu)
     t1 = max(r[1] + r[2] for r in gpu)
     busy = _union([(r[1], r[1] + r[2]) for r in comp])
@@ -59,5 +63,3 @@ def summarize(rows: list, gaps: int = 5) -> dict:
         "largest_gaps": [(round(h[0], 3),) + h[1:] for h in holes[:gaps]],
         "host_stages_ms": {k[6:]: v for k, v in host.items() if k.startswith("stage:")},
     }
-
-
