@@ -183,7 +183,7 @@ def _recipe_section(recipe: R.Recipe, doc, commit: str) -> list:
             "",
         ]
     s = summarize(doc)
-    links = [l for l in recipe.links if l in s["links"]]
+    links = [link for link in recipe.links if link in s["links"]]
     if not links:
         return out + ["No link measured yet.", ""]
     variants = [v for v in recipe.variants]
@@ -198,45 +198,50 @@ def _recipe_section(recipe: R.Recipe, doc, commit: str) -> list:
         + ") |",
         "|---|" + "---|" * (len(variants) + 1),
     ]
-    for l in links:
-        ls = s["links"][l]
+    for link in links:
+        ls = s["links"][link]
         peaks = " / ".join(_ms(ls["peak_gb"].get(v)) for v in variants if "#" not in v)
         out.append(
-            f"| {LINK_NAMES.get(l, l)} | "
+            f"| {LINK_NAMES.get(link, link)} | "
             + " | ".join(_ms(ls["ms"].get(v), digits) for v in variants)
             + f" | {peaks} |"
         )
-    errors = {l: doc["links"][l]["error"] for l in links if doc["links"][l].get("error")}
+    errors = {
+        link: doc["links"][link]["error"] for link in links if doc["links"][link].get("error")
+    }
     if errors:
         out += [
             "",
             "Errors: "
             + "; ".join(
-                f"{LINK_NAMES.get(l, l)}: {e.splitlines()[0][:200]}" for l, e in errors.items()
+                f"{LINK_NAMES.get(link, link)}: {e.splitlines()[0][:200]}"
+                for link, e in errors.items()
             )
             + ".",
         ]
-    failed = {l: s["links"][l]["failed"] for l in links if s["links"][l]["failed"]}
+    failed = {link: s["links"][link]["failed"] for link in links if s["links"][link]["failed"]}
     if failed:
         out += [
             "",
             "Missing or failed: "
-            + "; ".join(f"{LINK_NAMES.get(l, l)}: {', '.join(v)}" for l, v in failed.items())
+            + "; ".join(
+                f"{LINK_NAMES.get(link, link)}: {', '.join(v)}" for link, v in failed.items()
+            )
             + " (see the JSON).",
         ]
-    if any(s["links"][l].get("tflops") for l in links):
+    if any(s["links"][link].get("tflops") for link in links):
         out += [
             "",
             "Model TFLOP/s per GPU (Megatron's `--log-throughput`, median): "
             + "; ".join(
-                f"{LINK_NAMES.get(l, l)}: "
+                f"{LINK_NAMES.get(link, link)}: "
                 + ", ".join(
                     f"{VNAMES.get(v, v)} {t:.0f}"
-                    for v, t in s["links"][l]["tflops"].items()
+                    for v, t in s["links"][link]["tflops"].items()
                     if "#" not in v
                 )
-                for l in links
-                if s["links"][l].get("tflops")
+                for link in links
+                if s["links"][link].get("tflops")
             )
             + ".",
         ]
@@ -253,10 +258,10 @@ def _recipe_section(recipe: R.Recipe, doc, commit: str) -> list:
             "| noise: stock / stock again |",
             "|---|---|---|---|---|",
         ]
-        for l in links:
-            ls = s["links"][l]
+        for link in links:
+            ls = s["links"][link]
             out.append(
-                f"| {LINK_NAMES.get(l, l)} | {_x(ls.get('speedup'))} | {_x(ls.get('kernels'))} | "
+                f"| {LINK_NAMES.get(link, link)} | {_x(ls.get('speedup'))} | {_x(ls.get('kernels'))} | "
                 f"{_x(ls.get('overlap'))} | {_x(ls.get('stock_vs_stock'))} |"
             )
     else:
@@ -264,18 +269,18 @@ def _recipe_section(recipe: R.Recipe, doc, commit: str) -> list:
             "| link | overlap: Fluid off / Fluid | noise: Fluid off / Fluid off again |",
             "|---|---|---|",
         ]
-        for l in links:
-            ls = s["links"][l]
+        for link in links:
+            ls = s["links"][link]
             out.append(
-                f"| {LINK_NAMES.get(l, l)} | {_x(ls.get('overlap'))} | "
+                f"| {LINK_NAMES.get(link, link)} | {_x(ls.get('overlap'))} | "
                 f"{_x(ls.get('fluid_off_vs_fluid_off'))} |"
             )
     comm_rows = []
-    for l in links:
-        for v, c in sorted(s["links"][l].get("comm", {}).items()):
+    for link in links:
+        for v, c in sorted(s["links"][link].get("comm", {}).items()):
             hf = c.get("hidden_fraction")
             comm_rows.append(
-                f"| {LINK_NAMES.get(l, l)} | {VNAMES.get(v, v)} | {_ms(c['a2a_ms_per_step'])} | "
+                f"| {LINK_NAMES.get(link, link)} | {VNAMES.get(v, v)} | {_ms(c['a2a_ms_per_step'])} | "
                 f"{_ms(c['hidden_ms_per_step'])} | {_ms(c['exposed_ms_per_step'])} | "
                 f"{c['windows_per_step']:.0f} ({c['filled_windows_per_step']:.0f} filled) | "
                 f"{_ms(c.get('hidden_ms_per_window'), 3)} / {_ms(c.get('exposed_ms_per_window'), 3)} | "
@@ -297,9 +302,9 @@ def _recipe_section(recipe: R.Recipe, doc, commit: str) -> list:
             "",
             f"Hidden fraction per step against NVLink (measure 2, `{key}`; value [band]): "
             + "; ".join(
-                f"{LINK_NAMES.get(l, l)}: {_frac(h)} (exposed {_ms(h['exposed_on_ms'], digits)}"
+                f"{LINK_NAMES.get(link, link)}: {_frac(h)} (exposed {_ms(h['exposed_on_ms'], digits)}"
                 f" ms with overlap, {_ms(h['exposed_off_ms'], digits)} ms without)"
-                for l, h in s[key].items()
+                for link, h in s[key].items()
             )
             + ".",
         ]
@@ -334,10 +339,10 @@ def _summary_table(docs: dict, commit: str) -> list:
             continue
         s = summarize(doc)
         dry = " (dry run)" if doc.get("meta", {}).get("dry_run") else ""
-        for l in recipe.links:
-            if l not in s["links"]:
+        for link in recipe.links:
+            if link not in s["links"]:
                 continue
-            ls = s["links"][l]
+            ls = s["links"][link]
             digits = 1 if recipe.kind == "e2e" else 2
             ratio = (
                 _x(ls.get("speedup"))
@@ -351,7 +356,7 @@ def _summary_table(docs: dict, commit: str) -> list:
             )
             peak = f"{_ms(ls['peak_gb'].get('stock'))} / {_ms(ls['peak_gb'].get('fluid'))}"
             out.append(
-                f"| `{name}`{dry} | {LINK_NAMES.get(l, l)} | {_ms(ls['ms'].get('stock'), digits)} | "
+                f"| `{name}`{dry} | {LINK_NAMES.get(link, link)} | {_ms(ls['ms'].get('stock'), digits)} | "
                 f"{_ms(ls['ms'].get('fluid'), digits)} | {ratio} | {noise} | {peak} | "
                 f"`{doc['meta'].get('commit')}` |"
             )

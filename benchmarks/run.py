@@ -358,7 +358,9 @@ def main(argv=None) -> int:
                 if r.nproc > gpus:
                     print(f"skip {r.name}: needs {r.nproc} GPUs, this host has {gpus}", flush=True)
                     continue
-                links = [l for l in r.links if not args.links or l in args.links.split(",")]
+                links = [
+                    link for link in r.links if not args.links or link in args.links.split(",")
+                ]
                 for link in links:
                     if time.time() > deadline:
                         print(

@@ -177,7 +177,7 @@ class MasterAdamW:
         ]
 
     def step(self):
-        for p, m, group in zip(self.params, self.master, self.groups):
+        for p, m, group in zip(self.params, self.master, self.groups, strict=True):
             g = p.grad.float() if p.grad is not None else torch.zeros_like(m)
             if dist.get_world_size(group) > 1:
                 dist.all_reduce(g, group=group)
@@ -187,7 +187,7 @@ class MasterAdamW:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         with torch.no_grad():
-            for p, m in zip(self.params, self.master):
+            for p, m in zip(self.params, self.master, strict=True):
                 p.copy_(m)
                 p.grad = None
 

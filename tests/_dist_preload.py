@@ -13,11 +13,11 @@ import torch  # noqa: F401
 import torch.distributed  # noqa: F401
 
 with contextlib.suppress(Exception):
-    import megatron.core.parallel_state  # noqa: F401
-    import megatron.core.models.gpt.gpt_model  # noqa: F401
-    import megatron.core.transformer.moe.moe_layer  # noqa: F401
-    import megatron.core.optimizer  # noqa: F401
     import megatron.core.dist_checkpointing  # noqa: F401
+    import megatron.core.models.gpt.gpt_model  # noqa: F401
+    import megatron.core.optimizer  # noqa: F401
+    import megatron.core.parallel_state  # noqa: F401
+    import megatron.core.transformer.moe.moe_layer  # noqa: F401
 with contextlib.suppress(Exception):
     import fluid  # noqa: F401
     import fluid.attention  # noqa: F401

@@ -167,7 +167,7 @@ class Discovery:
                 print(f"api_check: skipping {f}: {e}", file=sys.stderr)
         # Pass 1: upstream bases of overlay classes, transitively through overlay classes.
         local_bases: dict[str, list[str]] = {}
-        for f, tree in parsed:
+        for _, tree in parsed:
             b = _Bindings(tree)
             for node in ast.walk(tree):
                 if isinstance(node, ast.ClassDef):
@@ -438,11 +438,11 @@ def signature(found: Found | None) -> list[Param] | None:
     out = []
     pos = a.posonlyargs + a.args
     defaults = [None] * (len(pos) - len(a.defaults)) + list(a.defaults)
-    for p, d in zip(pos, defaults):
+    for p, d in zip(pos, defaults, strict=True):
         out.append(Param(p.arg, "pos", ast.unparse(d) if d is not None else None))
     if a.vararg:
         out.append(Param(a.vararg.arg, "vararg", None))
-    for p, d in zip(a.kwonlyargs, a.kw_defaults):
+    for p, d in zip(a.kwonlyargs, a.kw_defaults, strict=True):
         out.append(Param(p.arg, "kwonly", ast.unparse(d) if d is not None else None))
     if a.kwarg:
         out.append(Param(a.kwarg.arg, "kwarg", None))

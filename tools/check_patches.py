@@ -22,8 +22,9 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import patches as P  # noqa: E402
 import setup_megatron as S  # noqa: E402
+
+import patches as P  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -33,8 +33,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import api_check  # noqa: E402
-import patches as P  # noqa: E402
 import upstream_src as U  # noqa: E402
+
+import patches as P  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 ATTENTION = "megatron/core/transformer/attention.py"

@@ -196,7 +196,7 @@ def applicable(patch: Patch, tree: Path) -> bool:
         return True
     if not any(present) and not all(f.startswith(CORE_PREFIX) for f in patch.files):
         return False
-    missing = [f for f, ok in zip(patch.files, present) if not ok]
+    missing = [f for f, ok in zip(patch.files, present, strict=True) if not ok]
     raise PatchError(f"{patch.name}: files missing from {tree}: {', '.join(missing)}")
 
 
@@ -778,10 +778,14 @@ def replay_3way(
                 )
                 log(f"  fixed upstream: {p.name} ({why}): drop it")
                 continue
-            texts = lambda: {f: (repo / f).read_text() for f in p.files if (repo / f).exists()}  # noqa: E731
+
+            # Both are called within this iteration; the defaults bind this patch and its probe.
+            def texts(files=p.files) -> dict[str, str]:
+                return {f: (repo / f).read_text() for f in files if (repo / f).exists()}
+
             before = texts()
 
-            def left_by_probe() -> list[str]:
+            def left_by_probe(probe=probe) -> list[str]:
                 left = run_probe(probe, repo) if probe else None
                 return (
                     [

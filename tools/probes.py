@@ -17,6 +17,7 @@ when the file it reads is absent (a core-only tree without megatron/training). W
 from __future__ import annotations
 
 import ast
+import itertools
 from pathlib import Path
 
 TRANSFORMER_CONFIG = "megatron/core/transformer/transformer_config.py"
@@ -36,7 +37,7 @@ def field_docstrings(source: str, class_name: str) -> dict[str, tuple[int, str]]
     out = {}
     for node in ast.walk(tree):
         if isinstance(node, ast.ClassDef) and node.name == class_name:
-            for a, b in zip(node.body, node.body[1:]):
+            for a, b in itertools.pairwise(node.body):
                 if (
                     isinstance(a, ast.AnnAssign)
                     and isinstance(a.target, ast.Name)

@@ -41,8 +41,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import api_check  # noqa: E402
-import patches as P  # noqa: E402
 import upstream_src  # noqa: E402
+
+import patches as P  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -71,13 +72,11 @@ def fetch_ref(sub: Path, ref: str, url: str | None, log=print) -> str:
     url = url or git(sub, "remote", "get-url", "origin", check=False) or None
     if url:
         log(f"rebase-upstream: fetching {ref} from {url}")
-        run = lambda *a: (
-            subprocess.run(
-                ["git", "-C", str(sub), "fetch", "-q", url, *a],  # noqa: E731
-                capture_output=True,
-            ).returncode
-            == 0
-        )
+
+        def run(*a: str) -> bool:
+            cmd = ["git", "-C", str(sub), "fetch", "-q", url, *a]
+            return subprocess.run(cmd, capture_output=True).returncode == 0
+
         if not ref.startswith("refs/") and run(f"+refs/tags/{ref}:refs/tags/{ref}"):
             return commit_of(sub, f"refs/tags/{ref}")
         if run(ref):

@@ -39,7 +39,7 @@ def _sdpa_twice(backend, deterministic: bool):
     finally:
         torch.use_deterministic_algorithms(False)
     names = ["out", "dq", "dk", "dv"]
-    return {n: bool(torch.equal(a, b)) for n, a, b in zip(names, outs[0], outs[1])}
+    return {n: bool(torch.equal(a, b)) for n, a, b in zip(names, outs[0], outs[1], strict=True)}
 
 
 def _grouped_dw_twice(deterministic: bool):

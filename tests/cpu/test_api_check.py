@@ -6,8 +6,8 @@ trees written here; the last test runs discovery on the real overlay against the
 
 import subprocess
 import sys
-from pathlib import Path
 import textwrap
+from pathlib import Path
 
 import pytest
 

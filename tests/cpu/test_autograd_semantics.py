@@ -149,7 +149,7 @@ def test_linear_selective_call_computes_no_dw(kind, how, bias, sched):
     for layer in (stock, fluid):
         x = x0.clone().requires_grad_(True)
         layer(x)[0].sum().backward()
-    for (n, ps), pf in zip(stock.named_parameters(), fluid.parameters()):
+    for (n, ps), pf in zip(stock.named_parameters(), fluid.parameters(), strict=True):
         assert torch.equal(pf.grad, ps.grad), n
     assert sorted(calls) == list(range(len(list(fluid.parameters())))), calls
     del nodes
@@ -182,7 +182,7 @@ def test_linear_input_without_grad_still_gets_dw(sched):
     x = torch.randn(4, 2, 32)
     stock(x)[0].sum().backward()
     fluid(x)[0].sum().backward()
-    for ps, pf in zip(stock.parameters(), fluid.parameters()):
+    for ps, pf in zip(stock.parameters(), fluid.parameters(), strict=True):
         assert torch.equal(pf.grad, ps.grad)
 
 
@@ -302,7 +302,7 @@ def test_experts_weight_gradients_after_selective_call_are_the_plain_ones(path, 
     x = x0.clone().requires_grad_(True)
     torch.autograd.grad(path(x, p0, *got_w).sum(), x)
     path(x0.clone().requires_grad_(True), p0, *got_w).sum().backward()
-    for r, g in zip(ref_w, got_w):
+    for r, g in zip(ref_w, got_w, strict=True):
         assert torch.equal(g.grad, r.grad)
 
 

@@ -19,8 +19,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tools"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the fixture module beside us
-import patches as P  # noqa: E402
 from upstream_fixture import CFG, MOE, make_superproject, make_upstream, sh  # noqa: E402
+
+import patches as P  # noqa: E402
 
 CONFIG = "megatron/core/transformer/transformer_config.py"
 

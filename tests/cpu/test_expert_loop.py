@@ -37,8 +37,8 @@ import torch
 from fluid.moe import grouped_gemm
 from fluid.moe.expert_loop import sequential_experts
 from fluid.moe.grouped_gemm import grouped_linear, use_grouped_mm
-from fluid.testing.moe import emulate_ddp_grads
 from fluid.schedule import get_backward_scheduler
+from fluid.testing.moe import emulate_ddp_grads
 
 H, F, G = 12, 10, 4
 EPS = torch.finfo(torch.float32).eps  # 1.19e-7
@@ -104,7 +104,7 @@ def _seq(x, p, w1, w2, c, a):
 def test_sequential_experts_match_the_composition(counts, act, probs_grad):
     ref = _run(_composition, counts, act, probs_grad)
     got = _run(_seq, counts, act, probs_grad)
-    for name, r, g in zip(("y", "dx", "dprobs", "dw1", "dw2"), ref, got):
+    for name, r, g in zip(("y", "dx", "dprobs", "dw1", "dw2"), ref, got, strict=True):
         if r is None:
             assert g is None, name
             continue
@@ -171,7 +171,7 @@ def test_main_grad_under_ddp_hooks_matches_the_composition(first):
     for seed in (0, 1):  # one optimizer step of two micro-batches: the flags stay set between
         _run(_composition, counts, _fused_swiglu_weighted, True, seed=seed, weights=ref_w)
         _run(order[seed], counts, _fused_swiglu_weighted, True, seed=seed, weights=got_w)
-    for r, g in zip(ref_w, got_w):
+    for r, g in zip(ref_w, got_w, strict=True):
         assert g.grad is None
         assert_fp32_close(g.main_grad, r.main_grad, "main_grad", micro_batches=2)
         assert g.grad_added_to_main_grad, "the per-expert path must set grad_added_to_main_grad"
@@ -216,7 +216,9 @@ def test_sequential_experts_under_reentrant_checkpointing(ddp):
         w = _weights()
         keep = emulate_ddp_grads(w) if ddp else None
         y, dx, dp, g1, g2 = _run(fn, counts, _fused_swiglu_weighted, True, weights=w)
-        outs.append((y, dx, dp, *(p.main_grad if ddp else g for p, g in zip(w, (g1, g2)))))
+        outs.append(
+            (y, dx, dp, *(p.main_grad if ddp else g for p, g in zip(w, (g1, g2), strict=True)))
+        )
         del keep
-    for name, a, b in zip(("y", "dx", "dprobs", "w1", "w2"), *outs):
+    for name, a, b in zip(("y", "dx", "dprobs", "w1", "w2"), *outs, strict=True):
         assert torch.equal(a, b), f"{name} differs under checkpointing"

@@ -147,7 +147,7 @@ def test_dw_is_deferred_to_end_of_backward():
 def test_state_dict_keys_and_param_attributes(kind):
     stock, fluid = _pair(kind, _config(), True, False)
     assert list(fluid.state_dict().keys()) == list(stock.state_dict().keys())
-    for (ns, ps), (nf, pf) in zip(stock.named_parameters(), fluid.named_parameters()):
+    for (ns, ps), (nf, pf) in zip(stock.named_parameters(), fluid.named_parameters(), strict=True):
         assert ns == nf and ps.shape == pf.shape
         for attr in ("tensor_model_parallel", "partition_dim", "allreduce"):
             assert getattr(ps, attr, None) == getattr(pf, attr, None), (nf, attr)

@@ -24,8 +24,11 @@ class _Ev:
 def _stats(windows, monkeypatch):
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
     s = BackwardScheduler(enabled=True, timing=True)
+
+    def ev(t):
+        return None if t is None else _Ev(t)
+
     for a0, a1, d0, d1, end in windows:
-        ev = lambda t: None if t is None else _Ev(t)
         s._windows.append(_Window(_Ev(a0), _Ev(a1), ev(d0), ev(d1), ev(end)))
     return s.get_stats()
 

@@ -82,9 +82,8 @@ def test_hook_called_and_replacement_in_pattern(monkeypatch):
 
 
 def test_hook_reaches_pipeline_sliced_block_spec(monkeypatch):
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
-
     import torch
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
     cfg = _cfg(use_fluid_moe=True, pipeline_model_parallel_size=2, pipeline_dtype=torch.float32)
     _override(monkeypatch, _dummy_transform([]))

@@ -20,9 +20,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests._dist import run_distributed
 from fluid.testing.attention import build_attention, rope_angles
 from fluid.testing.attention import pg_collection as pgc
+from tests._dist import run_distributed
 from tests.dist.test_attention_cp import assert_close, build_layer, make_config
 
 

@@ -65,6 +65,7 @@ DEDUP_CASES = {
 def _run_case(rank, ws, pg, topk, glu, shared, chunks, dead, check_stage, fused, dedup=False):
     from fluid.moe import FluidMoELayer
     from fluid.moe.reference import reference_activation, reference_moe
+    from fluid.schedule import get_backward_scheduler
     from fluid.testing.moe import (
         global_inputs,
         global_moe_weights,
@@ -72,7 +73,6 @@ def _run_case(rank, ws, pg, topk, glu, shared, chunks, dead, check_stage, fused,
         local_moe_submodules,
         moe_config,
     )
-    from fluid.schedule import get_backward_scheduler
 
     cfg = moe_config(
         hidden=H,

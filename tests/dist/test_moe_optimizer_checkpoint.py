@@ -130,10 +130,10 @@ def _check_round_trip(rank, ws, pg, glu, root):
     torch.manual_seed(200)
     dst = FluidMoELayer(cfg, submodules=sub, pg_collection=pg)
     dst_opt = _megatron_adam(dst)
-    for p, q in zip(params.values(), dst.parameters()):
+    for p, q in zip(params.values(), dst.parameters(), strict=True):
         assert not torch.equal(p, q)
     _load(dst, dst_opt, ckpt_dir)
-    for (name, p), q in zip(src.named_parameters(), dst.parameters()):
+    for (name, p), q in zip(src.named_parameters(), dst.parameters(), strict=True):
         assert torch.equal(p, q), name
         s, d = opt.optimizer.state[p], dst_opt.optimizer.state[q]
         for k in ("exp_avg", "exp_avg_sq"):

@@ -28,6 +28,7 @@ def _body(rank, ws):
     from megatron.core.process_groups_config import ProcessGroupCollection
 
     from fluid.moe import FluidMoELayer
+    from fluid.schedule import get_backward_scheduler
     from fluid.testing.moe import (
         global_inputs,
         global_moe_weights,
@@ -35,7 +36,6 @@ def _body(rank, ws):
         local_moe_submodules,
         moe_config,
     )
-    from fluid.schedule import get_backward_scheduler
 
     parallel_state.initialize_model_parallel(expert_model_parallel_size=ws)
     try:

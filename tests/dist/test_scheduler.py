@@ -122,10 +122,10 @@ def _body(rank, world):
     # 1. On == off bit for bit, over two accumulated micro-batches; both equal the reference.
     on = _run(comm, params, rank, world, steps=2, enabled=True)
     off = _run(comm, params, rank, world, steps=2, enabled=False)
-    for a, b in zip(on, off):
+    for a, b in zip(on, off, strict=True):
         assert torch.equal(a, b)
     ref = _reference(world, steps=2)[rank]
-    for a, r in zip(on, ref):
+    for a, r in zip(on, ref, strict=True):
         torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)
     one = _run(comm, params, rank, world, steps=1, enabled=True)
     assert not torch.allclose(one[0], on[0])  # the second micro-batch really contributed
@@ -166,7 +166,7 @@ def _body(rank, world):
         p.grad = None
     _forward(comm_short, params, x, c).backward()
     assert sched.trace == [("l2", "inline"), ("l1", "inline")], sched.trace
-    assert all(torch.equal(p.grad, g) for p, g in zip(params, one))
+    assert all(torch.equal(p.grad, g) for p, g in zip(params, one, strict=True))
     sched._comms = live
     assert sched.overlap_possible()
     sched.trace = None
@@ -182,7 +182,7 @@ def _body(rank, world):
         _forward(comm, params, x.requires_grad_(True), c).backward()
         assert sorted(log) == sorted(id(p) for p in params), "one hook call per param"
         log.clear()
-    for p, expect in zip(params, on):
+    for p, expect in zip(params, on, strict=True):
         assert p.grad is None
         torch.testing.assert_close(p.main_grad, expect, rtol=1e-6, atol=1e-7)
     del accs
@@ -230,7 +230,7 @@ def _body(rank, world):
     sched.on_forward()  # what every Fluid layer calls first in forward
     assert sched.num_pending == 0 and sched.get_stats()["dropped_stale_tasks"] >= 1
     after = _run(comm, params, rank, world, steps=2, enabled=True)
-    for a, b in zip(after, on):
+    for a, b in zip(after, on, strict=True):
         assert torch.equal(a, b)
 
     # 5. Reentrant activation checkpointing (what --recompute-granularity full does): a recomputed
@@ -256,7 +256,7 @@ def _body(rank, world):
         return [p.grad.clone() for p in params[:2]]
 
     sched.reset_stats()
-    for a, b in zip(recompute_step(True), recompute_step(False)):
+    for a, b in zip(recompute_step(True), recompute_step(False), strict=True):
         assert torch.equal(a, b)
     assert sched.get_stats()["dropped_stale_tasks"] == 0
 

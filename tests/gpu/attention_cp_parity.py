@@ -63,6 +63,7 @@ def main() -> int:
     from megatron.core import parallel_state
 
     from fluid.attention.cp_layout import shard_sequence
+    from fluid.schedule import get_backward_scheduler
     from fluid.testing.attention import (
         attention_config,
         build_attention,
@@ -72,7 +73,6 @@ def main() -> int:
         pg_collection,
         rope_emb,
     )
-    from fluid.schedule import get_backward_scheduler
 
     rank, cp, tp, cp_group, single, device = init_cp_run(args.device)
     sched = get_backward_scheduler()

@@ -250,8 +250,8 @@ def uses_carveout(model) -> bool:
 
 
 def run_variant(a, variant, ws, rank, cuda, device, state, data):
-    from fluid.testing.moe import emulate_ddp_grads
     from fluid.schedule import get_backward_scheduler
+    from fluid.testing.moe import emulate_ddp_grads
 
     model, cfg = build(a, variant, ws, cuda, state)
     accs = emulate_ddp_grads(model.parameters())
@@ -279,7 +279,7 @@ def run_variant(a, variant, ws, rank, cuda, device, state, data):
             times.append(1e3 * (time.perf_counter() - t0))
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     res = {
-        "losses": torch.stack([l.float().cpu() for l in losses]),
+        "losses": torch.stack([loss.float().cpu() for loss in losses]),
         "grads": grads,
         "ms": times,
         "peak_gib": peak,

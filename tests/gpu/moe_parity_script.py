@@ -66,7 +66,7 @@ def check_grouped_mm(device, results):
         gmm(dy, w, counts, offs, trans_w=False, fallbacks=fb),
         gmm_wgrad(dy, x, counts, offs, fb),
     )
-    for name, a, b in zip(("fwd", "dgrad", "wgrad"), got, ref):
+    for name, a, b in zip(("fwd", "dgrad", "wgrad"), got, ref, strict=True):
         e = rel_err(a, b)
         results.append((f"grouped_mm {name} vs loop", "PASS" if e <= REL_TOL else "FAIL", e))
     results.append(
@@ -118,6 +118,7 @@ def main():
     args = p.parse_args()
 
     cuda = args.device == "cuda"
+    from fluid.schedule import get_backward_scheduler
     from fluid.testing.moe import (
         init_expert_parallel_world,
         moe_config,
@@ -125,7 +126,6 @@ def main():
         set_num_chunks,
         stock_and_fluid,
     )
-    from fluid.schedule import get_backward_scheduler
 
     rank, ws, device, pg = init_expert_parallel_world(cuda)
     dtype = torch.bfloat16 if cuda else torch.float32

@@ -44,9 +44,10 @@ def main():
     sched = get_backward_scheduler()
     torch.manual_seed(0)
     T, H, F = args.tokens, args.hidden, args.ffn
-    mk = lambda o, i: torch.nn.Parameter(
-        torch.randn(o, i, device="cuda", dtype=torch.bfloat16) / i**0.5
-    )
+
+    def mk(o, i):
+        return torch.nn.Parameter(torch.randn(o, i, device="cuda", dtype=torch.bfloat16) / i**0.5)
+
     ws = [mk(F, H), mk(H, F), mk(F, H), mk(H, F)]
     torch.manual_seed(1 + rank)
     x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -73,7 +74,7 @@ def main():
     sched.disable()
     step()
     g_off = [w.grad.clone() for w in ws]
-    identical = all(torch.equal(a, b) for a, b in zip(g_on, g_off))
+    identical = all(torch.equal(a, b) for a, b in zip(g_on, g_off, strict=True))
 
     t_off = timed(False, args.iters)
     t_on = timed(True, args.iters)

@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
-
 from megatron.core.transformer.moe.moe_utils import topk_routing_with_score_function
 
 

@@ -10,7 +10,6 @@ and token dropping are the stock code, and parameter names (state-dict keys) are
 from __future__ import annotations
 
 import torch
-
 from megatron.core.transformer.moe.moe_utils import router_gating_linear
 from megatron.core.transformer.moe.router import TopKRouter
 

@@ -14,7 +14,6 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 
