@@ -290,3 +290,64 @@ def test_combined_1f1b_needs_one_chunk():
         validate_config(cfg)
     cfg.overlap_moe_expert_parallel_comm = False
     validate_config(cfg)  # chunks 2 without the schedule
+
+
+def _cpu_offsets(counts, device):
+    """offsets_for as on the GPU: an int32 tensor (made on the current stream), never None."""
+    acc, out = 0, []
+    for c in counts:
+        acc += int(c)
+        out.append(acc)
+    return torch.tensor(out, dtype=torch.int32)
+
+
+def _stream_order(rank, world):
+    """Stream ordering of the combined schedule, checked with fake streams (tests/_streams.py).
+
+    CPU runs Handoff's CUDA path (`_on_cuda` patched), offsets are tensors as on the GPU, the
+    experts keep them (grouped-GEMM path chosen) and the grouped GEMMs read them (the loop's
+    `gmm` / `gmm_wgrad` read `offs` first, as the grouped kernel does). Before fluid.moe.handoff
+    the checker reports the offsets (made on the comm stream, freed while the experts' backward
+    on the compute stream still reads them) and sorted_indices (made on the compute stream,
+    freed while the unpermute backward on the comm stream reads them)."""
+    import gc
+
+    import fluid.moe.dispatcher as dispatcher
+    import fluid.moe.experts as experts
+    import fluid.moe.grouped_gemm as gg
+    import fluid.moe.handoff as handoff
+    from tests._streams import StreamOrderChecker, cpu_schedules_torch, install_fake_streams
+
+    checker = StreamOrderChecker()
+    install_fake_streams(checker)
+    cpu_schedules_torch()
+    handoff._on_cuda = lambda t: t is not None
+    dispatcher.offsets_for = _cpu_offsets
+    experts.use_grouped_mm = lambda *a, **k: True
+    real_gmm, real_wgrad = gg.gmm, gg.gmm_wgrad
+    reads = []
+
+    def gmm(a, w, counts, offs, **kw):
+        reads.append(offs.clone())  # the grouped kernel reads offs on the current stream
+        return real_gmm(a, w, counts, offs, **kw)
+
+    def gmm_wgrad(dy, x, counts, offs, *args, **kw):
+        reads.append(offs.clone())
+        return real_wgrad(dy, x, counts, offs, *args, **kw)
+
+    gg.gmm, gg.gmm_wgrad = gmm, gmm_wgrad
+    model, cfg = _build()
+    with checker:
+        for combined in (False, True):
+            model.zero_grad(set_to_none=True)
+            _run(model, cfg, rank, combined)
+        gc.collect()
+    assert reads, "the grouped GEMMs never read offs: the check saw nothing"
+    sources = sorted({v.split("storage from ")[1].split(",")[0] for v in checker.violations})
+    assert not checker.violations, "\n".join(sources + checker.violations[:4])
+
+
+def test_combined_1f1b_stream_order():
+    """Every tensor Fluid keeps between the schedule's nodes is read after its producer's event
+    and freed only once no other stream still reads it (fake streams; see _stream_order)."""
+    run_distributed(_stream_order, 2)
