@@ -1,0 +1,233 @@
+"""Probe (not a benchmark): where one training iteration's time goes, stock against Fluid, from a
+GPU timeline (issue 19).
+
+    python3 -m benchmarks.probes.breakdown --recipes e2e_mixtral_1gpu,e2e_fine_1gpu \
+        --variants stock,fluid --out OUT [--step 5] [--budget-s 500]
+    python3 -m benchmarks.probes.breakdown --recipes e2e_mixtral_1gpu --dry-run   # CPU: argv, JSON
+    python3 -m benchmarks.probes.breakdown --print-command   # the one-call GPU command
+
+Per recipe (benchmarks/recipes.py, end-to-end) and variant: one torchrun of stock
+`pretrain_gpt.py` with the recipe's flags (benchmarks/e2e_job.variant_argv) plus Megatron's
+PyTorch-profiler flags, `--profile --use-pytorch-profiler --profile-step-start N
+--profile-step-end N+1 --profile-ranks 0 --tensorboard-dir D/tb`, and `--train-iters N+1`.
+Megatron (training.py at the pin) then records iteration N (`ProfilerStep#N`) and writes it with
+`export_chrome_trace` to `D/torch_profile/rank-0.json.gz`: plain JSON, no tensorboard package
+(Megatron's tensorboard writer is skipped with a warning when the package is missing).
+
+The script runs under this module's `--worker` mode, which installs
+`fluid.testing.bench.breakdown.module_scope_hooks` (an `nn.Module: <Class>` range around every
+module's forward, which the categorizer needs to tell expert GEMMs from dense ones) and then runs
+`pretrain_gpt.py` as `__main__`: no patch, and no `with_stack` Python tracer inflating host time.
+
+The trace goes through `fluid.testing.bench.breakdown`; OUT/breakdown_<recipe>.json (per variant:
+the breakdown, the logged per-iteration ms, rc) and OUT/breakdown_<recipe>.md (the table) are
+written after every run, so a timeout keeps what finished; the trace itself is kept as
+OUT/trace_<recipe>_<variant>.json.gz when under --keep-trace-mb. The profiled iteration is slower
+than the others (profiler overhead): compare its logged ms with the neighbours' in the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+DEFAULT_RECIPES = ("e2e_mixtral_1gpu", "e2e_fine_1gpu")
+
+
+def profile_flags(step: int, tb_dir) -> list:
+    """Megatron's PyTorch-profiler flags recording iteration `step` on rank 0."""
+    return [
+        "--profile",
+        "--use-pytorch-profiler",
+        "--profile-step-start",
+        str(step),
+        "--profile-step-end",
+        str(step + 1),
+        "--profile-ranks",
+        "0",
+        "--tensorboard-dir",
+        str(tb_dir),
+    ]
+
+
+def probe_argv(recipe, variant: str, step: int, tb_dir) -> list:
+    """pretrain_gpt.py arguments of one run: the recipe's variant for step+1 iterations, profiled."""
+    from benchmarks import e2e_job
+
+    return e2e_job.variant_argv(recipe, variant, step + 1) + profile_flags(step, tb_dir)
+
+
+def torchrun_cmd(recipe, script, argv: list) -> list:
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={recipe.nproc}",
+        "-m",
+        "benchmarks.probes.breakdown",
+        "--worker",
+        str(script),
+        *argv,
+    ]
+
+
+def trace_path(tb_dir) -> Path:
+    """Where Megatron's trace handler writes rank 0's trace: `{tensorboard_dir}/../torch_profile`."""
+    return Path(tb_dir).parent / "torch_profile" / "rank-0.json.gz"
+
+
+def dry_run(names, step: int) -> dict:
+    """Every run's command line; the recipe's own flags checked by e2e_job.check_flag_names, the
+    whole argv by Megatron's parse_args + validate_args where megatron.training is importable."""
+    from benchmarks import e2e_job
+    from benchmarks import recipes as R
+
+    out = {}
+    for r in R.select(names):
+        if r.kind != "e2e":
+            raise SystemExit(f"{r.name} is not an end-to-end recipe")
+        out[r.name] = {}
+        for v in ("stock", "fluid_off", "fluid"):
+            base = e2e_job.variant_argv(r, v, step + 1)
+            bad = e2e_job.check_flag_names(base)
+            if bad:
+                raise SystemExit(f"{r.name} {v}: unknown flag(s) {bad}")
+            tb = Path("WORK") / f"{r.name}_{v}" / "tb"
+            argv = probe_argv(r, v, step, tb)
+            out[r.name][v] = {
+                "argv": argv,
+                "cmd": torchrun_cmd(r, "PRETRAIN_GPT", argv),
+                "trace": str(trace_path(tb)),
+                "megatron_parse": e2e_job.megatron_validate(argv, r.nproc),
+            }
+    return out
+
+
+def gpu_command(recipes=DEFAULT_RECIPES, variants="stock,fluid", budget_s: int = 500) -> str:
+    """The one device call (repository root of the GPU host, `.megatron` and `.whl` carried)."""
+    return (
+        "source benchmarks/gpu_env.sh && timeout 560 python3 -m benchmarks.probes.breakdown "
+        f"--recipes {','.join(recipes)} --variants {variants} --out $OUT --budget-s {budget_s}"
+    )
+
+
+def _run_one(recipe, variant, step, work: Path, out: Path, timeout, keep_mb) -> dict:
+    from benchmarks import e2e_job
+    from benchmarks import recipes as R
+    from fluid.testing.bench.breakdown import breakdown
+    from fluid.testing.bench.launch import parse_megatron_log, run_logged
+
+    d = work / f"{recipe.name}_{variant}"
+    shutil.rmtree(d, ignore_errors=True)
+    (d / "tb").mkdir(parents=True)
+    argv = probe_argv(recipe, variant, step, d / "tb")
+    cmd = torchrun_cmd(recipe, e2e_job.pretrain_script(), argv)
+    env = {**os.environ, **R.BASE_ENV, **R.LINKS["nvlink"]}
+    log = out / f"breakdown_{recipe.name}_{variant}.log"
+    r = run_logged(cmd, env, log, cwd=ROOT, timeout=timeout)
+    its = parse_megatron_log(log.read_text())
+    res = {**r, "argv": argv, "iters_ms": {str(i): v.get("ms") for i, v in sorted(its.items())}}
+    tp = trace_path(d / "tb")
+    if not tp.exists():
+        res["error"] = f"no trace at {tp}"
+        return res
+    res["trace_mb"] = round(tp.stat().st_size / 2**20, 2)
+    try:
+        res["breakdown"] = breakdown(tp, step=step)
+    except Exception as exc:  # keep the run's other results
+        res["error"] = f"breakdown: {type(exc).__name__}: {exc}"
+    if res["trace_mb"] <= keep_mb:
+        shutil.copy(tp, out / f"trace_{recipe.name}_{variant}.json.gz")
+    shutil.rmtree(d, ignore_errors=True)
+    return res
+
+
+def _write(out: Path, name: str, doc: dict) -> None:
+    from fluid.testing.bench.breakdown import markdown
+
+    (out / f"breakdown_{name}.json").write_text(json.dumps(doc, indent=1))
+    done = {v: r["breakdown"] for v, r in doc["variants"].items() if "breakdown" in r}
+    text = f"# {name}: one iteration (step {doc['step']}), rank 0\n\n"
+    text += markdown(done) if done else "no breakdown\n"
+    (out / f"breakdown_{name}.md").write_text(text)
+
+
+def worker(argv: list) -> None:
+    """`--worker SCRIPT ARGS...`: pretrain_gpt.py as __main__ with module-scope ranges."""
+    import runpy
+
+    from fluid.testing.bench.breakdown import module_scope_hooks
+
+    script, rest = argv[0], argv[1:]
+    module_scope_hooks()
+    sys.argv = [script, *rest]
+    sys.path.insert(0, str(Path(script).parent))
+    runpy.run_path(script, run_name="__main__")
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--worker":
+        worker(argv[1:])
+        return 0
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--recipes", default=",".join(DEFAULT_RECIPES))
+    ap.add_argument("--variants", default="stock,fluid")
+    ap.add_argument("--step", type=int, default=5, help="the profiled iteration (1-based)")
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--budget-s", type=float, default=500, help="start no run after this")
+    ap.add_argument("--timeout-s", type=float, default=240, help="per run")
+    ap.add_argument("--keep-trace-mb", type=float, default=15)
+    ap.add_argument("--dry-run", action="store_true")
+    ap.add_argument("--print-command", action="store_true")
+    args = ap.parse_args(argv)
+    names = args.recipes.split(",")
+    if args.print_command:
+        print(gpu_command(names, args.variants, int(args.budget_s)))
+        return 0
+    if args.dry_run:
+        print(json.dumps(dry_run(names, args.step)))
+        return 0
+    if args.out is None:
+        ap.error("--out is required")
+    from benchmarks import recipes as R
+    from fluid.testing.bench.launch import install_sigterm
+
+    install_sigterm()
+    args.out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="fluid_breakdown_"))
+    deadline = time.time() + args.budget_s
+    for r in R.select(names):
+        doc = {"recipe": r.name, "step": args.step, "command": shlex.join(sys.argv), "variants": {}}
+        for v in args.variants.split(","):
+            if time.time() > deadline:
+                doc["variants"][v] = {"skipped": "time budget"}
+                continue
+            timeout = min(args.timeout_s, max(30.0, deadline + 60 - time.time()))
+            res = _run_one(r, v, args.step, work, args.out, timeout, args.keep_trace_mb)
+            doc["variants"][v] = res
+            _write(args.out, r.name, doc)
+            b = res.get("breakdown")
+            print(
+                f"{r.name} {v}: rc={res['rc']} wall={b['wall_ms'] if b else None} ms "
+                f"{res.get('error', '')}",
+                flush=True,
+            )
+        _write(args.out, r.name, doc)
+        print((args.out / f"breakdown_{r.name}.md").read_text(), flush=True)
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
