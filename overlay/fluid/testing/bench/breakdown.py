@@ -314,6 +314,10 @@ def breakdown(trace, step=None) -> dict:
     }
 
 
+def _pct(b: dict, c: str) -> str:
+    return f"{100 * b['exclusive_ms'][c] / b['wall_ms']:.1f}%" if b["wall_ms"] else "-"
+
+
 def markdown(results: dict) -> str:
     """A table of one or more breakdowns {label: breakdown()}: ms and % of the wall time per
     exclusive category, then the summed kernel time per category."""
@@ -321,10 +325,7 @@ def markdown(results: dict) -> str:
     head = "| | " + " | ".join(labels) + " |\n| --- |" + " --- |" * len(labels) + "\n"
     rows = ["| wall (ms) | " + " | ".join(f"{results[k]['wall_ms']:.2f}" for k in labels) + " |"]
     for c in EXCLUSIVE:
-        cells = [
-            f"{results[k]['exclusive_ms'][c]:.2f} ({100 * results[k]['fractions'][c]:.1f}%)"
-            for k in labels
-        ]
+        cells = [f"{results[k]['exclusive_ms'][c]:.2f} ({_pct(results[k], c)})" for k in labels]
         rows.append(f"| {c} | " + " | ".join(cells) + " |")
     rows.append("| *kernel time, all streams (ms)* |" + " |" * len(labels))
     for c in CATEGORIES:

@@ -1,0 +1,279 @@
+"""Tier: cpu. The step-time breakdown (fluid.testing.bench.breakdown) on a hand-written trace with
+known overlaps (exact expected numbers), the scope chain (module range -> forward op -> fwdbwd flow
+-> backward node -> kernel launch) on a real CPU profiler trace, and the probe's command lines
+(benchmarks/probes/breakdown.py, run as a subprocess: tests do not import benchmarks/)."""
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fluid.testing.bench.breakdown import EXCLUSIVE, breakdown, categorize, markdown
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _x(cat, name, ts, dur, tid=1, **args):
+    return {
+        "ph": "X",
+        "cat": cat,
+        "name": name,
+        "pid": 1,
+        "tid": tid,
+        "ts": ts,
+        "dur": dur,
+        "args": args,
+    }
+
+
+def _kernel(name, ts, dur, stream, corr, launch_ts, launch_tid=1, cat="kernel"):
+    """A GPU event on `stream` and the runtime call that launched it."""
+    return [
+        _x("cuda_runtime", "cudaLaunchKernel", launch_ts, 1, tid=launch_tid, correlation=corr),
+        _x(cat, name, ts, dur, tid=stream, stream=stream, correlation=corr),
+    ]
+
+
+def synthetic_trace():
+    """Times in us. Compute stream 7, NCCL stream 13, side stream 20. Iteration: ProfilerStep#5,
+    host 0..110. Compute stream: a kernel of the previous step (-10..5, clipped to 0..5), expert
+    GEMM (20..50, launched inside SequentialMLP), router kernel (60..62, inside TopKRouter),
+    dense GEMM (50..60), element-wise (70..80), backward GEMM of the expert's forward op (96..100,
+    scope through the fwdbwd flow), optimizer (102..104). NCCL: all-to-all 55..75 (hidden under
+    50..62 and 70..75, exposed 62..70), all-reduce 85..95 (exposed). Side stream: attention
+    22..28 (under the expert GEMM), memcpy 81..83 (in an idle gap)."""
+    ev = [
+        _x("user_annotation", "ProfilerStep#4", -30, 30),
+        _x("user_annotation", "ProfilerStep#5", 0, 110),
+        _x("user_annotation", "nn.Module: TopKRouter", 3, 2),
+        _x("user_annotation", "nn.Module: SequentialMLP", 10, 20),
+        _x("cpu_op", "aten::mm", 15, 2),
+        {"ph": "s", "id": 9, "pid": 1, "tid": 1, "ts": 15, "cat": "fwdbwd", "name": "fwdbwd"},
+        _x("cpu_op", "autograd::engine::evaluate_function: MmBackward0", 60, 10, tid=2),
+        _x("cpu_op", "MmBackward0", 61, 8, tid=2),
+        {
+            "ph": "f",
+            "id": 9,
+            "pid": 1,
+            "tid": 2,
+            "ts": 61,
+            "cat": "fwdbwd",
+            "name": "fwdbwd",
+            "bp": "e",
+        },
+    ]
+    ev += _kernel("vectorized_elementwise_kernel_prev", -10, 15, 7, 100, -20)
+    ev += _kernel("sm90_xmma_gemm_bf16bf16_bf16f32", 20, 30, 7, 1, 12)
+    ev += _kernel("void at::native::sbtopk::gatherTopK<float>", 60, 2, 7, 10, 4)
+    ev += _kernel("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTT", 50, 10, 7, 2, 6)
+    ev += _kernel("ncclDevKernel_SendRecv(ncclDevKernelArgsStorage<4096ul>)", 55, 20, 13, 3, 40)
+    ev += _kernel("void at::native::vectorized_elementwise_kernel<4>", 70, 10, 7, 4, 45)
+    ev += _kernel("ncclDevKernel_AllReduce_Sum_f32_RING_LL", 85, 10, 13, 5, 50)
+    ev += _kernel("nvjet_tst_64x8_64x16_4x1_v_bz_TNT", 96, 4, 7, 6, 62, launch_tid=2)
+    ev += _kernel("void multi_tensor_apply_kernel<AdamFunctor>", 102, 2, 7, 8, 90)
+    ev += _kernel("flash_fwd_kernel", 22, 6, 20, 7, 13)
+    ev += _kernel("Memcpy HtoD (Pageable -> Device)", 81, 2, 20, 11, 70, cat="gpu_memcpy")
+    return {"traceEvents": ev}
+
+
+def test_synthetic_exact():
+    b = breakdown(synthetic_trace(), step=5)
+    assert b["step"] == 5 and b["wall_ms"] == pytest.approx(0.110)
+    assert b["compute_stream"] == 7
+    us = {k: round(v * 1e3, 6) for k, v in b["exclusive_ms"].items()}
+    assert us == {
+        "attention": 0,
+        "expert_gemm": 34,  # 20..50 and the backward GEMM 96..100
+        "gemm_other": 10,
+        "router_permute": 2,
+        "norm_elementwise": 15,  # 0..5 (clipped) and 70..80
+        "optimizer": 2,
+        "other": 0,
+        "exposed_all_to_all": 8,
+        "exposed_reduce": 10,
+        "memcpy_memset": 2,
+        "host_gap": 27,  # 5..20, 80..81, 83..85, 95..96, 100..102, 104..110
+    }
+    assert sum(us.values()) == pytest.approx(110)
+    assert sum(b["fractions"].values()) == pytest.approx(1.0, abs=1e-3)
+    k = {c: round(v * 1e3, 6) for c, v in b["kernel_ms"].items()}
+    assert k["attention"] == 6 and k["nccl_all_to_all"] == 20 and k["nccl_reduce"] == 10
+    assert k["expert_gemm"] == 34 and k["memcpy_memset"] == 2
+    assert b["hidden_ms"] == {"all_to_all": pytest.approx(0.012), "reduce": 0.0}
+    busy = {s: round(v["busy_ms"] * 1e3, 6) for s, v in b["streams"].items()}
+    assert busy == {"7": 63, "13": 30, "20": 8}
+
+
+def test_step_choice_and_markdown(tmp_path):
+    p = tmp_path / "t.json.gz"
+    with gzip.open(p, "wt") as f:
+        json.dump(synthetic_trace(), f)
+    last = breakdown(p)  # default: the last ProfilerStep
+    assert last["step"] == 5 and last["wall_ms"] == pytest.approx(0.110)
+    with pytest.raises(ValueError, match="ProfilerStep#7"):
+        breakdown(p, step=7)
+    md = markdown({"stock": last, "fluid": last})
+    assert md.startswith("| | stock | fluid |")
+    assert all(f"| {c} |" in md for c in EXCLUSIVE)
+    assert "| host_gap | 0.03 (24.5%) | 0.03 (24.5%) |" in md
+
+
+@pytest.mark.parametrize(
+    "name,scope,want",
+    [
+        ("ncclDevKernel_ReduceScatter_Sum_bf16_RING_LL", (), "nccl_reduce"),
+        ("ncclKernel_SendRecv_RING_SIMPLE_Sum_int8_t", (), "nccl_all_to_all"),
+        ("cutlass::Kernel2<GroupedGemm...>", (), "expert_gemm"),
+        ("nvjet_tst_128x256", ("nn.Module: SelfAttention", "nn.Module: Linear"), "gemm_other"),
+        ("ampere_bf16_s16816gemm", ("nn.Module: DotProductAttention",), "attention"),
+        ("scaled_masked_softmax_warp_forward", ("nn.Module: FusedScaleMaskSoftmax",), "attention"),
+        (
+            "nvjet_tst_128x256",
+            ("nn.Module: FluidMoELayer", "nn.Module: FluidGroupedMLP"),
+            "expert_gemm",
+        ),
+        ("nvjet_tst_64x8", ("nn.Module: MoELayer", "nn.Module: TopKRouter"), "gemm_other"),
+        ("void at::native::index_elementwise_kernel", ("nn.Module: MoELayer",), "router_permute"),
+        (
+            "void at::native::vectorized_elementwise_kernel<silu>",
+            ("nn.Module: SequentialMLP",),
+            "norm_elementwise",
+        ),
+        (
+            "void at::native::vectorized_elementwise_kernel",
+            ("Optimizer.step#Adam.step",),
+            "optimizer",
+        ),
+        ("void at::native::reduce_kernel<512, 1>", (), "norm_elementwise"),
+        ("some_custom_op", (), "other"),
+        ("fmha_cutlassF_bf16_aligned_64x128_rf_sm80", (), "attention"),
+    ],
+)
+def test_categorize_rules(name, scope, want):
+    assert categorize(name, "kernel", scope) == want
+
+
+def test_scope_chain_on_real_cpu_trace(tmp_path):
+    """A real torch.profiler trace of a tiny model (module ranges from module_scope_hooks), with
+    two launches added inside the backward nodes of its two Linear layers: the one of the layer
+    inside `Experts` is an expert GEMM through the fwdbwd flow, the other a dense GEMM."""
+    torch = pytest.importorskip("torch")
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    from fluid.testing.bench.breakdown import load, module_scope_hooks
+
+    class Experts(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.fc(x)
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), Experts())
+    x = torch.randn(4, 8)
+    path = tmp_path / "cpu.json"
+    handles = module_scope_hooks()
+    try:
+        with profile(
+            activities=[ProfilerActivity.CPU],
+            schedule=schedule(wait=0, warmup=1, active=1, repeat=1),
+            on_trace_ready=lambda p: p.export_chrome_trace(str(path)),
+        ) as prof:
+            for _ in range(3):
+                model(x).sum().backward()
+                prof.step()
+    finally:
+        for h in handles:
+            h.remove()
+    trace = load(path)
+    ev = trace["traceEvents"]
+    names = {e.get("name") for e in ev}
+    assert {"nn.Module: Experts", "nn.Module: Linear", "nn.Module: Sequential"} <= names
+    nodes = sorted(
+        (e for e in ev if e.get("ph") == "X" and e.get("name") == "AddmmBackward0"),
+        key=lambda e: e["ts"],
+    )
+    assert len(nodes) == 2  # backward runs the Experts' Linear first, then the dense one
+    t_end = max(e["ts"] + e.get("dur", 0) for e in ev if e.get("ph") == "X")
+    for i, node in enumerate(nodes):
+        launch_ts = node["ts"] + node["dur"] / 2
+        ev += _kernel(
+            f"nvjet_gemm_{i}", t_end + 10 + 10 * i, 5, 7, 90000 + i, launch_ts, node["tid"]
+        )
+    from fluid.testing.bench.breakdown import gpu_events
+
+    _, gpu = gpu_events(trace)
+    cats = {name: c for *_, name, c in gpu}
+    assert cats == {"nvjet_gemm_0": "expert_gemm", "nvjet_gemm_1": "gemm_other"}
+
+
+def _probe(*args):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.run(
+        [sys.executable, "-W", "ignore", "-m", "benchmarks.probes.breakdown", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p.stdout.strip().splitlines()[-1]
+
+
+def test_probe_dry_run():
+    d = json.loads(
+        _probe("--dry-run", "--recipes", "e2e_mixtral_1gpu,e2e_fine_1gpu", "--step", "5")
+    )
+    assert set(d) == {"e2e_mixtral_1gpu", "e2e_fine_1gpu"}
+    for runs in d.values():
+        assert set(runs) == {"stock", "fluid_off", "fluid"}
+        for v, r in runs.items():
+            a = r["argv"]
+            assert a[a.index("--train-iters") + 1] == "6"
+            assert a[a.index("--profile-step-start") + 1] == "5"
+            assert a[a.index("--profile-step-end") + 1] == "6"
+            assert a[a.index("--profile-ranks") + 1] == "0"
+            assert "--profile" in a and "--use-pytorch-profiler" in a
+            assert ("--use-fluid-moe" in a) == (v != "stock")
+            tb = a[a.index("--tensorboard-dir") + 1]
+            assert r["trace"] == str(Path(tb).parent / "torch_profile" / "rank-0.json.gz")
+            assert r["cmd"][r["cmd"].index("-m", 3) + 1 :][:2] == [
+                "benchmarks.probes.breakdown",
+                "--worker",
+            ]
+            assert r["megatron_parse"] == "ok" or r["megatron_parse"].startswith("skipped")
+
+
+def test_probe_gpu_command():
+    cmd = _probe("--print-command")
+    assert len(cmd) < 1500
+    assert cmd.startswith("source benchmarks/gpu_env.sh && ")
+    assert "--recipes e2e_mixtral_1gpu,e2e_fine_1gpu --variants stock,fluid --out $OUT" in cmd
+
+
+def test_probe_worker_runs_script_with_module_scopes(tmp_path):
+    """`--worker SCRIPT ARGS`: the script runs as __main__ with its arguments, and a profiler
+    trace taken inside it carries the `nn.Module: <Class>` ranges of module_scope_hooks."""
+    pytest.importorskip("torch")
+    script = tmp_path / "fake_pretrain.py"
+    script.write_text(
+        "import json, sys, torch\n"
+        "from torch.profiler import profile, ProfilerActivity\n"
+        "if __name__ == '__main__':\n"
+        "    m = torch.nn.Sequential(torch.nn.Linear(4, 4))\n"
+        "    with profile(activities=[ProfilerActivity.CPU]) as p:\n"
+        "        m(torch.randn(2, 4))\n"
+        "    p.export_chrome_trace(sys.argv[2])\n"
+        "    print(json.dumps(sys.argv[1:]))\n"
+    )
+    trace = tmp_path / "t.json"
+    out = _probe("--worker", str(script), "--flag", str(trace))
+    assert json.loads(out) == ["--flag", str(trace)]
+    names = {e.get("name") for e in json.loads(trace.read_text())["traceEvents"]}
+    assert {"nn.Module: Sequential", "nn.Module: Linear"} <= names
