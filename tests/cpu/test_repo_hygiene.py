@@ -31,6 +31,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 CAPTURED_OUTPUT = ("docs/benchmarks/raw/", "examples/logs/")
+SELF = "tests/cpu/test_repo_hygiene.py"
 # Written in two pieces so that this file does not match its own patterns.
 _WORK = "/" + "work"
 _SHARED = re.compile(r"(?<![\w.\-])\.\./shared(?![\w.\-])")
@@ -131,6 +132,8 @@ def test_no_tracked_file_refers_outside_the_repo():
     for mode, rel in entries:
         path = ROOT / rel
         if mode == "160000":  # submodule (Megatron-LM): not this repository's files
+            continue
+        if rel == SELF:  # the detector names what it detects; its cases are checked below
             continue
         if mode == "120000":
             target = os.readlink(path)
