@@ -53,7 +53,7 @@ class DirSource:
     """Upstream files from a directory holding megatron/."""
 
     def __init__(self, root: Path, label: str):
-        self.root, self.label, self._cache = Path(root), label, {}
+        self.root, self.label = Path(root), label
 
     def read(self, rel: str) -> str | None:
         f = self.root / rel
@@ -64,7 +64,8 @@ class GitSource:
     """Upstream files at a git ref (`git show REF:path`), cached."""
 
     def __init__(self, repo: Path, ref: str, label: str | None = None):
-        self.repo, self.ref, self.label, self._cache = Path(repo), ref, label or ref, {}
+        self.repo, self.ref, self.label = Path(repo), ref, label or ref
+        self._cache: dict[str, str | None] = {}
 
     def read(self, rel: str) -> str | None:
         if rel not in self._cache:
@@ -345,7 +346,7 @@ def lookup(src, module: str, name: str, depth: int = 0) -> Found | None:
                 return find_member(src, owner, name)
         return None
     rel, text, tree = parsed
-    hit = None
+    hit: ast.stmt | None = None
     for node in _top_level(tree.body):
         if (
             isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
@@ -383,8 +384,9 @@ def _resolve_in_module(src, found: Found, expr: ast.AST) -> Found | None:
 
 
 def find_member(src, cls: Found, name: str, depth: int = 0) -> Found | None:
-    """Method/attribute `name` of class `cls`, following upstream base classes."""
-    hit = None
+    """Method/attribute `name` of class `cls` (a ClassDef), following upstream base classes."""
+    assert isinstance(cls.node, ast.ClassDef), cls.node
+    hit: ast.stmt | None = None
     for node in cls.node.body:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == name:
             hit = node
@@ -400,9 +402,9 @@ def find_member(src, cls: Found, name: str, depth: int = 0) -> Found | None:
     for base in cls.node.bases:
         b = _resolve_in_module(src, cls, base)
         if b is not None and isinstance(b.node, ast.ClassDef):
-            hit = find_member(src, b, name, depth + 1)
-            if hit is not None:
-                return hit
+            found = find_member(src, b, name, depth + 1)
+            if found is not None:
+                return found
     return None
 
 
@@ -487,7 +489,7 @@ def compare_params(
     new: list[Param],
     max_positional: int = 0,
     fields: bool = False,
-    used_names: set[str] | None = None,
+    used_names: frozenset[str] | set[str] | None = None,
 ) -> tuple[str, list[str]]:
     """(verdict, notes) for a signature change, from a caller's and an override's view.
 
@@ -584,7 +586,7 @@ class Verdict:
 
 
 def compare_item(
-    item: Item, old_src, new_src, used_names: set[str] = frozenset()
+    item: Item, old_src, new_src, used_names: frozenset[str] | set[str] = frozenset()
 ) -> Verdict | None:
     fo, fn = resolve(old_src, item), resolve(new_src, item)
     uses, sites = sorted(item.uses), sorted(item.sites)
@@ -706,7 +708,8 @@ def main(argv=None) -> int:
     if bool(args.from_dir) != bool(args.to_dir):
         ap.error("--from-dir and --to-dir go together")
     if args.from_dir:
-        old_src, new_src = DirSource(args.from_dir, old), DirSource(args.to_dir, args.new)
+        old_src: DirSource | GitSource = DirSource(args.from_dir, old)
+        new_src: DirSource | GitSource = DirSource(args.to_dir, args.new)
     else:
         if not (args.tree / ".git").exists():
             print(
@@ -714,14 +717,14 @@ def main(argv=None) -> int:
                 file=sys.stderr,
             )
             return 1
-        old_src, new_src = GitSource(args.tree, old), GitSource(args.tree, args.new)
-        for s in (old_src, new_src):
+        for ref in (old, args.new):
             if subprocess.run(
-                ["git", "-C", str(args.tree), "rev-parse", "--verify", "-q", f"{s.ref}^{{commit}}"],
+                ["git", "-C", str(args.tree), "rev-parse", "--verify", "-q", f"{ref}^{{commit}}"],
                 capture_output=True,
             ).returncode:
-                print(f"api_check: unknown ref {s.ref} in {args.tree}", file=sys.stderr)
+                print(f"api_check: unknown ref {ref} in {args.tree}", file=sys.stderr)
                 return 1
+        old_src, new_src = GitSource(args.tree, old), GitSource(args.tree, args.new)
     verdicts = check(args.overlay, old_src, new_src)
     if args.json:
         print(json.dumps([asdict(v) for v in verdicts], indent=1))

@@ -183,11 +183,10 @@ def build_report(args) -> tuple[str, bool, str]:
         body += section(sc.repo, sc.old, sc.new, "megatron/core/transformer/moe/", [MOE])
         others = [f for f in touched if f != ATTENTION and not f.startswith(MOE)]
         body += section(sc.repo, sc.old, sc.new, "Files the patch series touches", others)
-        rest = U.git(sc.repo, "diff", "--numstat", sc.old, sc.new, "--", U.CORE).splitlines()
-        rest = [r.split("\t") for r in rest]
+        numstat = U.git(sc.repo, "diff", "--numstat", sc.old, sc.new, "--", U.CORE)
         rest = [
             r
-            for r in rest
+            for r in (line.split("\t") for line in numstat.splitlines())
             if r[2] != ATTENTION and not r[2].startswith(MOE) and r[2] not in touched
         ]
     kinds = ("breaking", "compatible", "unchanged", "unresolved")

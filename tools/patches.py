@@ -46,6 +46,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 HEADER_FIELDS = ("Description", "Test", "Forwarded")
@@ -95,7 +96,7 @@ def read_series(patch_dir: Path) -> list[Patch]:
 
 
 def read_lock(patch_dir: Path) -> dict:
-    lock = {"files": {}}
+    lock: dict[str, Any] = {"files": {}}
     for line in (patch_dir / "upstream.lock").read_text().splitlines():
         line = line.strip()
         if not line or line.startswith("#"):
@@ -153,6 +154,8 @@ def load_probe(patch: Patch, root: Path):
     mod_spec = importlib.util.spec_from_file_location(
         "fluid_probe_" + re.sub(r"\W", "_", m.group(1)), root / m.group(1)
     )
+    if mod_spec is None or mod_spec.loader is None:
+        raise PatchError(f"{patch.name}: cannot load the probe file {root / m.group(1)}")
     module = importlib.util.module_from_spec(mod_spec)
     mod_spec.loader.exec_module(module)
     fn = getattr(module, m.group(2), None)

@@ -67,8 +67,9 @@ def commit_of(repo: Path, ref: str) -> str | None:
 def fetch_ref(sub: Path, ref: str, url: str | None, log=print) -> str:
     """The commit REF names, fetched from `url` (or the submodule's origin) when needed. A tag
     is fetched as a tag, so the lock can name it (and the release it is)."""
-    if re.fullmatch(r"[0-9a-fA-F]{7,40}", ref) and commit_of(sub, ref):
-        return commit_of(sub, ref)  # a commit id already present: nothing to fetch
+    present = commit_of(sub, ref) if re.fullmatch(r"[0-9a-fA-F]{7,40}", ref) else None
+    if present:
+        return present  # a commit id already present: nothing to fetch
     url = url or git(sub, "remote", "get-url", "origin", check=False) or None
     if url:
         log(f"rebase-upstream: fetching {ref} from {url}")
@@ -78,9 +79,13 @@ def fetch_ref(sub: Path, ref: str, url: str | None, log=print) -> str:
             return subprocess.run(cmd, capture_output=True).returncode == 0
 
         if not ref.startswith("refs/") and run(f"+refs/tags/{ref}:refs/tags/{ref}"):
-            return commit_of(sub, f"refs/tags/{ref}")
+            tagged = commit_of(sub, f"refs/tags/{ref}")
+            if tagged:
+                return tagged
         if run(ref):
-            return commit_of(sub, "FETCH_HEAD")
+            fetched = commit_of(sub, "FETCH_HEAD")
+            if fetched:
+                return fetched
         # A short commit id, or a server that refuses fetching by id: fetch branches and tags.
         run("+refs/heads/*:refs/remotes/fluid-upstream/*", "+refs/tags/*:refs/tags/*")
     commit = commit_of(sub, ref) or commit_of(sub, f"fluid-upstream/{ref}")

@@ -70,7 +70,10 @@ def latest_core_version(python: str = sys.executable) -> str:
         raise RuntimeError(
             "cannot reach the package index for megatron-core:\n" + res.stderr + res2.stderr
         )
-    return re.match(r"megatron_core-([^-]+?)(?:\.tar\.gz|-)", names[0]).group(1)
+    m = re.match(r"megatron_core-([^-]+?)(?:\.tar\.gz|-)", names[0])
+    if m is None:
+        raise RuntimeError(f"unexpected megatron-core distribution name: {names[0]}")
+    return m.group(1)
 
 
 def _package_info_values(package_info: str) -> dict:
@@ -93,7 +96,7 @@ def _package_info_values(package_info: str) -> dict:
             target, value = node.targets[0], node.value
         elif isinstance(node, ast.AnnAssign) and node.value is not None:
             target, value = node.target, node.value
-        if isinstance(target, ast.Name):
+        if isinstance(target, ast.Name) and value is not None:
             try:
                 vals[target.id] = ast.literal_eval(value)
             except (ValueError, SyntaxError, TypeError):
@@ -170,7 +173,7 @@ class Side:
 def resolve_side(spec: str, repo: Path | None) -> Side:
     """A git ref of `repo` if it resolves there (a version X tries tag core_vX), else a version of
     megatron-core on the package index."""
-    if is_git_repo(repo):
+    if repo is not None and is_git_repo(repo):
         if VERSION_RE.match(spec):
             commit = resolve_commit(repo, f"core_v{spec}")
             if commit:
@@ -190,6 +193,7 @@ def materialize(side: Side, repo: Path | None, dest: Path, extra: list[str]) -> 
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         import setup_megatron as S  # the download/extract of megatron-core dists `make setup` uses
 
+        assert side.version is not None  # an index side always has one
         dist = S._download_core(side.version, DIST_CACHE)
         tmp = dest.parent / (dest.name + ".extract")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -197,6 +201,7 @@ def materialize(side: Side, repo: Path | None, dest: Path, extra: list[str]) -> 
         shutil.copytree(tmp / "megatron", dest / "megatron", dirs_exist_ok=True)
         shutil.rmtree(tmp)
         return
+    assert side.commit is not None  # a git side always has one
     paths = [CORE] + [
         p
         for p in extra

@@ -33,7 +33,7 @@ def _lock(path: Path = LOCK_FILE) -> dict:
 
 def _imported_megatron() -> dict:
     spec = importlib.util.find_spec("megatron.core")
-    if spec is None:
+    if spec is None or spec.origin is None:
         return {"megatron_core": None, "megatron_training": False, "patched": False}
     core_dir = Path(spec.origin).parent
     training = (

@@ -211,7 +211,8 @@ class FluidSelfAttention(SelfAttention):
             handle.wait()
             # [cp*s*b, n/cp*hn] zigzag rows -> [S, b, n/cp, hn] in natural sequence order
             heads.append(zigzag_to_natural(t, cp).view(S, b, -1, hn))
-        out = self._core(*heads, attention_mask)  # [S, b, np/cp*hn]
+        q, k, v = heads
+        out = self._core(q, k, v, attention_mask)  # [S, b, np/cp*hn]
         out = natural_to_zigzag(out, cp)
         return fluid_all_to_all_hp2sp(out, comm)
 

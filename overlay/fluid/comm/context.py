@@ -143,7 +143,7 @@ class CommHandle:
     """
 
     nbytes: int
-    work: Optional[object] = None  # gloo work object
+    work: Optional[dist.Work] = None  # gloo work object
     done: Optional[torch.cuda.Event] = None  # CUDA: recorded on the comm stream
     start_event: Optional[torch.cuda.Event] = None  # CUDA timing only
     tensors: tuple = ()
@@ -272,7 +272,7 @@ class CommContext:
 
     def resolved_sm_carveout(self) -> int:
         """`sm_carveout` with "auto" resolved: AUTO_SM_CARVEOUT over a slow link, else 0."""
-        if self.sm_carveout != "auto":
+        if isinstance(self.sm_carveout, int):  # validated in __post_init__: an int >= 0 or "auto"
             return self.sm_carveout
         return AUTO_SM_CARVEOUT if self.slow_link() else 0
 
@@ -313,6 +313,7 @@ class CommContext:
         dev = input.device.index
         compute = current_stream(dev)
         stream = self.comm_stream()
+        assert stream is not None  # NCCL group
         if ready is None:
             ready = torch.cuda.Event()
             ready.record(compute)

@@ -56,7 +56,7 @@ def print_fluid_layer_info(model, rank0_only: bool = True) -> list[tuple[str, st
     print(f"FluidMoE layers ({len(rows)} modules):")
     for name, cls in rows:
         print(f"  {name:<{width}}  {cls}")
-    counts = {}
+    counts: dict[str, int] = {}
     for _, cls in rows:
         counts[cls] = counts.get(cls, 0) + 1
     print("  " + ", ".join(f"{c}: {n}" for c, n in sorted(counts.items())) if counts else "  none")

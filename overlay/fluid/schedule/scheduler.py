@@ -50,7 +50,7 @@ import time
 import weakref
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -73,11 +73,11 @@ class _Task:
 class _Window:
     """CUDA events of one all-to-all window (timing mode only)."""
 
-    a2a_start: object
-    a2a_end: object
-    dw_start: Optional[object]
-    dw_end: Optional[object]
-    end: Optional[object]
+    a2a_start: Optional[torch.cuda.Event]
+    a2a_end: torch.cuda.Event
+    dw_start: Optional[torch.cuda.Event]  # the three dW marks are set together (filled window)
+    dw_end: Optional[torch.cuda.Event]
+    end: Optional[torch.cuda.Event]
 
 
 class BackwardScheduler:
@@ -204,6 +204,7 @@ class BackwardScheduler:
         if cuda:  # every window counts towards a2a_ms; overlapped ones also carry dW marks
             self._windows.append(_Window(handle.start_event, handle.done, dw_start, dw_end, end))
         elif overlap:  # CPU: wall-clock; the a2a alone is not observable when dW runs beside it
+            assert dw_start is not None and dw_end is not None and end is not None
             self._cpu_times["dw"] += dw_end - dw_start
             self._cpu_times["window"] += end - dw_start
 
@@ -306,7 +307,7 @@ class BackwardScheduler:
         1 - exposed_a2a_ms / a2a_ms: at most 1, 0 when no window was filled, below 0 when the
         compute stream waited longer than the all-to-alls took. Reading them synchronizes.
         """
-        s = dict(self._stats)
+        s: dict[str, Any] = dict(self._stats)
         s.update(enabled=self.enabled, timing=self.timing, pending_dw_tasks=len(self._queue))
         if not self.timing:
             return s
@@ -317,6 +318,7 @@ class BackwardScheduler:
                 t_a2a = w.a2a_start.elapsed_time(w.a2a_end) if w.a2a_start is not None else 0.0
                 a2a += t_a2a
                 if w.dw_start is not None:
+                    assert w.dw_end is not None and w.end is not None
                     ov_a2a += t_a2a
                     dw += w.dw_start.elapsed_time(w.dw_end)
                     win += w.dw_start.elapsed_time(w.end)

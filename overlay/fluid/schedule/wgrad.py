@@ -143,10 +143,12 @@ def wants_fused_accumulation(param: torch.nn.Parameter, gradient_accumulation_fu
 
 def fused_accumulate(param: torch.nn.Parameter, x_2d: torch.Tensor, dy_2d: torch.Tensor) -> None:
     """`param.main_grad += dy_2d^T @ x_2d` in place (apex kernel), then fire param's hooks."""
-    if param.main_grad.dtype == torch.float32:
-        fused_weight_gradient_mlp_cuda.wgrad_gemm_accum_fp32(x_2d, dy_2d, param.main_grad)
+    # main_grad is Megatron DDP's attribute, set on the Parameter at run time (untyped).
+    main_grad = param.main_grad  # type: ignore[attr-defined]
+    if main_grad.dtype == torch.float32:
+        fused_weight_gradient_mlp_cuda.wgrad_gemm_accum_fp32(x_2d, dy_2d, main_grad)
     else:
-        fused_weight_gradient_mlp_cuda.wgrad_gemm_accum_fp16(x_2d, dy_2d, param.main_grad)
+        fused_weight_gradient_mlp_cuda.wgrad_gemm_accum_fp16(x_2d, dy_2d, main_grad)
     mark_added_to_main_grad(param)
 
 
@@ -158,11 +160,11 @@ def mark_added_to_main_grad(param: torch.nn.Parameter) -> None:
     and only needs a gradient to be present; it sets `param.grad = None` right after, so the
     placeholder (uninitialized, param-sized) lives only during the hook.
     """
-    param.grad_added_to_main_grad = True
+    param.grad_added_to_main_grad = True  # type: ignore[attr-defined]  # Megatron's run-time flag
     _hand_over(param, [torch.empty_like(param)])
 
 
-def dw_probe(*params: Optional[torch.nn.Parameter]) -> Optional[torch.Tensor]:
+def dw_probe(*params: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """The probe leaf a Fluid op takes as an extra input for `dw_wanted` (see the module doc).
 
     One per parameter, kept on the first of `params` that requires grad (the parameter belongs
@@ -173,7 +175,7 @@ def dw_probe(*params: Optional[torch.nn.Parameter]) -> Optional[torch.Tensor]:
             probe = getattr(p, "_fluid_dw_probe", None)
             if probe is None or probe.device != p.device:
                 probe = torch.empty(0, device=p.device, requires_grad=True)
-                p._fluid_dw_probe = probe
+                p._fluid_dw_probe = probe  # type: ignore[attr-defined]  # kept on the Parameter
             return probe
     return None
 
@@ -252,7 +254,7 @@ def _scheduler(sched):
 
 def deferred_linear(
     x: torch.Tensor,
-    weight: torch.nn.Parameter,
+    weight: torch.Tensor,
     bias: Optional[torch.nn.Parameter] = None,
     *,
     name: str = "",

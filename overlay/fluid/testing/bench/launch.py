@@ -14,6 +14,7 @@ import statistics
 import subprocess
 import time
 from pathlib import Path
+from typing import Optional
 
 
 class Terminated(Exception):
@@ -29,7 +30,9 @@ def install_sigterm():
     return signal.signal(signal.SIGTERM, raise_terminated)
 
 
-def run_logged(cmd: list, env: dict, log_path: Path, cwd=None, timeout: float = None) -> dict:
+def run_logged(
+    cmd: list, env: dict, log_path: Path, cwd=None, timeout: Optional[float] = None
+) -> dict:
     """Run `cmd` with stdout+stderr into `log_path` (first line: the command). On SIGTERM
     (`Terminated`) or after `timeout` seconds the child is terminated (killed 30 s later) and
     `terminated` / `timed_out` say so. Returns {rc, wall_s, terminated, timed_out}."""

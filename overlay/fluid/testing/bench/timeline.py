@@ -46,7 +46,7 @@ def summarize(rows: list, gaps: int = 5) -> dict:
     busy = _union([(r[1], r[1] + r[2]) for r in comp])
     holes, end, prev = [], None, None
     for r in comp:
-        if end is not None and r[1] > end:
+        if end is not None and prev is not None and r[1] > end:  # set together
             holes.append((r[1] - end, round(end, 3), prev[3][:40], r[3][:40]))
         if end is None or r[1] + r[2] > end:
             end, prev = r[1] + r[2], r
