@@ -215,7 +215,8 @@ def gpu_events(trace: dict, step=None) -> tuple:
         c = e.get("args", {}).get("correlation")
         if c in launches:
             queries[("k", i)] = launches[c]
-    flows_f, flows_s = {}, {}
+    flows_f: dict = {}
+    flows_s: dict = {}
     for e in events:
         if e.get("cat") == "fwdbwd" and e.get("ph") in ("s", "f"):
             (flows_s if e["ph"] == "s" else flows_f)[e["id"]] = (e.get("tid"), float(e["ts"]))
@@ -264,7 +265,7 @@ def breakdown(trace, step=None) -> dict:
     for s, e, st, _, c in evs:
         streams.setdefault(st, []).append((s, e, c))
     compute_time = {st: sum(e - s for s, e, c in v if c in COMPUTE) for st, v in streams.items()}
-    compute_stream = max(compute_time, key=compute_time.get) if compute_time else None
+    compute_stream = max(compute_time, key=lambda st: compute_time[st]) if compute_time else None
     kernel = dict.fromkeys(CATEGORIES, 0.0)
     for s, e, _, _, c in evs:
         kernel[c] += e - s
