@@ -192,7 +192,11 @@ class StreamOrderChecker(TorchDispatchMode):
         out = func(*args, **kwargs)
         outs, _ = tree_flatten(out)
         for t in outs:
-            if isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.untyped_storage().nbytes():
+            if (
+                isinstance(t, torch.Tensor)
+                and t.device.type == "cpu"
+                and t.untyped_storage().nbytes()
+            ):
                 self._track(t, s, tick, str(func))
         return out
 

@@ -246,7 +246,7 @@ def _combined_equals_plain(rank, world):
         results[combined] = (losses, _grads(model))
     (l0, g0), (l1, g1) = results[False], results[True]
     assert len(l0) == len(l1) == MICRO
-    for i, (a, b) in enumerate(zip(l0, l1)):
+    for i, (a, b) in enumerate(zip(l0, l1, strict=True)):
         assert torch.equal(a, b), f"micro-batch {i}: loss {a.item()} plain vs {b.item()} combined"
     assert g0.keys() == g1.keys() and len(g0) == len(list(model.parameters()))
     for n in g0:
