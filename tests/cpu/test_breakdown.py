@@ -106,6 +106,14 @@ def test_synthetic_exact():
     assert b["hidden_ms"] == {"all_to_all": pytest.approx(0.012), "reduce": 0.0}
     busy = {s: round(v["busy_ms"] * 1e3, 6) for s, v in b["streams"].items()}
     assert busy == {"7": 63, "13": 30, "20": 8}
+    gaps = b["host_gaps"]
+    assert gaps["count"] == 6
+    assert [(round(g["at_ms"] * 1e3, 6), round(g["ms"] * 1e3, 6)) for g in gaps["largest"][:2]] == [
+        (5, 15),
+        (104, 6),
+    ]
+    top = [(t["name"][:8], round(t["ms"] * 1e3, 6)) for t in b["top_kernels"]["expert_gemm"]]
+    assert top == [("sm90_xmm", 30), ("nvjet_ts", 4)]
 
 
 def test_step_choice_and_markdown(tmp_path):
@@ -120,6 +128,8 @@ def test_step_choice_and_markdown(tmp_path):
     assert md.startswith("| | stock | fluid |")
     assert all(f"| {c} |" in md for c in EXCLUSIVE)
     assert "| host_gap | 0.03 (24.5%) | 0.03 (24.5%) |" in md
+    assert "stock: 6 idle stretches" in md
+    assert "| `sm90_xmma_gemm_bf16bf16_bf16f32` | expert_gemm | 0.03 | 1 |" in md
 
 
 @pytest.mark.parametrize(

@@ -45,7 +45,9 @@ Outputs (`breakdown`), all in ms over the window:
     `host_gap` (the GPU runs nothing: the host has not launched the next kernel);
   - `kernel_ms`: summed kernel durations per category over all streams (overlap counted twice),
     with `hidden_*` = NCCL time that ran under compute;
-  - `fractions`: `exclusive_ms / wall_ms`.
+  - `fractions`: `exclusive_ms / wall_ms`;
+  - `host_gaps`: how many idle stretches, the largest (ms after the window's start, length);
+    `top_kernels`: per category, the kernel names with the most summed time (ms, count).
 `markdown` renders one or more breakdowns (stock, Fluid) side by side.
 """
 
@@ -254,9 +256,10 @@ def gpu_events(trace: dict, step=None) -> tuple:
     return (t0, t1, rng[0] if rng else None), out
 
 
-def breakdown(trace, step=None) -> dict:
+def breakdown(trace, step=None, top: int = 5) -> dict:
     """The numbers of one iteration (see the module docstring). `trace`: a loaded trace or a
-    path."""
+    path; `top`: how many of the largest host gaps, and of the kernels of each category (by
+    summed time), to list."""
     if not isinstance(trace, dict | list):
         trace = load(trace)
     (t0, t1, n), evs = gpu_events(trace, step)
@@ -267,8 +270,12 @@ def breakdown(trace, step=None) -> dict:
     compute_time = {st: sum(e - s for s, e, c in v if c in COMPUTE) for st, v in streams.items()}
     compute_stream = max(compute_time, key=lambda st: compute_time[st]) if compute_time else None
     kernel = dict.fromkeys(CATEGORIES, 0.0)
-    for s, e, _, _, c in evs:
+    by_name: dict = {}
+    for s, e, _, name, c in evs:
         kernel[c] += e - s
+        t = by_name.setdefault((c, name), [0.0, 0])
+        t[0] += e - s
+        t[1] += 1
     # sweep over elementary segments
     excl = dict.fromkeys(EXCLUSIVE, 0.0)
     bounds = sorted({t0, t1, *(s for s, *_ in evs), *(e for _, e, *_ in evs)})
@@ -276,6 +283,7 @@ def breakdown(trace, step=None) -> dict:
     active: dict = {}
     j = 0
     hidden = {"nccl_all_to_all": 0.0, "nccl_reduce": 0.0}
+    gaps: list = []  # [start, length] of each idle stretch
     for a, b in zip(bounds, bounds[1:], strict=False):
         while j < len(starts) and evs[starts[j]][0] <= a:
             active[starts[j]] = evs[starts[j]]
@@ -296,6 +304,10 @@ def breakdown(trace, step=None) -> dict:
             excl["memcpy_memset"] += d
         else:
             excl["host_gap"] += d
+            if gaps and gaps[-1][0] + gaps[-1][1] == a:
+                gaps[-1][1] += d
+            else:
+                gaps.append([a, d])
     ms = lambda x: round(x / 1e3, 4)  # noqa: E731
     return {
         "step": n,
@@ -312,6 +324,21 @@ def breakdown(trace, step=None) -> dict:
             "all_to_all": ms(hidden["nccl_all_to_all"]),
             "reduce": ms(hidden["nccl_reduce"]),
         },
+        "host_gaps": {
+            "count": len(gaps),
+            "largest": [
+                {"at_ms": ms(g[0] - t0), "ms": ms(g[1])}
+                for g in sorted(gaps, key=lambda g: -g[1])[:top]
+            ],
+        },
+        "top_kernels": {
+            c: [
+                {"name": name[:120], "ms": ms(v[0]), "count": v[1]}
+                for (cc, name), v in sorted(by_name.items(), key=lambda kv: -kv[1][0])
+                if cc == c
+            ][:top]
+            for c in CATEGORIES
+        },
     }
 
 
@@ -319,9 +346,10 @@ def _pct(b: dict, c: str) -> str:
     return f"{100 * b['exclusive_ms'][c] / b['wall_ms']:.1f}%" if b["wall_ms"] else "-"
 
 
-def markdown(results: dict) -> str:
+def markdown(results: dict, n_kernels: int = 8) -> str:
     """A table of one or more breakdowns {label: breakdown()}: ms and % of the wall time per
-    exclusive category, then the summed kernel time per category."""
+    exclusive category, then the summed kernel time per category; then per label the largest
+    host gaps and the `n_kernels` kernel names with the most time."""
     labels = list(results)
     head = "| | " + " | ".join(labels) + " |\n| --- |" + " --- |" * len(labels) + "\n"
     rows = ["| wall (ms) | " + " | ".join(f"{results[k]['wall_ms']:.2f}" for k in labels) + " |"]
@@ -333,7 +361,22 @@ def markdown(results: dict) -> str:
         rows.append(
             f"| {c} | " + " | ".join(f"{results[k]['kernel_ms'][c]:.2f}" for k in labels) + " |"
         )
-    return head + "\n".join(rows) + "\n"
+    text = head + "\n".join(rows) + "\n"
+    for k in labels:
+        b = results[k]
+        tops = [dict(t, category=c) for c, ts in b.get("top_kernels", {}).items() for t in ts]
+        tops.sort(key=lambda t: -t["ms"])
+        gaps = b.get("host_gaps", {})
+        text += (
+            f"\n{k}: {gaps.get('count', 0)} idle stretches, largest "
+            + ", ".join(f"{g['ms']:.2f} ms at {g['at_ms']:.1f}" for g in gaps.get("largest", []))
+            + "; largest kernels:\n\n| kernel | category | ms | count |\n| --- | --- | --- | --- |\n"
+            + "".join(
+                f"| `{t['name'][:70]}` | {t['category']} | {t['ms']:.2f} | {t['count']} |\n"
+                for t in tops[:n_kernels]
+            )
+        )
+    return text
 
 
 def module_scope_hooks():
