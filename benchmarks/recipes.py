@@ -19,7 +19,6 @@ from typing import Optional
 
 # ---------------------------------------------------------------------------------------------
 # Models: fluid.testing.bench.models (shared with the torchtitan peer and the tests)
-
 from fluid.testing.bench.models import MODELS, Model  # noqa: E402,F401
 
 # ---------------------------------------------------------------------------------------------
@@ -51,8 +50,10 @@ LINKS = {
 BASE_ENV = {"NCCL_NVLS_ENABLE": "0", "CUDA_DEVICE_MAX_CONNECTIONS": "1"}
 SLOW_LINKS = ("p2poff", "p2poff_1ch")
 
-STOCK_SIDE = ("Megatron's local stack (no Transformer Engine): SequentialMLP, a Python loop over "
-              "the local experts, and unfused DotProductAttention")
+STOCK_SIDE = (
+    "Megatron's local stack (no Transformer Engine): SequentialMLP, a Python loop over "
+    "the local experts, and unfused DotProductAttention"
+)
 
 # ---------------------------------------------------------------------------------------------
 # Recipes
@@ -137,32 +138,101 @@ class E2ERecipe(Recipe):
 ALL_LINKS = ("nvlink", "p2poff", "p2poff_1ch")
 
 _RECIPES = [
-    MoELayerRecipe("moe_mixtral_ep2", "mixtral", "Mixtral-like MoE layer, EP=2, 4096 tokens per rank",
-                   nproc=2, ep=2, links=ALL_LINKS),
-    MoELayerRecipe("moe_fine64_ep2", "fine",
-                   "64-expert top-6 MoE layer with a shared expert, EP=2, 4096 tokens per rank",
-                   nproc=2, ep=2, links=ALL_LINKS),
-    MoELayerRecipe("moe_fine64_ep2_16k", "fine",
-                   "64-expert top-6 MoE layer, EP=2, 16384 tokens per rank (less host-bound)",
-                   nproc=2, ep=2, tokens=16384, links=("nvlink", "p2poff")),
-    MoELayerRecipe("moe_mixtral_1gpu", "mixtral", "Mixtral-like MoE layer, one GPU (kernels only)",
-                   nproc=1, ep=1),
-    MoELayerRecipe("moe_fine64_1gpu", "fine", "64-expert top-6 MoE layer, one GPU (kernels only)",
-                   nproc=1, ep=1),
-    AttnRecipe("attn_cp2_16k", "mixtral", "2 attention layers, Ulysses CP=2, 16384 tokens",
-               nproc=2, cp=2, seq=16384, links=("nvlink", "p2poff")),
-    AttnRecipe("attn_cp4_32k", "mixtral", "2 attention layers, Ulysses CP=4, 32768 tokens",
-               nproc=4, cp=4, seq=32768, links=("nvlink", "p2poff")),
-    E2ERecipe("e2e_mixtral_1gpu", "mixtral", "Mixtral-like model, one GPU (no communication, kernels only)",
-              nproc=1, ep=1),
-    E2ERecipe("e2e_fine_1gpu", "fine", "fine-grained model, one GPU (no communication, kernels only)",
-              nproc=1, ep=1),
-    E2ERecipe("e2e_mixtral_ep2", "mixtral", "Mixtral-like model, EP=2 x DP=2 on 2 GPUs",
-              nproc=2, ep=2, links=ALL_LINKS),
-    E2ERecipe("e2e_fine_ep2", "fine", "fine-grained model, EP=2 x DP=2 on 2 GPUs",
-              nproc=2, ep=2, links=ALL_LINKS),
-    E2ERecipe("e2e_small_ep4", "small", "small 8-expert model, EP=4 x DP=4 on 4 GPUs",
-              nproc=4, ep=4, links=ALL_LINKS),
+    MoELayerRecipe(
+        "moe_mixtral_ep2",
+        "mixtral",
+        "Mixtral-like MoE layer, EP=2, 4096 tokens per rank",
+        nproc=2,
+        ep=2,
+        links=ALL_LINKS,
+    ),
+    MoELayerRecipe(
+        "moe_fine64_ep2",
+        "fine",
+        "64-expert top-6 MoE layer with a shared expert, EP=2, 4096 tokens per rank",
+        nproc=2,
+        ep=2,
+        links=ALL_LINKS,
+    ),
+    MoELayerRecipe(
+        "moe_fine64_ep2_16k",
+        "fine",
+        "64-expert top-6 MoE layer, EP=2, 16384 tokens per rank (less host-bound)",
+        nproc=2,
+        ep=2,
+        tokens=16384,
+        links=("nvlink", "p2poff"),
+    ),
+    MoELayerRecipe(
+        "moe_mixtral_1gpu",
+        "mixtral",
+        "Mixtral-like MoE layer, one GPU (kernels only)",
+        nproc=1,
+        ep=1,
+    ),
+    MoELayerRecipe(
+        "moe_fine64_1gpu",
+        "fine",
+        "64-expert top-6 MoE layer, one GPU (kernels only)",
+        nproc=1,
+        ep=1,
+    ),
+    AttnRecipe(
+        "attn_cp2_16k",
+        "mixtral",
+        "2 attention layers, Ulysses CP=2, 16384 tokens",
+        nproc=2,
+        cp=2,
+        seq=16384,
+        links=("nvlink", "p2poff"),
+    ),
+    AttnRecipe(
+        "attn_cp4_32k",
+        "mixtral",
+        "2 attention layers, Ulysses CP=4, 32768 tokens",
+        nproc=4,
+        cp=4,
+        seq=32768,
+        links=("nvlink", "p2poff"),
+    ),
+    E2ERecipe(
+        "e2e_mixtral_1gpu",
+        "mixtral",
+        "Mixtral-like model, one GPU (no communication, kernels only)",
+        nproc=1,
+        ep=1,
+    ),
+    E2ERecipe(
+        "e2e_fine_1gpu",
+        "fine",
+        "fine-grained model, one GPU (no communication, kernels only)",
+        nproc=1,
+        ep=1,
+    ),
+    E2ERecipe(
+        "e2e_mixtral_ep2",
+        "mixtral",
+        "Mixtral-like model, EP=2 x DP=2 on 2 GPUs",
+        nproc=2,
+        ep=2,
+        links=ALL_LINKS,
+    ),
+    E2ERecipe(
+        "e2e_fine_ep2",
+        "fine",
+        "fine-grained model, EP=2 x DP=2 on 2 GPUs",
+        nproc=2,
+        ep=2,
+        links=ALL_LINKS,
+    ),
+    E2ERecipe(
+        "e2e_small_ep4",
+        "small",
+        "small 8-expert model, EP=4 x DP=4 on 4 GPUs",
+        nproc=4,
+        ep=4,
+        links=ALL_LINKS,
+    ),
 ]
 RECIPES = {r.name: r for r in _RECIPES}
 
@@ -171,7 +241,9 @@ def get(name: str) -> Recipe:
     try:
         return RECIPES[name]
     except KeyError:
-        raise SystemExit(f"unknown recipe {name!r}; `python -m benchmarks.run --list` lists them") from None
+        raise SystemExit(
+            f"unknown recipe {name!r}; `python -m benchmarks.run --list` lists them"
+        ) from None
 
 
 def select(names) -> list:
@@ -193,11 +265,32 @@ def select(names) -> list:
 
 
 def describe(r: Recipe) -> str:
-    par = {"moe": lambda: f"EP={r.ep}", "attn": lambda: f"CP={r.cp}",
-           "e2e": lambda: f"EP={r.ep} DP={r.nproc}"}[r.kind]()
-    return f"{r.name:20s} {r.kind:4s} {r.nproc} GPU  {par:10s} links={','.join(r.links):25s} {r.what}"
+    par = {
+        "moe": lambda: f"EP={r.ep}",
+        "attn": lambda: f"CP={r.cp}",
+        "e2e": lambda: f"EP={r.ep} DP={r.nproc}",
+    }[r.kind]()
+    return (
+        f"{r.name:20s} {r.kind:4s} {r.nproc} GPU  {par:10s} links={','.join(r.links):25s} {r.what}"
+    )
 
 
-__all__ = ["Model", "MODELS", "VARIANTS", "LINKS", "BASE_ENV", "SLOW_LINKS", "STOCK_SIDE", "Recipe",
-           "MoELayerRecipe", "AttnRecipe", "E2ERecipe", "RECIPES", "get", "select", "describe",
-           "variant_fields", "base_variant"]
+__all__ = [
+    "Model",
+    "MODELS",
+    "VARIANTS",
+    "LINKS",
+    "BASE_ENV",
+    "SLOW_LINKS",
+    "STOCK_SIDE",
+    "Recipe",
+    "MoELayerRecipe",
+    "AttnRecipe",
+    "E2ERecipe",
+    "RECIPES",
+    "get",
+    "select",
+    "describe",
+    "variant_fields",
+    "base_variant",
+]

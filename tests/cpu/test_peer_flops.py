@@ -15,8 +15,19 @@ import pytest
 from fluid.testing.bench import flops
 from fluid.testing.bench.models import MODELS, Model
 
-TINY = Model("t", layers=3, hidden=32, ffn=24, experts=4, topk=2, heads=4, groups=2, shared_ffn=48,
-             seq=16, vocab=100)
+TINY = Model(
+    "t",
+    layers=3,
+    hidden=32,
+    ffn=24,
+    experts=4,
+    topk=2,
+    heads=4,
+    groups=2,
+    shared_ffn=48,
+    seq=16,
+    vocab=100,
+)
 
 
 def gemm(m, k, n):
@@ -55,8 +66,12 @@ def megatron_flops(args, batch_size):
     core_term = fwd_bwd * fma * q / 2 * 2
     tokens = batch_size * args.seq_length
     return (
-        tokens * (
-            fwd_bwd * fma * args.hidden_size * (
+        tokens
+        * (
+            fwd_bwd
+            * fma
+            * args.hidden_size
+            * (
                 args.ffn_hidden_size * ffn_exp * num_dense_layers
                 + args.moe_ffn_hidden_size * num_experts_routed_to * ffn_exp * num_moe_layers
                 + shared * ffn_exp * num_moe_layers
@@ -64,22 +79,35 @@ def megatron_flops(args, batch_size):
             + self_attn_term * args.num_layers
             + fwd_bwd * fma * args.hidden_size * args.padded_vocab_size
         )
-        + batch_size * args.seq_length ** 2 * core_term * args.num_layers
+        + batch_size * args.seq_length**2 * core_term * args.num_layers
     )
 
 
 def megatron_args(m):
     return SimpleNamespace(
-        num_layers=m.layers, hidden_size=m.hidden, ffn_hidden_size=m.ffn, moe_ffn_hidden_size=m.ffn,
-        moe_router_topk=m.topk, moe_shared_expert_intermediate_size=m.shared_ffn, swiglu=True,
-        num_attention_heads=m.heads, num_query_groups=m.groups, kv_channels=m.head_dim,
-        seq_length=m.seq, padded_vocab_size=m.vocab)
+        num_layers=m.layers,
+        hidden_size=m.hidden,
+        ffn_hidden_size=m.ffn,
+        moe_ffn_hidden_size=m.ffn,
+        moe_router_topk=m.topk,
+        moe_shared_expert_intermediate_size=m.shared_ffn,
+        swiglu=True,
+        num_attention_heads=m.heads,
+        num_query_groups=m.groups,
+        kv_channels=m.head_dim,
+        seq_length=m.seq,
+        padded_vocab_size=m.vocab,
+    )
 
 
 def test_hand_count_tiny():
     tokens = 2 * TINY.seq
-    assert flops.forward_flops_per_token(TINY) * tokens == pytest.approx(hand_count(TINY, tokens), rel=1e-12)
-    assert flops.iteration_flops(TINY, tokens) == pytest.approx(3 * hand_count(TINY, tokens), rel=1e-12)
+    assert flops.forward_flops_per_token(TINY) * tokens == pytest.approx(
+        hand_count(TINY, tokens), rel=1e-12
+    )
+    assert flops.iteration_flops(TINY, tokens) == pytest.approx(
+        3 * hand_count(TINY, tokens), rel=1e-12
+    )
 
 
 def test_no_shared_expert_drops_its_term():

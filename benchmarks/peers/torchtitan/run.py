@@ -34,7 +34,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 import types
 from pathlib import Path
 
@@ -42,12 +41,24 @@ REPO = Path(__file__).resolve().parents[3]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from fluid.testing.bench import flops  # noqa: E402
 from benchmarks.recipes import MODELS, Model  # noqa: E402
+from fluid.testing.bench import flops  # noqa: E402
 
 # A model small enough for the CPU dry run; every feature of `fine` (shared expert, GQA, top-k > 1).
-TINY = Model("tiny", layers=2, hidden=64, ffn=32, experts=4, topk=2, heads=4, groups=2,
-             shared_ffn=64, seq=64, vocab=256, grad_accum=2)
+TINY = Model(
+    "tiny",
+    layers=2,
+    hidden=64,
+    ffn=32,
+    experts=4,
+    topk=2,
+    heads=4,
+    groups=2,
+    shared_ffn=64,
+    seq=64,
+    vocab=256,
+    grad_accum=2,
+)
 ALL_MODELS = {**MODELS, "tiny": TINY}
 SPEC_NAME = "fluidmoe_peer"
 ROPE_THETA = 10000.0  # Megatron's --rotary-base default
@@ -65,23 +76,43 @@ def model_args(m: Model, *, grouped_mm: bool = True):
     `m.shared_ffn` must be a multiple of `m.ffn` (2816 = 2 x 1408 for `fine`)."""
     shared = m.shared_ffn or 0
     if shared % m.ffn:
-        raise ValueError(f"model {m.name}: shared_ffn {shared} is not a multiple of ffn {m.ffn}; "
-                         "torchtitan's shared expert is num_shared_experts * ffn wide")
+        raise ValueError(
+            f"model {m.name}: shared_ffn {shared} is not a multiple of ffn {m.ffn}; "
+            "torchtitan's shared expert is num_shared_experts * ffn wide"
+        )
     from torchtitan.models.moe import MoEArgs
     from torchtitan.models.qwen3 import Qwen3ModelArgs
 
     return Qwen3ModelArgs(
-        dim=m.hidden, n_layers=m.layers, n_heads=m.heads, n_kv_heads=m.groups, head_dim=m.head_dim,
-        vocab_size=m.vocab, max_seq_len=m.seq, hidden_dim=m.ffn, norm_eps=NORM_EPS,
-        rope_theta=ROPE_THETA, qk_norm=False, attn_type="sdpa", attn_mask_type="causal",
-        enable_weight_tying=False, moe_enabled=True, moe_inter_dim=m.ffn,
+        dim=m.hidden,
+        n_layers=m.layers,
+        n_heads=m.heads,
+        n_kv_heads=m.groups,
+        head_dim=m.head_dim,
+        vocab_size=m.vocab,
+        max_seq_len=m.seq,
+        hidden_dim=m.ffn,
+        norm_eps=NORM_EPS,
+        rope_theta=ROPE_THETA,
+        qk_norm=False,
+        attn_type="sdpa",
+        attn_mask_type="causal",
+        enable_weight_tying=False,
+        moe_enabled=True,
+        moe_inter_dim=m.ffn,
         moe_args=MoEArgs(
-            num_experts=m.experts, num_shared_experts=shared // m.ffn, top_k=m.topk,
+            num_experts=m.experts,
+            num_shared_experts=shared // m.ffn,
+            top_k=m.topk,
             # Megatron's default router: softmax over the top-k logits = softmax, top-k, renormalise.
-            score_func="softmax", route_norm=True, route_scale=1.0, gate_bias=False,
+            score_func="softmax",
+            route_norm=True,
+            route_scale=1.0,
+            gate_bias=False,
             # Megatron multiplies the expert outputs (not inputs) by the routing probabilities.
             score_before_experts=False,
-            use_grouped_mm=grouped_mm, load_balance_coeff=LOAD_BALANCE_COEFF,
+            use_grouped_mm=grouped_mm,
+            load_balance_coeff=LOAD_BALANCE_COEFF,
         ),
     )
 
@@ -126,8 +157,13 @@ def build_synthetic_dataloader(dp_world_size: int, dp_rank: int, tokenizer, job_
             pass
 
     return ParallelAwareDataloader(
-        _Dataset(), dp_rank=dp_rank, dp_world_size=dp_world_size,
-        **{**asdict(job_config.training.dataloader), "batch_size": job_config.training.local_batch_size},
+        _Dataset(),
+        dp_rank=dp_rank,
+        dp_world_size=dp_world_size,
+        **{
+            **asdict(job_config.training.dataloader),
+            "batch_size": job_config.training.local_batch_size,
+        },
     )
 
 
@@ -140,48 +176,86 @@ def register_spec(grouped_mm: bool = True):
     from torchtitan.models.qwen3 import Qwen3Model, parallelize_qwen3
     from torchtitan.protocols.train_spec import TrainSpec, register_train_spec
 
-    register_train_spec(SPEC_NAME, TrainSpec(
-        model_cls=Qwen3Model,
-        model_args={name: model_args(m, grouped_mm=grouped_mm) for name, m in ALL_MODELS.items()},
-        parallelize_fn=parallelize_qwen3,
-        pipelining_fn=None,
-        build_optimizers_fn=build_optimizers_with_moe_load_balancing,
-        build_lr_schedulers_fn=build_lr_schedulers,
-        build_dataloader_fn=build_synthetic_dataloader,
-        build_tokenizer_fn=None,
-        build_loss_fn=build_cross_entropy_loss,
-        build_validator_fn=None,
-        state_dict_adapter=None,
-    ))
+    register_train_spec(
+        SPEC_NAME,
+        TrainSpec(
+            model_cls=Qwen3Model,
+            model_args={
+                name: model_args(m, grouped_mm=grouped_mm) for name, m in ALL_MODELS.items()
+            },
+            parallelize_fn=parallelize_qwen3,
+            pipelining_fn=None,
+            build_optimizers_fn=build_optimizers_with_moe_load_balancing,
+            build_lr_schedulers_fn=build_lr_schedulers,
+            build_dataloader_fn=build_synthetic_dataloader,
+            build_tokenizer_fn=None,
+            build_loss_fn=build_cross_entropy_loss,
+            build_validator_fn=None,
+            state_dict_adapter=None,
+        ),
+    )
 
 
-def job_args(m: Model, *, compile_: bool, ep: int, world: int, steps: int, dump: str,
-             param_dtype: str = "float32") -> list[str]:
+def job_args(
+    m: Model,
+    *,
+    compile_: bool,
+    ep: int,
+    world: int,
+    steps: int,
+    dump: str,
+    param_dtype: str = "float32",
+) -> list[str]:
     """torchtitan CLI arguments (its JobConfig) for one run. DP = world size (FSDP when > 1)."""
     return [
-        "--model.name", SPEC_NAME, "--model.flavor", m.name,
-        "--job.dump_folder", dump,
-        "--training.seq_len", str(m.seq),
-        "--training.local_batch_size", str(m.micro_batch),
-        "--training.global_batch_size", str(m.global_batch(world)),
-        "--training.steps", str(steps),
-        "--training.max_norm", str(m.clip_grad),
-        "--training.dtype", param_dtype,
-        "--training.mixed_precision_param", "bfloat16",
-        "--training.mixed_precision_reduce", "float32",
-        "--optimizer.name", "AdamW",
-        "--optimizer.lr", str(m.lr),
-        "--optimizer.beta1", str(m.adam_beta1),
-        "--optimizer.beta2", str(m.adam_beta2),
-        "--optimizer.eps", str(m.adam_eps),
-        "--optimizer.weight_decay", str(m.weight_decay),
-        "--optimizer.implementation", "fused",
-        "--lr_scheduler.warmup_steps", "0",
-        "--activation_checkpoint.mode", "none",
-        "--parallelism.data_parallel_shard_degree", "-1",
-        "--parallelism.expert_parallel_degree", str(ep),
-        "--metrics.log_freq", str(max(1, steps)),
-        "--debug.seed", "0",
+        "--model.name",
+        SPEC_NAME,
+        "--model.flavor",
+        m.name,
+        "--job.dump_folder",
+        dump,
+        "--training.seq_len",
+        str(m.seq),
+        "--training.local_batch_size",
+        str(m.micro_batch),
+        "--training.global_batch_size",
+        str(m.global_batch(world)),
+        "--training.steps",
+        str(steps),
+        "--training.max_norm",
+        str(m.clip_grad),
+        "--training.dtype",
+        param_dtype,
+        "--training.mixed_precision_param",
+        "bfloat16",
+        "--training.mixed_precision_reduce",
+        "float32",
+        "--optimizer.name",
+        "AdamW",
+        "--optimizer.lr",
+        str(m.lr),
+        "--optimizer.beta1",
+        str(m.adam_beta1),
+        "--optimizer.beta2",
+        str(m.adam_beta2),
+        "--optimizer.eps",
+        str(m.adam_eps),
+        "--optimizer.weight_decay",
+        str(m.weight_decay),
+        "--optimizer.implementation",
+        "fused",
+        "--lr_scheduler.warmup_steps",
+        "0",
+        "--activation_checkpoint.mode",
+        "none",
+        "--parallelism.data_parallel_shard_degree",
+        "-1",
+        "--parallelism.expert_parallel_degree",
+        str(ep),
+        "--metrics.log_freq",
+        str(max(1, steps)),
+        "--debug.seed",
+        "0",
         *(["--compile.enable"] if compile_ else []),
     ]
 
@@ -199,6 +273,7 @@ def _stub(name: str, why: str, attrs=()) -> types.ModuleType:
 
     for a in attrs:
         setattr(mod, a, _missing)
+
     def _getattr(attr):
         if attr.startswith("__"):
             raise AttributeError(attr)
@@ -215,12 +290,15 @@ def install_shims() -> list[str]:
     stubbed = []
     if importlib.util.find_spec("datasets") is None:
         for name in ("datasets", "datasets.distributed"):
-            sys.modules[name] = _stub(name, "torchtitan's HF datasets, unused by the synthetic loader")
+            sys.modules[name] = _stub(
+                name, "torchtitan's HF datasets, unused by the synthetic loader"
+            )
         sys.modules["datasets"].distributed = sys.modules["datasets.distributed"]
         stubbed.append("datasets")
     if importlib.util.find_spec("tensorboard") is None:
         sys.modules["torch.utils.tensorboard"] = _stub(
-            "torch.utils.tensorboard", "metrics.enable_tensorboard is off", ("SummaryWriter",))
+            "torch.utils.tensorboard", "metrics.enable_tensorboard is off", ("SummaryWriter",)
+        )
         stubbed.append("torch.utils.tensorboard")
     return stubbed
 
@@ -272,10 +350,13 @@ def use_cpu_device():
     import torchtitan.tools.utils as tt_utils
 
     tt_moe_utils.generate_permute_indices = functools.partial(
-        tt_moe_utils.generate_permute_indices, use_cpu=True)
+        tt_moe_utils.generate_permute_indices, use_cpu=True
+    )
     cpu_module = _CpuDeviceModule()
     tt_utils.device_type, tt_utils.device_module = "cpu", cpu_module
-    for name, mod in list(sys.modules.items()):  # those imported with the package bound them already
+    for name, mod in list(
+        sys.modules.items()
+    ):  # those imported with the package bound them already
         if name.startswith("torchtitan") and getattr(mod, "device_type", None) == "cuda":
             mod.device_type = "cpu"
             if hasattr(mod, "device_module"):
@@ -305,15 +386,22 @@ def run_one(a) -> dict:
         use_cpu_device()
     import torchtitan
     from torchtitan.config import ConfigManager
-    from torchtitan.train import Trainer
     from torchtitan.tools.logging import init_logger
+    from torchtitan.train import Trainer
 
     init_logger()
     register_spec(grouped_mm=a.grouped_mm)
     steps = a.warmup + a.steps
     dump = tempfile.mkdtemp(prefix="tt-peer-")
-    args = job_args(m, compile_=a.compile, ep=a.ep, world=world, steps=steps, dump=dump,
-                    param_dtype=a.param_dtype)
+    args = job_args(
+        m,
+        compile_=a.compile,
+        ep=a.ep,
+        world=world,
+        steps=steps,
+        dump=dump,
+        param_dtype=a.param_dtype,
+    )
     if a.device == "cpu":
         args = [x if x != "fused" else "foreach" for x in args]
     config = ConfigManager().parse_args(args)
@@ -335,7 +423,7 @@ def run_one(a) -> dict:
         trainer.train()
     finally:
         trainer.close()
-    timed = times[a.warmup:]
+    timed = times[a.warmup :]
     med = statistics.median(timed)
     tokens_gpu = m.seq * m.micro_batch * m.grad_accum  # per GPU per step
     rec = {
@@ -352,8 +440,13 @@ def run_one(a) -> dict:
         "torch": torch.__version__,
         "torchtitan": torchtitan.__version__,
         "stubbed_modules": stubbed,
-        "config": {"model": dataclasses.asdict(m), "torchtitan_args": args, "grouped_mm": a.grouped_mm,
-                   "load_balance_coeff": LOAD_BALANCE_COEFF, "rope_theta": ROPE_THETA},
+        "config": {
+            "model": dataclasses.asdict(m),
+            "torchtitan_args": args,
+            "grouped_mm": a.grouped_mm,
+            "load_balance_coeff": LOAD_BALANCE_COEFF,
+            "rope_theta": ROPE_THETA,
+        },
         "warmup_steps": a.warmup,
         "step_times_s": times,
         "step_time_median_s": med,
@@ -380,13 +473,35 @@ def run_one(a) -> dict:
 
 
 def launch(model: str, compile_: bool, a, record: str, param_dtype: str) -> list[str]:
-    child = [str(Path(__file__).resolve()), "--child", "--model", model,
-             "--steps", str(a.steps), "--warmup", str(a.warmup), "--ep", str(a.ep),
-             "--device", a.device, "--record", record, "--param-dtype", param_dtype,
-             *(["--compiled"] if compile_ else []), *([] if a.grouped_mm else ["--no-grouped-mm"])]
+    child = [
+        str(Path(__file__).resolve()),
+        "--child",
+        "--model",
+        model,
+        "--steps",
+        str(a.steps),
+        "--warmup",
+        str(a.warmup),
+        "--ep",
+        str(a.ep),
+        "--device",
+        a.device,
+        "--record",
+        record,
+        "--param-dtype",
+        param_dtype,
+        *(["--compiled"] if compile_ else []),
+        *([] if a.grouped_mm else ["--no-grouped-mm"]),
+    ]
     if a.nproc > 1:
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                f"--nproc-per-node={a.nproc}", *child]
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={a.nproc}",
+            *child,
+        ]
     return [sys.executable, *child]
 
 
@@ -401,8 +516,13 @@ def run_child(mdl: str, comp: bool, a, env: dict, param_dtype: str, log_path) ->
         cmd = launch(mdl, comp, a, record, param_dtype)
         t0 = time.perf_counter()
         try:
-            proc = subprocess.run(cmd, env=env, timeout=a.timeout_compile if comp else a.timeout,
-                                  capture_output=True, text=True)
+            proc = subprocess.run(
+                cmd,
+                env=env,
+                timeout=a.timeout_compile if comp else a.timeout,
+                capture_output=True,
+                text=True,
+            )
             rc, log = proc.returncode, proc.stdout + proc.stderr
         except subprocess.TimeoutExpired as e:
             rc, log = "timeout", _text(e.stdout) + _text(e.stderr)
@@ -413,10 +533,17 @@ def run_child(mdl: str, comp: bool, a, env: dict, param_dtype: str, log_path) ->
             rec = json.loads(Path(record).read_text())
         else:
             tail = "\n".join(log.strip().splitlines()[-40:])
-            rec = {"framework": "torchtitan", "model": mdl, "compile": comp, "ep": a.ep,
-                   "world_size": a.nproc, "param_dtype": param_dtype, "error": str(rc),
-                   "oom": "out of memory" in log.lower() or "OutOfMemoryError" in log,
-                   "log_tail": tail}
+            rec = {
+                "framework": "torchtitan",
+                "model": mdl,
+                "compile": comp,
+                "ep": a.ep,
+                "world_size": a.nproc,
+                "param_dtype": param_dtype,
+                "error": str(rc),
+                "oom": "out of memory" in log.lower() or "OutOfMemoryError" in log,
+                "log_tail": tail,
+            }
         rec["wall_s"] = wall
         return rec
 
@@ -424,23 +551,47 @@ def run_child(mdl: str, comp: bool, a, env: dict, param_dtype: str, log_path) ->
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="mixtral,fine", help="comma list of " + ",".join(ALL_MODELS))
-    p.add_argument("--compile", default="off,on",
-                   help="comma list of off,on (torch.compile); every model runs with the first, then the next")
+    p.add_argument(
+        "--compile",
+        default="off,on",
+        help="comma list of off,on (torch.compile); every model runs with the first, then the next",
+    )
     p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compile happens here)")
-    p.add_argument("--nproc", type=int, default=1, help="GPUs (processes); DP = FSDP degree = nproc")
+    p.add_argument(
+        "--warmup", type=int, default=3, help="untimed steps first (compile happens here)"
+    )
+    p.add_argument(
+        "--nproc", type=int, default=1, help="GPUs (processes); DP = FSDP degree = nproc"
+    )
     p.add_argument("--ep", type=int, default=None, help="expert parallel degree (default: nproc)")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
-    p.add_argument("--no-grouped-mm", dest="grouped_mm", action="store_false",
-                   help="torchtitan's for-loop experts instead of torch._grouped_mm")
-    p.add_argument("--param-dtype", default="float32", choices=("float32", "bfloat16"),
-                   help="torchtitan --training.dtype: parameters, gradients and AdamW states "
-                        "(float32 = bf16 compute with fp32 master weights, as Megatron)")
-    p.add_argument("--oom-fallback", action="store_true",
-                   help="rerun a float32 run that ran out of memory with --param-dtype bfloat16")
-    p.add_argument("--timeout", type=float, default=120, help="seconds per eager run before it is killed")
-    p.add_argument("--timeout-compile", type=float, default=200,
-                   help="seconds per torch.compile run (compilation included) before it is killed")
+    p.add_argument(
+        "--no-grouped-mm",
+        dest="grouped_mm",
+        action="store_false",
+        help="torchtitan's for-loop experts instead of torch._grouped_mm",
+    )
+    p.add_argument(
+        "--param-dtype",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="torchtitan --training.dtype: parameters, gradients and AdamW states "
+        "(float32 = bf16 compute with fp32 master weights, as Megatron)",
+    )
+    p.add_argument(
+        "--oom-fallback",
+        action="store_true",
+        help="rerun a float32 run that ran out of memory with --param-dtype bfloat16",
+    )
+    p.add_argument(
+        "--timeout", type=float, default=120, help="seconds per eager run before it is killed"
+    )
+    p.add_argument(
+        "--timeout-compile",
+        type=float,
+        default=200,
+        help="seconds per torch.compile run (compilation included) before it is killed",
+    )
     p.add_argument("--out", default="torchtitan_peer.json")
     p.add_argument("--logs", default=None, help="folder for each run's full log")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -461,15 +612,27 @@ def main(argv=None) -> int:
             p.error(f"unknown model {mdl}; one of {', '.join(ALL_MODELS)}")
     if a.logs:
         os.makedirs(a.logs, exist_ok=True)
-    base_env = {**os.environ, "PYTHONUNBUFFERED": "1", "NCCL_NVLS_ENABLE": "0",
-                "PYTORCH_ALLOC_CONF": os.environ.get("PYTORCH_ALLOC_CONF", "expandable_segments:True")}
+    base_env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "NCCL_NVLS_ENABLE": "0",
+        "PYTORCH_ALLOC_CONF": os.environ.get("PYTORCH_ALLOC_CONF", "expandable_segments:True"),
+    }
     records = []
     for i, (mdl, comp) in enumerate(runs):
         env = dict(base_env)
         if a.nproc == 1:
-            env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29517 + i))
-        dtypes = [a.param_dtype] + (["bfloat16"] if a.oom_fallback and a.param_dtype == "float32" else [])
+            env.update(
+                RANK="0",
+                LOCAL_RANK="0",
+                WORLD_SIZE="1",
+                LOCAL_WORLD_SIZE="1",
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(29517 + i),
+            )
+        dtypes = [a.param_dtype] + (
+            ["bfloat16"] if a.oom_fallback and a.param_dtype == "float32" else []
+        )
         for dt in dtypes:
             name = f"{mdl}_compile-{'on' if comp else 'off'}_np{a.nproc}_ep{a.ep}_{dt}"
             print(f"== torchtitan peer: {name}", flush=True)
@@ -478,11 +641,16 @@ def main(argv=None) -> int:
             records.append(rec)
             Path(a.out).write_text(json.dumps(records, indent=1))
             if "error" not in rec:
-                print(f"   {rec['step_time_median_s']:.3f} s/step, {rec['tokens_per_s_per_gpu']:.0f} "
-                      f"tokens/s/GPU, {rec['tflops_per_gpu']:.1f} TFLOP/s/GPU, peak reserved "
-                      f"{rec.get('peak_reserved_gib', 0):.1f} GiB ({rec['wall_s']:.0f} s)", flush=True)
+                print(
+                    f"   {rec['step_time_median_s']:.3f} s/step, {rec['tokens_per_s_per_gpu']:.0f} "
+                    f"tokens/s/GPU, {rec['tflops_per_gpu']:.1f} TFLOP/s/GPU, peak reserved "
+                    f"{rec.get('peak_reserved_gib', 0):.1f} GiB ({rec['wall_s']:.0f} s)",
+                    flush=True,
+                )
                 break
-            print(f"   FAILED ({rec['error']}, {rec['wall_s']:.0f} s):\n{rec['log_tail']}", flush=True)
+            print(
+                f"   FAILED ({rec['error']}, {rec['wall_s']:.0f} s):\n{rec['log_tail']}", flush=True
+            )
             if not rec["oom"]:
                 break
     ok = sum("error" not in r for r in records)

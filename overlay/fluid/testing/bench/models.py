@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 
-
 @dataclass(frozen=True)
 class Model:
     """One benchmark model. `ffn` is per routed expert; `shared_ffn` the shared expert's FFN
@@ -56,11 +55,31 @@ class Model:
 
 MODELS = {
     # Mixtral-like: 8 large experts top-2, no shared expert, GQA 32/8.
-    "mixtral": Model("mixtral", layers=4, hidden=4096, ffn=14336, experts=8, topk=2, heads=32, groups=8),
+    "mixtral": Model(
+        "mixtral", layers=4, hidden=4096, ffn=14336, experts=8, topk=2, heads=32, groups=8
+    ),
     # Fine-grained, DeepSeek-style: 64 small experts top-6 plus one shared expert, GQA 16/4.
-    "fine": Model("fine", layers=4, hidden=2048, ffn=1408, experts=64, topk=6, heads=16, groups=4,
-                  shared_ffn=2816),
+    "fine": Model(
+        "fine",
+        layers=4,
+        hidden=2048,
+        ffn=1408,
+        experts=64,
+        topk=6,
+        heads=16,
+        groups=4,
+        shared_ffn=2816,
+    ),
     # The smaller model the earlier end-to-end runs used (8 experts top-2, EP=4 on 4 GPUs).
-    "small": Model("small", layers=4, hidden=2048, ffn=5632, experts=8, topk=2, heads=16, groups=4,
-                   grad_accum=4),
+    "small": Model(
+        "small",
+        layers=4,
+        hidden=2048,
+        ffn=5632,
+        experts=8,
+        topk=2,
+        heads=16,
+        groups=4,
+        grad_accum=4,
+    ),
 }
