@@ -113,11 +113,14 @@ def dry_run(names, step: int) -> dict:
     return out
 
 
-def gpu_command(recipes=DEFAULT_RECIPES, variants="stock,fluid", budget_s: int = 500) -> str:
+def gpu_command(
+    recipes=DEFAULT_RECIPES, variants="stock,fluid", budget_s: int = 500, commit=None
+) -> str:
     """The one device call (repository root of the GPU host, `.megatron` and `.whl` carried)."""
     return (
         "source benchmarks/gpu_env.sh && timeout 560 python3 -m benchmarks.probes.breakdown "
         f"--recipes {','.join(recipes)} --variants {variants} --out $OUT --budget-s {budget_s}"
+        + (f" --commit {commit}" if commit else "")
     )
 
 
@@ -188,12 +191,15 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-s", type=float, default=500, help="start no run after this")
     ap.add_argument("--timeout-s", type=float, default=240, help="per run")
     ap.add_argument("--keep-trace-mb", type=float, default=15)
+    ap.add_argument("--commit", default=None, help="commit to record where the tree has no .git")
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument("--print-command", action="store_true")
     args = ap.parse_args(argv)
     names = args.recipes.split(",")
     if args.print_command:
-        print(gpu_command(names, args.variants, int(args.budget_s)))
+        from benchmarks.run import git_commit
+
+        print(gpu_command(names, args.variants, int(args.budget_s), git_commit(args.commit)))
         return 0
     if args.dry_run:
         print(json.dumps(dry_run(names, args.step)))
@@ -201,14 +207,25 @@ def main(argv=None) -> int:
     if args.out is None:
         ap.error("--out is required")
     from benchmarks import recipes as R
+    from benchmarks.run import git_commit, host_meta
     from fluid.testing.bench.launch import install_sigterm
+
+    meta = host_meta(git_commit(args.commit), dry=False)
 
     install_sigterm()
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="fluid_breakdown_"))
     deadline = time.time() + args.budget_s
     for r in R.select(names):
-        doc = {"recipe": r.name, "step": args.step, "command": shlex.join(sys.argv), "variants": {}}
+        doc = {
+            "recipe": r.name,
+            "step": args.step,
+            "meta": {
+                **meta,
+                "command": shlex.join(["python3", "-m", "benchmarks.probes.breakdown", *argv]),
+            },
+            "variants": {},
+        }
         for v in args.variants.split(","):
             if time.time() > deadline:
                 doc["variants"][v] = {"skipped": "time budget"}
