@@ -102,12 +102,10 @@ def _link_is_slow(group) -> bool:
     return len(set(hosts)) > 1
 
 
-# SMs left to NCCL by GEMMs beside an all-to-all over a slow link. Measured (P2P off):
-# - probe, 4x H200, 64 MiB all-to-all (docs/benchmarks/raw/s5b): torch._grouped_mm hides it at
-#   0.07-0.11 with no carve-out, 0.92-0.94 with 16 SMs (+8% GEMM time alone); 2x H100 (raw/s5d):
-#   0.85 with 4 or 8 SMs (+1.5% / +4.5%), 0.83 with 16;
-# - MoE layer fwd+bwd, 2x H200 (raw/s5f), carve-out 0/4/8/16/24: Mixtral-like 22.90/21.98/22.05/
-#   22.21/22.31 ms, 64 experts 14.59/13.75/13.61/13.81/13.85 ms. 8 is best or within 0.4% of it.
+# SMs left to NCCL by GEMMs beside an all-to-all over a slow link. Without a carve-out
+# torch._grouped_mm hides almost none of a concurrent all-to-all (P2P off); of 0/4/8/16/24 SMs, 8
+# gave the fastest MoE layer fwd+bwd or one within 0.4% of it (2x H200, P2P off;
+# docs/benchmarks/HISTORY.md).
 AUTO_SM_CARVEOUT = 8
 
 
@@ -127,9 +125,9 @@ def current_stream(device_index: Optional[int]) -> torch.cuda.Stream:
 
     With an int the lookup is one C call. Without a device, torch.cuda.current_stream (and
     Event.record() and torch.cuda.stream(), which call it) resolves the current device through
-    `torch.cuda.is_available()` and the environment. Under cProfile on the 2x H200 host that was
-    17 us per call and 37 calls per MoE layer fwd+bwd (docs/benchmarks/raw/s7c), in a layer whose
-    pace the host sets at 64 experts; with the index they left the profile's top (raw/s7d)."""
+    `torch.cuda.is_available()` and the environment: 17 us per call under cProfile, 37 calls per
+    MoE layer fwd+bwd, in a layer whose pace the host sets at 64 experts
+    (docs/benchmarks/HISTORY.md)."""
     return torch.cuda.current_stream(device_index)
 
 
@@ -328,7 +326,7 @@ class CommContext:
                 start = torch.cuda.Event(enable_timing=True)
                 start.record(stream)
             # Synchronous on this stream (ProcessGroupNCCL runs it on the current stream); an
-            # async_op=True launch on PG's own stream measured the same (raw/s5b).
+            # async_op=True launch on PG's own stream measured the same.
             dist.all_to_all_single(output, input, output_splits, input_splits, group=self.group)
             done = torch.cuda.Event(enable_timing=timing)
             done.record(stream)
