@@ -124,7 +124,7 @@ def gpu_command(
     )
 
 
-def _run_one(recipe, variant, step, work: Path, out: Path, timeout, keep_mb) -> dict:
+def _run_one(recipe, variant, step, work: Path, out: Path, timeout, keep_mb, script=None) -> dict:
     from benchmarks import e2e_job
     from benchmarks import recipes as R
     from fluid.testing.bench.breakdown import breakdown
@@ -134,7 +134,7 @@ def _run_one(recipe, variant, step, work: Path, out: Path, timeout, keep_mb) -> 
     shutil.rmtree(d, ignore_errors=True)
     (d / "tb").mkdir(parents=True)
     argv = probe_argv(recipe, variant, step, d / "tb")
-    cmd = torchrun_cmd(recipe, e2e_job.pretrain_script(), argv)
+    cmd = torchrun_cmd(recipe, script or e2e_job.pretrain_script(), argv)
     env = {**os.environ, **R.BASE_ENV, **R.LINKS["nvlink"]}
     log = out / f"breakdown_{recipe.name}_{variant}.log"
     r = run_logged(cmd, env, log, cwd=ROOT, timeout=timeout)
@@ -192,6 +192,9 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout-s", type=float, default=240, help="per run")
     ap.add_argument("--keep-trace-mb", type=float, default=15)
     ap.add_argument("--commit", default=None, help="commit to record where the tree has no .git")
+    ap.add_argument(
+        "--script", type=Path, default=None, help="instead of pretrain_gpt.py (tests: a stand-in)"
+    )
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument("--print-command", action="store_true")
     args = ap.parse_args(argv)
@@ -231,7 +234,9 @@ def main(argv=None) -> int:
                 doc["variants"][v] = {"skipped": "time budget"}
                 continue
             timeout = min(args.timeout_s, max(30.0, deadline + 60 - time.time()))
-            res = _run_one(r, v, args.step, work, args.out, timeout, args.keep_trace_mb)
+            res = _run_one(
+                r, v, args.step, work, args.out, timeout, args.keep_trace_mb, args.script
+            )
             doc["variants"][v] = res
             _write(args.out, r.name, doc)
             b = res.get("breakdown")

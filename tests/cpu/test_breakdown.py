@@ -287,3 +287,54 @@ def test_probe_worker_runs_script_with_module_scopes(tmp_path):
     assert json.loads(out) == ["--flag", str(trace)]
     names = {e.get("name") for e in json.loads(trace.read_text())["traceEvents"]}
     assert {"nn.Module: Sequential", "nn.Module: Linear"} <= names
+
+
+FAKE_PRETRAIN = """
+import argparse, torch
+from pathlib import Path
+ap = argparse.ArgumentParser(allow_abbrev=False)
+for f in ("--tensorboard-dir", "--profile-step-start", "--profile-step-end", "--train-iters"):
+    ap.add_argument(f)
+a, _ = ap.parse_known_args()
+start, end, iters = int(a.profile_step_start), int(a.profile_step_end), int(a.train_iters)
+
+def handler(p):  # Megatron's trace_handler (training.py at the pin)
+    d = Path(f"{a.tensorboard_dir}/../torch_profile")
+    d.mkdir(parents=True, exist_ok=True)
+    p.export_chrome_trace(f"{d}/rank-0.json.gz")
+
+sched = torch.profiler.schedule(wait=max(start - 1, 0), warmup=1, active=end - start, repeat=1)
+prof = torch.profiler.profile(schedule=sched, on_trace_ready=handler)
+prof.start()
+m = torch.nn.Linear(8, 8)
+for it in range(iters):  # Megatron's loop: prof.step() first, stop after iteration `end`
+    prof.step()
+    m(torch.randn(4, 8)).sum().backward()
+    print(f" [t] iteration {it + 1:8d}/{iters:8d} | elapsed time per iteration (ms): {10 + it}.0 |")
+    if it + 1 == end:
+        prof.stop()
+"""
+
+
+def test_probe_runs_a_stand_in_end_to_end(tmp_path):
+    """The probe's whole path on CPU: torchrun, worker mode, Megatron's profiler schedule and trace
+    handler (a stand-in script), the trace found, ProfilerStep#5 broken down, JSON and markdown
+    written. The CPU trace has no GPU events: the whole window is host gap."""
+    pytest.importorskip("torch")
+    script = tmp_path / "pretrain_stand_in.py"
+    script.write_text(FAKE_PRETRAIN)
+    out = tmp_path / "out"
+    _probe(
+        "--recipes", "e2e_fine_1gpu", "--variants", "stock", "--out", str(out),
+        "--script", str(script), "--commit", "abc", "--budget-s", "200",
+    )  # fmt: skip
+    doc = json.loads((out / "breakdown_e2e_fine_1gpu.json").read_text())
+    assert doc["meta"]["commit"] == "abc"
+    r = doc["variants"]["stock"]
+    assert r["rc"] == 0, (out / "breakdown_e2e_fine_1gpu_stock.log").read_text()[-2000:]
+    assert r["iters_ms"] == {str(i): 9.0 + i for i in range(1, 7)}
+    b = r["breakdown"]
+    assert b["step"] == 5 and b["wall_ms"] > 0
+    assert b["exclusive_ms"]["host_gap"] == pytest.approx(b["wall_ms"])
+    assert (out / "trace_e2e_fine_1gpu_stock.json.gz").exists()
+    assert (out / "breakdown_e2e_fine_1gpu.md").read_text().startswith("# e2e_fine_1gpu")
