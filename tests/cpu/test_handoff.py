@@ -8,6 +8,8 @@ happens. The end-to-end check under the real schedule is tests/dist/test_combine
 
 from __future__ import annotations
 
+import types
+
 import torch
 
 import fluid.moe.handoff as handoff
@@ -67,3 +69,43 @@ def test_cpu_tensors_hold_only():
     t = torch.arange(2)
     h = handoff.Handoff(t)
     assert h.stream is None and h.event is None and h.take()[0] is t
+
+
+def test_counts_exchange_on_the_group_stream_when_staged(monkeypatch):
+    """Staged (combined-1F1B), the count all-to-all of the pre-dispatch stage goes through the
+    CommContext (its one stream for the group's collectives, in host order on every rank), not
+    ProcessGroupNCCL on the current stream beside the other micro-batch's all-to-alls; unstaged
+    (FluidMoELayer.forward) and on gloo it stays a plain collective."""
+    import fluid.moe.dispatcher as dispatcher
+
+    calls = []
+
+    class Handle:
+        def wait(self):
+            calls.append("wait")
+
+    class Comm:
+        group, is_nccl = object(), True
+
+        def all_to_all_single(self, out, inp, out_splits, in_splits):
+            calls.append(("comm", out_splits, in_splits))
+            out.copy_(inp)
+            return Handle()
+
+    def plain(out, inp, group=None):
+        calls.append(("dist", group))
+        out.copy_(inp)
+
+    monkeypatch.setattr(dispatcher.dist, "all_to_all_single", plain)
+    disp = types.SimpleNamespace(comm=Comm())
+    send = torch.arange(4)
+    f = dispatcher.FluidTokenDispatcher._counts_all_to_all
+    assert torch.equal(f(disp, send, True), send)
+    assert calls == [("comm", None, None), "wait"]
+    calls.clear()
+    f(disp, send, False)
+    assert calls == [("dist", disp.comm.group)]
+    calls.clear()
+    disp.comm.is_nccl = False
+    f(disp, send, True)
+    assert calls == [("dist", disp.comm.group)]

@@ -213,14 +213,28 @@ class FluidTokenDispatcher:
         self.shared_experts = None
 
     # -- 1. metadata + permutation ------------------------------------------------------------
-    def _exchange_counts(self, routing_map: torch.Tensor) -> torch.Tensor:
+    def _counts_all_to_all(self, send: torch.Tensor, staged: bool) -> torch.Tensor:
+        """Equal-split all-to-all of a small count vector over the EP group, waited.
+
+        Staged (Megatron's combined-1F1B schedule), the pre-dispatch stage runs on the compute
+        stream while the other micro-batch's all-to-alls of this group run on the CommContext
+        stream. ProcessGroupNCCL runs a synchronous collective on the current stream, so two
+        collectives of one communicator could run concurrently, in an order that may differ
+        between ranks (a hang). Through the CommContext every collective of the group stays on
+        one stream, in the order the host issued them, which is the same on every rank."""
+        recv = torch.empty_like(send)
+        if staged and self.comm.is_nccl:
+            self.comm.all_to_all_single(recv, send, None, None).wait()
+        else:
+            dist.all_to_all_single(recv, send, group=self.comm.group)
+        return recv
+
+    def _exchange_counts(self, routing_map: torch.Tensor, staged: bool) -> torch.Tensor:
         """`[E]` local counts and `[P*G]` received counts, concatenated on the device."""
         counts_E = routing_map.sum(dim=0).long()
         if self.ep_size == 1:
             return torch.cat([counts_E, counts_E])
-        recv_PG = torch.empty_like(counts_E)
-        dist.all_to_all_single(recv_PG, counts_E, group=self.comm.group)
-        return torch.cat([counts_E, recv_PG])
+        return torch.cat([counts_E, self._counts_all_to_all(counts_E, staged)])
 
     def _permutation(self, routing_map: torch.Tensor, counts_E: torch.Tensor, num_rows: int):
         """Flat indices into `routing_map.T` of the rows to send, chunk-major then expert-major."""
@@ -245,19 +259,19 @@ class FluidTokenDispatcher:
         assert routing_map.dim() == 2 and routing_map.dtype == torch.bool
         if self.dedup:
             check_dedup_settings(self.config, self.num_chunks)
-            out = self._dedup_preprocess(hidden_states, routing_map, probs)
+            out = self._dedup_preprocess(hidden_states, routing_map, probs, staged)
         else:
-            out = self._plain_preprocess(hidden_states, routing_map, probs)
+            out = self._plain_preprocess(hidden_states, routing_map, probs, staged)
         if staged:  # the combine stage's unpermute reads sorted_indices (and saves it)
             self.plan.staged = True
             self.plan.indices_handoff = Handoff(self.plan.sorted_indices)
         return out
 
-    def _plain_preprocess(self, hidden_states, routing_map, probs):
+    def _plain_preprocess(self, hidden_states, routing_map, probs, staged):
         hidden_shape = hidden_states.shape
         hidden = hidden_states.reshape(-1, hidden_shape[-1])
         num_tokens = hidden.shape[0]
-        counts = self._exchange_counts(routing_map)
+        counts = self._exchange_counts(routing_map, staged)
         self._pending = _PendingCounts(counts)
         counts_E = counts[: self.num_experts]
         if self.dynamic_rows:  # token dropping: the row count is data-dependent, sync here
@@ -272,7 +286,7 @@ class FluidTokenDispatcher:
         return permuted, permuted_probs
 
     # -- 1'. deduplicated dispatch (see the module docstring) ---------------------------------
-    def _dedup_preprocess(self, hidden_states, routing_map, probs):
+    def _dedup_preprocess(self, hidden_states, routing_map, probs, staged):
         E, G, P = self.num_experts, self.num_local_experts, self.ep_size
         hidden_shape = hidden_states.shape
         hidden = hidden_states.reshape(-1, hidden_shape[-1])
@@ -284,8 +298,7 @@ class FluidTokenDispatcher:
         send = torch.cat([counts_E.view(P, G), uniq_P.view(P, 1)], dim=1).reshape(-1)
         recv = send
         if P > 1:
-            recv = torch.empty_like(send)
-            dist.all_to_all_single(recv, send, group=self.comm.group)
+            recv = self._counts_all_to_all(send, staged)
         self._pending = _PendingCounts(torch.cat([counts_E, uniq_P, recv]))
         host = self._pending.get()  # the one sync: the row count sizes the permutation below
         num_send = sum(host[E : E + P])
