@@ -354,7 +354,8 @@ def loss_rel(x, y) -> float:
 def compare(x, y, flips=None):
     """(bitwise, max loss rel diff, max grad err / tolerance, worst grad name, its rel err,
     missing names). `flips` (per MoE layer, `flipped_fraction`): router and expert weights get
-    REL_TOL + 2 sqrt(2 f) (module docstring, check 2); without it every gradient gets REL_TOL."""
+    REL_TOL + 2 sqrt(2 f) (module docstring, check 2); without it, or for a layer whose
+    routing was not recorded, REL_TOL."""
     missing = sorted(set(x["grads"]) ^ set(y["grads"]))
     bitwise = torch.equal(x["losses"], y["losses"]) and not missing
     lrel = loss_rel(x["losses"], y["losses"])
@@ -366,7 +367,7 @@ def compare(x, y, flips=None):
         layer = moe_layer_of(n)
         tol = REL_TOL
         if flips is not None and layer is not None:
-            tol = REL_TOL + 2.0 * (2.0 * flips.get(layer, 1.0)) ** 0.5
+            tol = REL_TOL + 2.0 * (2.0 * flips.get(layer, 0.0)) ** 0.5
         if e / tol > worst:
             worst, wname, wrel = e / tol, n, e
     return bitwise, lrel, worst, wname, wrel, missing
