@@ -62,7 +62,6 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-
 from megatron.core.transformer.moe.moe_utils import unpermute
 
 from fluid.comm import CommContext, fluid_all_to_all
@@ -165,7 +164,7 @@ class _PendingCounts:
         if counts_device.is_cuda:
             self.host = torch.empty(counts_device.shape, dtype=counts_device.dtype, pin_memory=True)
             self.host.copy_(counts_device, non_blocking=True)
-            self.event = torch.cuda.Event()
+            self.event: Optional[torch.cuda.Event] = torch.cuda.Event()
             self.event.record(current_stream(counts_device.device.index))
         else:
             self.host, self.event = counts_device, None
@@ -192,7 +191,12 @@ class FluidTokenDispatcher:
     """
 
     def __init__(
-        self, num_local_experts, local_expert_indices, config, comm: CommContext, num_chunks=1,
+        self,
+        num_local_experts,
+        local_expert_indices,
+        config,
+        comm: CommContext,
+        num_chunks=1,
         dedup=False,
     ):
         if num_chunks < 1:
@@ -263,8 +267,9 @@ class FluidTokenDispatcher:
         else:
             out = self._plain_preprocess(hidden_states, routing_map, probs, staged)
         if staged:  # the combine stage's unpermute reads sorted_indices (and saves it)
-            self.plan.staged = True
-            self.plan.indices_handoff = Handoff(self.plan.sorted_indices)
+            plan = self._current_plan()
+            plan.staged = True
+            plan.indices_handoff = Handoff(plan.sorted_indices)
         return out
 
     def _plain_preprocess(self, hidden_states, routing_map, probs, staged):
@@ -316,8 +321,7 @@ class FluidTokenDispatcher:
 
     def _finish_dedup_plan(self, plan: DispatchPlan) -> DispatchPlan:
         E, G, P = self.num_experts, self.num_local_experts, self.ep_size
-        host = self._pending.get()
-        self._pending = None
+        host = self._take_pending()
         uniq, recv = host[E : E + P], host[E + P :]
         recv_rg = [recv[r * (G + 1) + g] for r in range(P) for g in range(G)]
         plan.send_splits.append(list(uniq))
@@ -350,9 +354,26 @@ class FluidTokenDispatcher:
         partial = out.new_zeros((sum(plan.recv_splits[0]), out.shape[1]))
         return segmented_index_add(partial, plan.expand_rows, out, plan.tokens_per_expert[0])
 
+    def _current_plan(self) -> DispatchPlan:
+        """The plan of the forward in flight; the stages after dispatch_preprocess read it."""
+        if self.plan is None:
+            raise RuntimeError(
+                "FluidTokenDispatcher: no dispatch plan; call dispatch_preprocess first"
+            )
+        return self.plan
+
+    def _take_pending(self) -> list[int]:
+        """The host counts dispatch_preprocess sent on their way (waits once), then forgets them."""
+        if self._pending is None:
+            raise RuntimeError(
+                "FluidTokenDispatcher: no counts pending; call dispatch_preprocess first"
+            )
+        counts, self._pending = self._pending.get(), None
+        return counts
+
     def _finish_plan(self) -> DispatchPlan:
         """Turn the host counts into per-chunk splits (waits for the device->host copy once)."""
-        plan = self.plan
+        plan = self._current_plan()
         if plan.send_splits:
             return plan
         if self.dedup:
@@ -364,8 +385,7 @@ class FluidTokenDispatcher:
         return plan
 
     def _finish_chunk_plan(self, plan: DispatchPlan) -> DispatchPlan:
-        counts = self._pending.get()
-        self._pending = None
+        counts = self._take_pending()
         E, G, P, C = self.num_experts, self.num_local_experts, self.ep_size, self.num_chunks
         local, recv = counts[:E], counts[E:]
         local_b = [chunk_bounds(n, C) for n in local]
@@ -393,7 +413,9 @@ class FluidTokenDispatcher:
         plan = self._finish_plan()
         rows = [sum(s) for s in plan.send_splits]
         parts = []
-        for c, (x, p) in enumerate(zip(permuted.split(rows), permuted_probs.split(rows))):
+        for c, (x, p) in enumerate(
+            zip(permuted.split(rows), permuted_probs.split(rows), strict=True)
+        ):
             n = sum(plan.recv_splits[c])
             parts.append(((x, x.new_empty((n, *x.shape[1:]))), (p, p.new_empty((n, *p.shape[1:])))))
         ready = None
@@ -405,11 +427,16 @@ class FluidTokenDispatcher:
     def launch_dispatch_part(self, part, chunk: int, ready=None):
         """Start the dispatch all-to-all of one `(send, recv)` part (rows or probs) of `chunk`
         from `dispatch_chunks`: returns `(received, handle)`."""
-        plan = self.plan
+        plan = self._current_plan()
         x, out = part
         return fluid_all_to_all(
-            self.comm, x, plan.recv_splits[chunk], plan.send_splits[chunk], async_op=True,
-            ready=ready, out=out,
+            self.comm,
+            x,
+            plan.recv_splits[chunk],
+            plan.send_splits[chunk],
+            async_op=True,
+            ready=ready,
+            out=out,
         )
 
     def launch_dispatch(self, permuted, permuted_probs):
@@ -464,11 +491,11 @@ class FluidTokenDispatcher:
     # -- 5. combine -----------------------------------------------------------------------------
     def combine_preprocess(self, expert_out, chunk: int = 0):
         if self.dedup:
-            return self._dedup_reduce(expert_out, self.plan)
-        return self._reorder(expert_out, self.plan.recv_counts[chunk], False)
+            return self._dedup_reduce(expert_out, self._current_plan())
+        return self._reorder(expert_out, self._current_plan().recv_counts[chunk], False)
 
     def launch_combine(self, x, chunk: int = 0):
-        plan = self.plan
+        plan = self._current_plan()
         return fluid_all_to_all(
             self.comm, x, plan.send_splits[chunk], plan.recv_splits[chunk], async_op=True
         )
@@ -482,7 +509,7 @@ class FluidTokenDispatcher:
     # -- 6. unpermute ---------------------------------------------------------------------------
     def combine_postprocess(self, rows):
         """Rows back in send order (a tensor, or the list of chunks) -> output like the input."""
-        plan = self.plan
+        plan = self._current_plan()
         if isinstance(rows, (list, tuple)):
             rows = torch.cat(list(rows)) if len(rows) > 1 else rows[0]
         hidden = plan.hidden_shape[-1]

@@ -38,7 +38,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -109,7 +108,7 @@ class FluidGroupedMLP(MegatronModule):
             config.expert_tensor_parallel_size != config.tensor_model_parallel_size
         )
         for p in (self.weight1, self.weight2):
-            setattr(p, "allreduce", not expert_pgs)
+            p.allreduce = not expert_pgs  # type: ignore[attr-defined]  # Megatron DDP reads it
         if config.bias_activation_fusion and not (
             config.gated_linear_unit and config.activation_func in _fused_weighted_activations()
         ):
@@ -133,8 +132,12 @@ class FluidGroupedMLP(MegatronModule):
                     h, None, probs.unsqueeze(-1), cfg.activation_func_fp8_input_store
                 )
             return weighted_bias_quick_geglu_impl(
-                h, None, probs.unsqueeze(-1), cfg.activation_func_fp8_input_store,
-                cfg.glu_linear_offset, cfg.activation_func_clamp_value,
+                h,
+                None,
+                probs.unsqueeze(-1),
+                cfg.activation_func_fp8_input_store,
+                cfg.glu_linear_offset,
+                cfg.activation_func_clamp_value,
             )
         # (a * probs).to(a.dtype) as stock MLP (probs may be fp32), in row blocks: one fp32 [T, F]
         # temporary for all local experts at once would cost G times stock's per-expert one.
@@ -183,8 +186,14 @@ class FluidGroupedMLP(MegatronModule):
                 # expert's dW into: run the experts one after another in backward too, as
                 # SequentialMLP does, with stock's peak memory (see expert_loop).
                 out = sequential_experts(
-                    x, permuted_probs, self.weight1, self.weight2, counts,
-                    self._weighted_activation, name=self.name, scheduler=self.scheduler,
+                    x,
+                    permuted_probs,
+                    self.weight1,
+                    self.weight2,
+                    counts,
+                    self._weighted_activation,
+                    name=self.name,
+                    scheduler=self.scheduler,
                 )
                 return out, None
             offs = None  # grouped_linear's per-expert loop
@@ -192,11 +201,13 @@ class FluidGroupedMLP(MegatronModule):
             offs = offsets_for(counts, permuted_hidden.device)
         fb = self.grouped_mm_fallbacks
         sched = self.scheduler
-        h = grouped_linear(x, self.weight1, counts, offs, name=f"{self.name}.fc1", fallbacks=fb,
-                           scheduler=sched)
+        h = grouped_linear(
+            x, self.weight1, counts, offs, name=f"{self.name}.fc1", fallbacks=fb, scheduler=sched
+        )
         a = self._weighted_activation(h, permuted_probs)
-        out = grouped_linear(a, self.weight2, counts, offs, name=f"{self.name}.fc2", fallbacks=fb,
-                             scheduler=sched)
+        out = grouped_linear(
+            a, self.weight2, counts, offs, name=f"{self.name}.fc2", fallbacks=fb, scheduler=sched
+        )
         return out, None
 
     def backward_dw(self) -> None:
@@ -251,12 +262,20 @@ class FluidGroupedMLP(MegatronModule):
                     global_idx, offsets = expert_offsets(g)
                     g_key = f"{key[: -len(suffix)]}{global_idx}.{suffix}" if singleton else key
                     sh_ten = make_tp_sharded_tensor_for_checkpoint(
-                        t[g], g_key, axis, replica_id=replica_id, prepend_offsets=offsets,
-                        tp_group=self.tp_group, dp_cp_group=dp_cp_group,
+                        t[g],
+                        g_key,
+                        axis,
+                        replica_id=replica_id,
+                        prepend_offsets=offsets,
+                        tp_group=self.tp_group,
+                        dp_cp_group=dp_cp_group,
                     )
                     if fc == "linear_fc1" and glu:  # [w, v]; built here, factories don't nest
                         sh_ten = apply_swiglu_sharded_factory(
-                            sh_ten, offsets, singleton, tp_group=self.tp_group,
+                            sh_ten,
+                            offsets,
+                            singleton,
+                            tp_group=self.tp_group,
                             dp_group=dp_cp_group,
                         ).build()
                     experts.append(sh_ten)
@@ -267,7 +286,9 @@ class FluidGroupedMLP(MegatronModule):
 
             # Expert TP = 1: TP entry 0 as make_tp_sharded_tensor_for_checkpoint sets it.
             replica_id = (0, 0, self.dp_group.rank())
-            return ShardedTensorFactory(f"{prefix}experts.{suffix}", weight, build, merge, replica_id)
+            return ShardedTensorFactory(
+                f"{prefix}experts.{suffix}", weight, build, merge, replica_id
+            )
 
         out = {
             f"{prefix}weight1": factory("linear_fc1", self.weight1, 0),
@@ -279,10 +300,16 @@ class FluidGroupedMLP(MegatronModule):
             sharded_prefix = f"{prefix}experts.{global_idx}." if singleton else f"{prefix}experts."
             extra = {}
             for fc in _FC_NAMES:
-                extra.update(make_sharded_tensors_for_checkpoint(
-                    {"_extra_state": None}, f"{local_prefix}{fc}.", {}, offsets,
-                    tp_group=self.tp_group, dp_cp_group=dp_cp_group,
-                ))
+                extra.update(
+                    make_sharded_tensors_for_checkpoint(
+                        {"_extra_state": None},
+                        f"{local_prefix}{fc}.",
+                        {},
+                        offsets,
+                        tp_group=self.tp_group,
+                        dp_cp_group=dp_cp_group,
+                    )
+                )
             replace_prefix_for_sharding(extra, local_prefix, sharded_prefix)
             for sh_obj in extra.values():
                 replica_id = sh_obj.replica_id
@@ -309,7 +336,7 @@ def _to_sequential_layout(module: FluidGroupedMLP, state_dict, prefix: str, loca
     w1 = state_dict.pop(f"{prefix}weight1")
     w2 = state_dict.pop(f"{prefix}weight2")
     for g in range(module.num_local_experts):
-        for fc, w in zip(_FC_NAMES, (w1, w2)):
+        for fc, w in zip(_FC_NAMES, (w1, w2), strict=True):
             state_dict[f"{prefix}local_experts.{g}.{fc}.weight"] = w[g]
             state_dict[f"{prefix}local_experts.{g}.{fc}._extra_state"] = None
     return state_dict

@@ -41,10 +41,10 @@ log = logging.getLogger(__name__)
 
 # --fluid-grouped-gemm auto: one expert's MLP (fc1 + fc2, mean rows per expert) of at least this
 # many GFLOP runs as one cuBLAS GEMM per expert instead of torch._grouped_mm. Measured points (2x H200,
-# EP=2, docs/benchmarks/raw/s6b, s6d; session 5's 4x H200 profile agrees on the first):
+# EP=2; docs/benchmarks/HISTORY.md):
 # - Mixtral-like (H 4096, F 14336, about 2048 rows per expert): 721 GFLOP. Per-expert GEMMs are
 #   faster: layer fwd+bwd 17.54 vs 18.65 ms (NVLink), 19.97 vs 21.29 ms under DDP main_grad.
-# - benchmarks/e2e.py's layer (H 2048, F 5632, 2048 rows): 141 GFLOP. Per-expert is slower: the
+# - the `small` benchmark model's layer (H 2048, F 5632, 2048 rows): 141 GFLOP. Per-expert is slower: the
 #   layer under DDP 9.32 vs 7.50 ms, the whole model 611/508 vs 395/411 ms per iteration. The
 #   GPU waits for the host there: each expert's GEMMs take about as long as the Python per
 #   expert (the per-expert backward's timeline shows the GPU idle between experts).
@@ -66,8 +66,11 @@ class GroupedMMFallbacks:
 
     def record(self, exc: Exception) -> None:
         if not self.messages:
-            log.warning("FluidMoE %s: torch._grouped_mm failed (%s); this call uses the "
-                        "per-expert loop", self.owner, exc)
+            log.warning(
+                "FluidMoE %s: torch._grouped_mm failed (%s); this call uses the per-expert loop",
+                self.owner,
+                exc,
+            )
         self.messages.append(str(exc))
 
 
@@ -84,8 +87,9 @@ def _grouped_mm_supported(x: torch.Tensor) -> bool:
     return torch.cuda.get_device_capability(x.device) >= (9, 0)
 
 
-def use_grouped_mm(x: torch.Tensor, counts: Sequence[int], macs_per_row: int,
-                   mode: str = "auto") -> bool:
+def use_grouped_mm(
+    x: torch.Tensor, counts: Sequence[int], macs_per_row: int, mode: str = "auto"
+) -> bool:
     """Whether an expert MLP over `x` (rows grouped by `counts`) should use `torch._grouped_mm`.
 
     Args:
@@ -117,8 +121,15 @@ def _split(x: torch.Tensor, counts: Sequence[int]):
     return torch.split(x, list(counts), dim=0)
 
 
-def gmm(a_TK: torch.Tensor, w: torch.Tensor, counts: Sequence[int], offs, *, trans_w: bool,
-        fallbacks: Optional[GroupedMMFallbacks] = None):
+def gmm(
+    a_TK: torch.Tensor,
+    w: torch.Tensor,
+    counts: Sequence[int],
+    offs,
+    *,
+    trans_w: bool,
+    fallbacks: Optional[GroupedMMFallbacks] = None,
+):
     """Per group g: `a[g] @ w[g]^T` (trans_w, w `[G, N, K]`) or `a[g] @ w[g]` (w `[G, K, N]`).
 
     Args:
@@ -133,14 +144,19 @@ def gmm(a_TK: torch.Tensor, w: torch.Tensor, counts: Sequence[int], offs, *, tra
         if out is not None:
             return out
     out = a_TK.new_empty((a_TK.shape[0], b.shape[2]))
-    for g, (chunk, out_g) in enumerate(zip(_split(a_TK, counts), _split(out, counts))):
+    for g, (chunk, out_g) in enumerate(zip(_split(a_TK, counts), _split(out, counts), strict=True)):
         if chunk.shape[0]:  # straight into the output's rows: no torch.cat copy
             torch.matmul(chunk, b[g], out=out_g)
     return out
 
 
-def gmm_wgrad(dy_TN: torch.Tensor, x_TK: torch.Tensor, counts: Sequence[int], offs,
-              fallbacks: Optional[GroupedMMFallbacks] = None) -> torch.Tensor:
+def gmm_wgrad(
+    dy_TN: torch.Tensor,
+    x_TK: torch.Tensor,
+    counts: Sequence[int],
+    offs,
+    fallbacks: Optional[GroupedMMFallbacks] = None,
+) -> torch.Tensor:
     """Per group g: `dy[g]^T @ x[g]`, returned as `[G, N, K]` (zero for empty groups); `offs`
     and `fallbacks` as in `gmm`."""
     num_groups = len(counts)
@@ -152,9 +168,9 @@ def gmm_wgrad(dy_TN: torch.Tensor, x_TK: torch.Tensor, counts: Sequence[int], of
                     dw[g].zero_()
             return dw
     # Every non-empty group's slice is written whole by its GEMM: only empty groups need zeros
-    # (a full zero fill of a Mixtral-sized dW costs 0.28 ms, 2x H200 timeline of session 6).
+    # (a full zero fill of a Mixtral-sized dW costs 0.28 ms on H200).
     dw = x_TK.new_empty((num_groups, dy_TN.shape[1], x_TK.shape[1]))
-    for g, (dy_g, x_g) in enumerate(zip(_split(dy_TN, counts), _split(x_TK, counts))):
+    for g, (dy_g, x_g) in enumerate(zip(_split(dy_TN, counts), _split(x_TK, counts), strict=True)):
         if dy_g.shape[0]:
             torch.matmul(dy_g.t(), x_g, out=dw[g])
         else:
@@ -216,8 +232,15 @@ def grouped_linear(
     # The probe (fluid.schedule.wgrad.dw_probe) tells backward whether dW is wanted, and keeps
     # the op in the graph when x needs no gradient, so dW still runs then.
     return _GroupedLinear.apply(
-        x_TK, weight_GNK.detach(), dw_probe(weight_GNK), tuple(int(c) for c in counts), offs,
-        (weight_GNK,), name, fallbacks, scheduler,
+        x_TK,
+        weight_GNK.detach(),
+        dw_probe(weight_GNK),
+        tuple(int(c) for c in counts),
+        offs,
+        (weight_GNK,),
+        name,
+        fallbacks,
+        scheduler,
     )
 
 

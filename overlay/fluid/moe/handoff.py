@@ -25,14 +25,14 @@ On one stream (the plain schedule) `take()` does nothing; FluidMoELayer.forward 
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, TypeGuard
 
 import torch
 
 from fluid.comm.context import current_stream
 
 
-def _on_cuda(t: Optional[torch.Tensor]) -> bool:
+def _on_cuda(t: Optional[torch.Tensor]) -> TypeGuard[torch.Tensor]:
     return t is not None and t.is_cuda
 
 
@@ -62,6 +62,7 @@ class Handoff:
         if self.stream is not None:
             consumer = current_stream(self.device_index)
             if consumer != self.stream and not any(s == consumer for s in self._taken_on):
+                assert self.event is not None  # recorded with the stream
                 consumer.wait_event(self.event)
                 for t in self.tensors:
                     if _on_cuda(t):

@@ -34,10 +34,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Optional
+from typing import Any, Optional
 
 import torch
-
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.moe.router import TopKRouter
@@ -45,8 +44,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from fluid.comm import CommContext
 from fluid.config import FluidConfig, FluidConfigError
+from fluid.megatron.validate import validate_config
 from fluid.moe.dispatcher import FluidTokenDispatcher
-from fluid.megatron.validate import SUPPORTED_DISPATCHER_SETTINGS, validate_config
 from fluid.moe.experts import FluidGroupedMLP
 from fluid.moe.router import FluidTopKRouter
 from fluid.runtime import runtime_for
@@ -64,8 +63,9 @@ def resolve_num_chunks(config: TransformerConfig, num_chunks: Optional[int] = No
     return FluidConfig.from_config(config).moe_chunks
 
 
-def resolve_dedup(config: TransformerConfig, comm: Optional[CommContext] = None,
-                  num_chunks: int = 1) -> bool:
+def resolve_dedup(
+    config: TransformerConfig, comm: Optional[CommContext] = None, num_chunks: int = 1
+) -> bool:
     """Deduplicated dispatch (a token sent once per destination rank; see dispatcher.py):
     `--fluid-moe-dedup` (FluidConfig.moe_dedup) on or off, or auto (the default): on where it
     measured faster, i.e. over a slow link (`comm.slow_link()`: P2P off, between nodes) with
@@ -122,10 +122,14 @@ class FluidMoELayer(MoELayer):
         num_chunks: Optional[int] = None,
     ):
         if submodules is None:
-            raise ValueError("FluidMoELayer needs the spec's MoESubmodules (router, shared_experts)")
+            raise ValueError(
+                "FluidMoELayer needs the spec's MoESubmodules (router, shared_experts)"
+            )
         if pg_collection is None:
-            raise ValueError("FluidMoELayer needs the model's pg_collection (explicit process "
-                             "groups; Megatron's TransformerLayer passes it)")
+            raise ValueError(
+                "FluidMoELayer needs the model's pg_collection (explicit process "
+                "groups; Megatron's TransformerLayer passes it)"
+            )
         validate_config(config, pg_collection)
         router = FluidTopKRouter if submodules.router is TopKRouter else submodules.router
         fluid_submodules = dataclasses.replace(submodules, router=router, experts=FluidGroupedMLP)
@@ -145,7 +149,11 @@ class FluidMoELayer(MoELayer):
         self.comm = self.fluid_runtime.comm(self.ep_group)
         self.num_chunks = resolve_num_chunks(config, num_chunks)
         self.token_dispatcher = FluidTokenDispatcher(
-            self.num_local_experts, self.local_expert_indices, config, self.comm, self.num_chunks,
+            self.num_local_experts,
+            self.local_expert_indices,
+            config,
+            self.comm,
+            self.num_chunks,
             dedup=resolve_dedup(config, self.comm, self.num_chunks),
         )
 
@@ -181,7 +189,8 @@ class FluidMoELayer(MoELayer):
         parts, ready = disp.dispatch_chunks(rows, row_probs)
         del rows, row_probs
         C = len(parts)
-        sent = [[None, None] for _ in range(C)]  # per chunk: (received, handle) of rows, probs
+        # per chunk: (received, handle) of rows, probs; a chunk's entry is dropped once consumed
+        sent: list[Any] = [[None, None] for _ in range(C)]
 
         def launch(c, part):
             sent[c][part] = disp.launch_dispatch_part(parts[c][part], c, ready)
