@@ -20,36 +20,16 @@ instead of silently dropping the second-order terms through the weights.
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
-import torch.distributed as dist
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from fluid.testing.world import single_rank_megatron
 
 
 @pytest.fixture(scope="module", autouse=True)
 def megatron_tp1():
-    from megatron.core import parallel_state
-
-    created = not dist.is_initialized()
-    if created:
-        dist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
-        )
-    made_mp = not parallel_state.model_parallel_is_initialized()
-    if made_mp:
-        parallel_state.initialize_model_parallel()
-    yield
-    if made_mp:
-        parallel_state.destroy_model_parallel()
-    if created:
-        dist.destroy_process_group()
+    with single_rank_megatron():
+        yield
 
 
 class _LatestScheduler:

@@ -43,6 +43,7 @@ import types
 
 import torch
 
+from fluid.testing.gpt import build_gpt, gpt_config
 from tests._dist import run_distributed
 
 SEQ, VOCAB, MICRO = 16, 64, 3
@@ -107,54 +108,16 @@ def cpu_stream_shim():
 
 
 def _config():
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    return TransformerConfig(
-        num_layers=3,
-        hidden_size=32,
-        ffn_hidden_size=48,
-        num_attention_heads=4,
-        num_query_groups=2,
-        num_moe_experts=4,
-        moe_router_topk=2,
-        moe_ffn_hidden_size=24,
-        moe_layer_freq=[1, 0, 1],
-        moe_token_dispatcher_type="alltoall",
-        moe_aux_loss_coeff=0.0,
-        expert_model_parallel_size=2,
-        gated_linear_unit=True,
-        activation_func=torch.nn.functional.silu,
-        normalization="RMSNorm",
-        add_bias_linear=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        use_cpu_initialization=True,
-        gradient_accumulation_fusion=False,
-        use_fluid_moe=True,
-        bf16=False,
-        params_dtype=torch.float32,
-    )
+    return gpt_config(ep=2)  # 3 layers (MoE, dense, MoE), H 32, 4 experts top-2, fp32
 
 
 def _build():
     from megatron.core import parallel_state as ps
-    from megatron.core.models.gpt import GPTModel
-
-    from fluid import get_fluid_moe_layer_spec
 
     ps.initialize_model_parallel(expert_model_parallel_size=2)
-    torch.manual_seed(0)
     cfg = _config()
     cfg.overlap_moe_expert_parallel_comm = True  # see the module docstring
-    model = GPTModel(
-        config=cfg,
-        transformer_layer_spec=get_fluid_moe_layer_spec(cfg, use_transformer_engine=False),
-        vocab_size=VOCAB,
-        max_sequence_length=SEQ,
-        position_embedding_type="learned_absolute",
-        share_embeddings_and_output_weights=False,
-    )
-    return model, cfg
+    return build_gpt(cfg, vocab=VOCAB, seq=SEQ, seed=0), cfg
 
 
 def _batches(rank):

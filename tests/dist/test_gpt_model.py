@@ -26,6 +26,7 @@ import tempfile
 import torch
 import torch.distributed as dist
 
+from fluid.testing.gpt import build_gpt, gpt_config
 from tests._dist import run_distributed
 
 RTOL, ATOL = 1e-4, 1e-5
@@ -33,53 +34,15 @@ SEQ, VOCAB, MB = 16, 64, 2  # sequence, vocabulary, micro-batches (one per rank 
 
 
 def _config(ep):
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    return TransformerConfig(
-        num_layers=3,
-        hidden_size=32,
-        ffn_hidden_size=48,
-        num_attention_heads=4,
-        num_query_groups=2,
-        num_moe_experts=4,
-        moe_router_topk=2,
-        moe_ffn_hidden_size=24,
-        moe_layer_freq=[1, 0, 1],
-        moe_token_dispatcher_type="alltoall",
-        moe_aux_loss_coeff=0.0,
-        expert_model_parallel_size=ep,
-        gated_linear_unit=True,
-        activation_func=torch.nn.functional.silu,
-        normalization="RMSNorm",
-        add_bias_linear=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        use_cpu_initialization=True,
-        gradient_accumulation_fusion=False,
-        use_fluid_moe=True,
-        bf16=False,
-        params_dtype=torch.float32,
-    )
+    return gpt_config(ep=ep)  # 3 layers (MoE, dense, MoE), H 32, 4 experts top-2, fp32
 
 
 def _build(ep):
     from megatron.core import parallel_state as ps
-    from megatron.core.models.gpt import GPTModel
-
-    from fluid import get_fluid_moe_layer_spec
 
     ps.initialize_model_parallel(expert_model_parallel_size=ep)
-    torch.manual_seed(0)
     cfg = _config(ep)
-    model = GPTModel(
-        config=cfg,
-        transformer_layer_spec=get_fluid_moe_layer_spec(cfg, use_transformer_engine=False),
-        vocab_size=VOCAB,
-        max_sequence_length=SEQ,
-        position_embedding_type="learned_absolute",  # RoPE moves inv_freq to CUDA
-        share_embeddings_and_output_weights=False,
-    )
-    return model, cfg
+    return build_gpt(cfg, vocab=VOCAB, seq=SEQ, seed=0), cfg
 
 
 def _batch(mb):
@@ -106,8 +69,6 @@ def _expert_key(key, ep_rank, nle):
 
 
 def _reference(rank, world, path):
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
-
     from fluid.megatron.info import fluid_layer_info
 
     model, cfg = _build(ep=1)
@@ -124,21 +85,10 @@ def _reference(rank, world, path):
     stock_cfg.use_fluid_moe = False
     from unittest import mock
 
-    from megatron.core.models.gpt import GPTModel
-
     # The stock alltoall dispatcher only stores a CUDA stream in its constructor; a placeholder
     # lets the stock model be built on CPU (it is never run) to read its state-dict keys.
     with mock.patch("torch.cuda.Stream", lambda *a, **k: None):
-        stock = GPTModel(
-            config=stock_cfg,
-            transformer_layer_spec=get_gpt_decoder_block_spec(
-                stock_cfg, use_transformer_engine=False
-            ),
-            vocab_size=VOCAB,
-            max_sequence_length=SEQ,
-            position_embedding_type="learned_absolute",
-            share_embeddings_and_output_weights=False,
-        )
+        stock = build_gpt(stock_cfg, vocab=VOCAB, seq=SEQ, seed=0)
     torch.save(
         {
             "losses": losses,

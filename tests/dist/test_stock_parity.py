@@ -25,38 +25,24 @@ import types
 import pytest
 import torch
 
+from fluid.testing.gpt import build_gpt, gpt_config
 from tests._dist import run_distributed
 
 SEQ, VOCAB, MICRO, BOUND = 64, 128, 2, 1e-4
 
 
 def _config(fluid: bool, aux: bool):
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    return TransformerConfig(
-        num_layers=4,
-        hidden_size=64,
-        ffn_hidden_size=128,
-        num_attention_heads=4,
-        num_query_groups=2,
-        num_moe_experts=8,
-        moe_router_topk=2,
-        moe_ffn_hidden_size=48,
+    return gpt_config(
+        layers=4,
+        hidden=64,
+        ffn=128,
+        experts=8,
+        moe_ffn=48,
+        moe_layer_freq=1,
+        fluid=fluid,
         moe_token_dispatcher_type="alltoall" if fluid else "allgather",
         moe_aux_loss_coeff=1e-2 if aux else 0.0,
         moe_z_loss_coeff=1e-3 if aux else None,
-        expert_model_parallel_size=2,
-        gated_linear_unit=True,
-        activation_func=torch.nn.functional.silu,
-        normalization="RMSNorm",
-        add_bias_linear=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        use_cpu_initialization=True,
-        gradient_accumulation_fusion=False,
-        use_fluid_moe=fluid,
-        bf16=False,
-        params_dtype=torch.float32,
     )
 
 
@@ -88,30 +74,13 @@ def _canonical(model):
 
 def _parity(rank, world, aux):
     from megatron.core import parallel_state as ps
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
-
-    from fluid import get_fluid_moe_layer_spec
 
     _cpu_stock_path()
     ps.initialize_model_parallel(expert_model_parallel_size=2)
     results, state = {}, None
     for fluid in (True, False):
-        cfg = _config(fluid, aux)
-        spec = (
-            get_fluid_moe_layer_spec(cfg, use_transformer_engine=False)
-            if fluid
-            else get_gpt_decoder_block_spec(cfg, use_transformer_engine=False)
-        )
-        torch.manual_seed(1234)
-        model = GPTModel(
-            config=cfg,
-            transformer_layer_spec=spec,
-            vocab_size=VOCAB,
-            max_sequence_length=SEQ,
-            position_embedding_type="learned_absolute",
-            share_embeddings_and_output_weights=False,
-        )
+        # build_gpt: Fluid's layer spec or stock Megatron's local one, by `fluid`.
+        model = build_gpt(_config(fluid, aux), vocab=VOCAB, seq=SEQ, seed=1234)
         if state is None:
             state = {k: v.detach().clone() for k, v in model.state_dict().items() if v is not None}
         else:

@@ -26,6 +26,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from fluid.testing.gpt import build_gpt, gpt_config
 from tests._dist import run_distributed
 
 RTOL, ATOL = 1e-4, 1e-5  # fp32, summation order only (see tests/dist/test_moe_layer.py)
@@ -33,47 +34,11 @@ SEQ, VOCAB = 16, 64
 
 
 def _gpt_config():
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    return TransformerConfig(
-        num_layers=3,
-        hidden_size=32,
-        ffn_hidden_size=48,
-        num_attention_heads=4,
-        num_query_groups=2,
-        num_moe_experts=4,
-        moe_router_topk=2,
-        moe_ffn_hidden_size=24,
-        moe_layer_freq=[1, 0, 1],
-        moe_token_dispatcher_type="alltoall",
-        moe_aux_loss_coeff=0.0,
-        expert_model_parallel_size=2,
-        gated_linear_unit=True,
-        activation_func=torch.nn.functional.silu,
-        normalization="RMSNorm",
-        add_bias_linear=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        use_cpu_initialization=True,
-        gradient_accumulation_fusion=False,
-        use_fluid_moe=True,
-        bf16=False,
-        params_dtype=torch.float32,
-    )
+    return gpt_config(ep=2)  # 3 layers (MoE, dense, MoE), H 32, 4 experts top-2, fp32
 
 
 def _gpt(spec):
-    from megatron.core.models.gpt import GPTModel
-
-    torch.manual_seed(0)
-    return GPTModel(
-        config=_gpt_config(),
-        transformer_layer_spec=spec,
-        vocab_size=VOCAB,
-        max_sequence_length=SEQ,
-        position_embedding_type="learned_absolute",
-        share_embeddings_and_output_weights=False,
-    )
+    return build_gpt(_gpt_config(), vocab=VOCAB, seq=SEQ, seed=0, spec=spec)
 
 
 def _loss_and_grads(model, rank):

@@ -124,32 +124,22 @@ def parse():
 
 
 def make_config(a, fluid: bool, combined: bool, ws: int, cuda: bool):
-    from megatron.core.transformer.transformer_config import TransformerConfig
+    from fluid.testing.gpt import gpt_config
 
-    cfg = TransformerConfig(
-        num_layers=a.layers,
-        hidden_size=a.hidden,
-        ffn_hidden_size=4 * a.hidden,
-        num_attention_heads=a.heads,
-        num_query_groups=a.groups,
-        num_moe_experts=a.experts,
-        moe_router_topk=a.topk,
-        moe_ffn_hidden_size=a.ffn,
-        moe_token_dispatcher_type="alltoall",
-        moe_aux_loss_coeff=0.0,
-        expert_model_parallel_size=ws,
-        gated_linear_unit=True,
-        activation_func=torch.nn.functional.silu,
-        normalization="RMSNorm",
-        add_bias_linear=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
+    cfg = gpt_config(
+        layers=a.layers,
+        hidden=a.hidden,
+        ffn=4 * a.hidden,
+        heads=a.heads,
+        groups=a.groups,
+        experts=a.experts,
+        topk=a.topk,
+        moe_ffn=a.ffn,
+        moe_layer_freq=1,
+        ep=ws,
+        fluid=fluid,
+        dtype=torch.bfloat16 if cuda else torch.float32,
         init_method_std=0.02,
-        use_cpu_initialization=True,
-        gradient_accumulation_fusion=False,
-        use_fluid_moe=fluid,
-        bf16=cuda,
-        params_dtype=torch.bfloat16 if cuda else torch.float32,
         overlap_moe_expert_parallel_comm=combined and cuda,
     )
     # CPU dry run: TransformerConfig refuses the flag without bf16/fp16 (fp32 keeps it exact).
@@ -158,27 +148,12 @@ def make_config(a, fluid: bool, combined: bool, ws: int, cuda: bool):
 
 
 def build(a, variant, ws, cuda, state):
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
-
-    from fluid import get_fluid_moe_layer_spec
+    from fluid.testing.gpt import build_gpt
 
     fluid, combined, _ = VARIANTS[variant]
     cfg = make_config(a, fluid, combined, ws, cuda)
-    spec = (
-        get_fluid_moe_layer_spec(cfg, use_transformer_engine=False)
-        if fluid
-        else get_gpt_decoder_block_spec(cfg, use_transformer_engine=False)
-    )
-    torch.manual_seed(1234)
-    model = GPTModel(
-        config=cfg,
-        transformer_layer_spec=spec,
-        vocab_size=a.vocab,
-        max_sequence_length=a.seq,
-        position_embedding_type="rope" if cuda else "learned_absolute",
-        share_embeddings_and_output_weights=False,
-    )
+    # Fluid's layer spec or stock Megatron's local one (by cfg.use_fluid_moe); RoPE on CUDA only.
+    model = build_gpt(cfg, vocab=a.vocab, seq=a.seq, seed=1234, rope=cuda)
     if cuda:
         model.cuda()
     if state is not None:
