@@ -1,5 +1,5 @@
 """Probe (not a benchmark): where one training iteration's time goes, stock against Fluid, from a
-GPU timeline (issue 19).
+GPU timeline.
 
     python3 -m benchmarks.probes.breakdown --recipes e2e_mixtral_1gpu,e2e_fine_1gpu \
         --variants stock,fluid --out OUT [--step 5] [--budget-s 500]
