@@ -52,7 +52,8 @@ help:
 	@echo "make diff-report [FROM=<pin>] [TO=<ref>]       upstream diff + API report (markdown)"
 	@echo "make upstream-report  CI's report: pin vs newest megatron-core on the package index"
 	@echo "make train            small Mixtral-like model, stock pretrain_gpt.py --use-fluid-moe, all local GPUs"
-	@echo "make lint             ruff check, ruff format --check, mypy (basic) on overlay/fluid and tools/"
+	@echo "make lint             ruff check + ruff format --check (overlay/fluid tools tests benchmarks"
+	@echo "                      examples), mypy basic (overlay/fluid tools); installs the pinned tools"
 	@echo "make status           fluid.print_status()"
 	@echo "make print-reqs       the requirements make setup installs (megatron-core from $(LOCK))"
 
