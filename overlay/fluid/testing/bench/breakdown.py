@@ -58,6 +58,8 @@ import json
 import re
 from pathlib import Path
 
+from fluid.testing.bench.timeline import union_length
+
 ATTN_NAME = re.compile(r"flash|fmha|cudnn.*(attn|attention|sdpa)|efficient_attention|sdpa", re.I)
 ATTN_SCOPE = re.compile(
     r"DotProductAttention|CoreAttention|scaled_dot_product|flash_attention|efficient_attention|"
@@ -136,18 +138,6 @@ _ELEMENTWISE = re.compile(
 
 def _is_elementwise(name: str) -> bool:
     return bool(_ELEMENTWISE.search(name))
-
-
-def _union(intervals) -> float:
-    total, end = 0.0, float("-inf")
-    for s, e in sorted(intervals):
-        if s > end:
-            total += e - s
-            end = e
-        elif e > end:
-            total += e - end
-            end = e
-    return total
 
 
 def _scopes(events: list, queries: dict) -> dict:
@@ -314,7 +304,7 @@ def breakdown(trace, step=None, top: int = 5) -> dict:
         "wall_ms": ms(wall),
         "compute_stream": compute_stream,
         "streams": {
-            str(st): {"busy_ms": ms(_union([(s, e) for s, e, _ in v])), "events": len(v)}
+            str(st): {"busy_ms": ms(union_length([(s, e) for s, e, _ in v])), "events": len(v)}
             for st, v in sorted(streams.items(), key=lambda kv: str(kv[0]))
         },
         "exclusive_ms": {k: ms(v) for k, v in excl.items()},

@@ -11,7 +11,8 @@ kernels on either side; the host time of each annotated stage.
 from __future__ import annotations
 
 
-def _union(intervals):
+def union_length(intervals) -> float:
+    """Total length of the union of (start, end) intervals."""
     total, end = 0.0, float("-inf")
     for s, e in sorted(intervals):
         if s > end:
@@ -43,7 +44,7 @@ def summarize(rows: list, gaps: int = 5) -> dict:
     )
     t0 = min(r[1] for r in gpu)
     t1 = max(r[1] + r[2] for r in gpu)
-    busy = _union([(r[1], r[1] + r[2]) for r in comp])
+    busy = union_length([(r[1], r[1] + r[2]) for r in comp])
     holes, end, prev = [], None, None
     for r in comp:
         if end is not None and prev is not None and r[1] > end:  # set together
