@@ -61,62 +61,27 @@ def config_fields(fields: dict) -> dict:
 
 
 def scheduler_of(layer):
-    """The BackwardScheduler a Fluid layer uses (its model's runtime, else the process one)."""
-    for path in ("runtime.scheduler", "fluid_runtime.scheduler", "scheduler"):
-        obj = layer
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-            if obj is None:
-                break
-        if obj is not None and hasattr(obj, "get_stats"):
-            return obj
+    """The BackwardScheduler of a Fluid layer's model (its `fluid_runtime`, one per model); for a
+    layer without one (stock), the scheduler of the model built last."""
     for m in layer.modules():
         rt = getattr(m, "fluid_runtime", None)
-        if rt is not None and hasattr(getattr(rt, "scheduler", None), "get_stats"):
+        if rt is not None:
             return rt.scheduler
     from fluid.schedule import get_backward_scheduler
 
     return get_backward_scheduler()
 
 
-def _own_runtime(layer) -> bool:
-    """Whether the layer's Fluid modules belong to a model runtime (fluid.runtime.FluidRuntime,
-    one per model), whose scheduler no other layer shares."""
-    return any(getattr(m, "fluid_runtime", None) is not None for m in layer.modules())
-
-
-def scheduler_binder(layer):
-    """A call to make before each step of `layer`: where Fluid layers share the process's
-    scheduler, it switches that scheduler to this layer's config (scheduler on/off), keeping the
-    timing switch; where the layer's model owns its scheduler, nothing."""
-    if _own_runtime(layer) or not hasattr(layer, "config"):
-        return lambda: None
-    sched = scheduler_of(layer)
-    try:
-        from fluid.config import FluidConfig
-
-        fc = FluidConfig.from_config(layer.config)
-    except (ImportError, AttributeError):
-        return lambda: None
-
-    def bind():
-        timing = sched.timing
-        sched.configure(fc)
-        sched.timing = timing
-
-    return bind
-
-
 @contextlib.contextmanager
 def scheduler_timing(layer):
     sched = scheduler_of(layer)
     old = sched.timing
-    sched.set_timing(True) if hasattr(sched, "set_timing") else setattr(sched, "timing", True)
+    sched.set_timing(True)
     sched.reset_stats()
     try:
         yield sched
     finally:
-        sched.set_timing(old) if hasattr(sched, "set_timing") else setattr(sched, "timing", old)
+        sched.set_timing(old)
 
 
 def _max_over_ranks(x: float, device) -> float:
@@ -283,10 +248,7 @@ def build_moe(recipe: R.MoELayerRecipe, cuda, device, ws, variants=None):
     dy = torch.randn(tokens, 1, shape["hidden"], generator=g).to(device, dtype)
 
     def step_of(layer):
-        bind = scheduler_binder(layer)
-
         def step():
-            bind()
             reset_ddp_flags(layer.parameters())
             out, _ = layer(x)
             out.backward(dy)
@@ -358,10 +320,7 @@ def attn_job(recipe: R.AttnRecipe, args, cuda, device, ws) -> dict:
     emb = rope_emb(seq, hd, cp_group, device)
 
     def step_of(stack):
-        bind = scheduler_binder(stack[0])
-
         def step():
-            bind()
             h = x
             for layer in stack:
                 h, _ = layer(h, None, rotary_pos_emb=emb)

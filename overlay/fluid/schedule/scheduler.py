@@ -99,11 +99,6 @@ class BackwardScheduler:
         self._comms: "weakref.WeakSet" = weakref.WeakSet()  # live CommContexts (register_comm)
         self.reset_stats()
 
-    def configure(self, fluid_config) -> None:
-        """Take the switches of a FluidConfig (`--fluid-scheduler`, `--fluid-scheduler-timing`)."""
-        self.enabled = fluid_config.scheduler
-        self.timing = fluid_config.scheduler_timing
-
     # -- switches ---------------------------------------------------------------------------
     def enable(self) -> None:
         self.enabled = True
