@@ -69,6 +69,13 @@ class _Task:
     graph_task: int
 
 
+def exposed_a2a_ms(a2a: float, overlapped_a2a: float, window: float, dw_in_window: float) -> float:
+    """All-to-all time the compute stream waited for (ms): in filled windows the wait after the
+    dW (`window - dw_in_window`), in unfilled ones the whole all-to-all (`a2a - overlapped_a2a`).
+    At most `a2a` when overlap costs nothing, so 1 - exposed / a2a is at most 1."""
+    return (window - dw_in_window) + (a2a - overlapped_a2a)
+
+
 @dataclass
 class _Window:
     """CUDA events of one all-to-all window (timing mode only)."""
@@ -317,7 +324,7 @@ class BackwardScheduler:
                     ov_a2a += t_a2a
                     dw += w.dw_start.elapsed_time(w.dw_end)
                     win += w.dw_start.elapsed_time(w.end)
-            exposed = (win - dw) + (a2a - ov_a2a)
+            exposed = exposed_a2a_ms(a2a, ov_a2a, win, dw)
             s.update(
                 a2a_ms=a2a,
                 overlapped_a2a_ms=ov_a2a,

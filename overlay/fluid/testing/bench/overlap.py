@@ -24,15 +24,20 @@ from __future__ import annotations
 
 from typing import Optional
 
+from fluid.schedule.scheduler import exposed_a2a_ms
+
 
 def window_comm(stats: dict, steps: int) -> Optional[dict]:
     """Measure 1 from scheduler stats gathered over `steps` steps (None without timings)."""
     a2a = stats.get("a2a_ms")
     if a2a is None or steps <= 0:
         return None
-    ov = stats.get("overlapped_a2a_ms") or 0.0
-    waited = (stats.get("window_ms") or 0.0) - (stats.get("dw_in_window_ms") or 0.0)
-    exposed = waited + (a2a - ov)
+    exposed = exposed_a2a_ms(
+        a2a,
+        stats.get("overlapped_a2a_ms") or 0.0,
+        stats.get("window_ms") or 0.0,
+        stats.get("dw_in_window_ms") or 0.0,
+    )
     hidden = a2a - exposed
     calls = stats.get("a2a_calls") or 0
     return {
