@@ -214,7 +214,8 @@ def run_variant(
     """One torchrun of pretrain_gpt.py; the parsed iterations and medians after the warm-up."""
     from fluid.testing.bench.launch import parse_megatron_log, run_logged, steady_median
 
-    env = {**os.environ, **R.BASE_ENV, **R.LINKS[link]}
+    extra = {**R.BASE_ENV, **R.LINKS[link], **R.variant_env(variant)}
+    env = {**os.environ, **extra}
     argv = variant_argv(recipe, variant, iters)
     cmd = [
         sys.executable,
@@ -233,7 +234,7 @@ def run_variant(
     return {
         **r,
         "argv": argv,
-        "env": {k: env[k] for k in sorted({**R.BASE_ENV, **R.LINKS[link]})},
+        "env": {k: env[k] for k in sorted(extra)},
         "ms": statistics.median(ms) if ms else None,
         "iters_ms": ms,
         "tflops": steady_median(its, "tflops", recipe.warmup),

@@ -348,8 +348,18 @@ def attn_job(recipe: R.AttnRecipe, args, cuda, device, ws) -> dict:
 
 def e2e_layers_job(recipe: R.E2ERecipe, args, cuda, device, ws) -> dict:
     """The dry run of an end-to-end recipe: its model's MoE layer and attention through the
-    layer path (tiny shapes), with every variant's fields."""
-    moe = R.MoELayerRecipe(recipe.name + ":moe", recipe.model, "", nproc=recipe.nproc, ep=recipe.ep)
+    layer path (tiny shapes), with every variant's fields. Variants that change the training
+    schedule, not the layers (`*_1f1b`: Megatron's combined 1F1B), are left to their command
+    line check (e2e_job.dry_run) and tests/gpu/combined_1f1b_script.py."""
+    layer_variants = tuple(v for v in recipe.variants if not R.is_schedule_variant(v))
+    moe = R.MoELayerRecipe(
+        recipe.name + ":moe",
+        recipe.model,
+        "",
+        nproc=recipe.nproc,
+        ep=recipe.ep,
+        variants=layer_variants,
+    )
     attn = R.AttnRecipe(
         recipe.name + ":attn",
         recipe.model,
@@ -357,7 +367,7 @@ def e2e_layers_job(recipe: R.E2ERecipe, args, cuda, device, ws) -> dict:
         nproc=recipe.nproc,
         cp=1,
         layers=1,
-        variants=tuple(v for v in recipe.variants if R.variant_fields(v)),
+        variants=tuple(v for v in layer_variants if R.variant_fields(v)),
     )
     return {
         "moe": moe_job(moe, args, cuda, device, ws),

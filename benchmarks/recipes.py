@@ -28,6 +28,19 @@ VARIANTS = {
     "stock": {},
     "fluid_off": {"use_fluid_moe": True, "fluid_scheduler": False},  # same kernels, every dW inline
     "fluid": {"use_fluid_moe": True},  # the defaults: overlap where the link policy says so
+    # Megatron's combined-1F1B schedule (one micro-batch's all-to-alls beside another's compute)
+    # with Fluid's layers and with stock's; end-to-end EP recipes only (it needs EP > 1, bf16 and
+    # more than one micro-batch).
+    "fluid_1f1b": {"use_fluid_moe": True, "overlap_moe_expert_parallel_comm": True},
+    "stock_1f1b": {"overlap_moe_expert_parallel_comm": True},
+}
+
+# Environment a variant needs on top of its link's: the combined schedule runs its communication
+# and compute streams concurrently, which needs several hardware queues (Megatron's guidance for
+# --overlap-moe-expert-parallel-comm); every other variant keeps BASE_ENV's single queue.
+VARIANT_ENV = {
+    "fluid_1f1b": {"CUDA_DEVICE_MAX_CONNECTIONS": "32"},
+    "stock_1f1b": {"CUDA_DEVICE_MAX_CONNECTIONS": "32"},
 }
 
 
@@ -38,6 +51,19 @@ def variant_fields(name: str) -> dict:
 
 def base_variant(name: str) -> str:
     return name.split("#")[0]
+
+
+SCHEDULE_FIELDS = ("overlap_moe_expert_parallel_comm",)
+
+
+def is_schedule_variant(name: str) -> bool:
+    """True when the variant changes Megatron's training schedule (not only the layers)."""
+    return any(f in SCHEDULE_FIELDS for f in variant_fields(name))
+
+
+def variant_env(name: str) -> dict:
+    """Environment variables the variant sets on top of BASE_ENV and its link's."""
+    return dict(VARIANT_ENV.get(base_variant(name), {}))
 
 
 # Links: environment of the processes of a job. Always NCCL_NVLS_ENABLE=0 and
@@ -136,6 +162,8 @@ class E2ERecipe(Recipe):
 
 
 ALL_LINKS = ("nvlink", "p2poff", "p2poff_1ch")
+# Whole model with EP > 1: the combined-1F1B schedule too, Fluid's and stock's.
+E2E_EP_VARIANTS = ("stock", "fluid_off", "fluid", "fluid_1f1b", "stock_1f1b", "stock#2")
 
 _RECIPES = [
     MoELayerRecipe(
@@ -216,6 +244,7 @@ _RECIPES = [
         nproc=2,
         ep=2,
         links=ALL_LINKS,
+        variants=E2E_EP_VARIANTS,
     ),
     E2ERecipe(
         "e2e_fine_ep2",
@@ -224,6 +253,7 @@ _RECIPES = [
         nproc=2,
         ep=2,
         links=ALL_LINKS,
+        variants=E2E_EP_VARIANTS,
     ),
     E2ERecipe(
         "e2e_small_ep4",
@@ -232,6 +262,7 @@ _RECIPES = [
         nproc=4,
         ep=4,
         links=ALL_LINKS,
+        variants=E2E_EP_VARIANTS,
     ),
 ]
 RECIPES = {r.name: r for r in _RECIPES}
@@ -279,6 +310,7 @@ __all__ = [
     "Model",
     "MODELS",
     "VARIANTS",
+    "VARIANT_ENV",
     "LINKS",
     "BASE_ENV",
     "SLOW_LINKS",
@@ -292,5 +324,7 @@ __all__ = [
     "select",
     "describe",
     "variant_fields",
+    "variant_env",
+    "is_schedule_variant",
     "base_variant",
 ]

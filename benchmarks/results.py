@@ -12,6 +12,9 @@ RATIOS = {
     "speedup": ("stock", "fluid"),  # Fluid (defaults) against stock
     "kernels": ("stock", "fluid_off"),  # Fluid with overlap off against stock: kernel choice
     "overlap": ("fluid_off", "fluid"),  # Fluid with overlap on against off
+    "speedup_1f1b": ("stock", "fluid_1f1b"),  # Fluid under the combined-1F1B schedule vs stock
+    "overlap_1f1b": ("fluid_off", "fluid_1f1b"),  # ... against Fluid with overlap off
+    "stock_1f1b": ("stock", "stock_1f1b"),  # Megatron's combined 1F1B on stock layers
     "stock_vs_stock": ("stock", "stock#2"),  # noise: stock against itself, same job
     "fluid_off_vs_fluid_off": ("fluid_off", "fluid_off#2"),  # noise where there is no stock side
 }
@@ -63,25 +66,28 @@ def _noise(s: dict) -> float:
 
 
 def summarize(doc: dict) -> dict:
-    """{links: {link: link_summary}, hidden_fraction_key: {slow link: {value, low, high, ...}}}."""
+    """{links: {link: link_summary}, hidden_fraction_key: {slow link: {value, low, high, ...}}}.
+    The hidden fraction compares Fluid with overlap on (`fluid`; `fluid_1f1b` under the key's
+    `_1f1b` form) against Fluid with overlap off, each over the slow link and NVLink."""
     links = {name: link_summary(job) for name, job in doc.get("links", {}).items()}
     out = {"links": links}
     key = "e2e_hidden_fraction" if doc.get("recipe", {}).get("kind") == "e2e" else "hidden_fraction"
     nv = links.get("nvlink")
-    hf = {}
-    for slow in ("p2poff", "p2poff_1ch"):
-        s = links.get(slow)
-        if not (nv and s):
-            continue
-        t = [
-            s["ms"].get("fluid"),
-            nv["ms"].get("fluid"),
-            s["ms"].get("fluid_off"),
-            nv["ms"].get("fluid_off"),
-        ]
-        if any(x is None for x in t):
-            continue
-        hf[slow] = link_hidden_fraction(*t, noise_slow=_noise(s), noise_nv=_noise(nv))
-    if hf:
-        out[key] = hf
+    for on, suffix in (("fluid", ""), ("fluid_1f1b", "_1f1b")):
+        hf = {}
+        for slow in ("p2poff", "p2poff_1ch"):
+            s = links.get(slow)
+            if not (nv and s):
+                continue
+            t = [
+                s["ms"].get(on),
+                nv["ms"].get(on),
+                s["ms"].get("fluid_off"),
+                nv["ms"].get("fluid_off"),
+            ]
+            if any(x is None for x in t):
+                continue
+            hf[slow] = link_hidden_fraction(*t, noise_slow=_noise(s), noise_nv=_noise(nv))
+        if hf:
+            out[key + suffix] = hf
     return out

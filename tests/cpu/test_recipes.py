@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 # The recipes the issue names; more may exist.
 NAMED = [
@@ -62,7 +64,13 @@ def test_every_recipe_dry_runs(tmp_path):
         job = doc["links"]["nvlink"]
         if doc["recipe"]["kind"] == "e2e":
             cmds = job["commands"]
-            assert set(cmds) == {"stock", "fluid_off", "fluid"}
+            want = {"stock", "fluid_off", "fluid"}
+            if doc["recipe"]["ep"] > 1:  # Megatron's combined 1F1B needs EP > 1
+                want |= {"fluid_1f1b", "stock_1f1b"}
+                for v in ("fluid_1f1b", "stock_1f1b"):
+                    assert "--overlap-moe-expert-parallel-comm" in cmds[v]["argv"]
+                assert "--use-fluid-moe" in cmds["fluid_1f1b"]["argv"]
+            assert set(cmds) == want
             assert (
                 "--use-fluid-moe" in cmds["fluid"]["argv"]
                 and "--use-fluid-moe" not in cmds["stock"]["argv"]
@@ -81,3 +89,31 @@ def test_every_recipe_dry_runs(tmp_path):
             assert not job.get("errors")
     page = (tmp_path / "README.md").read_text()
     assert all(f"`{n}`" in page for n in names)
+
+
+def test_combined_1f1b_variants_env_and_hidden_fraction():
+    """The combined-1F1B variants run with several hardware queues (the others with one), and the
+    summary derives their hidden fraction against Fluid with overlap off, as for `fluid`."""
+    from benchmarks import recipes as R
+    from benchmarks.results import summarize
+
+    assert R.variant_env("fluid_1f1b") == {"CUDA_DEVICE_MAX_CONNECTIONS": "32"}
+    assert R.variant_env("fluid") == {} and R.variant_env("stock#2") == {}
+    assert R.is_schedule_variant("stock_1f1b") and not R.is_schedule_variant("fluid")
+
+    def job(**ms):
+        return {"variants": {k: {"ms": v, "rc": 0} for k, v in ms.items()}}
+
+    doc = {
+        "recipe": {"kind": "e2e"},
+        "links": {
+            "nvlink": job(stock=100, fluid_off=80, fluid=80, fluid_1f1b=78, **{"stock#2": 100}),
+            "p2poff_1ch": job(
+                stock=140, fluid_off=120, fluid=110, fluid_1f1b=88, **{"stock#2": 140}
+            ),
+        },
+    }
+    s = summarize(doc)
+    assert s["e2e_hidden_fraction"]["p2poff_1ch"]["value"] == pytest.approx(1 - 30 / 40)
+    assert s["e2e_hidden_fraction_1f1b"]["p2poff_1ch"]["value"] == pytest.approx(1 - 10 / 40)
+    assert s["links"]["p2poff_1ch"]["overlap_1f1b"]["median"] == pytest.approx(120 / 88)
