@@ -16,6 +16,10 @@ were changed after a layer was built gets a new runtime for the layers built aft
 
 `get_backward_scheduler()` (fluid.schedule) returns the scheduler of the most recently created
 runtime that is still alive: with one model per process, that model's.
+
+Code that runs without a model (the v0.5 group-form all-to-alls called outside one, see
+fluid.comm.ulysses) has `standalone_runtime()`: default settings and `default_scheduler()`, the
+scheduler such code already shares. It is not a model's, so `latest_runtime()` never returns it.
 """
 
 from __future__ import annotations
@@ -33,15 +37,19 @@ class FluidRuntime:
 
     Args:
         fluid_config: the model's resolved settings.
+        scheduler: the BackwardScheduler to use; None (a model's runtime): a new one built from
+            `fluid_config`.
     """
 
-    def __init__(self, fluid_config: FluidConfig):
+    def __init__(self, fluid_config: FluidConfig, scheduler=None):
         from fluid.schedule.scheduler import BackwardScheduler
 
         self.config = fluid_config
-        self.scheduler = BackwardScheduler(
-            enabled=fluid_config.scheduler, timing=fluid_config.scheduler_timing
-        )
+        if scheduler is None:
+            scheduler = BackwardScheduler(
+                enabled=fluid_config.scheduler, timing=fluid_config.scheduler_timing
+            )
+        self.scheduler = scheduler
         self._comms: dict = {}  # process group -> CommContext
 
     def comm(self, group):
@@ -80,6 +88,7 @@ def _no_runtime():
 
 _LIVE: "weakref.WeakSet[FluidRuntime]" = weakref.WeakSet()
 _LATEST: Optional["weakref.ref[FluidRuntime]"] = None
+_STANDALONE: Optional[FluidRuntime] = None
 
 
 def runtime_for(config) -> FluidRuntime:
@@ -107,3 +116,14 @@ def latest_runtime() -> Optional[FluidRuntime]:
 def live_runtimes() -> list[FluidRuntime]:
     """Every runtime still alive (one per model, or per model chunk built from its own config)."""
     return list(_LIVE)
+
+
+def standalone_runtime() -> FluidRuntime:
+    """The runtime of code without a model (see the module docstring): default FluidConfig,
+    `default_scheduler()`, created on first use and kept for the process, as that scheduler is."""
+    global _STANDALONE
+    if _STANDALONE is None:
+        from fluid.schedule.scheduler import default_scheduler
+
+        _STANDALONE = FluidRuntime(FluidConfig(), scheduler=default_scheduler())
+    return _STANDALONE

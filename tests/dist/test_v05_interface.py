@@ -145,6 +145,54 @@ def test_ulysses_group_form():
     run_distributed(_ulysses_body, 2)
 
 
+def _ulysses_context_body(rank, world):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from fluid import fluid_all_to_all_hp2sp, fluid_all_to_all_sp2hp
+    from fluid.comm import CommContext
+    from fluid.runtime import latest_runtime, runtime_for
+
+    assert latest_runtime() is None  # a fresh worker: no model yet
+    made = []
+    real = CommContext.__post_init__
+
+    def counting(self):
+        made.append(self)
+        real(self)
+
+    CommContext.__post_init__ = counting  # type: ignore[method-assign]
+    try:
+        group, other = dist.new_group(list(range(world))), dist.new_group(list(range(world)))
+        x = torch.randn(2, 3, 2 * world, 5, requires_grad=True)
+
+        # Without a model: one context per group, kept for the process.
+        y = fluid_all_to_all_sp2hp(x, group=group)
+        fluid_all_to_all_hp2sp(y, group=group).sum().backward()
+        fluid_all_to_all_sp2hp(x, group=group)
+        assert len(made) == 1 and made[0].group is group, made
+        fluid_all_to_all_sp2hp(x, group=other)
+        assert len(made) == 2 and made[1].group is other, made
+
+        # With a model: its runtime's context of the group (the one its layers share), whose
+        # backward windows the model's scheduler fills.
+        config = TransformerConfig(
+            num_layers=1, hidden_size=8, num_attention_heads=2, use_cpu_initialization=True
+        )
+        rt = runtime_for(config)
+        fluid_all_to_all_hp2sp(fluid_all_to_all_sp2hp(x, group=group), group=group)
+        fluid_all_to_all_sp2hp(x, group=group)
+        assert len(made) == 3, made
+        assert made[2] is rt.comm(group) and made[2].scheduler is rt.scheduler
+    finally:
+        CommContext.__post_init__ = real  # type: ignore[method-assign]
+
+
+def test_ulysses_group_form_keeps_one_context_per_group():
+    """Each group-form call used to build a CommContext (a CUDA stream, and on NCCL a collective
+    to probe the link): two calls with one group must share one context."""
+    run_distributed(_ulysses_context_body, 2)
+
+
 def _dispatcher_body(rank, world):
     from megatron.core import parallel_state as ps
     from megatron.core.process_groups_config import ProcessGroupCollection

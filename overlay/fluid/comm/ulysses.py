@@ -15,8 +15,12 @@ and `fluid_all_to_all_hp2sp(x, group=cp_group)` keep the layout of `x` instead o
 `[s/cp, b, heads, head_dim]` <-> `[s, b, heads/cp, head_dim]` (v0.5's shapes), and for a 2-D or
 3-D `x` the last dim is the one divided (`[s/cp, b, H]` <-> `[s, b, H/cp]`). The exchanged data
 is the same as the flattened form's (heads `[r*heads/cp, (r+1)*heads/cp)` to rank r, sequence
-blocks in rank order). Each call builds a CommContext for the group (a stream on CUDA): layers,
-which call these every step, keep one CommContext per group and pass it instead.
+blocks in rank order). The CommContext a group-form call runs through is the one of a runtime
+(fluid.runtime), which keeps one per process group: the model's (the latest built, as
+`get_backward_scheduler()` picks), so the call shares the context of the model's layers and its
+backward windows take the model's deferred dW; without a model, `standalone_runtime()`'s. A context
+is built once per group and runtime, not per call: on CUDA it owns a stream, and on NCCL building
+it is a collective over the group (the link probe, fluid.comm.context._link_is_slow).
 """
 
 from __future__ import annotations
@@ -32,7 +36,18 @@ from fluid.comm.context import CommContext
 def _resolve(comm: Optional[CommContext], group, name: str) -> CommContext:
     if (comm is None) == (group is None):
         raise TypeError(f"{name}: pass either a CommContext (comm) or a process group (group=)")
-    return comm if comm is not None else CommContext(group)
+    return comm if comm is not None else _group_comm(group)
+
+
+def _group_comm(group) -> CommContext:
+    """The context of `group` kept by the model's runtime, or the standalone one (module doc).
+
+    Not a cache of this module's: the runtime that holds the model's contexts is the owner whose
+    lifetime and settings they should have. A weak cache keyed by the group could not drop an
+    entry anyway: the context refers to its group, so the key would never die."""
+    from fluid.runtime import latest_runtime, standalone_runtime
+
+    return (latest_runtime() or standalone_runtime()).comm(group)
 
 
 def _split_dim(x: torch.Tensor) -> int:
