@@ -33,6 +33,9 @@ VARIANTS = {
     # more than one micro-batch).
     "fluid_1f1b": {"use_fluid_moe": True, "overlap_moe_expert_parallel_comm": True},
     "stock_1f1b": {"overlap_moe_expert_parallel_comm": True},
+    # Fluid (overlap on / off) with several hardware queues instead of BASE_ENV's one (`_q32`).
+    "fluid_q32": {"use_fluid_moe": True},
+    "fluid_off_q32": {"use_fluid_moe": True, "fluid_scheduler": False},
 }
 
 # Environment a variant needs on top of its link's: the combined schedule runs its communication
@@ -41,6 +44,8 @@ VARIANTS = {
 VARIANT_ENV = {
     "fluid_1f1b": {"CUDA_DEVICE_MAX_CONNECTIONS": "32"},
     "stock_1f1b": {"CUDA_DEVICE_MAX_CONNECTIONS": "32"},
+    "fluid_q32": {"CUDA_DEVICE_MAX_CONNECTIONS": "32"},
+    "fluid_off_q32": {"CUDA_DEVICE_MAX_CONNECTIONS": "32"},
 }
 
 
@@ -59,6 +64,12 @@ SCHEDULE_FIELDS = ("overlap_moe_expert_parallel_comm",)
 def is_schedule_variant(name: str) -> bool:
     """True when the variant changes Megatron's training schedule (not only the layers)."""
     return any(f in SCHEDULE_FIELDS for f in variant_fields(name))
+
+
+def is_optional_variant(name: str) -> bool:
+    """True for the variants beyond stock / Fluid off / Fluid (the page shows them only where
+    measured)."""
+    return base_variant(name) not in ("stock", "fluid_off", "fluid")
 
 
 def variant_env(name: str) -> dict:
@@ -326,5 +337,6 @@ __all__ = [
     "variant_fields",
     "variant_env",
     "is_schedule_variant",
+    "is_optional_variant",
     "base_variant",
 ]

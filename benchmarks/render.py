@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from benchmarks import recipes as R
-from benchmarks.results import summarize
+from benchmarks.results import HIDDEN_PAIRS, summarize
 
 ROOT = Path(__file__).resolve().parent.parent
 RAW = ROOT / "docs" / "benchmarks" / "raw"
@@ -37,6 +37,18 @@ VNAMES = {
     "fluid_off": "Fluid, overlap off",
     "fluid": "Fluid",
     "fluid_off#2": "Fluid, overlap off, again",
+    "fluid_1f1b": "Fluid, combined 1F1B",
+    "stock_1f1b": "stock, combined 1F1B",
+    "fluid_q32": "Fluid, 32 queues",
+    "fluid_off_q32": "Fluid, overlap off, 32 queues",
+}
+# Ratios shown under a recipe's main table when measured (results.RATIOS labels).
+EXTRA_RATIOS = {
+    "speedup_1f1b": "stock / Fluid combined 1F1B",
+    "overlap_1f1b": "Fluid off / Fluid combined 1F1B",
+    "stock_1f1b": "stock / stock combined 1F1B",
+    "speedup_q32": "stock / Fluid 32 queues",
+    "overlap_q32": "Fluid off 32 queues / Fluid 32 queues",
 }
 
 INTRO = """\
@@ -128,7 +140,13 @@ def load_docs(dirs) -> dict:
 
 
 def _current(doc, recipe) -> bool:
-    return doc.get("recipe") == json.loads(json.dumps(recipe.to_dict()))
+    """The JSON measured this recipe: same definition, except the list of variants (a variant's
+    numbers do not change when another variant is added to the recipe)."""
+
+    def defn(d: dict) -> dict:
+        return {k: v for k, v in d.items() if k != "variants"}
+
+    return defn(doc.get("recipe") or {}) == defn(json.loads(json.dumps(recipe.to_dict())))
 
 
 def _recipe_section(recipe: R.Recipe, doc, commit: str) -> list:
@@ -186,7 +204,11 @@ def _recipe_section(recipe: R.Recipe, doc, commit: str) -> list:
     links = [link for link in recipe.links if link in s["links"]]
     if not links:
         return out + ["No link measured yet.", ""]
-    variants = [v for v in recipe.variants]
+    measured = {v for link in links for v in s["links"][link]["ms"]}
+    # the recipe's variants (the optional schedules only where measured), then any other
+    # variant a job chose with --variants
+    variants = [v for v in recipe.variants if v in measured or not R.is_optional_variant(v)]
+    variants += sorted(measured - set(variants))
     unit = "ms per iteration" if e2e else "ms per fwd+bwd"
     out += [
         f"Times ({unit}, median):",
@@ -275,6 +297,18 @@ def _recipe_section(recipe: R.Recipe, doc, commit: str) -> list:
                 f"| {LINK_NAMES.get(link, link)} | {_x(ls.get('overlap'))} | "
                 f"{_x(ls.get('fluid_off_vs_fluid_off'))} |"
             )
+    extra = [
+        f"{LINK_NAMES.get(link, link)}: "
+        + ", ".join(
+            f"{label} {_x(s['links'][link][k])}"
+            for k, label in EXTRA_RATIOS.items()
+            if s["links"][link].get(k)
+        )
+        for link in links
+        if any(s["links"][link].get(k) for k in EXTRA_RATIOS)
+    ]
+    if extra:
+        out += ["", "Other schedules (ratio of medians): " + "; ".join(extra) + "."]
     comm_rows = []
     for link in links:
         for v, c in sorted(s["links"][link].get("comm", {}).items()):
@@ -296,8 +330,11 @@ def _recipe_section(recipe: R.Recipe, doc, commit: str) -> list:
             "|---|---|---|---|---|---|---|---|",
             *comm_rows,
         ]
-    key = "e2e_hidden_fraction" if e2e else "hidden_fraction"
-    if s.get(key):
+    base_key = "e2e_hidden_fraction" if e2e else "hidden_fraction"
+    for _, _, suffix in HIDDEN_PAIRS:
+        key = base_key + suffix
+        if not s.get(key):
+            continue
         out += [
             "",
             f"Hidden fraction per step against NVLink (measure 2, `{key}`; value [band]): "

@@ -15,9 +15,18 @@ RATIOS = {
     "speedup_1f1b": ("stock", "fluid_1f1b"),  # Fluid under the combined-1F1B schedule vs stock
     "overlap_1f1b": ("fluid_off", "fluid_1f1b"),  # ... against Fluid with overlap off
     "stock_1f1b": ("stock", "stock_1f1b"),  # Megatron's combined 1F1B on stock layers
+    "speedup_q32": ("stock", "fluid_q32"),  # Fluid with 32 hardware queues vs stock (one queue)
+    "overlap_q32": ("fluid_off_q32", "fluid_q32"),  # overlap on vs off, both with 32 queues
     "stock_vs_stock": ("stock", "stock#2"),  # noise: stock against itself, same job
     "fluid_off_vs_fluid_off": ("fluid_off", "fluid_off#2"),  # noise where there is no stock side
 }
+
+# (overlap on, overlap off, key suffix) for the hidden fraction.
+HIDDEN_PAIRS = (
+    ("fluid", "fluid_off", ""),
+    ("fluid_1f1b", "fluid_off", "_1f1b"),
+    ("fluid_q32", "fluid_off_q32", "_q32"),
+)
 
 
 def _ratio(job: dict, num: str, den: str):
@@ -67,24 +76,20 @@ def _noise(s: dict) -> float:
 
 def summarize(doc: dict) -> dict:
     """{links: {link: link_summary}, hidden_fraction_key: {slow link: {value, low, high, ...}}}.
-    The hidden fraction compares Fluid with overlap on (`fluid`; `fluid_1f1b` under the key's
-    `_1f1b` form) against Fluid with overlap off, each over the slow link and NVLink."""
+    The hidden fraction compares Fluid with overlap on against Fluid with overlap off, each over
+    the slow link and NVLink: `fluid` / `fluid_off` under the key, and under the key plus a suffix
+    the pairs of HIDDEN_PAIRS (combined 1F1B; 32 hardware queues)."""
     links = {name: link_summary(job) for name, job in doc.get("links", {}).items()}
     out = {"links": links}
     key = "e2e_hidden_fraction" if doc.get("recipe", {}).get("kind") == "e2e" else "hidden_fraction"
     nv = links.get("nvlink")
-    for on, suffix in (("fluid", ""), ("fluid_1f1b", "_1f1b")):
+    for on, off, suffix in HIDDEN_PAIRS:
         hf = {}
         for slow in ("p2poff", "p2poff_1ch"):
             s = links.get(slow)
             if not (nv and s):
                 continue
-            t = [
-                s["ms"].get(on),
-                nv["ms"].get(on),
-                s["ms"].get("fluid_off"),
-                nv["ms"].get("fluid_off"),
-            ]
+            t = [s["ms"].get(on), nv["ms"].get(on), s["ms"].get(off), nv["ms"].get(off)]
             if any(x is None for x in t):
                 continue
             hf[slow] = link_hidden_fraction(*t, noise_slow=_noise(s), noise_nv=_noise(nv))

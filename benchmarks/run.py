@@ -139,8 +139,9 @@ def save_recipe(out: Path, recipe: R.Recipe, meta: dict, link: str, job: dict) -
 
 
 def merge(src: Path, dst: Path = RAW) -> list:
-    """Merge every <recipe>.json of `src` (a device call's --out) into `dst`: links are added to a
-    JSON of the same commit, recipe and mode, anything else is replaced. Returns the recipes."""
+    """Merge every <recipe>.json of `src` (a device call's --out) into `dst`: links (and, for a
+    link measured before, variants) are added to a JSON of the same commit, recipe and mode,
+    anything else is replaced. Returns the recipes."""
     from benchmarks.results import summarize
 
     done = []
@@ -156,7 +157,13 @@ def merge(src: Path, dst: Path = RAW) -> list:
             )
             and old.get("recipe") == new.get("recipe")
         ):
-            old["links"].update(new["links"])
+            for link, job in new["links"].items():  # a link measured again: variant by variant
+                if link in old["links"]:
+                    kept = old["links"][link]
+                    kept["variants"] = {**kept.get("variants", {}), **job.get("variants", {})}
+                    job = {**kept, **{k: v for k, v in job.items() if k != "variants"}}
+                    job["variants"] = kept["variants"]
+                old["links"][link] = job
             new = old
         new["summary"] = summarize(new)
         (dst / p.name).write_text(json.dumps(new, indent=1, default=str) + "\n")
@@ -222,7 +229,12 @@ def run_e2e(recipe, link, args, out: Path, meta: dict, timeout: float, deadline:
     from benchmarks.e2e_job import run_variant
 
     iters = args.iters or recipe.iters
-    order = [v for v in recipe.variants if not args.variants or v in args.variants.split(",")]
+    order = list(recipe.variants)
+    if args.variants:  # any known variant, in the order given (e.g. the `_q32` ones)
+        order = args.variants.split(",")
+        unknown = [v for v in order if R.base_variant(v) not in R.VARIANTS]
+        if unknown:
+            raise SystemExit(f"unknown variant(s) {unknown}; `--list` lists them")
     job = {"variants": {}, "order": order, "iters": iters, "warmup": recipe.warmup}
     for v in order:
         if deadline - time.time() < 90:  # too little left for a torchrun of the whole model
