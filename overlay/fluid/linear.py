@@ -5,7 +5,10 @@
 optional `bias` `[out]`), same state-dict keys and sharded checkpoint layout, same `(output, bias)`
 return with `skip_bias_add` semantics. Only the backward differs: dX is computed at once (the op
 below needs it), dW and db go to `fluid.schedule.deferred_linear`, which queues them for the next
-all-to-all window (or runs them inline with the scheduler off, bit-identical).
+all-to-all window. With the scheduler off (`--no-fluid-scheduler`) the weights are autograd inputs
+and dW is returned to autograd as stock's is (bit-identical to the deferred values), so
+`torch.autograd.grad(out, [layer.weight])` and `backward(inputs=[layer.weight])` work as for the
+stock layer; with it on, they do not (fluid/schedule/wgrad.py says why).
 
 Tensor parallelism: FluidMoE parallelises attention over context-parallel ranks (Ulysses) and the
 MoE over expert-parallel ranks; it does not implement the TP collectives (input copy, all-reduce,

@@ -27,6 +27,9 @@ Where each dW goes:
     for the whole backward, allocated while every expert's activations are still alive, so the
     peak is higher than the composition's (Mixtral-like layer, 2x H200, no main_grad: 4.32 vs
     3.44 GB; docs/benchmarks/HISTORY.md). FluidGroupedMLP therefore takes this path only under DDP.
+"Handed to autograd": through the scheduler (`accumulate_weight_grad`), or, with the scheduler off,
+returned from backward as the weights' gradients (fluid.schedule.wgrad, weights attached), which
+also answers `autograd.grad(out, [weight1])` and `backward(inputs=[weight1])` with the stacked dW.
 FluidGroupedMLP also takes it only when the scheduler would run dW inline anyway
 (`BackwardScheduler.defers_dw()` is False: scheduler off, or no all-to-all can take dW beside it,
 e.g. over NVLink): deferring dW would need every expert's `d_h` kept until the window.
@@ -50,9 +53,14 @@ import torch
 from fluid.schedule import get_backward_scheduler
 from fluid.schedule.wgrad import (
     accumulate_boxed_weight_grad,
+    added_to_main_grad,
+    attach,
     dw_probe,
     dw_wanted,
+    engine_weight_grad,
+    input_grad_wanted,
     mark_added_to_main_grad,
+    weights_attached,
 )
 
 
@@ -65,7 +73,9 @@ def has_main_grad(params) -> bool:
 
 class _SequentialExperts(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, probs, w1, w2, probe, counts, params, act, name, sched):
+    def forward(ctx, x, probs, w1, w2, probe, counts, params, act, name, sched, attached):
+        # attached (scheduler off): w1, w2 are views; computed with detached (wgrad.attach)
+        w1, w2 = w1.detach(), w2.detach()
         num_rows, hidden = x.shape
         out = x.new_empty((num_rows, hidden))
         saved = []  # per expert: (h_g leaf, probs_g leaf, a_g with its activation graph)
@@ -86,7 +96,7 @@ class _SequentialExperts(torch.autograd.Function):
         ctx.save_for_backward(x, w1, w2)
         ctx.probe_index = None if probe is None else 4  # tensor inputs: x, probs, w1, w2, probe
         ctx.saved_experts, ctx.counts, ctx.params, ctx.name = saved, counts, params, name
-        ctx.sched = sched
+        ctx.sched, ctx.attached = sched, attached
         ctx.probs_meta = (probs.shape, probs.dtype, probs.requires_grad)
         return out
 
@@ -100,14 +110,20 @@ class _SequentialExperts(torch.autograd.Function):
         probs_shape, probs_dtype, want_dprobs = ctx.probs_meta
         dx = x.new_empty(x.shape) if want_dx else None
         dprobs = dy.new_zeros(probs_shape, dtype=probs_dtype) if want_dprobs else None
-        # Under Megatron DDP (params with main_grad) each expert's dW is added into main_grad[g]
-        # and freed, as DDP's hook does with each of SequentialMLP's per-expert grads; otherwise
-        # it is written into one stacked dW per weight, handed to autograd at the end.
-        # Under autograd.grad / backward(inputs=...) no dW at all (fluid.schedule.wgrad.dw_wanted).
-        want_dw = dw_wanted(ctx, ctx.probe_index, "sequential_experts")
-        direct = want_dw and has_main_grad((param1, param2))
-        dw1 = w1.new_empty(w1.shape) if want_dw and param1.requires_grad and not direct else None
-        dw2 = w2.new_empty(w2.shape) if want_dw and param2.requires_grad and not direct else None
+        # In a training backward under Megatron DDP (params with main_grad) each expert's dW is
+        # added into main_grad[g] and freed, as DDP's hook does with each of SequentialMLP's
+        # per-expert grads; otherwise it is written into one stacked dW per weight, handed to
+        # autograd at the end. Under autograd.grad / backward(inputs=...) no dW at all
+        # (fluid.schedule.wgrad.dw_wanted), except, with the weights attached (scheduler off),
+        # the plain stacked dW of each weight asked for (input_grad_wanted).
+        full = dw_wanted(ctx, ctx.probe_index, "sequential_experts")
+        if ctx.attached:  # tensor inputs: x, probs, w1, w2, probe
+            want1, want2 = input_grad_wanted(ctx, 2), input_grad_wanted(ctx, 3)
+        else:
+            want1, want2 = full and param1.requires_grad, full and param2.requires_grad
+        direct = full and has_main_grad((param1, param2))
+        dw1 = w1.new_empty(w1.shape) if want1 and not direct else None
+        dw2 = w2.new_empty(w2.shape) if want2 and not direct else None
 
         def expert_dw(param, stacked, g, dy_t, inp):
             """Expert g's dW = dy_t @ inp: into the stacked dW, or added into main_grad[g]."""
@@ -140,13 +156,28 @@ class _SequentialExperts(torch.autograd.Function):
                 torch.matmul(d_h, w1[g], out=dx[rows])
             expert_dw(param1, dw1, g, d_h.t(), x[rows])
             del d_h, h_leaf, p_leaf, grads
-        if not want_dw:
-            return dx, dprobs, None, None, None, None, None, None, None, None
+        none = [None] * 7  # probe, counts, params, act, name, sched, attached
+        if not (want1 or want2):
+            return dx, dprobs, None, None, *none
 
         # dW is complete; the scheduler runs this inline (this path is only taken when it would
         # not defer). Each stacked dW sits only in its box, so AccumulateGrad adopts it (no copy).
         boxes = [(param1, [dw1]), (param2, [dw2])]
         del dw1, dw2
+        if ctx.attached:
+            if not full:  # weights asked for directly: their plain dW
+                return dx, dprobs, boxes[0][1].pop(), boxes[1][1].pop(), *none
+            settled: list = []  # a training backward: one inline scheduler task, as deferred
+
+            def settle():
+                for param, box in boxes:
+                    if box[0] is not None:
+                        settled.append(engine_weight_grad(param, box.pop()))
+                    else:  # added into main_grad above, or no gradient
+                        settled.append(added_to_main_grad(param) if param.requires_grad else None)
+
+            ctx.sched.run_inline(settle, ctx.name)
+            return dx, dprobs, settled.pop(0), settled.pop(0), *none
 
         def hand_over():
             for param, box in boxes:
@@ -155,8 +186,8 @@ class _SequentialExperts(torch.autograd.Function):
                 elif direct and param.requires_grad:
                     mark_added_to_main_grad(param)
 
-        (ctx.sched or get_backward_scheduler()).defer(hand_over, ctx.name)
-        return dx, dprobs, None, None, None, None, None, None, None, None
+        ctx.sched.defer(hand_over, ctx.name)
+        return dx, dprobs, None, None, *none
 
 
 def sequential_experts(
@@ -171,24 +202,28 @@ def sequential_experts(
     scheduler=None,
 ) -> torch.Tensor:
     """`[T, H]` -> `[T, H]`: every local expert's MLP on its rows (see the module docstring);
-    the dW hand-over goes through `scheduler` (the model's; default `get_backward_scheduler()`).
+    the dW hand-over goes through `scheduler` (the model's; default `get_backward_scheduler()`),
+    or, that scheduler disabled, to autograd (fluid.schedule.wgrad.weights_attached).
 
     Args:
         x_TH: rows of expert g contiguous, g ascending; counts: G host ints summing to T.
         probs_T: routing probability per row (fp32 or the activation dtype).
         act: `(h [T_g, F1], probs [T_g]) -> a [T_g, F]`, differentiable in both.
     """
+    sched = get_backward_scheduler() if scheduler is None else scheduler
+    attached = weights_attached(sched)  # scheduler off: dW returned to autograd
     # The probe (fluid.schedule.wgrad.dw_probe) tells backward whether dW is wanted, and keeps
     # the op in the graph when x needs no gradient, so dW still runs then.
     return _SequentialExperts.apply(
         x_TH,
         probs_T,
-        weight1_GF1H.detach(),
-        weight2_GHF.detach(),
+        attach(weight1_GF1H, attached),
+        attach(weight2_GHF, attached),
         dw_probe(weight1_GF1H, weight2_GHF),
         tuple(int(c) for c in counts),
         (weight1_GF1H, weight2_GHF),
         act,
         name,
-        scheduler,
+        sched,
+        attached,
     )

@@ -22,7 +22,8 @@ for many small experts and the loop for large ones, where one cuBLAS GEMM per ex
 (see LOOP_MIN_EXPERT_GFLOP); `on` / `off` force one of them.
 
 Backward computes dX at once (the previous op needs it) and defers dW (a grouped `dy^T @ x`) as a
-closure to the BackwardScheduler, which runs it while a later backward all-to-all is in flight.
+closure to the BackwardScheduler, which runs it while a later backward all-to-all is in flight;
+with the scheduler off it returns dW to autograd instead (fluid.schedule.wgrad, weights attached).
 Zero-token groups give an all-zero dW (as SequentialMLP's per-expert linears do).
 """
 
@@ -34,7 +35,14 @@ from typing import Optional, Sequence
 import torch
 
 from fluid.schedule import accumulate_weight_grad, get_backward_scheduler
-from fluid.schedule.wgrad import dw_probe, dw_wanted
+from fluid.schedule.wgrad import (
+    attach,
+    dw_probe,
+    dw_wanted,
+    engine_weight_grad,
+    input_grad_wanted,
+    weights_attached,
+)
 
 log = logging.getLogger(__name__)
 
@@ -179,22 +187,27 @@ def gmm_wgrad(
 
 
 class _GroupedLinear(torch.autograd.Function):
-    """y = grouped x @ W^T. Backward: dX now, dW deferred (the weight arrives detached)."""
+    """y = grouped x @ W^T. Backward: dX now, dW deferred (the weight arrives detached), or with
+    the weight attached (scheduler off, fluid.schedule.wgrad) returned to autograd."""
 
     @staticmethod
-    def forward(ctx, x, weight_detached, probe, counts, offs, param_box, name, fallbacks, sched):
+    def forward(
+        ctx, x, weight_in, probe, counts, offs, param_box, name, fallbacks, sched, attached
+    ):
         # param_box = (param,): a tuple, so autograd gives this node no edge to the parameter.
         # A bare Parameter argument would get one, and backward's None for it would run the
         # parameter's AccumulateGrad with no gradient: Megatron DDP's hook would then fire a
         # second time per backward (with overlap_grad_reduce: an assertion, or a bucket
-        # reported ready before its dW exists).
-        ctx.save_for_backward(x, weight_detached)
+        # reported ready before its dW exists). weight_in is the detached parameter, or, attached,
+        # a view of it whose gradient backward returns; computed with detached (wgrad.attach).
+        weight = weight_in.detach()
+        ctx.save_for_backward(x, weight)
         (param,) = param_box
         ctx.counts, ctx.offs, ctx.param, ctx.name = counts, offs, param, name
-        ctx.fallbacks, ctx.sched = fallbacks, sched
+        ctx.fallbacks, ctx.sched, ctx.attached = fallbacks, sched, attached
         ctx.probe_index = None if probe is None else 2  # tensor inputs: x, weight, probe
         ctx.x_requires_grad = x.requires_grad
-        return gmm(x, weight_detached, counts, offs, trans_w=True, fallbacks=fallbacks)
+        return gmm(x, weight, counts, offs, trans_w=True, fallbacks=fallbacks)
 
     @staticmethod
     def backward(ctx, dy):
@@ -205,15 +218,28 @@ class _GroupedLinear(torch.autograd.Function):
         dx = None
         if ctx.x_requires_grad:
             dx = gmm(dy, w, counts, offs, trans_w=False, fallbacks=fallbacks)
-        if not dw_wanted(ctx, ctx.probe_index, "grouped_linear"):  # e.g. autograd.grad(out, x)
-            return dx, None, None, None, None, None, None, None, None
+        full = dw_wanted(ctx, ctx.probe_index, "grouped_linear")  # False: e.g. autograd.grad
+        if ctx.attached:
+            if not input_grad_wanted(ctx, 1):
+                return dx, *[None] * 9
+            if not full:  # the weight asked for directly: its plain dW
+                return dx, gmm_wgrad(dy, x, counts, offs, fallbacks), *[None] * 8
+            box: list = []  # a training backward: one inline scheduler task, as with deferral
+
+            def settle():
+                box.append(engine_weight_grad(param, gmm_wgrad(dy, x, counts, offs, fallbacks)))
+
+            ctx.sched.run_inline(settle, ctx.name)
+            return dx, box.pop(), *[None] * 8
+        if not full:
+            return dx, *[None] * 9
 
         def dw_task(x=x, dy=dy):
             if param.requires_grad:
                 accumulate_weight_grad(param, gmm_wgrad(dy, x, counts, offs, fallbacks))
 
-        (ctx.sched or get_backward_scheduler()).defer(dw_task, ctx.name)
-        return dx, None, None, None, None, None, None, None, None
+        ctx.sched.defer(dw_task, ctx.name)
+        return dx, *[None] * 9
 
 
 def grouped_linear(
@@ -227,20 +253,24 @@ def grouped_linear(
     scheduler=None,
 ) -> torch.Tensor:
     """`[T, K]` -> `[T, N]` with one `[N, K]` weight per group; dW goes through `scheduler` (the
-    model's BackwardScheduler; default `get_backward_scheduler()`). `offs` None: the per-group
-    loop; `fallbacks`: see `gmm`."""
+    model's BackwardScheduler; default `get_backward_scheduler()`), or, that scheduler disabled,
+    to autograd (fluid.schedule.wgrad.weights_attached). `offs` None: the per-group loop;
+    `fallbacks`: see `gmm`."""
+    sched = get_backward_scheduler() if scheduler is None else scheduler
+    attached = weights_attached(sched)
     # The probe (fluid.schedule.wgrad.dw_probe) tells backward whether dW is wanted, and keeps
     # the op in the graph when x needs no gradient, so dW still runs then.
     return _GroupedLinear.apply(
         x_TK,
-        weight_GNK.detach(),
+        attach(weight_GNK, attached),
         dw_probe(weight_GNK),
         tuple(int(c) for c in counts),
         offs,
         (weight_GNK,),
         name,
         fallbacks,
-        scheduler,
+        sched,
+        attached,
     )
 
 

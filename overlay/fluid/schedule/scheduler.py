@@ -153,11 +153,11 @@ class BackwardScheduler:
     # -- producer side ----------------------------------------------------------------------
     def defer(self, fn: Callable[[], None], name: str = "") -> None:
         """Queue a dW closure (or run it inline; see the module docstring, step 1)."""
-        self._stats["total_dw_tasks"] += 1
         gid = _graph_task_id()
         if gid == -1 or not self.defers_dw():
-            self._run(_Task(fn, name, gid), kind="inline")
+            self.run_inline(fn, name)
             return
+        self._stats["total_dw_tasks"] += 1
         # A different graph task is not a sign of staleness: reentrant activation checkpointing
         # (Megatron's --recompute-granularity full, torch.utils.checkpoint(use_reentrant=True))
         # runs each recomputed layer's backward as a nested graph task while the outer one's
@@ -166,6 +166,12 @@ class BackwardScheduler:
         if self._armed_for != gid:
             self._armed_for = gid
             torch.autograd.Variable._execution_engine.queue_callback(self._on_backward_end)
+
+    def run_inline(self, fn: Callable[[], None], name: str = "") -> None:
+        """Run a dW closure now, counted as an inline task: `defer` when it does not queue, and
+        Fluid ops whose weights are autograd inputs (fluid.schedule.wgrad.weights_attached)."""
+        self._stats["total_dw_tasks"] += 1
+        self._run(_Task(fn, name, _graph_task_id()), kind="inline")
 
     def on_forward(self) -> None:
         """Called by Fluid layers at forward: tasks still queued outside backward are stale."""
