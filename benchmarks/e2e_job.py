@@ -98,6 +98,8 @@ def model_args(recipe: R.E2ERecipe, iters: int) -> list:
         f"--log-throughput --distributed-timeout-minutes 5 "
         f"--expert-model-parallel-size {recipe.ep}"
     )
+    if recipe.cp > 1:
+        a += f" --context-parallel-size {recipe.cp}"
     return a.split()
 
 

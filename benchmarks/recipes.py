@@ -158,18 +158,21 @@ class AttnRecipe(Recipe):
 @dataclass(frozen=True)
 class E2ERecipe(Recipe):
     """The whole model, stock `pretrain_gpt.py` (one torchrun per variant and link) on mock data:
-    EP = `ep`, DP = nproc (experts: EP x expert-DP), `iters` iterations, the per-iteration median
-    after `warmup` iterations."""
+    EP = `ep`, context parallelism CP = `cp` (Fluid's Ulysses attention), DP = nproc / cp
+    (experts: EP x expert-DP), `iters` iterations, the per-iteration median after `warmup`
+    iterations. Megatron's local attention has no context parallelism: a recipe with cp > 1 has
+    no stock side."""
 
     ep: int = 1
     iters: int = 15
     warmup: int = 5
+    cp: int = 1
 
     kind = "e2e"
 
     @property
     def dp(self) -> int:
-        return self.nproc
+        return self.nproc // self.cp
 
 
 ALL_LINKS = ("nvlink", "p2poff", "p2poff_1ch")
@@ -265,6 +268,25 @@ _RECIPES = [
         ep=2,
         links=ALL_LINKS,
         variants=E2E_EP_VARIANTS,
+    ),
+    MoELayerRecipe(
+        "moe_fine64_ep4",
+        "fine",
+        "64-expert top-6 MoE layer with a shared expert, EP=4, 4096 tokens per rank",
+        nproc=4,
+        ep=4,
+        links=ALL_LINKS,
+    ),
+    E2ERecipe(
+        "e2e_fine_cp2_ep2",
+        "fine",
+        "fine-grained model, CP=2 x EP=2 (DP=2) on 4 GPUs",
+        nproc=4,
+        ep=2,
+        cp=2,
+        links=ALL_LINKS,
+        variants=("fluid_off", "fluid", "fluid_off#2"),
+        stock_side=None,
     ),
     E2ERecipe(
         "e2e_small_ep4",

@@ -11,6 +11,7 @@ JSON through benchmarks/results.py.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import json
 import re
@@ -141,12 +142,16 @@ def load_docs(dirs) -> dict:
 
 def _current(doc, recipe) -> bool:
     """The JSON measured this recipe: same definition, except the list of variants (a variant's
-    numbers do not change when another variant is added to the recipe)."""
+    numbers do not change when another variant is added to the recipe) and fields added to the
+    recipe class since, where the recipe keeps their default."""
 
-    def defn(d: dict) -> dict:
-        return {k: v for k, v in d.items() if k != "variants"}
-
-    return defn(doc.get("recipe") or {}) == defn(json.loads(json.dumps(recipe.to_dict())))
+    old = {k: v for k, v in (doc.get("recipe") or {}).items() if k != "variants"}
+    new = {k: v for k, v in json.loads(json.dumps(recipe.to_dict())).items() if k != "variants"}
+    defaults = {f.name: f.default for f in dataclasses.fields(recipe)}
+    for k in set(new) - set(old):  # a field added to the recipe class since, at its default
+        if new[k] == defaults.get(k, object()):
+            del new[k]
+    return old == new
 
 
 def _recipe_section(recipe: R.Recipe, doc, commit: str) -> list:

@@ -64,17 +64,20 @@ def test_every_recipe_dry_runs(tmp_path):
         job = doc["links"]["nvlink"]
         if doc["recipe"]["kind"] == "e2e":
             cmds = job["commands"]
-            want = {"stock", "fluid_off", "fluid"}
-            if doc["recipe"]["ep"] > 1:  # Megatron's combined 1F1B needs EP > 1
-                want |= {"fluid_1f1b", "stock_1f1b"}
+            want = {v for v in doc["recipe"]["variants"] if "#" not in v}
+            assert {"fluid_off", "fluid"} <= want
+            if doc["recipe"]["ep"] > 1 and doc["recipe"]["cp"] == 1:  # combined 1F1B: EP > 1
+                assert {"stock", "fluid_1f1b", "stock_1f1b"} <= want
                 for v in ("fluid_1f1b", "stock_1f1b"):
                     assert "--overlap-moe-expert-parallel-comm" in cmds[v]["argv"]
                 assert "--use-fluid-moe" in cmds["fluid_1f1b"]["argv"]
+            if doc["recipe"]["cp"] > 1:  # Megatron's local attention has no CP: no stock side
+                assert "stock" not in want
+                assert "--context-parallel-size" in cmds["fluid"]["argv"]
             assert set(cmds) == want
-            assert (
-                "--use-fluid-moe" in cmds["fluid"]["argv"]
-                and "--use-fluid-moe" not in cmds["stock"]["argv"]
-            )
+            if "stock" in want:
+                assert "--use-fluid-moe" not in cmds["stock"]["argv"]
+            assert "--use-fluid-moe" in cmds["fluid"]["argv"]
             assert "--no-fluid-scheduler" in cmds["fluid_off"]["argv"]
             layers = job["layers"]
             assert layers["moe"]["variants"]["fluid"]["ms"] > 0
