@@ -13,6 +13,8 @@ saved with a checkpoint's args.
     fluid_moe_chunks         --fluid-moe-chunks N                 1 (no forward pipelining)
     fluid_moe_dedup          --fluid-moe-dedup {auto,on,off}      auto
     fluid_grouped_gemm       --fluid-grouped-gemm {auto,on,off}   auto
+    fluid_wgrad_accumulation --fluid-wgrad-accumulation {auto,fused,unfused}  auto: fused into
+                                                                  an fp32 main_grad
 
 `FluidConfig.from_config(config)` checks every value (FluidConfigError naming the flag) and returns
 a frozen copy; the Fluid layers read their settings from it and from nowhere else. FluidMoE reads
@@ -29,6 +31,7 @@ from typing import Optional
 
 OVERLAP_CHOICES = ("auto", "always", "never")
 SWITCH_CHOICES = ("auto", "on", "off")
+WGRAD_ACCUMULATION_CHOICES = ("auto", "fused", "unfused")
 
 # FluidConfig field -> (TransformerConfig field, command-line flag as --help lists it).
 FIELDS = {
@@ -40,6 +43,7 @@ FIELDS = {
     "moe_chunks": ("fluid_moe_chunks", "--fluid-moe-chunks"),
     "moe_dedup": ("fluid_moe_dedup", "--fluid-moe-dedup"),
     "grouped_gemm": ("fluid_grouped_gemm", "--fluid-grouped-gemm"),
+    "wgrad_accumulation": ("fluid_wgrad_accumulation", "--fluid-wgrad-accumulation"),
 }
 
 # Environment variables of older versions -> the flag that replaced each.
@@ -79,6 +83,7 @@ class FluidConfig:
     moe_chunks: int = 1
     moe_dedup: str = "auto"
     grouped_gemm: str = "auto"
+    wgrad_accumulation: str = "auto"
 
     def __post_init__(self):
         def bad(name, value, want):
@@ -92,6 +97,9 @@ class FluidConfig:
         for name in ("moe_dedup", "grouped_gemm"):
             if getattr(self, name) not in SWITCH_CHOICES:
                 bad(name, getattr(self, name), "expected one of " + ", ".join(SWITCH_CHOICES))
+        if self.wgrad_accumulation not in WGRAD_ACCUMULATION_CHOICES:
+            want = "expected one of " + ", ".join(WGRAD_ACCUMULATION_CHOICES)
+            bad("wgrad_accumulation", self.wgrad_accumulation, want)
         for name, low in (("min_window_bytes", 0), ("sm_carveout", 0), ("moe_chunks", 1)):
             value = getattr(self, name)
             if value is None and name != "moe_chunks":

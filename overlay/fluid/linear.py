@@ -16,9 +16,10 @@ sequence-parallel all-gather / reduce-scatter) around a deferred dW. A TP group 
 refused at build time with a ValueError rather than computed wrong.
 
 `gradient_accumulation_fusion`: honoured through `deferred_linear` (apex's fused kernel writes
-into DDP's `main_grad` when apex is installed; otherwise it falls back to unfused accumulation with
-one warning). Stock ColumnParallelLinear raises at build time when the flag is on and apex is
-missing; the Fluid classes do not, since the fallback is exact.
+into DDP's `main_grad` when apex is installed; otherwise `--fluid-wgrad-accumulation` decides, by
+default torch's fused addmm into an fp32 `main_grad`; fluid.schedule.wgrad.accumulation_kernel).
+Stock ColumnParallelLinear raises at build time when the flag is on and apex is missing; the Fluid
+classes do not.
 
 `backward_dw()` is a no-op, as in stock Megatron's local linears: Fluid dW never waits for an
 explicit call, it runs in the scheduler's windows or at the end of the backward pass.
@@ -63,6 +64,7 @@ class FluidColumnParallelLinear(ColumnParallelLinear):
         self.gradient_accumulation_fusion = config.gradient_accumulation_fusion
         self.fluid_name = name or "column_parallel_linear"
         self.fluid_scheduler = runtime_for(config).scheduler  # the model's (fluid.runtime)
+        self.fluid_wgrad_accumulation = runtime_for(config).config.wgrad_accumulation
         _check_tp(self)
 
     def forward(
@@ -98,6 +100,7 @@ class FluidColumnParallelLinear(ColumnParallelLinear):
             bias,
             name=self.fluid_name,
             gradient_accumulation_fusion=self.gradient_accumulation_fusion,
+            wgrad_accumulation=self.fluid_wgrad_accumulation,
             scheduler=self.fluid_scheduler,
         )
         return output, (self.bias if self.skip_bias_add else None)
@@ -118,6 +121,7 @@ class FluidRowParallelLinear(RowParallelLinear):
         super().__init__(input_size, output_size, config=config, name=name, **kwargs)
         self.fluid_name = name or "row_parallel_linear"
         self.fluid_scheduler = runtime_for(config).scheduler  # the model's (fluid.runtime)
+        self.fluid_wgrad_accumulation = runtime_for(config).config.wgrad_accumulation
         _check_tp(self)
 
     def forward(self, input_: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -129,6 +133,7 @@ class FluidRowParallelLinear(RowParallelLinear):
             bias,
             name=self.fluid_name,
             gradient_accumulation_fusion=self.gradient_accumulation_fusion,
+            wgrad_accumulation=self.fluid_wgrad_accumulation,
             scheduler=self.fluid_scheduler,
         )
         return output, (self.bias if self.skip_bias_add else None)

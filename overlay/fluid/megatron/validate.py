@@ -51,6 +51,12 @@ _UNSUPPORTED_MOE = {
 }
 
 
+def torch_version() -> str:
+    import torch
+
+    return torch.__version__
+
+
 def _fail(msg: str) -> None:
     raise FluidConfigError(f"--use-fluid-moe: {msg}")
 
@@ -120,6 +126,16 @@ def validate_config(config, pg_collection=None, *, moe: bool = True) -> FluidCon
         getattr(config, "transformer_impl", None) != "inference_optimized",
         "--transformer-impl inference_optimized is not supported: use local or transformer_engine",
     )
+    if fluid.wgrad_accumulation == "fused":
+        from fluid.schedule.wgrad import fused_kernel_available
+
+        need(
+            fused_kernel_available(bool(config.gradient_accumulation_fusion)),
+            f"--fluid-wgrad-accumulation fused needs a fused dW kernel: torch {torch_version()} "
+            "has no addmm(out_dtype=) and apex's fused_weight_gradient_mlp_cuda is not used "
+            "(not installed, or no --gradient-accumulation-fusion): use "
+            "--fluid-wgrad-accumulation auto or unfused",
+        )
     if not moe:
         return fluid
 

@@ -20,7 +20,9 @@ Backward, per expert g, freeing h_g and a_g after use:
     dx[rows of g] = d_h @ W1[g];   dW1[g] = d_h^T @ x_g
 Where each dW goes:
   - the parameters have `main_grad` (Megatron DDP): expert g's dW is added into `main_grad[g]` and
-    freed at once, as DDP's hook does with each SequentialMLP grad; at the end the parameters get
+    freed at once, as DDP's hook does with each SequentialMLP grad (with an fp32 `main_grad` and
+    `--fluid-wgrad-accumulation` auto or fused, inside the GEMM: `accumulate_into`, no dW tensor;
+    fluid.schedule.wgrad.accumulation_kernel); at the end the parameters get
     `grad_added_to_main_grad` and a placeholder gradient (`mark_added_to_main_grad`), Megatron's
     own convention for dW accumulated in place;
   - otherwise into one stacked dW per weight, handed to autograd at the end. That buffer exists
@@ -37,7 +39,8 @@ e.g. over NVLink): deferring dW would need every expert's `d_h` kept until the w
 Numerics: every GEMM is the call the per-expert loop of `fluid.moe.grouped_gemm` makes on the same
 rows (`x_g @ W[g]^T`, `dy_g @ W[g]`, `dy_g^T @ x_g`), and the activation is elementwise (its
 probs gradient a per-row sum), so the result is bit-identical to the composition with the loop
-GEMMs, `main_grad` included (an elementwise add, per expert or for all at once): scheduler on vs
+GEMMs, `main_grad` included (an elementwise add, per expert or for all at once; with fused
+accumulation the same per-expert accumulate call as the composition's): scheduler on vs
 off stays bit-identical (tests/cpu/test_expert_loop.py, tests/gpu/moe_parity_script.py).
 
 The per-expert `h_g`, `a_g` and the activation's graph live on `ctx` (not `save_for_backward`), so
@@ -53,6 +56,8 @@ import torch
 from fluid.schedule import get_backward_scheduler
 from fluid.schedule.wgrad import (
     accumulate_boxed_weight_grad,
+    accumulate_into,
+    accumulation_kernel,
     added_to_main_grad,
     attach,
     dw_probe,
@@ -73,7 +78,7 @@ def has_main_grad(params) -> bool:
 
 class _SequentialExperts(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, probs, w1, w2, probe, counts, params, act, name, sched, attached):
+    def forward(ctx, x, probs, w1, w2, probe, counts, params, act, name, sched, attached, mode):
         # attached (scheduler off): w1, w2 are views; computed with detached (wgrad.attach)
         w1, w2 = w1.detach(), w2.detach()
         num_rows, hidden = x.shape
@@ -96,7 +101,7 @@ class _SequentialExperts(torch.autograd.Function):
         ctx.save_for_backward(x, w1, w2)
         ctx.probe_index = None if probe is None else 4  # tensor inputs: x, probs, w1, w2, probe
         ctx.saved_experts, ctx.counts, ctx.params, ctx.name = saved, counts, params, name
-        ctx.sched, ctx.attached = sched, attached
+        ctx.sched, ctx.attached, ctx.mode = sched, attached, mode
         ctx.probs_meta = (probs.shape, probs.dtype, probs.requires_grad)
         return out
 
@@ -124,13 +129,21 @@ class _SequentialExperts(torch.autograd.Function):
         direct = full and has_main_grad((param1, param2))
         dw1 = w1.new_empty(w1.shape) if want1 and not direct else None
         dw2 = w2.new_empty(w2.shape) if want2 and not direct else None
+        # fused accumulation into main_grad[g] (None: dW then an add), per parameter
+        kernels = {
+            id(p): accumulation_kernel(p, dy.device, ctx.mode) if direct else None
+            for p in (param1, param2)
+        }
 
-        def expert_dw(param, stacked, g, dy_t, inp):
-            """Expert g's dW = dy_t @ inp: into the stacked dW, or added into main_grad[g]."""
+        def expert_dw(param, stacked, g, dy_g, inp):
+            """Expert g's dW = dy_g^T @ inp: into the stacked dW, or added into main_grad[g]."""
             if stacked is not None:
-                torch.matmul(dy_t, inp, out=stacked[g])
+                torch.matmul(dy_g.t(), inp, out=stacked[g])
             elif direct and param.requires_grad:
-                param.main_grad[g].add_(torch.matmul(dy_t, inp))
+                if (kernel := kernels[id(param)]) is not None:
+                    accumulate_into(param.main_grad[g], dy_g, inp, kernel)
+                else:
+                    param.main_grad[g].add_(torch.matmul(dy_g.t(), inp))
 
         start = 0
         for g, count in enumerate(counts):
@@ -145,7 +158,7 @@ class _SequentialExperts(torch.autograd.Function):
             saved[g] = None  # h_g, a_g go once this expert is done, as in SequentialMLP
             dy_g = dy[rows]
             d_a = torch.matmul(dy_g, w2[g])
-            expert_dw(param2, dw2, g, dy_g.t(), a_g.detach())
+            expert_dw(param2, dw2, g, dy_g, a_g.detach())
             inputs = (h_leaf, p_leaf) if want_dprobs else (h_leaf,)
             grads = torch.autograd.grad(a_g, inputs, d_a)
             del a_g, d_a
@@ -154,9 +167,9 @@ class _SequentialExperts(torch.autograd.Function):
                 dprobs[rows] = grads[1]
             if dx is not None:
                 torch.matmul(d_h, w1[g], out=dx[rows])
-            expert_dw(param1, dw1, g, d_h.t(), x[rows])
+            expert_dw(param1, dw1, g, d_h, x[rows])
             del d_h, h_leaf, p_leaf, grads
-        none = [None] * 7  # probe, counts, params, act, name, sched, attached
+        none = [None] * 8  # probe, counts, params, act, name, sched, attached, mode
         if not (want1 or want2):
             return dx, dprobs, None, None, *none
 
@@ -200,6 +213,7 @@ def sequential_experts(
     *,
     name: str = "",
     scheduler=None,
+    wgrad_accumulation: str = "auto",
 ) -> torch.Tensor:
     """`[T, H]` -> `[T, H]`: every local expert's MLP on its rows (see the module docstring);
     the dW hand-over goes through `scheduler` (the model's; default `get_backward_scheduler()`),
@@ -209,6 +223,8 @@ def sequential_experts(
         x_TH: rows of expert g contiguous, g ascending; counts: G host ints summing to T.
         probs_T: routing probability per row (fp32 or the activation dtype).
         act: `(h [T_g, F1], probs [T_g]) -> a [T_g, F]`, differentiable in both.
+        wgrad_accumulation: `--fluid-wgrad-accumulation` (auto|fused|unfused), how dW reaches an
+            fp32 `main_grad` (fluid.schedule.wgrad.accumulation_kernel).
     """
     sched = get_backward_scheduler() if scheduler is None else scheduler
     attached = weights_attached(sched)  # scheduler off: dW returned to autograd
@@ -226,4 +242,5 @@ def sequential_experts(
         name,
         sched,
         attached,
+        wgrad_accumulation,
     )

@@ -80,6 +80,7 @@ class FluidGroupedMLP(MegatronModule):
         runtime = runtime_for(config)
         self.scheduler = runtime.scheduler
         self.grouped_gemm = runtime.config.grouped_gemm
+        self.wgrad_accumulation = runtime.config.wgrad_accumulation  # --fluid-wgrad-accumulation
         self.num_local_experts = num_local_experts
         self.ep_group = pg_collection.ep
         self.dp_group = pg_collection.expt_dp
@@ -194,20 +195,20 @@ class FluidGroupedMLP(MegatronModule):
                     self._weighted_activation,
                     name=self.name,
                     scheduler=self.scheduler,
+                    wgrad_accumulation=self.wgrad_accumulation,
                 )
                 return out, None
             offs = None  # grouped_linear's per-expert loop
         elif offs is None:
             offs = offsets_for(counts, permuted_hidden.device)
-        fb = self.grouped_mm_fallbacks
-        sched = self.scheduler
-        h = grouped_linear(
-            x, self.weight1, counts, offs, name=f"{self.name}.fc1", fallbacks=fb, scheduler=sched
+        kw = dict(
+            fallbacks=self.grouped_mm_fallbacks,
+            scheduler=self.scheduler,
+            wgrad_accumulation=self.wgrad_accumulation,
         )
+        h = grouped_linear(x, self.weight1, counts, offs, name=f"{self.name}.fc1", **kw)
         a = self._weighted_activation(h, permuted_probs)
-        out = grouped_linear(
-            a, self.weight2, counts, offs, name=f"{self.name}.fc2", fallbacks=fb, scheduler=sched
-        )
+        out = grouped_linear(a, self.weight2, counts, offs, name=f"{self.name}.fc2", **kw)
         return out, None
 
     def backward_dw(self) -> None:

@@ -25,6 +25,12 @@ Backward computes dX at once (the previous op needs it) and defers dW (a grouped
 closure to the BackwardScheduler, which runs it while a later backward all-to-all is in flight;
 with the scheduler off it returns dW to autograd instead (fluid.schedule.wgrad, weights attached).
 Zero-token groups give an all-zero dW (as SequentialMLP's per-expert linears do).
+
+Under Megatron DDP with an fp32 `main_grad` (`--fluid-wgrad-accumulation` auto or fused,
+fluid.schedule.wgrad.accumulation_kernel) dW is not materialised: `gmm_wgrad_into` adds each
+group's `dy_g^T @ x_g` into `main_grad[g]` inside its GEMM (one addmm per non-empty group, also
+where the forward used `torch._grouped_mm`, which cannot accumulate into an fp32 output), and the
+weight gets `grad_added_to_main_grad` and a placeholder gradient.
 """
 
 from __future__ import annotations
@@ -36,11 +42,15 @@ import torch
 
 from fluid.schedule import accumulate_weight_grad, get_backward_scheduler
 from fluid.schedule.wgrad import (
+    accumulate_into,
+    accumulation_kernel,
+    added_to_main_grad,
     attach,
     dw_probe,
     dw_wanted,
     engine_weight_grad,
     input_grad_wanted,
+    mark_added_to_main_grad,
     weights_attached,
 )
 
@@ -186,13 +196,27 @@ def gmm_wgrad(
     return dw
 
 
+def gmm_wgrad_into(
+    main_grad: torch.Tensor,
+    dy_TN: torch.Tensor,
+    x_TK: torch.Tensor,
+    counts: Sequence[int],
+    kernel: str,
+) -> None:
+    """Per group g: `main_grad[g] += dy[g]^T @ x[g]` in place (`main_grad` `[G, N, K]`), with
+    `kernel` (fluid.schedule.wgrad.accumulation_kernel); empty groups add nothing."""
+    for g, (dy_g, x_g) in enumerate(zip(_split(dy_TN, counts), _split(x_TK, counts), strict=True)):
+        if dy_g.shape[0]:
+            accumulate_into(main_grad[g], dy_g, x_g, kernel)
+
+
 class _GroupedLinear(torch.autograd.Function):
     """y = grouped x @ W^T. Backward: dX now, dW deferred (the weight arrives detached), or with
     the weight attached (scheduler off, fluid.schedule.wgrad) returned to autograd."""
 
     @staticmethod
     def forward(
-        ctx, x, weight_in, probe, counts, offs, param_box, name, fallbacks, sched, attached
+        ctx, x, weight_in, probe, counts, offs, param_box, name, fallbacks, sched, attached, mode
     ):
         # param_box = (param,): a tuple, so autograd gives this node no edge to the parameter.
         # A bare Parameter argument would get one, and backward's None for it would run the
@@ -205,6 +229,7 @@ class _GroupedLinear(torch.autograd.Function):
         (param,) = param_box
         ctx.counts, ctx.offs, ctx.param, ctx.name = counts, offs, param, name
         ctx.fallbacks, ctx.sched, ctx.attached = fallbacks, sched, attached
+        ctx.mode = mode  # --fluid-wgrad-accumulation
         ctx.probe_index = None if probe is None else 2  # tensor inputs: x, weight, probe
         ctx.x_requires_grad = x.requires_grad
         return gmm(x, weight, counts, offs, trans_w=True, fallbacks=fallbacks)
@@ -221,25 +246,38 @@ class _GroupedLinear(torch.autograd.Function):
         full = dw_wanted(ctx, ctx.probe_index, "grouped_linear")  # False: e.g. autograd.grad
         if ctx.attached:
             if not input_grad_wanted(ctx, 1):
-                return dx, *[None] * 9
+                return dx, *[None] * 10
             if not full:  # the weight asked for directly: its plain dW
-                return dx, gmm_wgrad(dy, x, counts, offs, fallbacks), *[None] * 8
+                return dx, gmm_wgrad(dy, x, counts, offs, fallbacks), *[None] * 9
+            kernel = accumulation_kernel(param, dy.device, ctx.mode)
             box: list = []  # a training backward: one inline scheduler task, as with deferral
 
             def settle():
-                box.append(engine_weight_grad(param, gmm_wgrad(dy, x, counts, offs, fallbacks)))
+                if kernel is not None:
+                    gmm_wgrad_into(param.main_grad, dy, x, counts, kernel)
+                    box.append(added_to_main_grad(param))
+                else:
+                    dw = gmm_wgrad(dy, x, counts, offs, fallbacks)
+                    box.append(engine_weight_grad(param, dw))
 
             ctx.sched.run_inline(settle, ctx.name)
-            return dx, box.pop(), *[None] * 8
+            return dx, box.pop(), *[None] * 9
         if not full:
-            return dx, *[None] * 9
+            return dx, *[None] * 10
+        # decided here, not in the task: a refused `fused` raises from this backward
+        kernel = accumulation_kernel(param, dy.device, ctx.mode)
 
         def dw_task(x=x, dy=dy):
-            if param.requires_grad:
+            if not param.requires_grad:
+                return
+            if kernel is not None:
+                gmm_wgrad_into(param.main_grad, dy, x, counts, kernel)
+                mark_added_to_main_grad(param)
+            else:
                 accumulate_weight_grad(param, gmm_wgrad(dy, x, counts, offs, fallbacks))
 
         ctx.sched.defer(dw_task, ctx.name)
-        return dx, *[None] * 9
+        return dx, *[None] * 10
 
 
 def grouped_linear(
@@ -251,11 +289,12 @@ def grouped_linear(
     name: str = "",
     fallbacks: Optional[GroupedMMFallbacks] = None,
     scheduler=None,
+    wgrad_accumulation: str = "auto",
 ) -> torch.Tensor:
     """`[T, K]` -> `[T, N]` with one `[N, K]` weight per group; dW goes through `scheduler` (the
     model's BackwardScheduler; default `get_backward_scheduler()`), or, that scheduler disabled,
     to autograd (fluid.schedule.wgrad.weights_attached). `offs` None: the per-group loop;
-    `fallbacks`: see `gmm`."""
+    `fallbacks`: see `gmm`; `wgrad_accumulation`: `--fluid-wgrad-accumulation` (module doc)."""
     sched = get_backward_scheduler() if scheduler is None else scheduler
     attached = weights_attached(sched)
     # The probe (fluid.schedule.wgrad.dw_probe) tells backward whether dW is wanted, and keeps
@@ -271,6 +310,7 @@ def grouped_linear(
         fallbacks,
         sched,
         attached,
+        wgrad_accumulation,
     )
 
 

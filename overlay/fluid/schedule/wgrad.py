@@ -23,13 +23,18 @@ the op takes its weights as autograd inputs (views of them, see `input_grad_want
 dW to the engine as a stock layer does: the engine runs each weight's AccumulateGrad (and DDP's
 hook) once, with the dW. The values are the same GEMMs as with the scheduler on, bit for bit.
 
-With `gradient_accumulation_fusion` and a `main_grad` (DDP), `fused_accumulate` writes dW straight
-into `main_grad` with apex's fused kernel when it is installed, marks `grad_added_to_main_grad`, and
-fires the hooks with a placeholder gradient, as Megatron's LinearWithGradAccumulation does. Without
-the kernel it falls back to the unfused path above (with a one-time warning). FluidGroupedMLP's
-per-expert path (fluid.moe.expert_loop) adds each expert's dW into `main_grad` the same way. Once a
-parameter's flag is set, every later dW of the step goes into `main_grad` directly as well
-(`engine_weight_grad`): the hook would skip it.
+Fused accumulation (`--fluid-wgrad-accumulation`, `accumulation_kernel`). Under Megatron DDP a
+parameter has an fp32 `main_grad`; the unfused path above hands a bf16 dW to autograd and DDP's hook
+adds it into `main_grad` with a separate elementwise kernel (without apex the largest kernel of a
+training step on 1 H200: 184.9 of 1165.8 ms, Mixtral-like; docs/benchmarks/breakdown.md). Fused
+(auto, the default, wherever `main_grad` is fp32): the dW GEMM adds into `main_grad` itself, with
+apex's kernel under `gradient_accumulation_fusion` when apex is installed, else torch's
+`addmm(out_dtype=float32)` on CUDA, else `accumulate_reference` (CPU); then
+`grad_added_to_main_grad` is set and the hooks fire with a placeholder gradient, as Megatron's
+LinearWithGradAccumulation does. The experts (fluid.moe.grouped_gemm, fluid.moe.expert_loop) add
+each expert's dW into its slice `main_grad[g]` the same way. Once a parameter's flag is set, every
+later unfused dW of the step goes into `main_grad` directly as well (`engine_weight_grad`): the
+hook would skip it. Scheduler on and off run the same kernel on the same operands.
 
 Which backward passes compute dW. A stock layer computes dW exactly when autograd asks for the
 weight's gradient: `loss.backward()` does, `torch.autograd.grad(out, x)` and
@@ -152,38 +157,128 @@ def _hand_over(param: torch.nn.Parameter, box: list) -> None:
     torch.autograd.backward(out)
 
 
-def wants_fused_accumulation(param: torch.nn.Parameter, gradient_accumulation_fusion: bool) -> bool:
-    """True where dW should be written straight into `param.main_grad` by apex's kernel."""
+WGRAD_ACCUMULATION_MODES = ("auto", "fused", "unfused")
+
+
+def torch_fused_kernel_available() -> bool:
+    """Whether this torch has `torch.addmm(..., out_dtype=)` (`aten::addmm.dtype_out`, CUDA)."""
+    return "dtype_out" in torch.ops.aten.addmm.overloads()
+
+
+def fused_kernel_available(gradient_accumulation_fusion: bool) -> bool:
+    """Whether a fused dW kernel exists in this process (what `--fluid-wgrad-accumulation fused`
+    needs at build time): apex's with `gradient_accumulation_fusion`, or torch's out_dtype addmm."""
+    return (gradient_accumulation_fusion and HAVE_FUSED_WGRAD) or torch_fused_kernel_available()
+
+
+def accumulation_kernel(
+    param: torch.nn.Parameter,
+    device: torch.device,
+    mode: str = "auto",
+    gradient_accumulation_fusion: bool = False,
+) -> Optional[str]:
+    """How a training backward's dW of `param` (computed on `device`) reaches `main_grad`.
+
+    Returns None (unfused: dW in param's dtype handed to autograd, Megatron DDP's hook adds it
+    into `main_grad`) or the kernel that adds dW into `main_grad` inside the GEMM (fused; the
+    parameter then gets a placeholder gradient, see `added_to_main_grad`):
+      - "apex": `gradient_accumulation_fusion` and apex's fused_weight_gradient_mlp_cuda (fp32 or
+        fp16 `main_grad`, CUDA), as Megatron's LinearWithGradAccumulation;
+      - "torch": `torch.addmm(main_grad, dy^T, x, out_dtype=float32, out=main_grad)` (fp32
+        `main_grad`, CUDA);
+      - "reference": `accumulate_reference` (fp32 `main_grad`, any other device: CPU tests run
+        the whole protocol through it).
+
+    `mode` is `--fluid-wgrad-accumulation`: "unfused" always None; "auto" fused wherever the
+    parameter has an fp32 `main_grad` (or apex applies), else None; "fused" as auto, but raises
+    FluidConfigError (naming the flag) where auto would give None. Why fused: without apex the
+    unfused add of every bf16 dW into the fp32 `main_grad` was the largest kernel of a training
+    step on 1 H200 (184.9 of 1165.8 ms, Mixtral-like, 8 micro-batches; docs/benchmarks/breakdown.md).
+    """
+    if mode == "unfused" or not param.requires_grad:
+        return None
+    main_grad = getattr(param, "main_grad", None)
+    on_cuda = torch.device(device).type == "cuda"
+    if gradient_accumulation_fusion and main_grad is not None:
+        if HAVE_FUSED_WGRAD and on_cuda and main_grad.dtype in (torch.float32, torch.float16):
+            return "apex"
+        _warn_no_apex()
+    if main_grad is not None and main_grad.dtype == torch.float32:
+        if not on_cuda:
+            return "reference"
+        if torch_fused_kernel_available():
+            return "torch"
+    if mode == "fused":
+        from fluid.config import FluidConfigError, flag
+
+        have = "no main_grad" if main_grad is None else f"main_grad {main_grad.dtype}"
+        raise FluidConfigError(
+            f"{flag('wgrad_accumulation')} fused needs an fp32 main_grad (Megatron DDP with "
+            f"fp32 gradient accumulation) and a fused kernel on {device}; a weight "
+            f"{tuple(param.shape)} has {have}: use {flag('wgrad_accumulation')} auto"
+        )
+    return None
+
+
+def _warn_no_apex() -> None:
     global _warned_no_fusion
-    if not (gradient_accumulation_fusion and hasattr(param, "main_grad")):
-        return False
-    if not HAVE_FUSED_WGRAD or param.main_grad.dtype not in (torch.float32, torch.float16):
-        if not _warned_no_fusion:
-            log.warning(
-                "FluidMoE: gradient_accumulation_fusion requested but apex's "
-                "fused_weight_gradient_mlp_cuda is not installed: using unfused dW accumulation"
-            )
-            _warned_no_fusion = True
-        return False
-    return True
+    if HAVE_FUSED_WGRAD or _warned_no_fusion:
+        return
+    log.warning(
+        "FluidMoE: gradient_accumulation_fusion requested but apex's fused_weight_gradient_mlp_cuda "
+        "is not installed: dW accumulation follows --fluid-wgrad-accumulation (auto: torch's "
+        "fused addmm into an fp32 main_grad)"
+    )
+    _warned_no_fusion = True
 
 
-def fused_accumulate(param: torch.nn.Parameter, x_2d: torch.Tensor, dy_2d: torch.Tensor) -> None:
-    """`param.main_grad += dy_2d^T @ x_2d` in place (apex kernel), then fire param's hooks."""
-    _hand_over(param, [fused_into_main_grad(param, x_2d, dy_2d)])
+def accumulate_reference(main_grad: torch.Tensor, dy_2d: torch.Tensor, x_2d: torch.Tensor) -> None:
+    """`main_grad += dy_2d^T @ x_2d` computed in fp32: the reference of the fused kernels.
+
+    main_grad `[N, K]` fp32; dy_2d `[T, N]`, x_2d `[T, K]` in any float dtype (upcast first, so
+    the product is not rounded to a reduced precision before the add)."""
+    main_grad.add_(torch.matmul(dy_2d.float().t(), x_2d.float()))
+
+
+def accumulate_into(
+    main_grad: torch.Tensor, dy_2d: torch.Tensor, x_2d: torch.Tensor, kernel: str
+) -> None:
+    """`main_grad += dy_2d^T @ x_2d` in place with `kernel` (see `accumulation_kernel`).
+
+    main_grad `[N, K]` (a parameter's, or one expert's slice of a stacked one), dy_2d `[T, N]`,
+    x_2d `[T, K]`; T may be 0 (nothing added)."""
+    if dy_2d.shape[0] == 0:
+        return
+    if kernel == "apex":
+        if main_grad.dtype == torch.float32:
+            fused_weight_gradient_mlp_cuda.wgrad_gemm_accum_fp32(x_2d, dy_2d, main_grad)
+        else:
+            fused_weight_gradient_mlp_cuda.wgrad_gemm_accum_fp16(x_2d, dy_2d, main_grad)
+    elif kernel == "torch":
+        if dy_2d.dtype == main_grad.dtype:
+            main_grad.addmm_(dy_2d.t(), x_2d)
+        else:  # bf16/fp16 operands, fp32 accumulation and output, one rounding into main_grad
+            torch.addmm(main_grad, dy_2d.t(), x_2d, out_dtype=main_grad.dtype, out=main_grad)
+    elif kernel == "reference":
+        accumulate_reference(main_grad, dy_2d, x_2d)
+    else:
+        raise ValueError(f"unknown dW accumulation kernel {kernel!r}")
+
+
+def fused_accumulate(
+    param: torch.nn.Parameter, x_2d: torch.Tensor, dy_2d: torch.Tensor, kernel: str
+) -> None:
+    """`param.main_grad += dy_2d^T @ x_2d` in place (`kernel`), then fire param's hooks."""
+    _hand_over(param, [fused_into_main_grad(param, x_2d, dy_2d, kernel)])
 
 
 def fused_into_main_grad(
-    param: torch.nn.Parameter, x_2d: torch.Tensor, dy_2d: torch.Tensor
+    param: torch.nn.Parameter, x_2d: torch.Tensor, dy_2d: torch.Tensor, kernel: str
 ) -> torch.Tensor:
-    """`param.main_grad += dy_2d^T @ x_2d` in place (apex kernel); returns the placeholder
+    """`param.main_grad += dy_2d^T @ x_2d` in place (`kernel`); returns the placeholder
     gradient for AccumulateGrad (`added_to_main_grad`)."""
     # main_grad is Megatron DDP's attribute, set on the Parameter at run time (untyped).
-    main_grad = param.main_grad  # type: ignore[attr-defined]
-    if main_grad.dtype == torch.float32:
-        fused_weight_gradient_mlp_cuda.wgrad_gemm_accum_fp32(x_2d, dy_2d, main_grad)
-    else:
-        fused_weight_gradient_mlp_cuda.wgrad_gemm_accum_fp16(x_2d, dy_2d, main_grad)
+    accumulate_into(param.main_grad, dy_2d, x_2d, kernel)  # type: ignore[attr-defined]
     return added_to_main_grad(param)
 
 
@@ -281,13 +376,14 @@ class _DeferredLinear(torch.autograd.Function):
     (scheduler off) returned to autograd instead (`_attached_linear_grads`)."""
 
     @staticmethod
-    def forward(ctx, x, weight_in, bias_in, probe, params, name, fusion, sched, attached):
+    def forward(ctx, x, weight_in, bias_in, probe, params, name, accumulation, sched, attached):
         # Computed with the detached weight either way: torch.matmul folds `[s, b, in]` into one
         # mm when the weight requires grad and may take bmm otherwise, so an attached weight
         # would change the bits of y and dX (see `attach`).
         w = weight_in.detach()
         ctx.save_for_backward(x, w)
-        ctx.params, ctx.name, ctx.fusion, ctx.sched = params, name, fusion, sched
+        # accumulation: (--fluid-wgrad-accumulation mode, gradient_accumulation_fusion)
+        ctx.params, ctx.name, ctx.accumulation, ctx.sched = params, name, accumulation, sched
         ctx.attached = attached
         ctx.x_requires_grad = x.requires_grad
         # one edge per tensor input: x, the weight, the bias when given, the probe
@@ -309,14 +405,15 @@ class _DeferredLinear(torch.autograd.Function):
             return dx, *_attached_linear_grads(ctx, x, dy, weight, bias, full), *[None] * 6
         if not full:
             return dx, *[None] * 8
-        fusion = ctx.fusion
+        # decided here, not in the task: a refused `fused` raises from this backward
+        kernel = accumulation_kernel(weight, dy.device, *ctx.accumulation)
 
         def dw_task(x=x, dy=dy):
             x2 = x.reshape(-1, x.shape[-1])
             dy2 = dy.reshape(-1, dy.shape[-1])
             if weight.requires_grad:
-                if wants_fused_accumulation(weight, fusion):
-                    fused_accumulate(weight, x2, dy2)
+                if kernel is not None:
+                    fused_accumulate(weight, x2, dy2, kernel)
                 else:
                     accumulate_weight_grad(weight, torch.matmul(dy2.t(), x2))
             if bias is not None and bias.requires_grad:
@@ -342,11 +439,12 @@ def _attached_linear_grads(ctx, x, dy, weight, bias, full: bool) -> tuple:
     if not full:
         return (torch.matmul(dy2.t(), x2) if want_w else None), (dy2.sum(0) if want_b else None)
     grads: list = [None, None]
+    kernel = accumulation_kernel(weight, dy.device, *ctx.accumulation) if want_w else None
 
     def dw_task():
         if want_w:
-            if wants_fused_accumulation(weight, ctx.fusion):
-                grads[0] = fused_into_main_grad(weight, x2, dy2)
+            if kernel is not None:
+                grads[0] = fused_into_main_grad(weight, x2, dy2, kernel)
             else:
                 grads[0] = engine_weight_grad(weight, torch.matmul(dy2.t(), x2))
         if want_b:
@@ -371,6 +469,7 @@ def deferred_linear(
     *,
     name: str = "",
     gradient_accumulation_fusion: bool = False,
+    wgrad_accumulation: str = "auto",
     scheduler=None,
 ) -> torch.Tensor:
     """`x @ weight^T + bias` whose weight/bias gradients go through the BackwardScheduler, or,
@@ -379,6 +478,8 @@ def deferred_linear(
     Args:
         x: `[..., in]`; weight: `[out, in]`; bias: `[out]` or None. Returns `[..., out]`.
         name: label for stats and debugging.
+        gradient_accumulation_fusion: Megatron's flag (apex's kernel into `main_grad`, if installed).
+        wgrad_accumulation: `--fluid-wgrad-accumulation` (auto|fused|unfused; `accumulation_kernel`).
         scheduler: the BackwardScheduler that takes the dW (default `get_backward_scheduler()`).
     """
     sched = _scheduler(scheduler)
@@ -392,7 +493,7 @@ def deferred_linear(
         dw_probe(weight, bias),
         (weight, bias),
         name,
-        gradient_accumulation_fusion,
+        (wgrad_accumulation, gradient_accumulation_fusion),
         sched,
         attached,
     )
