@@ -33,6 +33,7 @@ OVERLAY = Path(__file__).resolve().parents[2] / "overlay" / "fluid"
         ("fluid_moe_chunks", "2", "--fluid-moe-chunks"),
         ("fluid_moe_dedup", True, "--fluid-moe-dedup"),
         ("fluid_grouped_gemm", "1", "--fluid-grouped-gemm"),
+        ("fluid_wgrad_accumulation", "on", "--fluid-wgrad-accumulation"),
     ],
 )
 def test_bad_value_fails_naming_the_flag(field, value, flag):
@@ -114,3 +115,30 @@ def test_model_build_validator_names_the_flag(fields, flag):
     )
     with pytest.raises(FluidConfigError, match=re.escape(flag)):
         validate_config(cfg)
+
+
+def test_fused_wgrad_accumulation_is_refused_at_build_without_a_kernel(monkeypatch):
+    """--fluid-wgrad-accumulation fused where neither torch's addmm(out_dtype=) nor apex's kernel
+    exists fails when the model is built, naming the flag; auto and unfused build there."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    import fluid.schedule.wgrad as wgrad
+    from fluid.megatron.validate import validate_config
+
+    def cfg(mode):
+        return TransformerConfig(
+            num_layers=2,
+            hidden_size=64,
+            num_attention_heads=4,
+            num_moe_experts=4,
+            use_cpu_initialization=True,
+            use_fluid_moe=True,
+            fluid_wgrad_accumulation=mode,
+        )
+
+    assert validate_config(cfg("fused")).wgrad_accumulation == "fused"  # torch 2.11 has it
+    monkeypatch.setattr(wgrad, "torch_fused_kernel_available", lambda: False)
+    with pytest.raises(FluidConfigError, match=re.escape("--fluid-wgrad-accumulation fused")):
+        validate_config(cfg("fused"))
+    for mode in ("auto", "unfused"):
+        assert validate_config(cfg(mode)).wgrad_accumulation == mode

@@ -40,6 +40,7 @@ def test_fields_reach_fluidconfig():
         fluid_moe_chunks=2,
         fluid_moe_dedup="off",
         fluid_grouped_gemm="on",
+        fluid_wgrad_accumulation="unfused",
         fluid_scheduler_timing=True,
     )
     assert FluidConfig.from_config(cfg) == FluidConfig(
@@ -51,6 +52,7 @@ def test_fields_reach_fluidconfig():
         moe_chunks=2,
         moe_dedup="off",
         grouped_gemm="on",
+        wgrad_accumulation="unfused",
     )
 
 
@@ -73,6 +75,8 @@ ARGV = [
     "on",
     "--fluid-grouped-gemm",
     "off",
+    "--fluid-wgrad-accumulation",
+    "fused",
 ]
 
 
@@ -109,6 +113,7 @@ def test_parse_args_carries_every_flag_into_the_config(monkeypatch):
         moe_chunks=2,
         moe_dedup="on",
         grouped_gemm="off",
+        wgrad_accumulation="fused",
     )
 
 
@@ -118,6 +123,7 @@ def test_parse_args_carries_every_flag_into_the_config(monkeypatch):
     [
         ("--fluid-overlap", "sometimes"),
         ("--fluid-grouped-gemm", "1"),
+        ("--fluid-wgrad-accumulation", "on"),
         ("--fluid-moe-chunks", "two"),
     ],
 )
