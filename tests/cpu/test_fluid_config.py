@@ -100,11 +100,17 @@ def test_no_fluid_env_read_outside_config_construction():
 )
 def test_model_build_validator_names_the_flag(fields, flag):
     """What the layer-spec hook and get_fluid_moe_layer_spec run when the model is built."""
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
     from fluid.megatron.validate import validate_config
 
-    cfg = TransformerConfig(
+    with pytest.raises(FluidConfigError, match=re.escape(flag)):
+        validate_config(_moe_config(**fields))
+
+
+def _moe_config(**fields):
+    """A small Fluid MoE TransformerConfig with `fields` set."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    return TransformerConfig(
         num_layers=2,
         hidden_size=64,
         num_attention_heads=4,
@@ -113,28 +119,16 @@ def test_model_build_validator_names_the_flag(fields, flag):
         use_fluid_moe=True,
         **fields,
     )
-    with pytest.raises(FluidConfigError, match=re.escape(flag)):
-        validate_config(cfg)
 
 
 def test_fused_wgrad_accumulation_is_refused_at_build_without_a_kernel(monkeypatch):
     """--fluid-wgrad-accumulation fused where neither torch's addmm(out_dtype=) nor apex's kernel
     exists fails when the model is built, naming the flag; auto and unfused build there."""
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
     import fluid.schedule.wgrad as wgrad
     from fluid.megatron.validate import validate_config
 
     def cfg(mode):
-        return TransformerConfig(
-            num_layers=2,
-            hidden_size=64,
-            num_attention_heads=4,
-            num_moe_experts=4,
-            use_cpu_initialization=True,
-            use_fluid_moe=True,
-            fluid_wgrad_accumulation=mode,
-        )
+        return _moe_config(fluid_wgrad_accumulation=mode)
 
     assert validate_config(cfg("fused")).wgrad_accumulation == "fused"  # torch 2.11 has it
     monkeypatch.setattr(wgrad, "torch_fused_kernel_available", lambda: False)
