@@ -94,14 +94,18 @@ def _run(comm, params, rank, world, steps, enabled, hook_log=None):
 
 def _ddp_style_hooks(params, log):
     """Megatron DDP's pattern: a hook on each param's AccumulateGrad node moves .grad into
-    main_grad; with overlap_grad_reduce it then reports the param ready to its bucket."""
+    main_grad (unless dW already went there: grad_added_to_main_grad, the fused path of
+    --fluid-wgrad-accumulation); with overlap_grad_reduce it then reports the param ready to its
+    bucket."""
     accs = []
     for p in params:
         p.main_grad = torch.zeros_like(p)
+        p.grad_added_to_main_grad = False
 
         def hook(*_, p=p):
             assert p.grad is not None, "hook fired before the dW landed"
-            p.main_grad.add_(p.grad)
+            if not p.grad_added_to_main_grad:
+                p.main_grad.add_(p.grad)
             p.grad = None
             log.append(id(p))
 
@@ -187,7 +191,7 @@ def _body(rank, world):
         torch.testing.assert_close(p.main_grad, expect, rtol=1e-6, atol=1e-7)
     del accs
     for p in params:
-        del p.main_grad
+        del p.main_grad, p.grad_added_to_main_grad
 
     # 4. A failing dW task clears the queue; a failure elsewhere leaves stale tasks that the next
     #    forward drops; the next step's gradients are exact.
