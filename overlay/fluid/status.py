@@ -99,6 +99,7 @@ def status(config=None) -> dict:
             "dedup": fc.moe_dedup,
             "chunks": fc.moe_chunks,
             "grouped_mm": fc.grouped_gemm,
+            "wgrad_accumulation": fc.wgrad_accumulation,
         },
         # SDPA's flash and cuDNN backward accumulate dQ with atomics unless deterministic
         # algorithms are on (Megatron --deterministic-mode); benchmarks/probes/determinism.py.
@@ -139,6 +140,7 @@ def print_status(config=None) -> dict:
     print(
         f"  MoE          : dedup={s['moe']['dedup']} chunks={s['moe']['chunks']}"
         f" grouped_mm={s['moe']['grouped_mm']}"
+        f" wgrad_accumulation={s['moe']['wgrad_accumulation']}"
     )
     det = s["deterministic_algorithms"]
     print(
