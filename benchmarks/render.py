@@ -42,6 +42,7 @@ VNAMES = {
     "stock_1f1b": "stock, combined 1F1B",
     "fluid_q32": "Fluid, 32 queues",
     "fluid_off_q32": "Fluid, overlap off, 32 queues",
+    "fluid_wacc": "Fluid, fused dW accumulation",
 }
 # Ratios shown under a recipe's main table when measured (results.RATIOS labels).
 EXTRA_RATIOS = {
@@ -50,6 +51,7 @@ EXTRA_RATIOS = {
     "stock_1f1b": "stock / stock combined 1F1B",
     "speedup_q32": "stock / Fluid 32 queues",
     "overlap_q32": "Fluid off 32 queues / Fluid 32 queues",
+    "wgrad_fused": "Fluid / Fluid with fused dW accumulation",
 }
 
 INTRO = """\

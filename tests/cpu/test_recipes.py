@@ -120,3 +120,14 @@ def test_combined_1f1b_variants_env_and_hidden_fraction():
     assert s["e2e_hidden_fraction"]["p2poff_1ch"]["value"] == pytest.approx(1 - 30 / 40)
     assert s["e2e_hidden_fraction_1f1b"]["p2poff_1ch"]["value"] == pytest.approx(1 - 10 / 40)
     assert s["links"]["p2poff_1ch"]["overlap_1f1b"]["median"] == pytest.approx(120 / 88)
+
+
+def test_fused_accumulation_variant_sets_its_flag():
+    """`fluid_wacc` is Fluid with `--fluid-wgrad-accumulation auto` and nothing else different."""
+    from benchmarks import e2e_job as E
+    from benchmarks import recipes as R
+
+    r = R.get("e2e_mixtral_1gpu")
+    a, b = E.variant_argv(r, "fluid_wacc", 15), E.variant_argv(r, "fluid", 15)
+    assert a[: len(b)] == b and a[len(b) :] == ["--fluid-wgrad-accumulation", "auto"]
+    assert R.variant_env("fluid_wacc") == {}
