@@ -43,12 +43,8 @@ VARIANTS = {
 # Environment a variant needs on top of its link's: the combined schedule runs its communication
 # and compute streams concurrently, which needs several hardware queues (Megatron's guidance for
 # --overlap-moe-expert-parallel-comm); every other variant keeps BASE_ENV's single queue.
-VARIANT_ENV = {
-    "fluid_1f1b": {"CUDA_DEVICE_MAX_CONNECTIONS": "32"},
-    "stock_1f1b": {"CUDA_DEVICE_MAX_CONNECTIONS": "32"},
-    "fluid_q32": {"CUDA_DEVICE_MAX_CONNECTIONS": "32"},
-    "fluid_off_q32": {"CUDA_DEVICE_MAX_CONNECTIONS": "32"},
-}
+QUEUES_32 = {"CUDA_DEVICE_MAX_CONNECTIONS": "32"}
+VARIANT_ENV = {v: QUEUES_32 for v in ("fluid_1f1b", "stock_1f1b", "fluid_q32", "fluid_off_q32")}
 
 
 def variant_fields(name: str) -> dict:

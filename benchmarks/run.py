@@ -158,12 +158,9 @@ def merge(src: Path, dst: Path = RAW) -> list:
             and old.get("recipe") == new.get("recipe")
         ):
             for link, job in new["links"].items():  # a link measured again: variant by variant
-                if link in old["links"]:
-                    kept = old["links"][link]
-                    kept["variants"] = {**kept.get("variants", {}), **job.get("variants", {})}
-                    job = {**kept, **{k: v for k, v in job.items() if k != "variants"}}
-                    job["variants"] = kept["variants"]
-                old["links"][link] = job
+                kept = old["links"].get(link, {})
+                variants = {**kept.get("variants", {}), **job.get("variants", {})}
+                old["links"][link] = {**kept, **job, "variants": variants}
             new = old
         new["summary"] = summarize(new)
         (dst / p.name).write_text(json.dumps(new, indent=1, default=str) + "\n")

@@ -71,6 +71,7 @@ Limits:
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Optional
 
@@ -160,8 +161,10 @@ def _hand_over(param: torch.nn.Parameter, box: list) -> None:
 WGRAD_ACCUMULATION_MODES = ("auto", "fused", "unfused")
 
 
+@functools.cache
 def torch_fused_kernel_available() -> bool:
-    """Whether this torch has `torch.addmm(..., out_dtype=)` (`aten::addmm.dtype_out`, CUDA)."""
+    """Whether this torch has `torch.addmm(..., out_dtype=)` (`aten::addmm.dtype_out`, CUDA).
+    Asked per parameter in every backward; the answer is fixed for the process, so cached."""
     return "dtype_out" in torch.ops.aten.addmm.overloads()
 
 
