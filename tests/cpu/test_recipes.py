@@ -131,3 +131,28 @@ def test_fused_accumulation_variant_sets_its_flag():
     a, b = E.variant_argv(r, "fluid_wacc", 15), E.variant_argv(r, "fluid", 15)
     assert a[: len(b)] == b and a[len(b) :] == ["--fluid-wgrad-accumulation", "auto"]
     assert R.variant_env("fluid_wacc") == {}
+
+
+def test_merge_adds_variants_to_a_link_measured_before(tmp_path):
+    """A second device call at the same commit that measures other variants of a link keeps the
+    first call's variants of that link (its other fields come from the newer job)."""
+    from benchmarks import recipes as R
+    from benchmarks.run import merge
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    recipe, meta = R.get("e2e_fine_ep2").to_dict(), {"commit": "c", "dry_run": False}
+    first = {"nvlink": {"variants": {"fluid": {"ms": 1.0}}, "iters": 12}}
+    second = {
+        "nvlink": {"variants": {"fluid_off": {"ms": 2.0}}, "iters": 30},
+        "p2poff": {"variants": {"fluid": {"ms": 3.0}}},
+    }
+    for d, links in ((dst, first), (src, second)):
+        doc = {"recipe": recipe, "meta": meta, "links": links}
+        (d / "e2e_fine_ep2.json").write_text(json.dumps(doc))
+    assert merge(src, dst) == ["e2e_fine_ep2"]
+    links = json.loads((dst / "e2e_fine_ep2.json").read_text())["links"]
+    assert links["nvlink"]["variants"] == {"fluid": {"ms": 1.0}, "fluid_off": {"ms": 2.0}}
+    assert links["nvlink"]["iters"] == 30
+    assert links["p2poff"]["variants"] == {"fluid": {"ms": 3.0}}
