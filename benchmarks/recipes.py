@@ -36,8 +36,9 @@ VARIANTS = {
     # Fluid (overlap on / off) with several hardware queues instead of BASE_ENV's one (`_q32`).
     "fluid_q32": {"use_fluid_moe": True},
     "fluid_off_q32": {"use_fluid_moe": True, "fluid_scheduler": False},
-    # Fluid with dW added into the fp32 main_grad inside the GEMM (docs/benchmarks/breakdown.md)
-    "fluid_wacc": {"use_fluid_moe": True, "fluid_wgrad_accumulation": "auto"},
+    # Fluid with each bf16 dW added into the fp32 main_grad by DDP's hook, not inside the GEMM
+    # (the default, auto; docs/benchmarks/breakdown.md)
+    "fluid_unfused": {"use_fluid_moe": True, "fluid_wgrad_accumulation": "unfused"},
 }
 
 # Environment a variant needs on top of its link's: the combined schedule runs its communication

@@ -42,7 +42,7 @@ VNAMES = {
     "stock_1f1b": "stock, combined 1F1B",
     "fluid_q32": "Fluid, 32 queues",
     "fluid_off_q32": "Fluid, overlap off, 32 queues",
-    "fluid_wacc": "Fluid, fused dW accumulation",
+    "fluid_unfused": "Fluid, unfused dW accumulation",
 }
 # results.RATIOS that the main ratio table shows; the others are listed under it where measured,
 # labelled "numerator / denominator" with VNAMES.

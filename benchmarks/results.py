@@ -17,7 +17,7 @@ RATIOS = {
     "stock_1f1b": ("stock", "stock_1f1b"),  # Megatron's combined 1F1B on stock layers
     "speedup_q32": ("stock", "fluid_q32"),  # Fluid with 32 hardware queues vs stock (one queue)
     "overlap_q32": ("fluid_off_q32", "fluid_q32"),  # overlap on vs off, both with 32 queues
-    "wgrad_fused": ("fluid", "fluid_wacc"),  # fused fp32 dW accumulation against unfused
+    "wgrad_fused": ("fluid_unfused", "fluid"),  # fused fp32 dW accumulation (default) vs unfused
     "stock_vs_stock": ("stock", "stock#2"),  # noise: stock against itself, same job
     "fluid_off_vs_fluid_off": ("fluid_off", "fluid_off#2"),  # noise where there is no stock side
 }

@@ -13,8 +13,8 @@ saved with a checkpoint's args.
     fluid_moe_chunks         --fluid-moe-chunks N                 1 (no forward pipelining)
     fluid_moe_dedup          --fluid-moe-dedup {auto,on,off}      auto
     fluid_grouped_gemm       --fluid-grouped-gemm {auto,on,off}   auto
-    fluid_wgrad_accumulation --fluid-wgrad-accumulation {auto,fused,unfused}  unfused (auto: fused
-                                                                  into an fp32 main_grad)
+    fluid_wgrad_accumulation --fluid-wgrad-accumulation {auto,fused,unfused}  auto (fused into an
+                                                                  fp32 main_grad, not grouped experts)
 
 `FluidConfig.from_config(config)` checks every value (FluidConfigError naming the flag) and returns
 a frozen copy; the Fluid layers read their settings from it and from nowhere else. FluidMoE reads
@@ -83,7 +83,7 @@ class FluidConfig:
     moe_chunks: int = 1
     moe_dedup: str = "auto"
     grouped_gemm: str = "auto"
-    wgrad_accumulation: str = "unfused"  # auto/fused: not yet run on a GPU
+    wgrad_accumulation: str = "auto"
 
     def __post_init__(self):
         def bad(name, value, want):

@@ -17,7 +17,7 @@ refused at build time with a ValueError rather than computed wrong.
 
 `gradient_accumulation_fusion`: honoured through `deferred_linear` (apex's fused kernel writes
 into DDP's `main_grad` when apex is installed; otherwise `--fluid-wgrad-accumulation` decides:
-unfused by default, `auto` torch's fused addmm into an fp32 `main_grad`;
+`auto`, the default, torch's fused addmm into an fp32 `main_grad`;
 fluid.schedule.wgrad.accumulation_kernel).
 Stock ColumnParallelLinear raises at build time when the flag is on and apex is missing; the Fluid
 classes do not.

@@ -123,14 +123,15 @@ def test_combined_1f1b_variants_env_and_hidden_fraction():
 
 
 def test_fused_accumulation_variant_sets_its_flag():
-    """`fluid_wacc` is Fluid with `--fluid-wgrad-accumulation auto` and nothing else different."""
+    """`fluid_unfused` is Fluid with `--fluid-wgrad-accumulation unfused` (the default is auto) and
+    nothing else different."""
     from benchmarks import e2e_job as E
     from benchmarks import recipes as R
 
     r = R.get("e2e_mixtral_1gpu")
-    a, b = E.variant_argv(r, "fluid_wacc", 15), E.variant_argv(r, "fluid", 15)
-    assert a[: len(b)] == b and a[len(b) :] == ["--fluid-wgrad-accumulation", "auto"]
-    assert R.variant_env("fluid_wacc") == {}
+    a, b = E.variant_argv(r, "fluid_unfused", 15), E.variant_argv(r, "fluid", 15)
+    assert a[: len(b)] == b and a[len(b) :] == ["--fluid-wgrad-accumulation", "unfused"]
+    assert R.variant_env("fluid_unfused") == {}
 
 
 def test_merge_adds_variants_to_a_link_measured_before(tmp_path):

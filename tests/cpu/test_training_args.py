@@ -40,7 +40,7 @@ def test_fields_reach_fluidconfig():
         fluid_moe_chunks=2,
         fluid_moe_dedup="off",
         fluid_grouped_gemm="on",
-        fluid_wgrad_accumulation="auto",  # not the default (unfused)
+        fluid_wgrad_accumulation="unfused",  # not the default (auto)
         fluid_scheduler_timing=True,
     )
     assert FluidConfig.from_config(cfg) == FluidConfig(
@@ -52,7 +52,7 @@ def test_fields_reach_fluidconfig():
         moe_chunks=2,
         moe_dedup="off",
         grouped_gemm="on",
-        wgrad_accumulation="auto",
+        wgrad_accumulation="unfused",
     )
 
 

@@ -245,3 +245,43 @@ def test_fused_without_fp32_main_grad_fails_naming_the_flag(kind):
             _expert_step(params, 0, torch.float32, "fused", sched, kind == "sequential")
     sched.clear()
     del nodes
+
+
+def test_auto_keeps_grouped_gemm_experts_unfused(monkeypatch):
+    """auto fuses dW computed per expert, not dW computed by one grouped GEMM: fused, it would be
+    one addmm per expert in place of one kernel (fluid.moe.grouped_gemm.wgrad_mode_for, measured
+    slower on the 64-expert model); `fused` fuses both. Backward asks the same question the
+    forward's kernel choice answers (`_grouped_mm_supported`), faked True here as on Hopper."""
+    import fluid.moe.grouped_gemm as gg
+
+    assert gg.wgrad_mode_for("auto", grouped=True) == "unfused"
+    assert gg.wgrad_mode_for("auto", grouped=False) == "auto"
+    assert gg.wgrad_mode_for("fused", grouped=True) == "fused"
+    assert gg.wgrad_mode_for("unfused", grouped=False) == "unfused"
+    monkeypatch.setattr(gg, "_grouped_mm_supported", lambda x: True)
+    offs = torch.tensor(COUNTS).cumsum(0).to(torch.int32)
+    results = {}
+    for mode in ("auto", "fused", "unfused"):
+        for scheduler_on in (True, False):
+            sched = BackwardScheduler(enabled=scheduler_on)
+            params = _expert_params(torch.float32)
+            seen, nodes = _watch(params)
+            gen = torch.Generator().manual_seed(7)
+            x = torch.randn(T, H, generator=gen)
+            p = torch.rand(T, generator=gen)
+            dy = torch.randn(T, H, generator=gen)
+            kw = dict(scheduler=sched, wgrad_accumulation=mode, fallbacks=gg.GroupedMMFallbacks())
+            h = gg.grouped_linear(x, params[0], COUNTS, offs, **kw)
+            gg.grouped_linear(_swiglu(h, p), params[1], COUNTS, offs, **kw).backward(dy)
+            assert sched.num_pending == 0
+            assert sorted(s[0] for s in seen) == [0, 1]  # each hook once
+            fused = {s[3] for s in seen}
+            assert fused == ({True} if mode == "fused" else {False}), (mode, scheduler_on)
+            results[mode, scheduler_on] = [q.main_grad.clone() for q in params]
+            del nodes
+    # auto here runs unfused's operations (dW GEMM, then DDP's add): bitwise equal, scheduler on
+    # or off; fused's accuracy is test_auto_adds_into_main_grad_with_the_placeholder_protocol's.
+    for key, grads in results.items():
+        if key[0] != "fused":
+            for g, ref in zip(grads, results["unfused", False], strict=True):
+                assert torch.equal(g, ref), key

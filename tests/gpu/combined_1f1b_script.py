@@ -48,7 +48,12 @@ Checks (PASS/FAIL lines, rc 1 on any FAIL; JSON summary `--out/summary.json`):
      on every gradient. The norm in front of the router (`pre_mlp_layernorm`) gets the same
      allowance: its gradient sums per-token terms that a flip replaces too (2x H200, 4 layers
      hidden 1024: 2.7% flipped in the last layer, its pre_mlp_layernorm gradient 0.157 relative,
-     docs/benchmarks/raw/combined_1f1b_gpu). Everything else keeps REL_TOL.
+     docs/benchmarks/raw/combined_1f1b_gpu). The weights in front of MoE layers (the embedding,
+     each layer's attention) get REL_TOL + 2 sqrt(2 F), F the sum of the flipped fractions of the
+     MoE layers they feed (an upper bound on the tokens flipped in any of them): a token flipped
+     in any later layer changes its whole gradient path back to them (4x H200, same model: 0.27%,
+     1.0%, 1.9%, 2.7% flipped in layers 1-4, the embedding gradient 0.123 relative,
+     docs/benchmarks/raw/h200x4_s9). Everything else (final norm, output layer) keeps REL_TOL.
   3. stock_combined vs stock_plain: reported (INFO), Megatron's own property.
   4. Every timed step (deterministic algorithms off, the schedule's streams at full speed, no
      CUDA_LAUNCH_BLOCKING) gives finite losses within LOSS_TOL of the checked step's: a stream
@@ -256,6 +261,22 @@ def flipped_fraction(x, y) -> dict:
     return out
 
 
+def flip_allowance_layers(name: str, num_layers: int) -> list:
+    """1-based MoE layers whose flipped routing decisions change this weight's gradient terms
+    whole (module docstring, check 2): its own layer for the router, the experts and
+    `pre_mlp_layernorm`; every layer from its own on for a layer's attention; all layers for the
+    embedding; none for the final norm and output layer."""
+    layer = moe_layer_of(name)
+    if layer is not None:
+        return [layer]
+    if "embedding." in name:
+        return list(range(1, num_layers + 1))
+    if "decoder.layers." in name:
+        first = int(name.split("decoder.layers.", 1)[1].split(".", 1)[0]) + 1
+        return list(range(first, num_layers + 1))
+    return []
+
+
 def moe_layer_of(name: str):
     """Layer number (1-based, as Router.layer_number) of a weight whose gradient sums per-token
     terms that a flipped routing decision of that layer replaces whole: the router, the experts,
@@ -335,9 +356,9 @@ def loss_rel(x, y) -> float:
 
 def compare(x, y, flips=None):
     """(bitwise, max loss rel diff, max grad err / tolerance, worst grad name, its rel err,
-    missing names). `flips` (per MoE layer, `flipped_fraction`): router and expert weights get
-    REL_TOL + 2 sqrt(2 f) (module docstring, check 2); without it, or for a layer whose
-    routing was not recorded, REL_TOL."""
+    missing names). `flips` (per MoE layer, `flipped_fraction`): a weight gets REL_TOL +
+    2 sqrt(2 F), F the summed fractions of `flip_allowance_layers` (module docstring, check 2);
+    without flips, REL_TOL."""
     missing = sorted(set(x["grads"]) ^ set(y["grads"]))
     bitwise = torch.equal(x["losses"], y["losses"]) and not missing
     lrel = loss_rel(x["losses"], y["losses"])
@@ -346,10 +367,10 @@ def compare(x, y, flips=None):
         gx, gy = x["grads"][n], y["grads"][n]
         bitwise = bitwise and torch.equal(gx, gy)
         e = rel(gx, gy)
-        layer = moe_layer_of(n)
         tol = REL_TOL
-        if flips is not None and layer is not None:
-            tol = REL_TOL + 2.0 * (2.0 * flips.get(layer, 0.0)) ** 0.5
+        if flips:
+            f = sum(flips.get(k, 0.0) for k in flip_allowance_layers(n, max(flips)))
+            tol = REL_TOL + 2.0 * (2.0 * f) ** 0.5
         if e / tol > worst:
             worst, wname, wrel = e / tol, n, e
     return bitwise, lrel, worst, wname, wrel, missing

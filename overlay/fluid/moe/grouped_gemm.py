@@ -26,11 +26,11 @@ closure to the BackwardScheduler, which runs it while a later backward all-to-al
 with the scheduler off it returns dW to autograd instead (fluid.schedule.wgrad, weights attached).
 Zero-token groups give an all-zero dW (as SequentialMLP's per-expert linears do).
 
-Under Megatron DDP with an fp32 `main_grad` (`--fluid-wgrad-accumulation` auto or fused,
-fluid.schedule.wgrad.accumulation_kernel) dW is not materialised: `gmm_wgrad_into` adds each
-group's `dy_g^T @ x_g` into `main_grad[g]` inside its GEMM (one addmm per non-empty group, also
-where the forward used `torch._grouped_mm`, which cannot accumulate into an fp32 output), and the
-weight gets `grad_added_to_main_grad` and a placeholder gradient.
+Under Megatron DDP with an fp32 `main_grad` (`--fluid-wgrad-accumulation` fused, and auto where
+the experts run as per-expert GEMMs: `wgrad_mode_for`; fluid.schedule.wgrad.accumulation_kernel)
+dW is not materialised: `gmm_wgrad_into` adds each group's `dy_g^T @ x_g` into `main_grad[g]`
+inside its GEMM (one addmm per non-empty group; `torch._grouped_mm` cannot accumulate into an fp32
+output), and the weight gets `grad_added_to_main_grad` and a placeholder gradient.
 """
 
 from __future__ import annotations
@@ -210,6 +210,18 @@ def gmm_wgrad_into(
             accumulate_into(main_grad[g], dy_g, x_g, kernel)
 
 
+def wgrad_mode_for(mode: str, grouped: bool) -> str:
+    """The `--fluid-wgrad-accumulation` mode one grouped linear's dW uses.
+
+    `auto` stays unfused where dW is one `torch._grouped_mm` (`grouped`): fused accumulation is
+    one addmm per expert, one launch per local expert instead of one, and measured 0.927x on the
+    host-bound 64-expert model (1 H200); where the experts run as per-expert GEMMs anyway it
+    replaces each GEMM and add with one addmm, 1.106x on the Mixtral-like model
+    (docs/benchmarks/breakdown.md). `fused` and `unfused` as
+    given."""
+    return "unfused" if mode == "auto" and grouped else mode
+
+
 class _GroupedLinear(torch.autograd.Function):
     """y = grouped x @ W^T. Backward: dX now, dW deferred (the weight arrives detached), or with
     the weight attached (scheduler off, fluid.schedule.wgrad) returned to autograd."""
@@ -244,12 +256,14 @@ class _GroupedLinear(torch.autograd.Function):
         if ctx.x_requires_grad:
             dx = gmm(dy, w, counts, offs, trans_w=False, fallbacks=fallbacks)
         full = dw_wanted(ctx, ctx.probe_index, "grouped_linear")  # False: e.g. autograd.grad
+        grouped = offs is not None and x.shape[0] > 0 and _grouped_mm_supported(x)
+        mode = wgrad_mode_for(ctx.mode, grouped)
         if ctx.attached:
             if not input_grad_wanted(ctx, 1):
                 return dx, *[None] * 10
             if not full:  # the weight asked for directly: its plain dW
                 return dx, gmm_wgrad(dy, x, counts, offs, fallbacks), *[None] * 9
-            kernel = accumulation_kernel(param, dy.device, ctx.mode)
+            kernel = accumulation_kernel(param, dy.device, mode)
             box: list = []  # a training backward: one inline scheduler task, as with deferral
 
             def settle():
@@ -265,7 +279,7 @@ class _GroupedLinear(torch.autograd.Function):
         if not full:
             return dx, *[None] * 10
         # decided here, not in the task: a refused `fused` raises from this backward
-        kernel = accumulation_kernel(param, dy.device, ctx.mode)
+        kernel = accumulation_kernel(param, dy.device, mode)
 
         def dw_task(x=x, dy=dy):
             if not param.requires_grad:
