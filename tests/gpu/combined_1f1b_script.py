@@ -48,12 +48,13 @@ Checks (PASS/FAIL lines, rc 1 on any FAIL; JSON summary `--out/summary.json`):
      on every gradient. The norm in front of the router (`pre_mlp_layernorm`) gets the same
      allowance: its gradient sums per-token terms that a flip replaces too (2x H200, 4 layers
      hidden 1024: 2.7% flipped in the last layer, its pre_mlp_layernorm gradient 0.157 relative,
-     docs/benchmarks/raw/combined_1f1b_gpu). The weights in front of MoE layers (the embedding,
-     each layer's attention) get REL_TOL + 2 sqrt(2 F), F the sum of the flipped fractions of the
-     MoE layers they feed (an upper bound on the tokens flipped in any of them): a token flipped
-     in any later layer changes its whole gradient path back to them (4x H200, same model: 0.27%,
-     1.0%, 1.9%, 2.7% flipped in layers 1-4, the embedding gradient 0.123 relative,
-     docs/benchmarks/raw/h200x4_s9). Everything else (final norm, output layer) keeps REL_TOL.
+     docs/benchmarks/raw/combined_1f1b_gpu). Every other weight gets REL_TOL + 2 sqrt(2 F), F the
+     sum of all MoE layers' flipped fractions (an upper bound on the tokens flipped in any): a
+     flipped token's activations differ in every later layer (forward) and its gradient in every
+     earlier one (backward). On 4x H200, same model (0.27%, 1.0%, 1.9%, 2.7% flipped in layers
+     1-4): embedding gradient 0.123 relative, output layer 0.091 (docs/benchmarks/raw/h200x4_s9).
+     This is loose (0.74 there); the tight checks of the same code are check 1 (same routing by
+     construction) and the single-layer parity (tests/gpu/moe_parity_script.py, 2e-2).
   3. stock_combined vs stock_plain: reported (INFO), Megatron's own property.
   4. Every timed step (deterministic algorithms off, the schedule's streams at full speed, no
      CUDA_LAUNCH_BLOCKING) gives finite losses within LOSS_TOL of the checked step's: a stream
@@ -262,19 +263,11 @@ def flipped_fraction(x, y) -> dict:
 
 
 def flip_allowance_layers(name: str, num_layers: int) -> list:
-    """1-based MoE layers whose flipped routing decisions change this weight's gradient terms
+    """1-based MoE layers whose flipped routing decisions replace terms of this weight's gradient
     whole (module docstring, check 2): its own layer for the router, the experts and
-    `pre_mlp_layernorm`; every layer from its own on for a layer's attention; all layers for the
-    embedding; none for the final norm and output layer."""
+    `pre_mlp_layernorm`; every layer for any other weight."""
     layer = moe_layer_of(name)
-    if layer is not None:
-        return [layer]
-    if "embedding." in name:
-        return list(range(1, num_layers + 1))
-    if "decoder.layers." in name:
-        first = int(name.split("decoder.layers.", 1)[1].split(".", 1)[0]) + 1
-        return list(range(first, num_layers + 1))
-    return []
+    return [layer] if layer is not None else list(range(1, num_layers + 1))
 
 
 def moe_layer_of(name: str):
@@ -475,8 +468,8 @@ def main():
             good = not missing and lrel <= LOSS_TOL and worst <= 1.0
             line(
                 "PASS" if good else "FAIL",
-                f"{x} vs {y} (loss {LOSS_TOL}, grads {REL_TOL}; router/experts "
-                f"{REL_TOL} + 2 sqrt(2 f))",
+                f"{x} vs {y} (loss {LOSS_TOL}, grads {REL_TOL} + 2 sqrt(2 F), F: the flipped "
+                "fractions of flip_allowance_layers)",
                 f"loss_rel={lrel:.2e} worst grad {wname}: rel {wrel:.2e} = {worst:.2f} x its "
                 f"tolerance, missing={missing[:3]}",
             )
