@@ -66,6 +66,9 @@ class FluidColumnParallelLinear(ColumnParallelLinear):
         self.fluid_name = name or "column_parallel_linear"
         self.fluid_scheduler = runtime_for(config).scheduler  # the model's (fluid.runtime)
         self.fluid_wgrad_accumulation = runtime_for(config).config.wgrad_accumulation
+        # all-to-all windows its deferred dW lets pass (BackwardScheduler.defer); 1 for the
+        # shared experts' linears (FluidMoELayer), else 0
+        self.fluid_dw_carry = 0
         _check_tp(self)
 
     def forward(
@@ -103,6 +106,7 @@ class FluidColumnParallelLinear(ColumnParallelLinear):
             gradient_accumulation_fusion=self.gradient_accumulation_fusion,
             wgrad_accumulation=self.fluid_wgrad_accumulation,
             scheduler=self.fluid_scheduler,
+            carry=self.fluid_dw_carry,
         )
         return output, (self.bias if self.skip_bias_add else None)
 
@@ -123,6 +127,9 @@ class FluidRowParallelLinear(RowParallelLinear):
         self.fluid_name = name or "row_parallel_linear"
         self.fluid_scheduler = runtime_for(config).scheduler  # the model's (fluid.runtime)
         self.fluid_wgrad_accumulation = runtime_for(config).config.wgrad_accumulation
+        # all-to-all windows its deferred dW lets pass (BackwardScheduler.defer); 1 for the
+        # shared experts' linears (FluidMoELayer), else 0
+        self.fluid_dw_carry = 0
         _check_tp(self)
 
     def forward(self, input_: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -136,6 +143,7 @@ class FluidRowParallelLinear(RowParallelLinear):
             gradient_accumulation_fusion=self.gradient_accumulation_fusion,
             wgrad_accumulation=self.fluid_wgrad_accumulation,
             scheduler=self.fluid_scheduler,
+            carry=self.fluid_dw_carry,
         )
         return output, (self.bias if self.skip_bias_add else None)
 

@@ -107,10 +107,22 @@ def _run_case(rank, ws, pg, topk, glu, shared, chunks, dead, check_stage, fused,
     (out_ref * dy_all).sum().backward()
 
     sched = get_backward_scheduler()
+    shared_linears = []
+    if shared:  # Fluid linears whose dW is carried one window (fluid.moe.layer)
+        from fluid.linear import FluidColumnParallelLinear, FluidRowParallelLinear
+
+        fluid_types = (FluidColumnParallelLinear, FluidRowParallelLinear)
+        shared_linears = [
+            layer.shared_experts.linear_fc1,
+            layer.shared_experts.linear_fc2,
+        ]
+        assert all(isinstance(m, fluid_types) and m.fluid_dw_carry == 1 for m in shared_linears)
+    shared_names = {m.fluid_name for m in shared_linears}
     results = {}
     for mode in ("on", "off"):
         sched.enable() if mode == "on" else sched.disable()
         sched.reset_stats()
+        sched.trace = []
         layer.zero_grad(set_to_none=True)
         x = x_all[sl].clone().unsqueeze(1).requires_grad_(True)  # [S, B=1, H]
         out, bias = layer(x)
@@ -123,6 +135,13 @@ def _run_case(rank, ws, pg, topk, glu, shared, chunks, dead, check_stage, fused,
             grads,
             sched.get_stats(),
         )
+        if mode == "on" and shared and chunks == 1:
+            # queued before the dispatch-backward window, carried past it: the layer's last
+            # window, so the end-of-backward flush runs them, after the experts' windowed dW
+            kinds = [k for n, k in sched.trace if n in shared_names]
+            assert kinds == ["flushed", "flushed"], sched.trace
+            assert any(k == "overlapped" for n, k in sched.trace if n not in shared_names)
+    sched.trace = None
     sched.enable()
 
     out, dx, grads, stats = results["on"]

@@ -18,7 +18,11 @@ It is a MoELayer (Megatron checks `isinstance(mlp, MoELayer)` for aux-loss loggi
 built by MoELayer.__init__ itself, so every attribute upstream's methods read is set by upstream's
 own code, at any pin. What Fluid replaces goes in through the spec or is swapped afterwards:
   - the spec's `experts` becomes FluidGroupedMLP and a stock TopKRouter FluidTopKRouter (same
-    parameters), so MoELayer.__init__ builds those; router and shared experts are the spec's;
+    parameters), so MoELayer.__init__ builds those; router and shared experts are the spec's,
+    the shared experts' local-stack linears swapped for Fluid linears (`_fluid_shared_experts`)
+    whose dW is carried one window: queued just before this layer's dispatch-backward window,
+    which the routed experts' dW fills, it runs in the next one, the combine backward of the
+    layer below (fluid/schedule/scheduler.py, step 2);
   - the token dispatcher MoELayer.__init__ builds is replaced by FluidTokenDispatcher. It is
     built as Megatron's allgather dispatcher (whose constructor only stores sizes; the alltoall
     one creates a CUDA stream, impossible on a CPU host) and dropped.
@@ -34,16 +38,20 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from typing import Any, Optional
 
 import torch
 from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from fluid.comm import CommContext
 from fluid.config import FluidConfig, FluidConfigError
+from fluid.linear import FluidColumnParallelLinear, FluidRowParallelLinear
 from fluid.megatron.validate import validate_config
 from fluid.moe.dispatcher import FluidTokenDispatcher
 from fluid.moe.experts import FluidGroupedMLP
@@ -82,6 +90,31 @@ def resolve_dedup(
         and num_chunks == 1
         and config.moe_expert_capacity_factor is None
     )
+
+
+def _fluid_shared_experts(shared):
+    """The spec's shared experts with Fluid linears (deferred dW) where their MLPSubmodules hold
+    the local stack's ColumnParallelLinear / RowParallelLinear (same parameters and state-dict
+    keys); anything else (Transformer Engine's linears, another module, None) unchanged."""
+    subs = (
+        shared.keywords.get("submodules")
+        if isinstance(shared, functools.partial)
+        else getattr(shared, "submodules", None)
+    )
+    if not (
+        isinstance(subs, MLPSubmodules)
+        and subs.linear_fc1 is ColumnParallelLinear
+        and subs.linear_fc2 is RowParallelLinear
+    ):
+        return shared
+    fluid_subs = dataclasses.replace(
+        subs, linear_fc1=FluidColumnParallelLinear, linear_fc2=FluidRowParallelLinear
+    )
+    if isinstance(shared, functools.partial):
+        return functools.partial(
+            shared.func, *shared.args, **{**shared.keywords, "submodules": fluid_subs}
+        )
+    return dataclasses.replace(shared, submodules=fluid_subs)
 
 
 @contextlib.contextmanager
@@ -132,7 +165,12 @@ class FluidMoELayer(MoELayer):
             )
         validate_config(config, pg_collection)
         router = FluidTopKRouter if submodules.router is TopKRouter else submodules.router
-        fluid_submodules = dataclasses.replace(submodules, router=router, experts=FluidGroupedMLP)
+        fluid_submodules = dataclasses.replace(
+            submodules,
+            router=router,
+            experts=FluidGroupedMLP,
+            shared_experts=_fluid_shared_experts(submodules.shared_experts),
+        )
         with _stock_dispatcher_as_allgather(config):
             super().__init__(
                 config=config,
@@ -147,6 +185,10 @@ class FluidMoELayer(MoELayer):
         self.fluid_config = self.fluid_runtime.config
         self.scheduler = self.fluid_runtime.scheduler
         self.comm = self.fluid_runtime.comm(self.ep_group)
+        if self.use_shared_expert:  # their dW goes to the window after this layer's dispatch
+            for m in self.shared_experts.modules():
+                if isinstance(m, (FluidColumnParallelLinear, FluidRowParallelLinear)):
+                    m.fluid_dw_carry = 1
         self.num_chunks = resolve_num_chunks(config, num_chunks)
         self.token_dispatcher = FluidTokenDispatcher(
             self.num_local_experts,

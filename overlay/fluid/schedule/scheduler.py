@@ -16,9 +16,15 @@ Protocol (one backward pass, i.e. one `torch.autograd.backward` call):
      armed on the autograd engine.
   2. A Fluid all-to-all's backward launches its collective and calls `run_while`. A tiny
      all-to-all (below CommContext.min_window_bytes) leaves the queue for the next one. Otherwise,
-     if the link is slow enough for overlap to pay (CommContext.should_overlap) every queued task
-     runs before the wait; otherwise after it. Either way the queue drains at every all-to-all, so the closures
-     (which hold activations) live no longer than one layer: memory stays as stock.
+     if the link is slow enough for overlap to pay (CommContext.should_overlap) every due task
+     runs before the wait; otherwise after it. A task is due unless it was deferred with
+     `carry=n` and fewer than n windows have passed since: the shared experts' dW (FluidMoELayer)
+     is queued just before its layer's dispatch-backward window, which the routed experts' dW
+     already fills, and carried to the next window, the combine backward of the layer below,
+     which otherwise gets only that layer's attention dW. Everything else drains at the first
+     window, so a closure (which holds activations) lives no longer than one layer, a carried
+     one one layer more (its inputs and output gradient: for the 64-expert benchmark model's
+     shared expert, 4096 tokens x (2048 + 5632 + 2816 + 2048) bf16 values, 103 MB).
   3. When the engine finishes the backward pass, the armed callback flushes whatever is left
      (e.g. the first layer's QKV dW, which has no all-to-all after it).
 
@@ -67,6 +73,7 @@ class _Task:
     fn: Callable[[], None]
     name: str
     graph_task: int
+    carry: int = 0  # windows this task lets pass before it is due (`defer`)
 
 
 def exposed_a2a_ms(a2a: float, overlapped_a2a: float, window: float, dw_in_window: float) -> float:
@@ -151,8 +158,10 @@ class BackwardScheduler:
         return self.enabled and self.overlap_possible(comm)
 
     # -- producer side ----------------------------------------------------------------------
-    def defer(self, fn: Callable[[], None], name: str = "") -> None:
-        """Queue a dW closure (or run it inline; see the module docstring, step 1)."""
+    def defer(self, fn: Callable[[], None], name: str = "", carry: int = 0) -> None:
+        """Queue a dW closure (or run it inline; see the module docstring, step 1). `carry`:
+        windows to let pass before the task is due (step 2); the end-of-backward flush runs it
+        regardless."""
         gid = _graph_task_id()
         if gid == -1 or not self.defers_dw():
             self.run_inline(fn, name)
@@ -162,7 +171,7 @@ class BackwardScheduler:
         # (Megatron's --recompute-granularity full, torch.utils.checkpoint(use_reentrant=True))
         # runs each recomputed layer's backward as a nested graph task while the outer one's
         # tasks are still queued. Stale tasks are detected at the next forward (on_forward).
-        self._queue.append(_Task(fn, name, gid))
+        self._queue.append(_Task(fn, name, gid, int(carry)))
         if self._armed_for != gid:
             self._armed_for = gid
             torch.autograd.Variable._execution_engine.queue_callback(self._on_backward_end)
@@ -185,7 +194,8 @@ class BackwardScheduler:
         # Too small to be worth filling: the queue waits for the next, larger window.
         skip = bool(self._queue) and handle.nbytes < comm.min_window_bytes
         self._stats["skipped_windows"] += skip
-        overlap = bool(self._queue) and not skip and self.enabled and comm.should_overlap()
+        due = any(t.carry == 0 for t in self._queue)  # only carried tasks: they wait, see below
+        overlap = due and not skip and self.enabled and comm.should_overlap()
         cuda = handle.done is not None
         dw_start = dw_end = end = None
         if overlap:
@@ -194,7 +204,7 @@ class BackwardScheduler:
                 dw_start = self._mark(cuda)
             try:
                 with comm.beside_comm():
-                    self._drain(kind="overlapped")
+                    self._drain_due(kind="overlapped")
             except BaseException:
                 handle.wait()  # never leave a collective in flight behind an exception
                 raise
@@ -205,8 +215,8 @@ class BackwardScheduler:
                 end = self._mark(cuda)
         else:
             handle.wait()
-            if not skip:
-                self._drain(kind="after_wait")
+            if not skip:  # runs the due tasks (none if all are carried) and counts the window
+                self._drain_due(kind="after_wait")
         if not self.timing:
             return
         if cuda:  # every window counts towards a2a_ms; overlapped ones also carry dW marks
@@ -244,6 +254,18 @@ class BackwardScheduler:
     def _drain(self, kind: str) -> None:
         while self._queue:
             self._run(self._queue.popleft(), kind)
+
+    def _drain_due(self, kind: str) -> None:
+        """Run the due tasks in queue order; the carried ones stay queued, in order, one window
+        closer to due. They stay in the deque throughout, so a failing task's discard counts
+        them (module docstring, "Failure")."""
+        for _ in range(len(self._queue)):
+            task = self._queue.popleft()
+            if task.carry:
+                task.carry -= 1
+                self._queue.append(task)
+            else:
+                self._run(task, kind)
 
     def _run(self, task: _Task, kind: str) -> None:
         try:

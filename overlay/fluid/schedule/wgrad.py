@@ -380,7 +380,9 @@ class _DeferredLinear(torch.autograd.Function):
     (scheduler off) returned to autograd instead (`_attached_linear_grads`)."""
 
     @staticmethod
-    def forward(ctx, x, weight_in, bias_in, probe, params, name, accumulation, sched, attached):
+    def forward(
+        ctx, x, weight_in, bias_in, probe, params, name, accumulation, sched, attached, carry
+    ):
         # Computed with the detached weight either way: torch.matmul folds `[s, b, in]` into one
         # mm when the weight requires grad and may take bmm otherwise, so an attached weight
         # would change the bits of y and dX (see `attach`).
@@ -388,7 +390,7 @@ class _DeferredLinear(torch.autograd.Function):
         ctx.save_for_backward(x, w)
         # accumulation: (--fluid-wgrad-accumulation mode, gradient_accumulation_fusion)
         ctx.params, ctx.name, ctx.accumulation, ctx.sched = params, name, accumulation, sched
-        ctx.attached = attached
+        ctx.attached, ctx.carry = attached, carry
         ctx.x_requires_grad = x.requires_grad
         # one edge per tensor input: x, the weight, the bias when given, the probe
         ctx.bias_index = None if bias_in is None else 2
@@ -406,9 +408,9 @@ class _DeferredLinear(torch.autograd.Function):
         dx = torch.matmul(dy, w) if ctx.x_requires_grad else None
         full = dw_wanted(ctx, ctx.probe_index, "a Fluid linear")
         if ctx.attached:
-            return dx, *_attached_linear_grads(ctx, x, dy, weight, bias, full), *[None] * 6
+            return dx, *_attached_linear_grads(ctx, x, dy, weight, bias, full), *[None] * 7
         if not full:
-            return dx, *[None] * 8
+            return dx, *[None] * 9
         # decided here, not in the task: a refused `fused` raises from this backward
         kernel = accumulation_kernel(weight, dy.device, *ctx.accumulation)
 
@@ -423,8 +425,8 @@ class _DeferredLinear(torch.autograd.Function):
             if bias is not None and bias.requires_grad:
                 accumulate_weight_grad(bias, dy2.sum(0))
 
-        ctx.sched.defer(dw_task, ctx.name)
-        return dx, *[None] * 8
+        ctx.sched.defer(dw_task, ctx.name, carry=ctx.carry)
+        return dx, *[None] * 9
 
 
 def _attached_linear_grads(ctx, x, dy, weight, bias, full: bool) -> tuple:
@@ -475,6 +477,7 @@ def deferred_linear(
     gradient_accumulation_fusion: bool = False,
     wgrad_accumulation: str = "auto",
     scheduler=None,
+    carry: int = 0,
 ) -> torch.Tensor:
     """`x @ weight^T + bias` whose weight/bias gradients go through the BackwardScheduler, or,
     with that scheduler disabled, to autograd as a stock linear's do (`weights_attached`).
@@ -485,6 +488,8 @@ def deferred_linear(
         gradient_accumulation_fusion: Megatron's flag (apex's kernel into `main_grad`, if installed).
         wgrad_accumulation: `--fluid-wgrad-accumulation` (auto|fused|unfused; `accumulation_kernel`).
         scheduler: the BackwardScheduler that takes the dW (default `get_backward_scheduler()`).
+        carry: all-to-all windows the deferred dW lets pass before it is due
+            (BackwardScheduler.defer; FluidMoELayer's shared experts use 1).
     """
     sched = _scheduler(scheduler)
     attached = weights_attached(sched)
@@ -500,4 +505,5 @@ def deferred_linear(
         (wgrad_accumulation, gradient_accumulation_fusion),
         sched,
         attached,
+        carry,
     )
