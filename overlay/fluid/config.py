@@ -14,7 +14,7 @@ saved with a checkpoint's args.
     fluid_moe_dedup          --fluid-moe-dedup {auto,on,off}      auto
     fluid_grouped_gemm       --fluid-grouped-gemm {auto,on,off}   auto
     fluid_wgrad_accumulation --fluid-wgrad-accumulation {auto,fused,unfused}  auto (fused into an
-                                                                  fp32 main_grad, not grouped experts)
+                                                                  fp32 main_grad; see README)
 
 `FluidConfig.from_config(config)` checks every value (FluidConfigError naming the flag) and returns
 a frozen copy; the Fluid layers read their settings from it and from nowhere else. FluidMoE reads

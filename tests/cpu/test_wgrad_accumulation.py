@@ -248,17 +248,22 @@ def test_fused_without_fp32_main_grad_fails_naming_the_flag(kind):
 
 
 def test_auto_keeps_grouped_gemm_experts_unfused(monkeypatch):
-    """auto fuses dW computed per expert, not dW computed by one grouped GEMM: fused, it would be
-    one addmm per expert in place of one kernel (fluid.moe.grouped_gemm.wgrad_mode_for, measured
-    slower on the 64-expert model); `fused` fuses both. Backward asks the same question the
-    forward's kernel choice answers (`_grouped_mm_supported`), faked True here as on Hopper."""
+    """auto fuses dW computed per expert, and grouped dW over at most FUSED_WGRAD_MAX_GROUPS
+    experts, not grouped dW over more: fused, it would be one addmm per expert in place of one
+    kernel (fluid.moe.grouped_gemm.wgrad_mode_for, measured slower with 64 experts); `fused`
+    fuses all. Backward asks the question the forward's kernel choice answers
+    (`_grouped_mm_supported`), faked True here as on Hopper; the limit is lowered to 3 so that
+    this test's 4 experts are over it."""
     import fluid.moe.grouped_gemm as gg
 
-    assert gg.wgrad_mode_for("auto", grouped=True) == "unfused"
-    assert gg.wgrad_mode_for("auto", grouped=False) == "auto"
-    assert gg.wgrad_mode_for("fused", grouped=True) == "fused"
-    assert gg.wgrad_mode_for("unfused", grouped=False) == "unfused"
+    many, few = gg.FUSED_WGRAD_MAX_GROUPS + 1, gg.FUSED_WGRAD_MAX_GROUPS
+    assert gg.wgrad_mode_for("auto", many, grouped=True) == "unfused"
+    assert gg.wgrad_mode_for("auto", few, grouped=True) == "auto"
+    assert gg.wgrad_mode_for("auto", many, grouped=False) == "auto"
+    assert gg.wgrad_mode_for("fused", many, grouped=True) == "fused"
+    assert gg.wgrad_mode_for("unfused", few, grouped=False) == "unfused"
     monkeypatch.setattr(gg, "_grouped_mm_supported", lambda x: True)
+    monkeypatch.setattr(gg, "FUSED_WGRAD_MAX_GROUPS", len(COUNTS) - 1)
     offs = torch.tensor(COUNTS).cumsum(0).to(torch.int32)
     results = {}
     for mode in ("auto", "fused", "unfused"):

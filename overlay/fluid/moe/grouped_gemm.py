@@ -26,8 +26,8 @@ closure to the BackwardScheduler, which runs it while a later backward all-to-al
 with the scheduler off it returns dW to autograd instead (fluid.schedule.wgrad, weights attached).
 Zero-token groups give an all-zero dW (as SequentialMLP's per-expert linears do).
 
-Under Megatron DDP with an fp32 `main_grad` (`--fluid-wgrad-accumulation` fused, and auto where
-the experts run as per-expert GEMMs: `wgrad_mode_for`; fluid.schedule.wgrad.accumulation_kernel)
+Under Megatron DDP with an fp32 `main_grad` (`--fluid-wgrad-accumulation` fused, and auto except
+for grouped dW over many experts: `wgrad_mode_for`; fluid.schedule.wgrad.accumulation_kernel)
 dW is not materialised: `gmm_wgrad_into` adds each group's `dy_g^T @ x_g` into `main_grad[g]`
 inside its GEMM (one addmm per non-empty group; `torch._grouped_mm` cannot accumulate into an fp32
 output), and the weight gets `grad_added_to_main_grad` and a placeholder gradient.
@@ -210,16 +210,21 @@ def gmm_wgrad_into(
             accumulate_into(main_grad[g], dy_g, x_g, kernel)
 
 
-def wgrad_mode_for(mode: str, grouped: bool) -> str:
-    """The `--fluid-wgrad-accumulation` mode one grouped linear's dW uses.
+# --fluid-wgrad-accumulation auto: experts whose dW is one torch._grouped_mm stay unfused above
+# this many local experts. Fused, dW is one addmm per expert (torch._grouped_mm cannot accumulate
+# into an fp32 output): on 1 H200 that measured 1.106x with 8 local experts (Mixtral-like model)
+# and 0.927x with 64 (the host-bound 64-expert model), docs/benchmarks/breakdown.md.
+FUSED_WGRAD_MAX_GROUPS = 8
 
-    `auto` stays unfused where dW is one `torch._grouped_mm` (`grouped`): fused accumulation is
-    one addmm per expert, one launch per local expert instead of one, and measured 0.927x on the
-    host-bound 64-expert model (1 H200); where the experts run as per-expert GEMMs anyway it
-    replaces each GEMM and add with one addmm, 1.106x on the Mixtral-like model
-    (docs/benchmarks/breakdown.md). `fused` and `unfused` as
-    given."""
-    return "unfused" if mode == "auto" and grouped else mode
+
+def wgrad_mode_for(mode: str, num_groups: int, grouped: bool) -> str:
+    """The `--fluid-wgrad-accumulation` mode one grouped linear's dW uses: `auto` is unfused
+    where dW would otherwise be one `torch._grouped_mm` (`grouped`) over more than
+    FUSED_WGRAD_MAX_GROUPS experts; with per-expert GEMMs (`grouped` False) fusing adds no launch.
+    `fused` and `unfused` as given."""
+    if mode == "auto" and grouped and num_groups > FUSED_WGRAD_MAX_GROUPS:
+        return "unfused"
+    return mode
 
 
 class _GroupedLinear(torch.autograd.Function):
@@ -257,7 +262,7 @@ class _GroupedLinear(torch.autograd.Function):
             dx = gmm(dy, w, counts, offs, trans_w=False, fallbacks=fallbacks)
         full = dw_wanted(ctx, ctx.probe_index, "grouped_linear")  # False: e.g. autograd.grad
         grouped = offs is not None and x.shape[0] > 0 and _grouped_mm_supported(x)
-        mode = wgrad_mode_for(ctx.mode, grouped)
+        mode = wgrad_mode_for(ctx.mode, len(counts), grouped)
         if ctx.attached:
             if not input_grad_wanted(ctx, 1):
                 return dx, *[None] * 10

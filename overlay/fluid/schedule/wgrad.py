@@ -33,7 +33,8 @@ apex's kernel under `gradient_accumulation_fusion` when apex is installed, else 
 `grad_added_to_main_grad` is set and the hooks fire with a placeholder gradient, as Megatron's
 LinearWithGradAccumulation does. The experts (fluid.moe.grouped_gemm, fluid.moe.expert_loop) add
 each expert's dW into its slice `main_grad[g]` the same way, except under auto where dW is one
-grouped GEMM (fluid.moe.grouped_gemm.wgrad_mode_for: one addmm per expert measured slower there). Once a parameter's flag is set, every
+grouped GEMM over more than 8 local experts (fluid.moe.grouped_gemm.wgrad_mode_for: one addmm
+per expert measured slower there). Once a parameter's flag is set, every
 later unfused dW of the step goes into `main_grad` directly as well (`engine_weight_grad`): the
 hook would skip it. Scheduler on and off run the same kernel on the same operands.
 
