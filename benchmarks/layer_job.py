@@ -36,6 +36,9 @@ TINY_MOE = {
     "mixtral": dict(hidden=64, ffn=96, experts=8, topk=2, shared_ffn=None),
     "fine": dict(hidden=32, ffn=24, experts=16, topk=6, shared_ffn=48),
     "small": dict(hidden=32, ffn=48, experts=8, topk=2, shared_ffn=None),
+    "qwen3moe": dict(hidden=32, ffn=16, experts=16, topk=8, shared_ffn=None),
+    "olmoe": dict(hidden=32, ffn=24, experts=16, topk=8, shared_ffn=None),
+    "dbrx": dict(hidden=64, ffn=96, experts=8, topk=4, shared_ffn=None),
 }
 TINY_ATTN = {
     "mixtral": dict(heads=8, groups=2, head_dim=8),

@@ -82,4 +82,15 @@ MODELS = {
         groups=4,
         grad_accum=4,
     ),
+    # Layer shapes outside the models above (MoE-layer recipes only; their attention fields are
+    # unused): many tiny experts (Qwen3-30B-A3B's MoE shape), OLMoE's 64 experts top-8, and
+    # DBRX-like large experts top-4, so the layer benchmark covers hidden 2048-6144, 16-128
+    # experts, top-4/8 and 2048-8192 tokens per rank beyond Mixtral-like and 64-expert top-6.
+    "qwen3moe": Model(
+        "qwen3moe", layers=1, hidden=2048, ffn=768, experts=128, topk=8, heads=32, groups=4
+    ),
+    "olmoe": Model(
+        "olmoe", layers=1, hidden=2048, ffn=1024, experts=64, topk=8, heads=16, groups=16
+    ),
+    "dbrx": Model("dbrx", layers=1, hidden=6144, ffn=10752, experts=16, topk=4, heads=48, groups=8),
 }
