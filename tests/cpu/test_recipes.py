@@ -157,3 +157,26 @@ def test_merge_adds_variants_to_a_link_measured_before(tmp_path):
     assert links["nvlink"]["variants"] == {"fluid": {"ms": 1.0}, "fluid_off": {"ms": 2.0}}
     assert links["nvlink"]["iters"] == 30
     assert links["p2poff"]["variants"] == {"fluid": {"ms": 3.0}}
+
+
+def test_hidden_fraction_pools_the_iterations_of_repeated_variants():
+    """With `fluid#2` / `fluid_off#2` in a link, each variant's time is the median over all timed
+    iterations of its runs (`pooled_ms`); without repeats the run's median, as before."""
+    from benchmarks.results import pooled_ms, summarize
+
+    def run(its):
+        return {"ms": sorted(its)[len(its) // 2], "iters_ms": its, "rc": 0}
+
+    nv = {"fluid_off": run([100, 101, 140]), "fluid_off#2": run([99, 98, 97])}
+    nv |= {"fluid": run([100, 130, 131]), "fluid#2": run([96, 95, 94])}
+    slow = {"fluid_off": run([150, 151, 152]), "fluid": run([120, 121, 122])}
+    doc = {
+        "recipe": {"kind": "e2e"},
+        "links": {"nvlink": {"variants": nv}, "p2poff_1ch": {"variants": slow}},
+    }
+    assert pooled_ms(doc["links"]["nvlink"]) == {"fluid_off": (99.5, 6), "fluid": (98.0, 6)}
+    s = summarize(doc)
+    assert s["links"]["nvlink"]["pooled_ms"] == {"fluid_off": 99.5, "fluid": 98.0}
+    assert "pooled_ms" not in s["links"]["p2poff_1ch"]  # no repeats there: the run's medians
+    # exposed: on 121 - 98 = 23, off 151 - 99.5 = 51.5 (per-run medians: 121 - 130, 151 - 101)
+    assert s["e2e_hidden_fraction"]["p2poff_1ch"]["value"] == pytest.approx(1 - 23 / 51.5)
