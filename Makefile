@@ -84,8 +84,12 @@ megatron: deps
 	  $(if $(filter 1 yes true,$(RETRY_SUBMODULE)),--retry-submodule)
 
 overlay: deps
-	@if ! $(VPY) -c 'import importlib.metadata as m, sys; d = m.distribution("fluidmoe"); \
-	  sys.exit(0 if "overlay" in (d.read_text("direct_url.json") or "") else 1)' 2>/dev/null; then \
+	@# Reinstalled when missing, not the editable install of overlay/, or when its entry points
+	@# differ from overlay/pyproject.toml's (a pull that adds a hook must install it).
+	@if ! $(VPY) -c 'import importlib.metadata as m, sys, tomllib; d = m.distribution("fluidmoe"); \
+	  want = {(g, n, v) for g, e in tomllib.load(open("overlay/pyproject.toml", "rb"))["project"]["entry-points"].items() for n, v in e.items()}; \
+	  have = {(e.group, e.name, e.value) for e in d.entry_points}; \
+	  sys.exit(0 if "overlay" in (d.read_text("direct_url.json") or "") and want == have else 1)' 2>/dev/null; then \
 	  echo "setup: installing the fluid overlay (editable)"; \
 	  $(VPY) -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e overlay \
 	    2>&1 | { grep -v "^WARNING: Location" || true; }; \

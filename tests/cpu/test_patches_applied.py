@@ -1,6 +1,7 @@
 """Tier: cpu. The patch series is what Python imports: the `use_fluid_moe` field (0001), the
 `--use-fluid-moe` flag in Megatron's own argument parser (full tree), the log-hook seam (0003),
-TransformerConfig help strings that argparse can format (0004)."""
+TransformerConfig help strings that argparse can format (0004), the output-layer hook in GPTModel
+(0005)."""
 
 import inspect
 import sys
@@ -89,3 +90,38 @@ def test_config_help_strings_survive_argparse():
 
     tree = Path(megatron.core.__file__).resolve().parents[2]
     assert probes.percent_safe_config_help(tree) == {}
+
+
+def test_gpt_model_output_layer_goes_through_the_hook_group(monkeypatch):
+    """Patch 0005: with use_fluid_moe, GPTModel builds its output layer with the class the
+    `megatron.core.gpt_output_layer_hooks` group returns (FluidMoE's: FluidColumnParallelLinear for
+    an untied layer, Megatron's class for a tied one); without the flag the hook is not called."""
+    from importlib.metadata import entry_points
+
+    from megatron.core.models.gpt import gpt_model
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear
+
+    import fluid.megatron.output_layer as hook
+    from fluid.linear import FluidColumnParallelLinear
+
+    names = {ep.value for ep in entry_points(group=gpt_model.OUTPUT_LAYER_HOOK_GROUP)}
+    assert "fluid.megatron.output_layer:output_layer_class" in names
+    calls = []
+
+    def spy(config, cls, tied):
+        calls.append((cls, tied))
+        return hook.__dict__["_real"](config, cls, tied)
+
+    monkeypatch.setitem(hook.__dict__, "_real", hook.output_layer_class)
+    monkeypatch.setattr(hook, "output_layer_class", spy)
+    cfg = _cfg(use_fluid_moe=True, num_moe_experts=2)
+    assert gpt_model._apply_output_layer_hooks(cfg, ColumnParallelLinear, False).func is (
+        FluidColumnParallelLinear
+    )
+    assert gpt_model._apply_output_layer_hooks(cfg, ColumnParallelLinear, True) is (
+        ColumnParallelLinear
+    )
+    assert calls == [(ColumnParallelLinear, False), (ColumnParallelLinear, True)]
+    src = inspect.getsource(gpt_model.GPTModel.__init__)
+    assert 'getattr(config, "use_fluid_moe", False)' in src
+    assert "_apply_output_layer_hooks(" in src

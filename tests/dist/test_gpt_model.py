@@ -10,6 +10,8 @@ equals the same model on 1 rank (EP=1) loaded with the same weights:
     gradient-less call is what `--overlap-grad-reduce` asserts on (it did for the expert weights);
   - the layer info lists the Fluid modules, the state-dict keys equal those of the stock local-spec
     model, the scheduler queue is empty after backward, and scheduler on/off are bit-identical;
+  - the untied output layer is FluidColumnParallelLinear (patch 0005) and, scheduler on, its dW
+    runs in an all-to-all window (the top MoE layer's combine backward), not at the final flush;
   - under emulated Megatron DDP (main_grad + hook) with the scheduler off, where the experts add
     their dW into main_grad themselves (fluid.moe.expert_loop), main_grad equals those gradients
     within RTOL/ATOL (not bitwise: the per-expert backward makes GEMMs of the same shapes as the
@@ -129,21 +131,30 @@ def _ep2(rank, world, path):
     state = {k: full[_expert_key(k, ep_rank, nle)] for k in model.state_dict()}
     model.load_state_dict(state)
 
+    from fluid.linear import FluidColumnParallelLinear
+
+    # The untied output layer is Fluid's (patch 0005), its dW deferred: it is the first dW of the
+    # backward and runs in the top MoE layer's combine-backward window, not at the final flush.
+    assert isinstance(model.output_layer, FluidColumnParallelLinear), type(model.output_layer)
     sched = get_backward_scheduler()
     hook_calls, accs = _ddp_style_hooks(model)
     results = {}
     for enabled in (True, False):
         sched.enable() if enabled else sched.disable()
+        sched.trace = []
         model.zero_grad(set_to_none=True)
         hook_calls.clear()
         loss = _loss(model, rank)
         loss.backward()
         assert sched.num_pending == 0
+        out_kinds = [k for n, k in sched.trace if n == "output_layer"]
+        assert out_kinds == (["overlapped"] if enabled else ["inline"]), sched.trace
         for n, _ in model.named_parameters():
             assert hook_calls.get(n) == [True], (
                 f"{n}: grad-accumulator hook calls {hook_calls.get(n)}"
             )
         results[enabled] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    sched.trace = None
     # Under Megatron DDP (main_grad + its hook, emulated) with the scheduler off, the experts take
     # the per-expert backward (fluid.moe.expert_loop: per-expert GEMMs on CPU, dW inline), which
     # adds dW into main_grad itself: main_grad must equal the plain gradients within RTOL/ATOL
