@@ -122,6 +122,9 @@ def test_gpt_model_output_layer_goes_through_the_hook_group(monkeypatch):
         ColumnParallelLinear
     )
     assert calls == [(ColumnParallelLinear, False), (ColumnParallelLinear, True)]
+    # multi-token prediction calls the output layer once per depth: Megatron's class
+    mtp = _cfg(use_fluid_moe=True, num_moe_experts=2, mtp_num_layers=1)
+    assert hook._real(mtp, ColumnParallelLinear, False) is ColumnParallelLinear
     src = inspect.getsource(gpt_model.GPTModel.__init__)
     assert 'getattr(config, "use_fluid_moe", False)' in src
     assert "_apply_output_layer_hooks(" in src

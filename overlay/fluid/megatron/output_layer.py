@@ -13,6 +13,8 @@ Everything else keeps Megatron's class:
   - a tied output layer (`share_embeddings_and_output_weights`): the weight is the embedding's,
     whose own gradient reaches the same AccumulateGrad at the end of backward; a deferred dW
     handed over separately would fire Megatron DDP's hook for it twice per backward;
+  - multi-token prediction (`mtp_num_layers`): the output layer runs once per prediction depth,
+    and each deferred dW would be handed over on its own, again firing DDP's hook more than once;
   - `defer_embedding_wgrad_compute` (pipeline parallelism): Megatron defers this dW itself;
   - Transformer Engine's output layer (MXFP8 output projection) or any other class.
 """
@@ -32,6 +34,7 @@ def output_layer_class(config, output_layer_cls, share_embeddings_and_output_wei
     if (
         output_layer_cls is not ColumnParallelLinear
         or share_embeddings_and_output_weights
+        or getattr(config, "mtp_num_layers", None)
         or getattr(config, "defer_embedding_wgrad_compute", False)
     ):
         return output_layer_cls
