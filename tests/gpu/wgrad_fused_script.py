@@ -8,7 +8,8 @@ Checks (printed PASS/FAIL per line, JSON to --out, rc 1 on any FAIL):
      out=main_grad)) vs `accumulate_reference` and the fp64 product, bf16 operands: a dense
      weight, one expert's slice of a stacked main_grad, an odd row count, dy a transposed view;
   2. protocol: `deferred_linear` (scheduler on and off), `grouped_linear` (torch._grouped_mm
-     forward, per-expert addmm dW) and `sequential_experts` with bf16 weights under emulated
+     forward, per-expert addmm dW; with 16 experts auto hands dW over unfused, bitwise equal to
+     unfused, fluid.moe.grouped_gemm.wgrad_mode_for) and `sequential_experts` with bf16 weights under emulated
      Megatron DDP: auto picks "torch", sets grad_added_to_main_grad, fires each hook once per
      backward; main_grad vs unfused's; scheduler on vs off bitwise (the same kernel and operands).
 
@@ -107,14 +108,17 @@ def _watch(params):
     return seen, nodes + emulate_ddp_grads(params)
 
 
-def _run(kind, mode, scheduler_on, dev, micro_batches=2):
+FEW, MANY = (300, 0, 517, 211), tuple((37 * i) % 90 for i in range(16))  # 4 / 16 experts
+
+
+def _run(kind, mode, scheduler_on, dev, micro_batches=2, counts=FEW):
     from fluid.moe.expert_loop import sequential_experts
     from fluid.moe.grouped_gemm import grouped_linear, offsets_for
     from fluid.schedule import BackwardScheduler, deferred_linear
 
     sched = BackwardScheduler(enabled=scheduler_on)
     gen = torch.Generator(device=dev).manual_seed(1)
-    h, f, counts = 256, 512, (300, 0, 517, 211)
+    h, f = 256, 512
     if kind == "dense":
         params = [torch.nn.Parameter(torch.randn(f, h, device=dev, generator=gen).bfloat16() / 16)]
     else:
@@ -176,6 +180,14 @@ def check_protocol(dev) -> None:
             off, _ = _run(kind, "auto", False, dev)
             same = all(torch.equal(a.main_grad, b.main_grad) for a, b in zip(on, off, strict=True))
             record(f"protocol:{kind}:scheduler_on_vs_off_bitwise", same)
+    # auto leaves a grouped dW over more than FUSED_WGRAD_MAX_GROUPS experts unfused (one addmm per
+    # expert measured slower there): DDP's add, the same main_grad as unfused, bit for bit.
+    for scheduler_on in (True, False):
+        got, seen = _run("grouped", "auto", scheduler_on, dev, counts=MANY)
+        ref, _ = _run("grouped", "unfused", scheduler_on, dev, counts=MANY)
+        unfused = not any(s[2] for s in seen)
+        same = all(torch.equal(a.main_grad, b.main_grad) for a, b in zip(got, ref, strict=True))
+        record(f"protocol:grouped16:auto_is_unfused:{scheduler_on}", unfused and same)
 
 
 def main() -> int:
