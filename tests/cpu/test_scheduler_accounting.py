@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from fluid.schedule.scheduler import BackwardScheduler
+from fluid.testing.autograd import backward_op
 
 
 def _balance(s):
@@ -27,18 +28,11 @@ def _balance(s):
 def _op(sched, tasks):
     """x -> x, whose backward hands `tasks` (name, fn) to the scheduler."""
 
-    class Op(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            return x.clone()
+    def defer_all():
+        for name, fn in tasks:
+            sched.defer(fn, name)
 
-        @staticmethod
-        def backward(ctx, g):
-            for name, fn in tasks:
-                sched.defer(fn, name)
-            return g
-
-    return Op.apply
+    return backward_op(defer_all)
 
 
 def test_a_raising_dw_task_is_counted_with_the_ones_it_discards(caplog):

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from fluid.schedule.scheduler import BackwardScheduler
+from fluid.testing.autograd import backward_op
 
 
 class _Handle:
@@ -41,19 +42,12 @@ class _Comm:
 def _backward_running(sched, steps):
     """Run `steps` (callables taking the scheduler) inside one backward pass."""
 
-    class Op(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            return x.clone()
-
-        @staticmethod
-        def backward(ctx, g):
-            for step in steps:
-                step(sched)
-            return g
+    def run_steps():
+        for step in steps:
+            step(sched)
 
     x = torch.randn(2, requires_grad=True)
-    Op.apply(x).sum().backward()
+    backward_op(run_steps)(x).sum().backward()
 
 
 def _defer(name, carry=0, fn=None):
