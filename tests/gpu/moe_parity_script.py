@@ -13,6 +13,9 @@ Fluid gets the stock state dict. Checks (printed PASS/FAIL per line, JSON to --o
 Settings: chunks 1/2, deduplicated dispatch, and per-expert GEMMs (--fluid-grouped-gemm off) with dW
 inline and deferred (overlap forced on); last, per-expert GEMMs under emulated Megatron DDP
 (fluid.moe.expert_loop's per-expert backward): main_grad == the plain gradients, bitwise.
+`--model NAME` takes a benchmark recipe's layer shape (every MoE recipe's, for the multi-GPU runs:
+`--model mixtral|fine|small|qwen3moe|olmoe|dbrx --tokens 4096 --basic`); `--basic` runs the
+default setting only.
 Tolerance for 2: relative Frobenius error ||fluid - stock|| / ||stock|| <= 2e-2. Both compute the
 same bf16 GEMMs (fp32 accumulate, bf16 output) but with different kernels (grouped vs per-expert
 cuBLAS) and, for gradients, different summation orders; each bf16 rounding costs up to 2^-8
@@ -115,6 +118,17 @@ def main():
         action="store_true",
         help="bias_activation_fusion (stock's default fused weighted SwiGLU) in both layers",
     )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="a benchmark model's MoE layer shape (benchmarks/recipes.py MODELS: hidden, FFN, "
+        "experts, top-k, shared expert) instead of the default H 1024, F 2048, 8 experts top-2",
+    )
+    p.add_argument(
+        "--basic",
+        action="store_true",
+        help="only the default setting (chunks 1, auto GEMM and overlap) and the DDP check",
+    )
     args = p.parse_args()
 
     cuda = args.device == "cuda"
@@ -129,14 +143,23 @@ def main():
 
     rank, ws, device, pg = init_expert_parallel_world(cuda)
     dtype = torch.bfloat16 if cuda else torch.float32
-    H, F, E, T = (1024, 2048, 8, args.tokens) if cuda else (64, 32, 4 * ws, 64)
+    H, F, E, K, S, T = (
+        (1024, 2048, 8, 2, 1024, args.tokens) if cuda else (64, 32, 4 * ws, 2, 16, 64)
+    )
+    if args.model is not None:
+        from fluid.testing.bench.models import MODELS
+
+        m = MODELS[args.model]
+        H, F, E, K, S = m.hidden, m.ffn, m.experts, m.topk, m.shared_ffn
+        if not cuda:  # CPU dry run: the model's expert count and top-k, small widths
+            H, F, S, T = 64, 32, (16 if S else None), 64
     cfg = moe_config(
         hidden=H,
         ffn=F,
         num_experts=E,
-        topk=2,
+        topk=K,
         ep=ws,
-        shared=F // 2,
+        shared=S,
         dtype=dtype,
         init_method_std=0.02,
         bias_activation_fusion=args.fused,
@@ -168,6 +191,8 @@ def main():
         (1, False, "off", "always"),
         (2, False, "off", "always"),
     )
+    if args.basic:
+        settings = settings[:1]
     for chunks, dedup, gemm, overlap in settings:
         set_dedup(fluid, False)
         set_num_chunks(fluid, chunks)
