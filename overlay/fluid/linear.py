@@ -29,7 +29,7 @@ explicit call, it runs in the scheduler's windows or at the end of the backward 
 from __future__ import annotations
 
 import copy
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
@@ -39,13 +39,48 @@ from fluid.runtime import runtime_for
 from fluid.schedule import deferred_linear
 
 
-def _check_tp(layer: torch.nn.Module) -> None:
-    from fluid.megatron.validate import check_tensor_parallel_size
+class _DeferredDW:
+    """What both Fluid linears add to Megatron's: the model's scheduler and settings, and the
+    matmul whose dW goes through them. Mixed in before the Megatron class."""
 
-    check_tensor_parallel_size(get_pg_size(layer.tp_group), type(layer).__name__)
+    # set by the Megatron linear this is mixed into
+    tp_group: Any
+    skip_bias_add: bool
+    bias: Optional[torch.nn.Parameter]
+    gradient_accumulation_fusion: bool
+
+    def _init_fluid(self, config, name: Optional[str], default_name: str) -> None:
+        """After the Megatron linear's __init__: refuses TP > 1, takes the model's runtime."""
+        from fluid.megatron.validate import check_tensor_parallel_size
+
+        check_tensor_parallel_size(get_pg_size(self.tp_group), type(self).__name__)
+        runtime = runtime_for(config)  # the model's (fluid.runtime)
+        self.fluid_name = name or default_name
+        self.fluid_scheduler = runtime.scheduler
+        self.fluid_wgrad_accumulation = runtime.config.wgrad_accumulation
+        # all-to-all windows its deferred dW lets pass (BackwardScheduler.defer); 1 for the
+        # shared experts' linears (FluidMoELayer), else 0
+        self.fluid_dw_carry = 0
+
+    def _deferred_forward(
+        self, input_: torch.Tensor, weight: torch.Tensor
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """`(input_ @ weight^T (+ bias), bias or None)`, Megatron's skip_bias_add convention."""
+        bias = None if self.skip_bias_add else self.bias
+        output = deferred_linear(
+            input_,
+            weight,
+            bias,
+            name=self.fluid_name,
+            gradient_accumulation_fusion=self.gradient_accumulation_fusion,
+            wgrad_accumulation=self.fluid_wgrad_accumulation,
+            scheduler=self.fluid_scheduler,
+            carry=self.fluid_dw_carry,
+        )
+        return output, (self.bias if self.skip_bias_add else None)
 
 
-class FluidColumnParallelLinear(ColumnParallelLinear):
+class FluidColumnParallelLinear(_DeferredDW, ColumnParallelLinear):
     """`Y = X W^T + b` with `W` `[out, in]`; dW/db deferred (see module docstring).
 
     Args: exactly `ColumnParallelLinear`'s (Megatron core_v0.19). `name` labels the dW tasks in
@@ -63,13 +98,7 @@ class FluidColumnParallelLinear(ColumnParallelLinear):
         super().__init__(input_size, output_size, config=build_config, name=name, **kwargs)
         self.config = config
         self.gradient_accumulation_fusion = config.gradient_accumulation_fusion
-        self.fluid_name = name or "column_parallel_linear"
-        self.fluid_scheduler = runtime_for(config).scheduler  # the model's (fluid.runtime)
-        self.fluid_wgrad_accumulation = runtime_for(config).config.wgrad_accumulation
-        # all-to-all windows its deferred dW lets pass (BackwardScheduler.defer); 1 for the
-        # shared experts' linears (FluidMoELayer), else 0
-        self.fluid_dw_carry = 0
-        _check_tp(self)
+        self._init_fluid(config, name, "column_parallel_linear")
 
     def forward(
         self,
@@ -97,24 +126,15 @@ class FluidColumnParallelLinear(ColumnParallelLinear):
                 f"supplied weight's shape is {tuple(weight.shape)}, "
                 f"not {(self.output_size_per_partition, self.input_size)} as expected"
             )
-        bias = None if self.skip_bias_add else self.bias
-        output = deferred_linear(
-            input_,
-            weight,
-            bias,
-            name=self.fluid_name,
-            gradient_accumulation_fusion=self.gradient_accumulation_fusion,
-            wgrad_accumulation=self.fluid_wgrad_accumulation,
-            scheduler=self.fluid_scheduler,
-            carry=self.fluid_dw_carry,
-        )
-        return output, (self.bias if self.skip_bias_add else None)
+        return self._deferred_forward(input_, weight)
 
+    # Overridden in each class, not in the mixin: tools/api_check.py watches upstream methods that
+    # an overlay class overrides directly.
     def backward_dw(self) -> None:
         """No-op: the dW of this layer runs in the BackwardScheduler's windows."""
 
 
-class FluidRowParallelLinear(RowParallelLinear):
+class FluidRowParallelLinear(_DeferredDW, RowParallelLinear):
     """`Y = X W^T + b` with `W` `[out, in]`; dW/db deferred (see module docstring).
 
     Args: exactly `RowParallelLinear`'s (Megatron core_v0.19).
@@ -124,28 +144,11 @@ class FluidRowParallelLinear(RowParallelLinear):
         self, input_size: int, output_size: int, *, config, name: str | None = None, **kwargs
     ):
         super().__init__(input_size, output_size, config=config, name=name, **kwargs)
-        self.fluid_name = name or "row_parallel_linear"
-        self.fluid_scheduler = runtime_for(config).scheduler  # the model's (fluid.runtime)
-        self.fluid_wgrad_accumulation = runtime_for(config).config.wgrad_accumulation
-        # all-to-all windows its deferred dW lets pass (BackwardScheduler.defer); 1 for the
-        # shared experts' linears (FluidMoELayer), else 0
-        self.fluid_dw_carry = 0
-        _check_tp(self)
+        self._init_fluid(config, name, "row_parallel_linear")
 
     def forward(self, input_: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """`input_` `[s, b, in]` -> `(output [s, b, out], bias or None)`."""
-        bias = None if self.skip_bias_add else self.bias
-        output = deferred_linear(
-            input_,
-            self.weight,
-            bias,
-            name=self.fluid_name,
-            gradient_accumulation_fusion=self.gradient_accumulation_fusion,
-            wgrad_accumulation=self.fluid_wgrad_accumulation,
-            scheduler=self.fluid_scheduler,
-            carry=self.fluid_dw_carry,
-        )
-        return output, (self.bias if self.skip_bias_add else None)
+        return self._deferred_forward(input_, self.weight)
 
     def backward_dw(self) -> None:
         """No-op: the dW of this layer runs in the BackwardScheduler's windows."""
