@@ -135,6 +135,12 @@ def _try_grouped_mm(a, b, offs, fallbacks: Optional[GroupedMMFallbacks]):
         return None
 
 
+def _takes_grouped_mm(x: torch.Tensor, offs) -> bool:
+    """Whether `gmm` / `gmm_wgrad` try `torch._grouped_mm` for rows `x`: the caller passed
+    `offs`, there are rows, and the device supports it."""
+    return offs is not None and x.shape[0] > 0 and _grouped_mm_supported(x)
+
+
 def _split(x: torch.Tensor, counts: Sequence[int]):
     return torch.split(x, list(counts), dim=0)
 
@@ -157,7 +163,7 @@ def gmm(
         fallbacks: where a rejected grouped call is recorded (then the loop runs); None: raise.
     """
     b = w.transpose(1, 2) if trans_w else w
-    if offs is not None and a_TK.shape[0] > 0 and _grouped_mm_supported(a_TK):
+    if _takes_grouped_mm(a_TK, offs):
         out = _try_grouped_mm(a_TK, b, offs, fallbacks)
         if out is not None:
             return out
@@ -178,7 +184,7 @@ def gmm_wgrad(
     """Per group g: `dy[g]^T @ x[g]`, returned as `[G, N, K]` (zero for empty groups); `offs`
     and `fallbacks` as in `gmm`."""
     num_groups = len(counts)
-    if offs is not None and x_TK.shape[0] > 0 and _grouped_mm_supported(x_TK):
+    if _takes_grouped_mm(x_TK, offs):
         dw = _try_grouped_mm(dy_TN.t(), x_TK, offs, fallbacks)
         if dw is not None:
             for g, c in enumerate(counts):  # empty groups: make the zero explicit
@@ -261,8 +267,7 @@ class _GroupedLinear(torch.autograd.Function):
         if ctx.x_requires_grad:
             dx = gmm(dy, w, counts, offs, trans_w=False, fallbacks=fallbacks)
         full = dw_wanted(ctx, ctx.probe_index, "grouped_linear")  # False: e.g. autograd.grad
-        grouped = offs is not None and x.shape[0] > 0 and _grouped_mm_supported(x)
-        mode = wgrad_mode_for(ctx.mode, len(counts), grouped)
+        mode = wgrad_mode_for(ctx.mode, len(counts), _takes_grouped_mm(x, offs))
         if ctx.attached:
             if not input_grad_wanted(ctx, 1):
                 return dx, *[None] * 10
