@@ -77,7 +77,7 @@ def link_summary(job: dict) -> dict:
     if comm:
         out["comm"] = comm
     pooled = pooled_ms(job)
-    if any(f"{k}#" in name for k in pooled for name in v):  # only where a variant was repeated
+    if any("#" in name and name.split("#")[0] in pooled for name in v):  # a variant repeated
         out["pooled_ms"] = {k: m for k, (m, _) in pooled.items()}
         out["pooled_iters"] = {k: n for k, (_, n) in pooled.items()}
     return out
