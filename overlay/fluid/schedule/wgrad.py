@@ -18,7 +18,8 @@ stock Megatron's linears do with `gradient_accumulation_fusion=False`:
   - Megatron DDP: its hook adds `param.grad` into the fp32 `param.main_grad`, clears `param.grad`,
     and with `overlap_grad_reduce` reports the parameter ready to its bucket.
 
-Scheduler off (`--no-fluid-scheduler`): every dW would run inline in the op's backward anyway, so
+Scheduler off (`--no-fluid-scheduler`), or on with nothing to defer into (the auto policy over
+NVLink, `BackwardScheduler.defers_dw`): every dW would run inline in the op's backward anyway, so
 the op takes its weights as autograd inputs (views of them, see `input_grad_wanted`) and returns
 dW to the engine as a stock layer does: the engine runs each weight's AccumulateGrad (and DDP's
 hook) once, with the dW. The values are the same GEMMs as with the scheduler on, bit for bit.
@@ -308,8 +309,11 @@ def added_to_main_grad(param: torch.nn.Parameter) -> torch.Tensor:
 
 def weights_attached(scheduler) -> bool:
     """Whether a Fluid op running forward now takes its weights as autograd inputs: when
-    `scheduler` (its model's BackwardScheduler) is disabled (see the module docstring)."""
-    return not scheduler.enabled
+    `scheduler` (its model's BackwardScheduler) would defer no dW (`defers_dw`: disabled, or no
+    all-to-all of the model can take dW beside it, the auto policy over NVLink; see the module
+    docstring). Handing an inline dW over through `accumulate_weight_grad` costs one nested
+    engine call per parameter, about 10% of a host-bound step (docs/benchmarks/overlap.md)."""
+    return not scheduler.defers_dw()
 
 
 def attach(param: Optional[torch.Tensor], attached: bool) -> Optional[torch.Tensor]:
