@@ -217,8 +217,8 @@ def build_moe(recipe: R.MoELayerRecipe, cuda, device, ws, variants=None):
             init_method_std=0.02,
             moe_aux_loss_coeff=m.aux_loss_coeff,
             moe_router_load_balancing_type="aux_loss",
-            # On the GPU: CPU initialisation of the 16-expert hidden-6144 layer (1.6 B parameters
-            # per rank, three layers) ran past a 120 s job limit (raw/s10, moe_dbrx_ep2).
+            # On the GPU: moe_dbrx_ep2 (1.6 B expert parameters per rank, three layers) ran past a
+            # 120 s job limit (raw/s10); serial CPU normal_ draws alone take about 20 s per layer.
             cpu_init=not cuda,
             **config_fields(fields),
         )
