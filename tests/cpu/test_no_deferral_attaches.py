@@ -119,7 +119,7 @@ def test_no_overlap_policy_hands_nothing_over_and_matches_scheduler_off(ddp, han
     assert hand_overs == []
     got = _step("no_overlap", ddp)
     assert hand_overs == [], f"{len(hand_overs)} hand-over(s) with nothing to defer into"
-    for r, g in zip(ref, got):
+    for r, g in zip(ref, got, strict=True):
         assert torch.equal(r, g)
 
 
@@ -129,5 +129,5 @@ def test_overlap_policy_still_hands_over_same_values(ddp, hand_overs):
     got = _step("overlap", ddp)
     # w, b, gw per micro-batch
     assert len(hand_overs) == 6
-    for r, g in zip(ref, got):
+    for r, g in zip(ref, got, strict=True):
         assert torch.equal(r, g)
