@@ -38,8 +38,12 @@ import types
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[3]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+# The repository (benchmarks) and its overlay (the `fluid` package: the FLOP formula and the
+# models), also where `make setup` has not installed the overlay, as on a GPU host.
+SEARCH_PATH = [str(REPO), str(REPO / "overlay")]
+for _p in reversed(SEARCH_PATH):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
 
 from benchmarks.recipes import MODELS, Model  # noqa: E402
 from fluid.testing.bench import flops  # noqa: E402
@@ -614,6 +618,9 @@ def main(argv=None) -> int:
         os.makedirs(a.logs, exist_ok=True)
     base_env = {
         **os.environ,
+        "PYTHONPATH": os.pathsep.join([*SEARCH_PATH, os.environ.get("PYTHONPATH", "")]).rstrip(
+            os.pathsep
+        ),
         "PYTHONUNBUFFERED": "1",
         "NCCL_NVLS_ENABLE": "0",
         "PYTORCH_ALLOC_CONF": os.environ.get("PYTORCH_ALLOC_CONF", "expandable_segments:True"),
