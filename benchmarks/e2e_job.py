@@ -126,8 +126,19 @@ def field_flags(fields: dict) -> list:
     return out
 
 
+# TransformerConfig fields whose pretrain_gpt.py flag only turns them off (`--no-...`, on by
+# default in Megatron), which model_args passes: a variant that sets the field True drops the flag.
+JIT_FUSIONS = {
+    "bias_activation_fusion": "--no-bias-swiglu-fusion",
+    "bias_dropout_fusion": "--no-bias-dropout-fusion",
+}
+
+
 def variant_argv(recipe: R.E2ERecipe, variant: str, iters: int) -> list:
-    return model_args(recipe, iters) + field_flags(R.variant_fields(variant))
+    fields = R.variant_fields(variant)
+    drop = {JIT_FUSIONS[k] for k, v in fields.items() if k in JIT_FUSIONS and v is True}
+    fields = {k: v for k, v in fields.items() if k not in JIT_FUSIONS}
+    return [a for a in model_args(recipe, iters) if a not in drop] + field_flags(fields)
 
 
 def check_flag_names(argv: list) -> list:

@@ -39,6 +39,15 @@ VARIANTS = {
     # Fluid with each bf16 dW added into the fp32 main_grad by DDP's hook, not inside the GEMM
     # (the default, auto; docs/benchmarks/breakdown.md)
     "fluid_unfused": {"use_fluid_moe": True, "fluid_wgrad_accumulation": "unfused"},
+    # Stock and Fluid with Megatron's two torch.compile fusions that need neither Transformer
+    # Engine nor apex (the weighted SwiGLU, bias-dropout-add), which the recipes otherwise turn off
+    # with the TE/apex-only ones (benchmarks/e2e_job.py, JIT_FUSIONS).
+    "stock_jit": {"bias_activation_fusion": True, "bias_dropout_fusion": True},
+    "fluid_jit": {
+        "use_fluid_moe": True,
+        "bias_activation_fusion": True,
+        "bias_dropout_fusion": True,
+    },
 }
 
 # Environment a variant needs on top of its link's: the combined schedule runs its communication

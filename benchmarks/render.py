@@ -43,6 +43,8 @@ VNAMES = {
     "fluid_q32": "Fluid, 32 queues",
     "fluid_off_q32": "Fluid, overlap off, 32 queues",
     "fluid_unfused": "Fluid, unfused dW accumulation",
+    "stock_jit": "stock, Megatron's torch.compile fusions",
+    "fluid_jit": "Fluid, Megatron's torch.compile fusions",
 }
 # results.RATIOS that the main ratio table shows; the others are listed under it where measured,
 # labelled "numerator / denominator" with VNAMES.

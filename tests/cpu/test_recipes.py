@@ -134,6 +134,23 @@ def test_fused_accumulation_variant_sets_its_flag():
     assert R.variant_env("fluid_unfused") == {}
 
 
+@pytest.mark.parametrize("base", ["stock", "fluid"])
+def test_jit_variants_only_drop_the_two_no_fusion_flags(base):
+    """`stock_jit` / `fluid_jit` are stock / Fluid with Megatron's torch.compile fusions (weighted
+    SwiGLU, bias-dropout-add) left on: the argv loses exactly `--no-bias-swiglu-fusion` and
+    `--no-bias-dropout-fusion` and gains nothing; every other variant keeps both."""
+    from benchmarks import e2e_job as E
+    from benchmarks import recipes as R
+
+    r = R.get("e2e_mixtral_1gpu")
+    plain, jit = E.variant_argv(r, base, 15), E.variant_argv(r, f"{base}_jit", 15)
+    assert "--no-bias-swiglu-fusion" in plain and "--no-bias-dropout-fusion" in plain
+    assert [
+        a for a in plain if a not in ("--no-bias-swiglu-fusion", "--no-bias-dropout-fusion")
+    ] == jit
+    assert E.check_flag_names(jit) == []
+
+
 def test_merge_adds_variants_to_a_link_measured_before(tmp_path):
     """A second device call at the same commit that measures other variants of a link keeps the
     first call's variants of that link (its other fields come from the newer job)."""
