@@ -86,9 +86,10 @@ def trace_path(tb_dir) -> Path:
     return Path(tb_dir).parent / "torch_profile" / "rank-0.json.gz"
 
 
-def dry_run(names, step: int) -> dict:
-    """Every run's command line; the recipe's own flags checked by e2e_job.check_flag_names, the
-    whole argv by Megatron's parse_args + validate_args where megatron.training is importable."""
+def dry_run(names, step: int, variants=("stock", "fluid_off", "fluid"), link="nvlink") -> dict:
+    """Every run's command line and environment; the recipe's own flags checked by
+    e2e_job.check_flag_names, the whole argv by Megatron's parse_args + validate_args where
+    megatron.training is importable."""
     from benchmarks import e2e_job
     from benchmarks import recipes as R
 
@@ -97,7 +98,9 @@ def dry_run(names, step: int) -> dict:
         if r.kind != "e2e":
             raise SystemExit(f"{r.name} is not an end-to-end recipe")
         out[r.name] = {}
-        for v in ("stock", "fluid_off", "fluid"):
+        if link not in r.links:
+            raise SystemExit(f"{r.name} has no link {link!r} (its links: {', '.join(r.links)})")
+        for v in variants:
             base = e2e_job.variant_argv(r, v, step + 1)
             bad = e2e_job.check_flag_names(base)
             if bad:
@@ -107,6 +110,7 @@ def dry_run(names, step: int) -> dict:
             out[r.name][v] = {
                 "argv": argv,
                 "cmd": torchrun_cmd(r, "PRETRAIN_GPT", argv),
+                "env": run_env(link, v, {}),
                 "trace": str(trace_path(tb)),
                 "megatron_parse": e2e_job.megatron_validate(argv, r.nproc),
             }
@@ -114,19 +118,35 @@ def dry_run(names, step: int) -> dict:
 
 
 def gpu_command(
-    recipes=DEFAULT_RECIPES, variants="stock,fluid", budget_s: int = 500, commit=None
+    recipes=DEFAULT_RECIPES, variants="stock,fluid", budget_s: int = 500, commit=None, link="nvlink"
 ) -> str:
     """The one device call (repository root of the GPU host, `.megatron` and `.whl` carried)."""
     return (
         "source benchmarks/gpu_env.sh && timeout 560 python3 -m benchmarks.probes.breakdown "
         f"--recipes {','.join(recipes)} --variants {variants} --out $OUT --budget-s {budget_s}"
+        + (f" --link {link}" if link != "nvlink" else "")
         + (f" --commit {commit}" if commit else "")
     )
 
 
-def _run_one(recipe, variant, step, work: Path, out: Path, timeout, keep_mb, script=None) -> dict:
-    from benchmarks import e2e_job
+def run_env(link: str, variant: str, base: dict) -> dict:
+    """A run's environment: `base` (the caller's), the recipes' BASE_ENV, the link's (P2P off and
+    NCCL channels: benchmarks.recipes.LINKS) and the variant's (the combined-1F1B variants' 32
+    hardware queues), as benchmarks.run gives the same run."""
     from benchmarks import recipes as R
+
+    return {**base, **R.BASE_ENV, **R.LINKS[link], **R.variant_env(variant)}
+
+
+def out_name(recipe: str, link: str) -> str:
+    """File stem of a recipe's results: the recipe, and the link where it is not NVLink."""
+    return recipe if link == "nvlink" else f"{recipe}_{link}"
+
+
+def _run_one(
+    recipe, variant, step, work: Path, out: Path, timeout, keep_mb, script=None, link="nvlink"
+) -> dict:
+    from benchmarks import e2e_job
     from fluid.testing.bench.breakdown import breakdown
     from fluid.testing.bench.launch import parse_megatron_log, run_logged
 
@@ -135,8 +155,9 @@ def _run_one(recipe, variant, step, work: Path, out: Path, timeout, keep_mb, scr
     (d / "tb").mkdir(parents=True)
     argv = probe_argv(recipe, variant, step, d / "tb")
     cmd = torchrun_cmd(recipe, script or e2e_job.pretrain_script(), argv)
-    env = {**os.environ, **R.BASE_ENV, **R.LINKS["nvlink"]}
-    log = out / f"breakdown_{recipe.name}_{variant}.log"
+    env = run_env(link, variant, dict(os.environ))
+    name = out_name(recipe.name, link)
+    log = out / f"breakdown_{name}_{variant}.log"
     r = run_logged(cmd, env, log, cwd=ROOT, timeout=timeout)
     its = parse_megatron_log(log.read_text())
     res = {**r, "argv": argv, "iters_ms": {str(i): v.get("ms") for i, v in sorted(its.items())}}
@@ -150,7 +171,7 @@ def _run_one(recipe, variant, step, work: Path, out: Path, timeout, keep_mb, scr
     except Exception as exc:  # keep the run's other results
         res["error"] = f"breakdown: {type(exc).__name__}: {exc}"
     if res["trace_mb"] <= keep_mb:
-        shutil.copy(tp, out / f"trace_{recipe.name}_{variant}.json.gz")
+        shutil.copy(tp, out / f"trace_{name}_{variant}.json.gz")
     shutil.rmtree(d, ignore_errors=True)
     return res
 
@@ -186,6 +207,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--recipes", default=",".join(DEFAULT_RECIPES))
     ap.add_argument("--variants", default="stock,fluid")
+    ap.add_argument(
+        "--link",
+        default="nvlink",
+        help="benchmarks.recipes.LINKS: nvlink, p2poff, p2poff_1ch (the recipe must list it)",
+    )
     ap.add_argument("--step", type=int, default=5, help="the profiled iteration (1-based)")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--budget-s", type=float, default=500, help="start no run after this")
@@ -202,10 +228,14 @@ def main(argv=None) -> int:
     if args.print_command:
         from benchmarks.run import git_commit
 
-        print(gpu_command(names, args.variants, int(args.budget_s), git_commit(args.commit)))
+        print(
+            gpu_command(
+                names, args.variants, int(args.budget_s), git_commit(args.commit), args.link
+            )
+        )
         return 0
     if args.dry_run:
-        print(json.dumps(dry_run(names, args.step)))
+        print(json.dumps(dry_run(names, args.step, args.variants.split(","), args.link)))
         return 0
     if args.out is None:
         ap.error("--out is required")
@@ -220,8 +250,12 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="fluid_breakdown_"))
     deadline = time.time() + args.budget_s
     for r in R.select(names):
+        if args.link not in r.links:
+            ap.error(f"{r.name} has no link {args.link!r} (its links: {', '.join(r.links)})")
+        name = out_name(r.name, args.link)
         doc = {
             "recipe": r.name,
+            "link": args.link,
             "step": args.step,
             "meta": {
                 **meta,
@@ -235,18 +269,18 @@ def main(argv=None) -> int:
                 continue
             timeout = min(args.timeout_s, max(30.0, deadline + 60 - time.time()))
             res = _run_one(
-                r, v, args.step, work, args.out, timeout, args.keep_trace_mb, args.script
+                r, v, args.step, work, args.out, timeout, args.keep_trace_mb, args.script, args.link
             )
             doc["variants"][v] = res
-            _write(args.out, r.name, doc)
+            _write(args.out, name, doc)
             b = res.get("breakdown")
             print(
                 f"{r.name} {v}: rc={res['rc']} wall={b['wall_ms'] if b else None} ms "
                 f"{res.get('error', '')}",
                 flush=True,
             )
-        _write(args.out, r.name, doc)
-        print((args.out / f"breakdown_{r.name}.md").read_text(), flush=True)
+        _write(args.out, name, doc)
+        print((args.out / f"breakdown_{name}.md").read_text(), flush=True)
     shutil.rmtree(work, ignore_errors=True)
     return 0
 

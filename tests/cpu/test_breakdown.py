@@ -238,7 +238,15 @@ def _probe(*args):
 
 def test_probe_dry_run():
     d = json.loads(
-        _probe("--dry-run", "--recipes", "e2e_mixtral_1gpu,e2e_fine_1gpu", "--step", "5")
+        _probe(
+            "--dry-run",
+            "--recipes",
+            "e2e_mixtral_1gpu,e2e_fine_1gpu",
+            "--step",
+            "5",
+            "--variants",
+            "stock,fluid_off,fluid",
+        )  # fmt: skip
     )
     assert set(d) == {"e2e_mixtral_1gpu", "e2e_fine_1gpu"}
     for runs in d.values():
@@ -258,6 +266,43 @@ def test_probe_dry_run():
                 "--worker",
             ]
             assert r["megatron_parse"] == "ok" or r["megatron_parse"].startswith("skipped")
+
+
+def test_probe_dry_run_link_and_variants():
+    """`--link` and `--variants` reach every run: the link's environment (P2P off, one NCCL
+    channel), the combined-1F1B variant's 32 hardware queues, the others' one; a link the recipe
+    does not list is refused before anything runs."""
+    d = json.loads(
+        _probe(
+            "--dry-run",
+            "--recipes",
+            "e2e_fine_ep2",
+            "--variants",
+            "fluid_off,fluid_1f1b",
+            "--link",
+            "p2poff_1ch",
+        )  # fmt: skip
+    )
+    runs = d["e2e_fine_ep2"]
+    assert set(runs) == {"fluid_off", "fluid_1f1b"}
+    for v, r in runs.items():
+        assert r["env"]["NCCL_P2P_DISABLE"] == "1" and r["env"]["NCCL_MAX_NCHANNELS"] == "1"
+        assert r["env"]["CUDA_DEVICE_MAX_CONNECTIONS"] == ("32" if v == "fluid_1f1b" else "1")
+    assert "--overlap-moe-expert-parallel-comm" in runs["fluid_1f1b"]["argv"]
+    p = subprocess.run(
+        [sys.executable, "-m", "benchmarks.probes.breakdown", "--dry-run", "--recipes",
+         "e2e_fine_1gpu", "--link", "p2poff_1ch"],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert p.returncode != 0 and "has no link 'p2poff_1ch'" in p.stderr
+
+
+def test_probe_out_name_keeps_links_apart():
+    from benchmarks.probes.breakdown import out_name
+
+    assert out_name("e2e_fine_ep2", "nvlink") == "e2e_fine_ep2"
+    assert out_name("e2e_fine_ep2", "p2poff_1ch") == "e2e_fine_ep2_p2poff_1ch"
 
 
 def test_probe_gpu_command():
