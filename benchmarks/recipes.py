@@ -237,6 +237,15 @@ _RECIPES = [
         links=("nvlink", "p2poff"),
     ),
     AttnRecipe(
+        "attn_cp1_32k",
+        "mixtral",
+        "2 attention layers, one GPU (CP=1), 32768 tokens: attn_cp4_32k without context parallelism",
+        nproc=1,
+        cp=1,
+        seq=32768,
+        links=("nvlink",),
+    ),
+    AttnRecipe(
         "attn_cp4_32k",
         "mixtral",
         "2 attention layers, Ulysses CP=4, 32768 tokens",
