@@ -79,7 +79,7 @@ def has_main_grad(params) -> bool:
 class _SequentialExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, probs, w1, w2, probe, counts, params, act, name, sched, attached, mode):
-        # attached (scheduler off): w1, w2 are views; computed with detached (wgrad.attach)
+        # attached (nothing deferred): w1, w2 are views; computed with detached (wgrad.attach)
         w1, w2 = w1.detach(), w2.detach()
         num_rows, hidden = x.shape
         out = x.new_empty((num_rows, hidden))
@@ -119,7 +119,7 @@ class _SequentialExperts(torch.autograd.Function):
         # added into main_grad[g] and freed, as DDP's hook does with each of SequentialMLP's
         # per-expert grads; otherwise it is written into one stacked dW per weight, handed to
         # autograd at the end. Under autograd.grad / backward(inputs=...) no dW at all
-        # (fluid.schedule.wgrad.dw_wanted), except, with the weights attached (scheduler off),
+        # (fluid.schedule.wgrad.dw_wanted), except, with the weights attached (nothing deferred),
         # the plain stacked dW of each weight asked for (input_grad_wanted).
         full = dw_wanted(ctx, ctx.probe_index, "sequential_experts")
         if ctx.attached:  # tensor inputs: x, probs, w1, w2, probe
@@ -217,7 +217,7 @@ def sequential_experts(
 ) -> torch.Tensor:
     """`[T, H]` -> `[T, H]`: every local expert's MLP on its rows (see the module docstring);
     the dW hand-over goes through `scheduler` (the model's; default `get_backward_scheduler()`),
-    or, that scheduler disabled, to autograd (fluid.schedule.wgrad.weights_attached).
+    or, where that scheduler defers nothing, to autograd (fluid.schedule.wgrad.weights_attached).
 
     Args:
         x_TH: rows of expert g contiguous, g ascending; counts: G host ints summing to T.

@@ -23,7 +23,8 @@ for many small experts and the loop for large ones, where one cuBLAS GEMM per ex
 
 Backward computes dX at once (the previous op needs it) and defers dW (a grouped `dy^T @ x`) as a
 closure to the BackwardScheduler, which runs it while a later backward all-to-all is in flight;
-with the scheduler off it returns dW to autograd instead (fluid.schedule.wgrad, weights attached).
+where the scheduler defers nothing it returns dW to autograd instead (fluid.schedule.wgrad,
+weights attached).
 Zero-token groups give an all-zero dW (as SequentialMLP's per-expert linears do).
 
 Under Megatron DDP with an fp32 `main_grad` (`--fluid-wgrad-accumulation` fused, and auto except
@@ -235,7 +236,7 @@ def wgrad_mode_for(mode: str, num_groups: int, grouped: bool) -> str:
 
 class _GroupedLinear(torch.autograd.Function):
     """y = grouped x @ W^T. Backward: dX now, dW deferred (the weight arrives detached), or with
-    the weight attached (scheduler off, fluid.schedule.wgrad) returned to autograd."""
+    the weight attached (nothing deferred, fluid.schedule.wgrad) returned to autograd."""
 
     @staticmethod
     def forward(
@@ -316,9 +317,10 @@ def grouped_linear(
     wgrad_accumulation: str = "auto",
 ) -> torch.Tensor:
     """`[T, K]` -> `[T, N]` with one `[N, K]` weight per group; dW goes through `scheduler` (the
-    model's BackwardScheduler; default `get_backward_scheduler()`), or, that scheduler disabled,
-    to autograd (fluid.schedule.wgrad.weights_attached). `offs` None: the per-group loop;
-    `fallbacks`: see `gmm`; `wgrad_accumulation`: `--fluid-wgrad-accumulation` (module doc)."""
+    model's BackwardScheduler; default `get_backward_scheduler()`), or, where that scheduler
+    defers nothing, to autograd (fluid.schedule.wgrad.weights_attached). `offs` None: the
+    per-group loop; `fallbacks`: see `gmm`; `wgrad_accumulation`: `--fluid-wgrad-accumulation`
+    (module doc)."""
     sched = get_backward_scheduler() if scheduler is None else scheduler
     attached = weights_attached(sched)
     # The probe (fluid.schedule.wgrad.dw_probe) tells backward whether dW is wanted, and keeps

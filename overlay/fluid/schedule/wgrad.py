@@ -382,7 +382,8 @@ def dw_wanted(ctx, probe_index: Optional[int], op: str = "this Fluid op") -> boo
 class _DeferredLinear(torch.autograd.Function):
     """y = x @ W^T (+ b). Backward: dX now; dW (and db) deferred to the BackwardScheduler, only
     in a backward pass that computes weight gradients (`dw_wanted`); with the weights attached
-    (scheduler off) returned to autograd instead (`_attached_linear_grads`)."""
+    (nothing deferred: `weights_attached`) returned to autograd instead
+    (`_attached_linear_grads`)."""
 
     @staticmethod
     def forward(
@@ -485,7 +486,7 @@ def deferred_linear(
     carry: int = 0,
 ) -> torch.Tensor:
     """`x @ weight^T + bias` whose weight/bias gradients go through the BackwardScheduler, or,
-    with that scheduler disabled, to autograd as a stock linear's do (`weights_attached`).
+    where that scheduler defers nothing, to autograd as a stock linear's do (`weights_attached`).
 
     Args:
         x: `[..., in]`; weight: `[out, in]`; bias: `[out]` or None. Returns `[..., out]`.
