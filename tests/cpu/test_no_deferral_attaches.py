@@ -14,8 +14,6 @@ the host-bound 64-expert model over NVLink (docs/benchmarks/overlap.md). What mu
   - with an overlap policy they do hand over (the counter can see it), same values.
 """
 
-import contextlib
-
 import pytest
 import torch
 
@@ -23,21 +21,7 @@ import fluid.schedule.wgrad as wgrad
 from fluid.moe.grouped_gemm import grouped_linear
 from fluid.schedule import deferred_linear
 from fluid.schedule.scheduler import BackwardScheduler
-
-
-class _Comm:
-    """A CommContext stand-in: only its policy matters here (no window is ever opened)."""
-
-    min_window_bytes = 1024
-
-    def __init__(self, overlap: bool):
-        self.overlap = overlap
-
-    def should_overlap(self):
-        return self.overlap
-
-    def beside_comm(self):
-        return contextlib.nullcontext()
+from fluid.testing.autograd import PolicyComm
 
 
 def _scheduler(kind: str):
@@ -47,7 +31,7 @@ def _scheduler(kind: str):
     sched = BackwardScheduler()
     comm = None
     if kind in ("no_overlap", "overlap"):
-        comm = _Comm(kind == "overlap")
+        comm = PolicyComm(kind == "overlap")
         sched.register_comm(comm)
     return sched, comm
 

@@ -9,13 +9,11 @@ Windows are driven by hand with a CPU stand-in for an all-to-all handle and its 
 inside an autograd backward (the scheduler queues only there).
 """
 
-import contextlib
-
 import pytest
 import torch
 
 from fluid.schedule.scheduler import BackwardScheduler
-from fluid.testing.autograd import backward_op
+from fluid.testing.autograd import PolicyComm, backward_op
 
 
 class _Handle:
@@ -24,19 +22,6 @@ class _Handle:
 
     def wait(self):
         self.waited = True
-
-
-class _Comm:
-    min_window_bytes = 1024
-
-    def __init__(self, overlap=True):
-        self.overlap = overlap
-
-    def should_overlap(self):
-        return self.overlap
-
-    def beside_comm(self):
-        return contextlib.nullcontext()
 
 
 def _backward_running(sched, steps):
@@ -55,14 +40,14 @@ def _defer(name, carry=0, fn=None):
 
 
 def _window(comm=None, nbytes=1 << 20):
-    return lambda s: s.run_while(_Handle(nbytes), comm or _Comm())
+    return lambda s: s.run_while(_Handle(nbytes), comm or PolicyComm())
 
 
 @pytest.mark.parametrize("overlap", [True, False], ids=["overlapped", "after_wait"])
 def test_carried_task_runs_in_the_window_after_next(overlap):
     sched = BackwardScheduler()
     sched.trace = []
-    comm = _Comm(overlap)
+    comm = PolicyComm(overlap)
     kind = "overlapped" if overlap else "after_wait"
     _backward_running(
         sched,
@@ -96,7 +81,7 @@ def test_a_window_with_only_carried_tasks_runs_nothing_and_counts():
     seen = []
 
     def window_then_record(s):
-        s.run_while(_Handle(), _Comm())
+        s.run_while(_Handle(), PolicyComm())
         seen.append(list(sched.trace))
 
     _backward_running(sched, [_defer("carried", carry=1), window_then_record, window_then_record])

@@ -11,7 +11,8 @@ for `tests/` and `benchmarks/`; `overlay/pyproject.toml` excludes this package f
   sharding and rotary angles, torchrun set-up.
 - `fluid.testing.gpt`: the small GPTModel (MoE layers, Fluid or stock spec) of whole-model tests.
 - `fluid.testing.world`: a one-process gloo group and Megatron parallel state for CPU tests.
-- `fluid.testing.autograd`: an identity op whose backward runs a callback (scheduler tests).
+- `fluid.testing.autograd`: an identity op whose backward runs a callback, and a CommContext
+  stand-in with only its policy (scheduler tests).
 - `fluid.testing.bench`: the measurement helpers `benchmarks/` and the tests share (timer,
   alternating rounds, overlap measures, stage hooks, timeline arithmetic, launcher).
 """
