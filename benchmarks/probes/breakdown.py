@@ -98,8 +98,7 @@ def dry_run(names, step: int, variants=("stock", "fluid_off", "fluid"), link="nv
         if r.kind != "e2e":
             raise SystemExit(f"{r.name} is not an end-to-end recipe")
         out[r.name] = {}
-        if link not in r.links:
-            raise SystemExit(f"{r.name} has no link {link!r} (its links: {', '.join(r.links)})")
+        check_link(r, link)
         for v in variants:
             base = e2e_job.variant_argv(r, v, step + 1)
             bad = e2e_job.check_flag_names(base)
@@ -136,6 +135,14 @@ def run_env(link: str, variant: str, base: dict) -> dict:
     from benchmarks import recipes as R
 
     return {**base, **R.BASE_ENV, **R.LINKS[link], **R.variant_env(variant)}
+
+
+def check_link(recipe, link: str) -> None:
+    """Refuse, before any run, a link the recipe does not list."""
+    if link not in recipe.links:
+        raise SystemExit(
+            f"{recipe.name} has no link {link!r} (its links: {', '.join(recipe.links)})"
+        )
 
 
 def out_name(recipe: str, link: str) -> str:
@@ -250,8 +257,7 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="fluid_breakdown_"))
     deadline = time.time() + args.budget_s
     for r in R.select(names):
-        if args.link not in r.links:
-            ap.error(f"{r.name} has no link {args.link!r} (its links: {', '.join(r.links)})")
+        check_link(r, args.link)
         name = out_name(r.name, args.link)
         doc = {
             "recipe": r.name,
