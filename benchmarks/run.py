@@ -31,6 +31,7 @@ import shlex
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -311,7 +312,11 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--dry-run", action="store_true", help="CPU, gloo, tiny shapes, 2 ranks")
     ap.add_argument(
-        "--out", type=Path, default=RAW, help="raw JSON folder (default docs/benchmarks/raw)"
+        "--out",
+        type=Path,
+        default=None,
+        help="raw JSON folder (default docs/benchmarks/raw; with --dry-run a temporary folder, "
+        "so a CPU check never replaces committed GPU results)",
     )
     ap.add_argument("--page", type=Path, default=None, help="page to render (see the module doc)")
     ap.add_argument("--links", default=None, help="comma-separated subset of each recipe's links")
@@ -349,6 +354,8 @@ def main(argv=None) -> int:
     if not args.recipes:
         ap.error("name recipes (or --list)")
     selected = R.select(args.recipes)
+    if args.out is None:
+        args.out = Path(tempfile.mkdtemp(prefix="fluid_dry_run_")) if args.dry_run else RAW
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "logs").mkdir(exist_ok=True)
     meta = host_meta(git_commit(args.commit), args.dry_run)

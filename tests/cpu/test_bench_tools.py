@@ -189,3 +189,25 @@ def test_alternating_rounds_and_ratio_spread():
     r = round_ratios(rounds, "a", "b")
     assert r["rounds"] == [2.0, 3.0] and r["min"] == 2.0 and r["max"] == 3.0
     assert math.isclose(r["median"], 2.5)
+
+
+def test_dry_run_without_out_leaves_the_committed_results_alone(monkeypatch, tmp_path):
+    """`benchmarks.run RECIPE --dry-run` without --out once wrote its CPU check into
+    docs/benchmarks/raw/<recipe>.json, replacing the committed GPU results. Without --out a dry
+    run goes to a temporary folder; a real run still defaults to docs/benchmarks/raw."""
+    from benchmarks import run as bench_run
+
+    seen = {}
+
+    def fake_dry_run(selected, out, meta):
+        seen["out"] = out
+        return 0
+
+    monkeypatch.setattr(bench_run, "dry_run", fake_dry_run)
+    monkeypatch.setattr(bench_run, "git_commit", lambda *a, **k: "0" * 40)
+    monkeypatch.setattr("benchmarks.render.render_to", lambda *a, **k: None)
+    assert bench_run.main(["e2e_fine_ep2", "--dry-run"]) == 0
+    assert seen["out"].resolve() != bench_run.RAW.resolve()
+    assert bench_run.RAW.resolve() not in seen["out"].resolve().parents
+    assert bench_run.main(["e2e_fine_ep2", "--dry-run", "--out", str(tmp_path)]) == 0
+    assert seen["out"] == tmp_path
