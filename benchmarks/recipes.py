@@ -39,6 +39,9 @@ VARIANTS = {
     # Fluid with each bf16 dW added into the fp32 main_grad by DDP's hook, not inside the GEMM
     # (the default, auto; docs/benchmarks/breakdown.md)
     "fluid_unfused": {"use_fluid_moe": True, "fluid_wgrad_accumulation": "unfused"},
+    # Fluid with torch's multi-tensor AdamW, Megatron's own fallback without TE or apex (the
+    # default, auto, is torch's fused AdamW on CUDA; patch 0006)
+    "fluid_foreach": {"use_fluid_moe": True, "fluid_torch_adam": "foreach"},
     # Stock and Fluid with Megatron's two torch.compile fusions that need neither Transformer
     # Engine nor apex (the weighted SwiGLU, bias-dropout-add), which the recipes otherwise turn off
     # with the TE/apex-only ones (benchmarks/e2e_job.py, JIT_FUSIONS).

@@ -20,6 +20,7 @@ RATIOS = {
     "speedup_q32": ("stock", "fluid_q32"),  # Fluid with 32 hardware queues vs stock (one queue)
     "overlap_q32": ("fluid_off_q32", "fluid_q32"),  # overlap on vs off, both with 32 queues
     "wgrad_fused": ("fluid_unfused", "fluid"),  # fused fp32 dW accumulation (default) vs unfused
+    "fused_adam": ("fluid_foreach", "fluid"),  # torch's fused AdamW (default) vs foreach
     "jit_fusions": ("fluid", "fluid_jit"),  # Megatron's torch.compile fusions on, Fluid
     "speedup_jit": ("stock_jit", "fluid_jit"),  # Fluid vs stock, both with those fusions
     "stock_vs_stock": ("stock", "stock#2"),  # noise: stock against itself, same job

@@ -15,6 +15,9 @@ saved with a checkpoint's args.
     fluid_grouped_gemm       --fluid-grouped-gemm {auto,on,off}   auto
     fluid_wgrad_accumulation --fluid-wgrad-accumulation {auto,fused,unfused}  auto (fused into an
                                                                   fp32 main_grad; see README)
+    fluid_torch_adam         --fluid-torch-adam {auto,fused,foreach}  auto (fused where every
+                                                                  parameter is on CUDA; only
+                                                                  without TE or apex)
 
 `FluidConfig.from_config(config)` checks every value (FluidConfigError naming the flag) and returns
 a frozen copy; the Fluid layers read their settings from it and from nowhere else. FluidMoE reads
@@ -32,6 +35,7 @@ from typing import Optional
 OVERLAP_CHOICES = ("auto", "always", "never")
 SWITCH_CHOICES = ("auto", "on", "off")
 WGRAD_ACCUMULATION_CHOICES = ("auto", "fused", "unfused")
+TORCH_ADAM_CHOICES = ("auto", "fused", "foreach")
 
 # FluidConfig field -> (TransformerConfig field, command-line flag as --help lists it).
 FIELDS = {
@@ -44,6 +48,7 @@ FIELDS = {
     "moe_dedup": ("fluid_moe_dedup", "--fluid-moe-dedup"),
     "grouped_gemm": ("fluid_grouped_gemm", "--fluid-grouped-gemm"),
     "wgrad_accumulation": ("fluid_wgrad_accumulation", "--fluid-wgrad-accumulation"),
+    "torch_adam": ("fluid_torch_adam", "--fluid-torch-adam"),
 }
 
 # Environment variables of older versions -> the flag that replaced each.
@@ -84,6 +89,7 @@ class FluidConfig:
     moe_dedup: str = "auto"
     grouped_gemm: str = "auto"
     wgrad_accumulation: str = "auto"
+    torch_adam: str = "auto"
 
     def __post_init__(self):
         def bad(name, value, want):
@@ -100,6 +106,8 @@ class FluidConfig:
         if self.wgrad_accumulation not in WGRAD_ACCUMULATION_CHOICES:
             want = "expected one of " + ", ".join(WGRAD_ACCUMULATION_CHOICES)
             bad("wgrad_accumulation", self.wgrad_accumulation, want)
+        if self.torch_adam not in TORCH_ADAM_CHOICES:
+            bad("torch_adam", self.torch_adam, "expected one of " + ", ".join(TORCH_ADAM_CHOICES))
         for name, low in (("min_window_bytes", 0), ("sm_carveout", 0), ("moe_chunks", 1)):
             value = getattr(self, name)
             if value is None and name != "moe_chunks":

@@ -34,6 +34,8 @@ OVERLAY = Path(__file__).resolve().parents[2] / "overlay" / "fluid"
         ("fluid_moe_dedup", True, "--fluid-moe-dedup"),
         ("fluid_grouped_gemm", "1", "--fluid-grouped-gemm"),
         ("fluid_wgrad_accumulation", "on", "--fluid-wgrad-accumulation"),
+        ("fluid_torch_adam", "on", "--fluid-torch-adam"),
+        ("fluid_torch_adam", True, "--fluid-torch-adam"),
     ],
 )
 def test_bad_value_fails_naming_the_flag(field, value, flag):
@@ -45,10 +47,15 @@ def test_defaults_and_good_values():
     assert FluidConfig.from_config(SimpleNamespace()) == FluidConfig()
     fc = FluidConfig.from_config(
         SimpleNamespace(
-            fluid_sm_carveout=0, fluid_min_window_bytes=0, fluid_moe_chunks=4, fluid_overlap="never"
+            fluid_sm_carveout=0,
+            fluid_min_window_bytes=0,
+            fluid_moe_chunks=4,
+            fluid_overlap="never",
+            fluid_torch_adam="foreach",
         )
     )
     assert (fc.sm_carveout, fc.min_window_bytes, fc.moe_chunks, fc.overlap) == (0, 0, 4, "never")
+    assert fc.torch_adam == "foreach"
     with pytest.raises(dataclasses_frozen_error()):
         fc.overlap = "always"
 
@@ -94,6 +101,7 @@ def test_no_fluid_env_read_outside_config_construction():
     [
         ({"fluid_overlap": "bogus"}, "--fluid-overlap"),
         ({"fluid_min_window_bytes": -1}, "--fluid-min-window-bytes"),
+        ({"fluid_torch_adam": "bogus"}, "--fluid-torch-adam"),
         ({"moe_router_topk": 5, "moe_router_load_balancing_type": "none"}, "--moe-router-topk 5"),
         ({"fluid_moe_dedup": "on", "fluid_moe_chunks": 2}, "--fluid-moe-chunks 1"),
     ],

@@ -134,6 +134,20 @@ def test_fused_accumulation_variant_sets_its_flag():
     assert R.variant_env("fluid_unfused") == {}
 
 
+def test_foreach_adam_variant_sets_its_flag():
+    """`fluid_foreach` is Fluid with `--fluid-torch-adam foreach` (Megatron's own fallback; the
+    default is auto, fused on CUDA) and nothing else different; its ratio is fluid over it."""
+    from benchmarks import e2e_job as E
+    from benchmarks import recipes as R
+    from benchmarks.results import RATIOS
+
+    r = R.get("e2e_mixtral_1gpu")
+    a, b = E.variant_argv(r, "fluid_foreach", 15), E.variant_argv(r, "fluid", 15)
+    assert a[: len(b)] == b and a[len(b) :] == ["--fluid-torch-adam", "foreach"]
+    assert R.variant_env("fluid_foreach") == {}
+    assert RATIOS["fused_adam"] == ("fluid_foreach", "fluid")
+
+
 @pytest.mark.parametrize("base", ["stock", "fluid"])
 def test_jit_variants_only_drop_the_two_no_fusion_flags(base):
     """`stock_jit` / `fluid_jit` are stock / Fluid with Megatron's torch.compile fusions (weighted

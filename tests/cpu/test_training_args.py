@@ -41,6 +41,7 @@ def test_fields_reach_fluidconfig():
         fluid_moe_dedup="off",
         fluid_grouped_gemm="on",
         fluid_wgrad_accumulation="unfused",  # not the default (auto)
+        fluid_torch_adam="fused",  # not the default (auto)
         fluid_scheduler_timing=True,
     )
     assert FluidConfig.from_config(cfg) == FluidConfig(
@@ -53,6 +54,7 @@ def test_fields_reach_fluidconfig():
         moe_dedup="off",
         grouped_gemm="on",
         wgrad_accumulation="unfused",
+        torch_adam="fused",
     )
 
 
@@ -77,6 +79,8 @@ ARGV = [
     "off",
     "--fluid-wgrad-accumulation",
     "fused",
+    "--fluid-torch-adam",
+    "foreach",
 ]
 
 
@@ -114,6 +118,7 @@ def test_parse_args_carries_every_flag_into_the_config(monkeypatch):
         moe_dedup="on",
         grouped_gemm="off",
         wgrad_accumulation="fused",
+        torch_adam="foreach",
     )
 
 
@@ -124,6 +129,7 @@ def test_parse_args_carries_every_flag_into_the_config(monkeypatch):
         ("--fluid-overlap", "sometimes"),
         ("--fluid-grouped-gemm", "1"),
         ("--fluid-wgrad-accumulation", "on"),
+        ("--fluid-torch-adam", "on"),
         ("--fluid-moe-chunks", "two"),
     ],
 )
