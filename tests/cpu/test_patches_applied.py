@@ -1,7 +1,7 @@
 """Tier: cpu. The patch series is what Python imports: the `use_fluid_moe` field (0001), the
 `--use-fluid-moe` flag in Megatron's own argument parser (full tree), the log-hook seam (0003),
 TransformerConfig help strings that argparse can format (0004), the output-layer hook in GPTModel
-(0005), the torch-Adam keyword hook in the optimizer builder (0006)."""
+(0005), the torch-Adam class and keyword hook in the optimizer builder (0006)."""
 
 import inspect
 import sys
@@ -132,20 +132,24 @@ def test_gpt_model_output_layer_goes_through_the_hook_group(monkeypatch):
 
 def test_optimizer_builder_calls_the_torch_adam_hook_group():
     """Patch 0006: where Megatron falls back to torch's Adam/AdamW and use_fluid_moe is set, the
-    keyword arguments go through the `megatron.core.torch_adam_kwargs_hooks` group (FluidMoE's:
-    fused=True for --fluid-torch-adam fused); the builder itself: tests/cpu/test_torch_adam.py."""
+    class and keyword arguments go through the `megatron.core.torch_adam_hooks` group (FluidMoE's:
+    its subclass of the torch class, and fused=True for --fluid-torch-adam fused) and the builder
+    calls the class returned; the builder itself: tests/cpu/test_torch_adam.py."""
     from importlib.metadata import entry_points
 
     import megatron.core.optimizer as mopt
 
-    names = {ep.value for ep in entry_points(group=mopt.TORCH_ADAM_KWARGS_HOOK_GROUP)}
-    assert "fluid.megatron.optimizer:torch_adam_kwargs" in names
+    from fluid.megatron.optimizer import keep_implementation
+
+    names = {ep.value for ep in entry_points(group=mopt.TORCH_ADAM_HOOK_GROUP)}
+    assert "fluid.megatron.optimizer:torch_adam" in names
     p = mopt.torch.nn.Parameter(mopt.torch.zeros(2))
     cfg = _cfg(use_fluid_moe=True, num_moe_experts=2, fluid_torch_adam="fused")
-    kwargs = mopt._apply_torch_adam_kwargs_hooks(cfg, mopt.torch.optim.AdamW, {"params": [p]})
-    assert kwargs["fused"] is True
+    cls, kwargs = mopt._apply_torch_adam_hooks(cfg, mopt.torch.optim.AdamW, {"params": [p]})
+    assert cls is keep_implementation(mopt.torch.optim.AdamW) and kwargs["fused"] is True
     src = inspect.getsource(mopt._get_megatron_optimizer_based_on_param_groups)
     start = src.index("if USING_PYTORCH_OPTIMIZER:")  # the torch branch of the adam case
     branch = src[start : src.index('kwargs["adam_w_mode"]', start)]
     assert 'getattr(transformer_config, "use_fluid_moe", False)' in branch
-    assert "_apply_torch_adam_kwargs_hooks(" in branch
+    assert "adam_cls, kwargs = _apply_torch_adam_hooks(" in branch
+    assert "optimizer = adam_cls(**kwargs)" in src[start:]

@@ -1,8 +1,9 @@
 """Entry point called by the patched optimizer builder (patch 0006) for torch's Adam/AdamW.
 
-Installed by overlay/pyproject.toml under the entry-point group
-`megatron.core.torch_adam_kwargs_hooks`; Megatron calls it only where it falls back to torch's
-optimizers (neither Transformer Engine nor apex installed) and `config.use_fluid_moe` is set.
+Installed by overlay/pyproject.toml under the entry-point group `megatron.core.torch_adam_hooks`;
+Megatron calls it only where it falls back to torch's optimizers (neither Transformer Engine nor
+apex installed) and `config.use_fluid_moe` is set, with the torch class it picked (Adam or AdamW)
+and its keyword arguments, and builds the optimizer from the class and kwargs returned.
 There Megatron builds torch's AdamW with its default multi-tensor (foreach) implementation: one
 `torch._foreach_*` kernel per elementwise operation of the update, each a pass over every
 parameter and state tensor. TE's and apex's FusedAdam (what Megatron uses where either exists) and
@@ -18,13 +19,18 @@ torch's `fused=True` make the whole update in one pass over each tensor. `--flui
 
 Both compute the same update (fp32 math) in a different order of floating-point operations:
 parameters and states agree to fp32 rounding (within 1e-6 relative plus 1e-7 absolute after 5
-steps; tests/cpu/test_torch_adam.py states the measured bound and why). Their
-state dicts have the same keys and shapes, so a checkpoint loads into either; torch keeps `step` as
-an fp32 tensor on the parameter's device for fused and on the CPU for foreach, and
-`Optimizer.load_state_dict` places it by the saved groups' `fused`. Note that torch's
-`load_state_dict` restores every param-group entry from the checkpoint, `fused` and `foreach`
-included: an optimizer resumed from a checkpoint written with the other implementation runs that
-one from then on (the same update; only the speed differs).
+steps; tests/cpu/test_torch_adam.py states the measured bound and why).
+
+Resuming: torch's `Optimizer.load_state_dict` restores every param-group entry from the
+checkpoint, `fused` and `foreach` included, so a run resumed from a checkpoint written with the
+other implementation would silently run that one. The hook therefore returns, in every mode, a
+subclass of Megatron's torch class (`keep_implementation`) whose load_state_dict keeps the
+optimizer's own implementation settings, so a resumed run runs the flag's implementation; what it
+saves is torch's state dict (same keys and shapes: `step`, `exp_avg`, `exp_avg_sq` per parameter),
+so checkpoints move both ways between it, the other mode and stock Megatron. torch keeps `step` as
+an fp32 tensor on the parameter's device for fused and on the CPU for foreach, and places a loaded
+`step` by the groups' `fused` (and `capturable`): with this optimizer's own, as its own
+implementation needs.
 """
 
 from __future__ import annotations
@@ -85,9 +91,64 @@ def _refuse_fused(params: list, kwargs: dict) -> None:
             )
 
 
-def torch_adam_kwargs(config, adam_cls, kwargs: dict) -> dict:
-    """The hook: torch Adam/AdamW keyword arguments for --fluid-torch-adam; see the module
-    docstring. `config`: the model's TransformerConfig; `adam_cls`: torch.optim.Adam or AdamW."""
+IMPLEMENTATION = ("fused", "foreach", "capturable", "differentiable")
+
+
+class KeepImplementation:
+    """Mixed in before torch's Adam/AdamW (`keep_implementation`): load_state_dict takes the
+    param groups' IMPLEMENTATION entries from this optimizer, everything else from the checkpoint.
+
+    Why: torch's Optimizer.load_state_dict replaces every param-group entry with the saved one, so
+    an optimizer built with --fluid-torch-adam fused, resumed from a checkpoint written with
+    foreach (another mode, or stock Megatron), would run foreach from then on, and the other way
+    round, with no message. Which kernel runs is this run's choice, not the checkpoint's.
+
+    IMPLEMENTATION: the entries that choose how torch runs the update, not what it computes (any
+    value gives the same update to fp32 rounding), each set by this run's configuration: `fused`
+    and `foreach` (the kernel: --fluid-torch-adam), `capturable` (`step` kept on the parameter's
+    device so the update can be captured in a CUDA graph: Megatron's --optimizer-cuda-graph) and
+    `differentiable` (autograd through the update; torch's fused kernel refuses it, so it must
+    come from where `fused` does). The hyperparameters (lr, betas, eps, weight_decay, amsgrad,
+    maximize, decoupled_weight_decay: they change the update, amsgrad also the state) and
+    Megatron's own group entries (wd_mult, lr_mult, ...) come from the checkpoint, as with
+    torch's class.
+
+    The entries are replaced in the state dict torch then reads, so torch places each `step` for
+    this optimizer's implementation (fp32 on the parameter's device for fused or capturable, as
+    saved otherwise), as for a checkpoint written with the same implementation. Nothing else is
+    overridden: isinstance with torch's class holds and state_dict() is torch's.
+    """
+
+    def load_state_dict(self, state_dict):
+        own, saved = self.param_groups, state_dict["param_groups"]
+        if len(own) == len(saved):  # else torch refuses the state dict
+            saved = [
+                {**s, **{k: g[k] for k in IMPLEMENTATION if k in g}}
+                for s, g in zip(saved, own, strict=True)
+            ]
+        super().load_state_dict({**state_dict, "param_groups": saved})
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def keep_implementation(adam_cls: type) -> type:
+    """`adam_cls` (torch's Adam or AdamW, or a subclass) with KeepImplementation mixed in:
+    FluidAdam / FluidAdamW. One class per `adam_cls`."""
+    if issubclass(adam_cls, KeepImplementation):
+        return adam_cls
+    if adam_cls not in _CLASSES:
+        name = f"Fluid{adam_cls.__name__}"
+        _CLASSES[adam_cls] = type(
+            name, (KeepImplementation, adam_cls), {"__module__": __name__, "__qualname__": name}
+        )
+    return _CLASSES[adam_cls]
+
+
+def torch_adam(config, adam_cls, kwargs: dict) -> tuple[type, dict]:
+    """The hook: torch's Adam/AdamW class and keyword arguments for --fluid-torch-adam; see the
+    module docstring. `config`: the model's TransformerConfig; `adam_cls`: torch.optim.Adam or
+    AdamW. Returns (keep_implementation(adam_cls), kwargs), or both unchanged for another class."""
     import torch
 
     mode = FluidConfig.from_config(config).torch_adam
@@ -97,7 +158,7 @@ def torch_adam_kwargs(config, adam_cls, kwargs: dict) -> dict:
                 f"{flag('torch_adam')} fused: Megatron builds {adam_cls!r}, not torch's "
                 f"Adam/AdamW: use {flag('torch_adam')} auto"
             )
-        return kwargs
+        return adam_cls, kwargs
     params = _params(kwargs)
     impl = resolve(mode, params)
     if impl == "fused":
@@ -110,4 +171,4 @@ def torch_adam_kwargs(config, adam_cls, kwargs: dict) -> dict:
         flag("torch_adam"),
         mode,
     )
-    return kwargs
+    return keep_implementation(adam_cls), kwargs
