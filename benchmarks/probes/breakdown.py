@@ -9,10 +9,12 @@ GPU timeline.
 Per recipe (benchmarks/recipes.py, end-to-end) and variant: one torchrun of stock
 `pretrain_gpt.py` with the recipe's flags (benchmarks/e2e_job.variant_argv) plus Megatron's
 PyTorch-profiler flags, `--profile --use-pytorch-profiler --profile-step-start N
---profile-step-end N+1 --profile-ranks 0 --tensorboard-dir D/tb`, and `--train-iters N+1`.
-Megatron (training.py at the pin) then records iteration N (`ProfilerStep#N`) and writes it with
-`export_chrome_trace` to `D/torch_profile/rank-0.json.gz`: plain JSON, no tensorboard package
-(Megatron's tensorboard writer is skipped with a warning when the package is missing).
+--profile-step-end N+1 --profile-ranks 0 .. nproc-1 --tensorboard-dir D/tb`, and `--train-iters
+N+1`. Megatron (training.py at the pin) then records iteration N (`ProfilerStep#N`) on every rank
+and writes it with `export_chrome_trace` to `D/torch_profile/rank-<r>.json.gz`: plain JSON, no
+tensorboard package (Megatron's tensorboard writer is skipped with a warning when the package is
+missing). The breakdown is rank 0's; with several ranks, `peer_wait` (from every rank's trace)
+splits each rank's all-to-all kernel time into waiting for the other ranks and the rest.
 
 The script runs under this module's `--worker` mode, which installs
 `fluid.testing.bench.breakdown.module_scope_hooks` (an `nn.Module: <Class>` range around every
@@ -43,8 +45,10 @@ ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_RECIPES = ("e2e_mixtral_1gpu", "e2e_fine_1gpu")
 
 
-def profile_flags(step: int, tb_dir) -> list:
-    """Megatron's PyTorch-profiler flags recording iteration `step` on rank 0."""
+def profile_flags(step: int, tb_dir, nproc: int = 1) -> list:
+    """Megatron's PyTorch-profiler flags recording iteration `step` on every rank: the breakdown is
+    rank 0's, the other ranks' traces give `peer_wait` (profiling one rank only would also slow
+    that rank's host alone and skew the ranks against each other)."""
     return [
         "--profile",
         "--use-pytorch-profiler",
@@ -53,7 +57,7 @@ def profile_flags(step: int, tb_dir) -> list:
         "--profile-step-end",
         str(step + 1),
         "--profile-ranks",
-        "0",
+        *(str(r) for r in range(nproc)),
         "--tensorboard-dir",
         str(tb_dir),
     ]
@@ -63,7 +67,9 @@ def probe_argv(recipe, variant: str, step: int, tb_dir) -> list:
     """pretrain_gpt.py arguments of one run: the recipe's variant for step+1 iterations, profiled."""
     from benchmarks import e2e_job
 
-    return e2e_job.variant_argv(recipe, variant, step + 1) + profile_flags(step, tb_dir)
+    return e2e_job.variant_argv(recipe, variant, step + 1) + profile_flags(
+        step, tb_dir, recipe.nproc
+    )
 
 
 def torchrun_cmd(recipe, script, argv: list) -> list:
@@ -81,9 +87,9 @@ def torchrun_cmd(recipe, script, argv: list) -> list:
     ]
 
 
-def trace_path(tb_dir) -> Path:
-    """Where Megatron's trace handler writes rank 0's trace: `{tensorboard_dir}/../torch_profile`."""
-    return Path(tb_dir).parent / "torch_profile" / "rank-0.json.gz"
+def trace_path(tb_dir, rank: int = 0) -> Path:
+    """Where Megatron's trace handler writes a rank's trace: `{tensorboard_dir}/../torch_profile`."""
+    return Path(tb_dir).parent / "torch_profile" / f"rank-{rank}.json.gz"
 
 
 def dry_run(names, step: int, variants=("stock", "fluid_off", "fluid"), link="nvlink") -> dict:
@@ -154,7 +160,7 @@ def _run_one(
     recipe, variant, step, work: Path, out: Path, timeout, keep_mb, script=None, link="nvlink"
 ) -> dict:
     from benchmarks import e2e_job
-    from fluid.testing.bench.breakdown import breakdown
+    from fluid.testing.bench.breakdown import all_to_all_spans, breakdown, peer_wait
     from fluid.testing.bench.launch import parse_megatron_log, run_logged
 
     d = work / f"{recipe.name}_{variant}"
@@ -177,6 +183,14 @@ def _run_one(
         res["breakdown"] = breakdown(tp, step=step)
     except Exception as exc:  # keep the run's other results
         res["error"] = f"breakdown: {type(exc).__name__}: {exc}"
+    others = [trace_path(d / "tb", r) for r in range(1, recipe.nproc)]
+    if others and all(p.exists() for p in others):
+        try:
+            res["peer_wait"] = peer_wait(
+                {r: all_to_all_spans(p, step=step) for r, p in enumerate([tp, *others])}
+            )
+        except Exception as exc:
+            res["peer_wait"] = {"error": f"{type(exc).__name__}: {exc}"}
     if res["trace_mb"] <= keep_mb:
         shutil.copy(tp, out / f"trace_{name}_{variant}.json.gz")
     shutil.rmtree(d, ignore_errors=True)
@@ -190,6 +204,17 @@ def _write(out: Path, name: str, doc: dict) -> None:
     done = {v: r["breakdown"] for v, r in doc["variants"].items() if "breakdown" in r}
     text = f"# {name}: one iteration (step {doc['step']}), rank 0\n\n"
     text += markdown(done) if done else "no breakdown\n"
+    for v, r in doc["variants"].items():
+        pw = r.get("peer_wait") or {}
+        if pw.get("matched"):
+            per = "; ".join(
+                f"rank {k}: {x['kernel_ms']} ms in all-to-all kernels, {x['wait_ms']} waiting "
+                f"for the other ranks, {x['rest_ms']} after the last rank started"
+                for k, x in pw["ranks"].items()
+            )
+            text += f"\n{v}, {pw['count']} all-to-alls per rank: {per}\n"
+        elif pw:
+            text += f"\n{v}: peer wait not computed: {pw}\n"
     (out / f"breakdown_{name}.md").write_text(text)
 
 

@@ -12,7 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from fluid.testing.bench.breakdown import EXCLUSIVE, breakdown, categorize, markdown
+from fluid.testing.bench.breakdown import (
+    EXCLUSIVE,
+    all_to_all_spans,
+    breakdown,
+    categorize,
+    markdown,
+    peer_wait,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -114,6 +121,44 @@ def test_synthetic_exact():
     ]
     top = [(t["name"][:8], round(t["ms"] * 1e3, 6)) for t in b["top_kernels"]["expert_gemm"]]
     assert top == [("sm90_xmm", 30), ("nvjet_ts", 4)]
+
+
+def _rank_trace(a2a, base_ns=0):
+    """One rank's iteration (ProfilerStep#5, host 0..200 us) with all-to-all kernels `a2a`
+    [(start, dur)] in absolute us, written relative to `base_ns` as newer Kineto traces do; one
+    all-to-all of the previous iteration (-20..5, clipped, so not listed) and one all-reduce."""
+    b = base_ns / 1e3
+    ev = [_x("user_annotation", "ProfilerStep#5", 0 - b, 200)]
+    ev += _kernel("ncclDevKernel_SendRecv(prev)", -20 - b, 25, 13, 99, -30 - b)
+    for i, (t, d) in enumerate(a2a):
+        ev += _kernel("ncclDevKernel_SendRecv(x)", t - b, d, 13, i + 1, 1 - b)
+    ev += _kernel("ncclDevKernel_AllReduce_Sum_f32_RING_LL", 150 - b, 10, 13, 50, 2 - b)
+    return {"traceEvents": ev, "baseTimeNanoseconds": base_ns}
+
+
+def test_peer_wait_splits_all_to_all_time_into_waiting_and_the_rest():
+    """Rank 0 starts the first all-to-all at 10 us, rank 1 at 30: both end at 40, so rank 0 waited
+    20 us and each spent 10 after the last start. Second one: rank 1 first (60 vs 70), both end at
+    90: rank 1 waited 10. Rank 1's trace is written relative to another base time: the spans are
+    compared on the host clock. The previous iteration's all-to-all (clipped at the window's start)
+    and the all-reduce are not counted."""
+    r0 = _rank_trace([(10, 30), (70, 20)])
+    r1 = _rank_trace([(30, 10), (60, 30)], base_ns=7000)
+    s0, s1 = all_to_all_spans(r0, step=5), all_to_all_spans(r1, step=5)
+    assert s0 == [(10, 40), (70, 90)] and s1 == [(30, 40), (60, 90)]
+    pw = peer_wait({0: s0, 1: s1})
+    assert pw["matched"] and pw["count"] == 2
+    us = {r: {k: round(v * 1e3, 6) for k, v in x.items() if k.endswith("_ms")}
+          for r, x in pw["ranks"].items()}  # fmt: skip
+    assert us == {
+        "0": {"kernel_ms": 50, "wait_ms": 20, "rest_ms": 30},
+        "1": {"kernel_ms": 40, "wait_ms": 10, "rest_ms": 30},
+    }
+    assert pw["ranks"]["0"]["largest_waits"][0] == {"index": 0, "ms": 0.02}
+    assert pw["ranks"]["1"]["largest_waits"][0] == {"index": 1, "ms": 0.01}
+    # a rank that lists another number of all-to-alls is reported, not paired
+    bad = peer_wait({0: s0, 1: s1[:1]})
+    assert bad == {"matched": False, "counts": {"0": 2, "1": 1}}
 
 
 def test_step_choice_and_markdown(tmp_path):
@@ -289,6 +334,9 @@ def test_probe_dry_run_link_and_variants():
         assert r["env"]["NCCL_P2P_DISABLE"] == "1" and r["env"]["NCCL_MAX_NCHANNELS"] == "1"
         assert r["env"]["CUDA_DEVICE_MAX_CONNECTIONS"] == ("32" if v == "fluid_1f1b" else "1")
     assert "--overlap-moe-expert-parallel-comm" in runs["fluid_1f1b"]["argv"]
+    for r in runs.values():  # every rank profiled: peer_wait needs both traces
+        a = r["argv"]
+        assert a[a.index("--profile-ranks") + 1 : a.index("--profile-ranks") + 3] == ["0", "1"]
     p = subprocess.run(
         [sys.executable, "-m", "benchmarks.probes.breakdown", "--dry-run", "--recipes",
          "e2e_fine_1gpu", "--link", "p2poff_1ch"],

@@ -332,6 +332,52 @@ def breakdown(trace, step=None, top: int = 5) -> dict:
     }
 
 
+def all_to_all_spans(trace, step=None) -> list:
+    """[(start, end)] in microseconds on the host clock of every all-to-all kernel (`nccl_all_to_all`)
+    that starts inside the iteration window, in start order. Kernels carried over from the previous
+    iteration (clipped at the window's start) are left out, so every rank lists the same
+    collectives. `baseTimeNanoseconds` (newer Kineto traces write times relative to it) is added
+    back so that two ranks' traces of one host share a time base."""
+    if not isinstance(trace, dict | list):
+        trace = load(trace)
+    (t0, _, _), evs = gpu_events(trace, step)
+    base = float(trace.get("baseTimeNanoseconds", 0)) / 1e3 if isinstance(trace, dict) else 0.0
+    return sorted(
+        (s + base, e + base) for s, e, _, _, c in evs if c == "nccl_all_to_all" and s > t0
+    )
+
+
+def peer_wait(spans: dict, top: int = 3) -> dict:
+    """How much of each rank's all-to-all kernel time is waiting for the other ranks.
+
+    `spans`: {rank: all_to_all_spans(...)} of one iteration on every rank of the group, traces of
+    one host (one clock). The k-th all-to-all of each rank is taken to be the same collective (NCCL
+    runs a communicator's collectives in issue order on every rank; with several communicators
+    whose all-to-alls overlap in time this pairing is approximate). A collective moves data only
+    once the last rank has started it, so for rank r and collective k:
+        wait = max over ranks of start_k - start_k(r)   (r's kernel spinning for the others)
+        rest = end_k(r) - max start_k                   (the transfer, and r's own finish)
+    Returns per rank the summed kernel, wait and rest ms and the `top` largest waits; or
+    {"matched": False, "counts": ...} when the ranks list different numbers of all-to-alls."""
+    counts = {str(r): len(v) for r, v in spans.items()}
+    if len(set(counts.values())) != 1 or not spans:
+        return {"matched": False, "counts": counts}
+    n = next(iter(counts.values()))
+    last = [max(v[k][0] for v in spans.values()) for k in range(n)]
+    out: dict = {"matched": True, "count": n, "ranks": {}}
+    for r, v in sorted(spans.items()):
+        waits = [(last[k] - v[k][0], k) for k in range(n)]
+        out["ranks"][str(r)] = {
+            "kernel_ms": round(sum(e - s for s, e in v) / 1e3, 4),
+            "wait_ms": round(sum(w for w, _ in waits) / 1e3, 4),
+            "rest_ms": round(sum(max(v[k][1] - last[k], 0.0) for k in range(n)) / 1e3, 4),
+            "largest_waits": [
+                {"index": k, "ms": round(w / 1e3, 4)} for w, k in sorted(waits, reverse=True)[:top]
+            ],
+        }
+    return out
+
+
 def _pct(b: dict, c: str) -> str:
     return f"{100 * b['exclusive_ms'][c] / b['wall_ms']:.1f}%" if b["wall_ms"] else "-"
 
