@@ -83,17 +83,39 @@ def chunk_of_rows(offset_in_segment: torch.Tensor, segment_len: torch.Tensor, nu
     return torch.div((offset_in_segment + 1) * num_chunks - 1, segment_len, rounding_mode="floor")
 
 
+class _SegmentedIndexAdd(torch.autograd.Function):
+    """`segmented_index_add` with a one-kernel backward.
+
+    Autograd through the per-segment `index_add_` calls gave each segment's `src` slice its own
+    SliceBackward (a zero fill of all of `src`'s shape plus a copy) and summed the G slices (G
+    full-size adds): with 32 local experts about 33 fills and 33 adds per layer backward. The
+    gradient of `src` is `grad[index]` row by row whatever the segmentation, so one index_select
+    gives the same values (a gather; the old sum only added zeros to each row)."""
+
+    @staticmethod
+    def forward(ctx, dst, index, src, counts):
+        start = 0
+        for n in counts:
+            dst.index_add_(0, index[start : start + n], src[start : start + n])
+            start += n
+        ctx.mark_dirty(dst)
+        ctx.save_for_backward(index[:start])
+        return dst
+
+    @staticmethod
+    def backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        grad_src = grad.index_select(0, index) if ctx.needs_input_grad[2] else None
+        return grad, None, grad_src, None
+
+
 def segmented_index_add(dst, index, src, counts) -> torch.Tensor:
     """`dst.index_add_(0, index, src)` one segment of `counts` rows at a time, in order.
 
     Within a segment the indices are distinct, so no two atomic adds meet and the sum order is
-    fixed (segment 0 first): deterministic on CUDA too. Empty segments are added as well, so `dst`
-    joins the autograd graph (and the collective backward runs) on a rank with no rows."""
-    start = 0
-    for n in counts:
-        dst.index_add_(0, index[start : start + n], src[start : start + n])
-        start += n
-    return dst
+    fixed (segment 0 first): deterministic on CUDA too. `dst` joins the autograd graph (and the
+    collective backward runs) on a rank with no rows too. Backward: `_SegmentedIndexAdd`."""
+    return _SegmentedIndexAdd.apply(dst, index, src, tuple(int(n) for n in counts))
 
 
 def check_dedup_settings(config, num_chunks: int) -> None:
@@ -234,10 +256,11 @@ class FluidTokenDispatcher:
         return recv
 
     def _exchange_counts(self, routing_map: torch.Tensor, staged: bool) -> torch.Tensor:
-        """`[E]` local counts and `[P*G]` received counts, concatenated on the device."""
+        """`[E]` local counts and `[P*G]` received counts, concatenated on the device; with P = 1
+        only the `[E]` local counts (they are the received ones: no cat kernel)."""
         counts_E = routing_map.sum(dim=0).long()
         if self.ep_size == 1:
-            return torch.cat([counts_E, counts_E])
+            return counts_E
         return torch.cat([counts_E, self._counts_all_to_all(counts_E, staged)])
 
     def _permutation(self, routing_map: torch.Tensor, counts_E: torch.Tensor, num_rows: int):
@@ -287,7 +310,10 @@ class FluidTokenDispatcher:
         sorted_indices = flat_sorted % num_tokens if num_tokens else flat_sorted
         self.plan = DispatchPlan(hidden_shape, num_tokens, routing_map, sorted_indices)
         permuted = hidden.index_select(0, sorted_indices)
-        permuted_probs = probs.T.contiguous().reshape(-1)[flat_sorted]
+        # index_select, not [flat_sorted]: same gather, but its backward is a fill + one index_add
+        # instead of index_put(accumulate=True), which sorts the indices on CUDA (several
+        # kernels); the indices are distinct, so both write each gradient once into zeros.
+        permuted_probs = probs.T.contiguous().reshape(-1).index_select(0, flat_sorted)
         return permuted, permuted_probs
 
     # -- 1'. deduplicated dispatch (see the module docstring) ---------------------------------
@@ -313,8 +339,12 @@ class FluidTokenDispatcher:
         token = flat_sorted % T if T else flat_sorted
         dest = torch.div(flat_sorted, T, rounding_mode="floor") if T else flat_sorted
         rows = hidden.index_select(0, token)
-        local_probs = probs.reshape(T, P, G)[token, dest]  # [R, G], differentiable
-        local_mask = map3[token, dest].to(local_probs.dtype)
+        # [R, G] rows (token, dest) of the [T*P, G] views, differentiable. index_select rather
+        # than [token, dest]: the same gather, and the (distinct) rows' backward is one index_add
+        # instead of index_put(accumulate=True), which sorts the indices on CUDA.
+        pair = dest.add(token, alpha=P)  # token * P + dest
+        local_probs = probs.reshape(T * P, G).index_select(0, pair)
+        local_mask = map3.reshape(T * P, G).index_select(0, pair).to(local_probs.dtype)
         meta = torch.cat([local_probs, local_mask], dim=1)  # [R, 2G]
         self.plan = DispatchPlan(hidden_shape, T, routing_map, token)
         return rows, meta
@@ -341,11 +371,16 @@ class FluidTokenDispatcher:
         G = self.num_local_experts
         R = tokens.shape[0]
         n = sum(plan.tokens_per_expert[0])
-        mask_GR = meta[:, G:].T.contiguous() > 0.5
+        # One transposed copy `[2G, R]` for both halves: its first G*R entries are the probs
+        # `[G, R]` flattened, so idx (< G*R) indexes them directly, and backward needs no
+        # slice_backward (zero fill + copy) of meta[:, :G].
+        meta_T = meta.T.contiguous()
+        mask_GR = meta_T[G:] > 0.5
         idx = mask_GR.reshape(-1).argsort(descending=True, stable=True)[:n]
         row = idx % R if R else idx
         plan.expand_rows = row
-        probs = meta[:, :G].T.contiguous().reshape(-1)[idx]
+        # index_select: distinct indices, a cheaper backward than [idx] (see _plain_preprocess)
+        probs = meta_T.reshape(-1).index_select(0, idx)
         return tokens.index_select(0, row), probs
 
     def _dedup_reduce(self, out, plan: DispatchPlan):
@@ -387,7 +422,8 @@ class FluidTokenDispatcher:
     def _finish_chunk_plan(self, plan: DispatchPlan) -> DispatchPlan:
         counts = self._take_pending()
         E, G, P, C = self.num_experts, self.num_local_experts, self.ep_size, self.num_chunks
-        local, recv = counts[:E], counts[E:]
+        local = counts[:E]
+        recv = counts[E:] if P > 1 else local  # P = 1: `_exchange_counts` sent only local
         local_b = [chunk_bounds(n, C) for n in local]
         recv_b = [chunk_bounds(n, C) for n in recv]
         for c in range(C):
@@ -413,9 +449,11 @@ class FluidTokenDispatcher:
         plan = self._finish_plan()
         rows = [sum(s) for s in plan.send_splits]
         parts = []
-        for c, (x, p) in enumerate(
-            zip(permuted.split(rows), permuted_probs.split(rows), strict=True)
-        ):
+        if rows == [permuted.shape[0]]:  # one chunk: a 1-piece split's backward is a full copy
+            pieces = [permuted], [permuted_probs]
+        else:
+            pieces = permuted.split(rows), permuted_probs.split(rows)
+        for c, (x, p) in enumerate(zip(*pieces, strict=True)):
             n = sum(plan.recv_splits[c])
             parts.append(((x, x.new_empty((n, *x.shape[1:]))), (p, p.new_empty((n, *p.shape[1:])))))
         ready = None

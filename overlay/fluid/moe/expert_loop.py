@@ -114,7 +114,8 @@ class _SequentialExperts(torch.autograd.Function):
         want_dx = ctx.needs_input_grad[0]
         probs_shape, probs_dtype, want_dprobs = ctx.probs_meta
         dx = x.new_empty(x.shape) if want_dx else None
-        dprobs = dy.new_zeros(probs_shape, dtype=probs_dtype) if want_dprobs else None
+        # every row belongs to one expert with rows, whose loop step writes it: no zero fill
+        dprobs = dy.new_empty(probs_shape, dtype=probs_dtype) if want_dprobs else None
         # In a training backward under Megatron DDP (params with main_grad) each expert's dW is
         # added into main_grad[g] and freed, as DDP's hook does with each of SequentialMLP's
         # per-expert grads; otherwise it is written into one stacked dW per weight, handed to

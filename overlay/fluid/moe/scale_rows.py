@@ -65,7 +65,9 @@ class _ScaleRows(torch.autograd.Function):
                 torch.mul(g, probs[s : s + rows].unsqueeze(-1), out=grad_a[s : s + rows])
             elif need_a:
                 grad_a[s : s + rows].copy_(g * probs[s : s + rows].unsqueeze(-1))
-            if need_p:
+            if need_p and grad_p.dtype == wide:  # the sum straight into grad_p: no copy kernel
+                torch.sum(g * a[s : s + rows], -1, out=grad_p[s : s + rows])
+            elif need_p:
                 grad_p[s : s + rows].copy_((g * a[s : s + rows]).sum(-1))
         return grad_a, grad_p, None
 

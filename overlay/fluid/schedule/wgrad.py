@@ -107,7 +107,7 @@ class _HandOver(torch.autograd.Function):
     @staticmethod
     def forward(ctx, param, box):
         ctx.box = box
-        return param.new_zeros(())
+        return param.new_empty(())  # never read (backward ignores it): no fill kernel
 
     @staticmethod
     def backward(ctx, _):
@@ -158,7 +158,8 @@ def _hand_over(param: torch.nn.Parameter, box: list) -> None:
     """Run param's AccumulateGrad (and its hooks) on the tensor in `box`, emptying the box."""
     with torch.enable_grad():
         out = _HandOver.apply(param, box)
-    torch.autograd.backward(out)
+    # an explicit (unread) seed: backward(out) alone would launch a ones_like fill kernel
+    torch.autograd.backward(out, out.detach())
 
 
 WGRAD_ACCUMULATION_MODES = ("auto", "fused", "unfused")
