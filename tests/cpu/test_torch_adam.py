@@ -499,3 +499,29 @@ def test_load_keeps_only_the_implementation():
         assert all(opt.state[p]["step"].dtype == want for p in ps)
         _steps(ps, opt, grads)  # runs: a checkpoint's differentiable=True would refuse fused
         assert all(opt.state[p]["step"].item() == 4.0 for p in ps)
+
+
+@pytest.mark.parametrize("impl", ["foreach", "fused"])
+def test_load_gives_each_parameter_its_own_step(impl):
+    """Megatron's DistributedOptimizer.load_state_dict (no TE, no apex) puts one `step` tensor
+    into every parameter's state. Loaded into torch's own AdamW with the foreach kernel, that
+    tensor stays shared and one update adds 1 to it once per parameter (5 -> 5 + n); FluidMoE's
+    class gives each parameter its own copy: 5 -> 6 for every parameter, whatever the
+    implementation."""
+    params, grads = _problem(7, 2)
+    _, src = _adamw(params, "foreach")
+    sd = src.state_dict()
+    shared = torch.tensor(5.0)
+    sd["state"] = {
+        k: {"step": shared, "exp_avg": p.new_zeros(p.shape), "exp_avg_sq": p.new_zeros(p.shape)}
+        for k, p in enumerate(params)
+    }
+    ps, opt = _adamw(params, impl, fluid=True)
+    opt.load_state_dict(copy.deepcopy(sd))  # deepcopy keeps the aliasing, as Megatron's dict
+    _steps(ps, opt, grads[:1])
+    assert [float(opt.state[p]["step"]) for p in ps] == [6.0] * len(ps)
+    ps_t, opt_t = _adamw(params, "foreach")  # torch's class: the bug this guards against
+    opt_t.load_state_dict(copy.deepcopy(sd))
+    _steps(ps_t, opt_t, grads[:1])
+    assert float(opt_t.state[ps_t[0]]["step"]) == 5.0 + len(ps_t)
+

@@ -21,6 +21,10 @@ Both compute the same update (fp32 math) in a different order of floating-point 
 parameters and states agree to fp32 rounding (within 1e-6 relative plus 1e-7 absolute after 5
 steps; tests/cpu/test_torch_adam.py states the measured bound and why).
 
+Resuming, second: Megatron's DistributedOptimizer.load_state_dict (without TE or apex) gives every
+parameter one shared `step` tensor, which torch's foreach update would advance once per parameter;
+the subclass's load_state_dict gives each parameter its own copy.
+
 Resuming: torch's `Optimizer.load_state_dict` restores every param-group entry from the
 checkpoint, `fused` and `foreach` included, so a run resumed from a checkpoint written with the
 other implementation would silently run that one. The hook therefore returns, in every mode, a
@@ -120,13 +124,27 @@ class KeepImplementation:
     """
 
     def load_state_dict(self, state_dict):
+        import torch
+
         own, saved = self.param_groups, state_dict["param_groups"]
         if len(own) == len(saved):  # else torch refuses the state dict
             saved = [
                 {**s, **{k: g[k] for k in IMPLEMENTATION if k in g}}
                 for s, g in zip(saved, own, strict=True)
             ]
-        super().load_state_dict({**state_dict, "param_groups": saved})
+        # Each parameter's `step` its own tensor: without TE or apex, Megatron's
+        # DistributedOptimizer.load_state_dict gives every parameter one shared `step` tensor,
+        # which torch keeps where it needs no cast (foreach, or fused on the CPU), and the
+        # foreach update's `_foreach_add_(steps, 1)` then adds 1 to it once per parameter: a
+        # 3-parameter optimizer resumed at step 5 stands at 8 after one update, and Adam's bias
+        # corrections are off from then on.
+        state = {
+            k: {**v, "step": v["step"].clone()}
+            if isinstance(v, dict) and torch.is_tensor(v.get("step"))
+            else v
+            for k, v in state_dict.get("state", {}).items()
+        }
+        super().load_state_dict({**state_dict, "param_groups": saved, "state": state})
 
 
 _CLASSES: dict[type, type] = {}
