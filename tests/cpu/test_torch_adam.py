@@ -524,4 +524,3 @@ def test_load_gives_each_parameter_its_own_step(impl):
     opt_t.load_state_dict(copy.deepcopy(sd))
     _steps(ps_t, opt_t, grads[:1])
     assert float(opt_t.state[ps_t[0]]["step"]) == 5.0 + len(ps_t)
-
