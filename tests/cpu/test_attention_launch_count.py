@@ -22,8 +22,8 @@ import gc
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from fluid.testing.ops import CountOps
 from fluid.testing.world import single_rank_megatron
 
 # no kernel: views, metadata, allocation without a fill
@@ -48,16 +48,6 @@ NO_KERNEL = {
     "new_empty",
     "empty_strided",
 }
-
-
-class _CountOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops: collections.Counter = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -95,7 +85,7 @@ def _layer_ops(scheduler_on: bool) -> collections.Counter:
     dy = torch.randn(S, b, cfg.hidden_size, generator=g).to(torch.bfloat16)
     emb = rope_angles(S, 16)  # one tensor for every call, as Megatron's lru_cached RotaryEmbedding
     assert sched.defers_dw() == scheduler_on  # on: dW handed over; off: weights attached
-    counter = _CountOps()
+    counter = CountOps()
     try:
         for it in range(3):
             reset_ddp_flags(layer.parameters())

@@ -17,8 +17,8 @@ import contextlib
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from fluid.testing.ops import CountOps
 from fluid.testing.world import single_rank_megatron
 
 FILL_OPS = {
@@ -35,16 +35,6 @@ FILL_OPS = {
     "new_full",
     "slice_backward",
 }
-
-
-class _CountOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops: collections.Counter = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -92,7 +82,7 @@ def _layer_ops(dedup: bool, scheduler_on: bool) -> collections.Counter:
     g = torch.Generator().manual_seed(3)
     x = torch.randn(512, 1, H, generator=g).requires_grad_(True)
     dy = torch.randn(512, 1, H, generator=g)
-    counter = _CountOps()
+    counter = CountOps()
     try:
         for it in range(3):
             reset_ddp_flags(layer.parameters())
