@@ -180,19 +180,26 @@ def test_main_grad_under_ddp_hooks_matches_the_composition(first):
 
 
 def test_auto_policy_picks_the_loop_for_large_experts_only(monkeypatch):
-    x = torch.empty(0)
+    def rows(
+        counts,
+    ):  # x `[T, 0]`: the policy reads T (the counts' sum) from x, as the layer passes
+        return torch.empty((sum(counts), 0))
+
     monkeypatch.setattr(grouped_gemm, "_grouped_mm_supported", lambda x: True)  # as on Hopper
     mixtral = 4096 * 2 * 14336 + 14336 * 4096  # H * F1 + F * H
     fine = 2048 * 2 * 1408 + 1408 * 2048
-    assert not use_grouped_mm(x, [2048] * 4, mixtral, "auto")  # 721 GFLOP per expert
-    assert use_grouped_mm(x, [768] * 32, fine)  # 13 GFLOP per expert
+    big, many = [2048] * 4, [768] * 32
+    assert not use_grouped_mm(rows(big), big, mixtral, "auto")  # 721 GFLOP per expert
+    assert use_grouped_mm(rows(many), many, fine)  # 13 GFLOP per expert
     e2e = (
         2048 * 2 * 5632 + 5632 * 2048
     )  # benchmarks/e2e.py's layer: 141 GFLOP, host-bound as a loop
-    assert use_grouped_mm(x, [2048] * 4, e2e)
-    assert use_grouped_mm(x, [16] * 4, mixtral)  # small batch of a large expert: 5.6 GFLOP
-    assert use_grouped_mm(x, [2048] * 4, mixtral, "on")
-    assert not use_grouped_mm(x, [768] * 32, fine, "off")
+    assert use_grouped_mm(rows(big), big, e2e)
+    assert use_grouped_mm(
+        rows([16] * 4), [16] * 4, mixtral
+    )  # small batch of a large expert: 5.6 GFLOP
+    assert use_grouped_mm(rows(big), big, mixtral, "on")
+    assert not use_grouped_mm(rows(many), many, fine, "off")
     from fluid.config import FluidConfig, FluidConfigError
 
     bad = "--fluid-grouped-gemm .*auto, on, off, got 'sometimes'"

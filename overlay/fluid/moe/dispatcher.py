@@ -9,7 +9,9 @@ One forward, in order (the stage names are Megatron's MoEAlltoAllTokenDispatcher
      group gives recv_PG (rows each rank sends to each of this rank's experts); both are copied to
      the host *at once* (non_blocking into pinned memory on CUDA) and the copy is only waited for
      at the first all-to-all, after the permutation kernels were queued. That is the layer's only
-     device->host synchronization. Permutation (as megatron.core.transformer.moe.moe_utils.permute,
+     device->host synchronization; at EP = 1 (one chunk, dropless) the forward has none: nothing
+     is sent, the grouped GEMM takes device offsets, and the host counts are read only where
+     needed (HostCounts). Permutation (as megatron.core.transformer.moe.moe_utils.permute,
      unfused): rows expert-major, and with C > 1 chunk-major first (see `chunk_of_rows`).
   2. `token_dispatch` / `launch_dispatch` (or `dispatch_chunks` + `launch_dispatch_part`, for the
      caller that orders launches itself, FluidMoELayer.forward): per chunk, one all-to-all of the
@@ -66,6 +68,7 @@ from megatron.core.transformer.moe.moe_utils import unpermute
 
 from fluid.comm import CommContext, fluid_all_to_all
 from fluid.comm.context import current_stream
+from fluid.moe.counts import HostCounts, PendingCounts, local_offsets
 from fluid.moe.grouped_gemm import offsets_for
 from fluid.moe.handoff import Handoff
 
@@ -142,7 +145,8 @@ class DispatchPlan:
         send_splits: `[C][P]` rows this rank sends to each rank, per chunk.
         recv_splits: `[C][P]` rows this rank receives from each rank, per chunk.
         recv_counts: `[C][P*G]` received rows per (source rank, local expert), row-major.
-        tokens_per_expert: `[C][G]` rows per local expert, per chunk.
+        tokens_per_expert: `[C][G]` rows per local expert, per chunk. At EP = 1 with one chunk
+            (dropless) both are one HostCounts, read from the device only where a value is used.
         sorted_indices: `[R]` the token index of every sent row (device); with dedup the rows
             are one per (token, destination rank), rank-major, tokens ascending within a rank.
         offs: per chunk, int32 cumulative tokens_per_expert on the GPU (None on CPU).
@@ -177,27 +181,6 @@ class DispatchPlan:
         if self.indices_handoff is not None:
             return self.indices_handoff.take()[0]
         return self.sorted_indices
-
-
-class _PendingCounts:
-    """Counts on their way to the host: `get()` waits (the single sync) and returns a list."""
-
-    def __init__(self, counts_device: torch.Tensor):
-        if counts_device.is_cuda:
-            self.host = torch.empty(counts_device.shape, dtype=counts_device.dtype, pin_memory=True)
-            self.host.copy_(counts_device, non_blocking=True)
-            self.event: Optional[torch.cuda.Event] = torch.cuda.Event()
-            self.event.record(current_stream(counts_device.device.index))
-        else:
-            self.host, self.event = counts_device, None
-        self._list: Optional[list[int]] = None
-
-    def get(self) -> list[int]:
-        if self._list is None:
-            if self.event is not None:
-                self.event.synchronize()
-            self._list = [int(c) for c in self.host.tolist()]
-        return self._list
 
 
 class FluidTokenDispatcher:
@@ -235,7 +218,7 @@ class FluidTokenDispatcher:
         self.num_chunks = num_chunks
         self.dynamic_rows = config.moe_expert_capacity_factor is not None
         self.plan: Optional[DispatchPlan] = None
-        self._pending: Optional[_PendingCounts] = None
+        self._pending: Optional[PendingCounts] = None
         self.shared_experts = None
 
     # -- 1. metadata + permutation ------------------------------------------------------------
@@ -300,7 +283,7 @@ class FluidTokenDispatcher:
         hidden = hidden_states.reshape(-1, hidden_shape[-1])
         num_tokens = hidden.shape[0]
         counts = self._exchange_counts(routing_map, staged)
-        self._pending = _PendingCounts(counts)
+        self._pending = PendingCounts(counts)
         counts_E = counts[: self.num_experts]
         if self.dynamic_rows:  # token dropping: the row count is data-dependent, sync here
             num_rows = sum(self._pending.get()[: self.num_experts])
@@ -330,7 +313,7 @@ class FluidTokenDispatcher:
         recv = send
         if P > 1:
             recv = self._counts_all_to_all(send, staged)
-        self._pending = _PendingCounts(torch.cat([counts_E, uniq_P, recv]))
+        self._pending = PendingCounts(torch.cat([counts_E, uniq_P, recv]))
         host = self._pending.get()  # the one sync: the row count sizes the permutation below
         num_send = sum(host[E : E + P])
         # Rows to send: rank-major, tokens ascending within a rank.
@@ -419,9 +402,36 @@ class FluidTokenDispatcher:
             plan.offs_handoff = Handoff(*plan.offs)
         return plan
 
+    def _local_plan_applies(self) -> bool:
+        """EP = 1, one chunk, dropless (the deduplicated dispatch builds its own plan)."""
+        return self.ep_size == 1 and self.num_chunks == 1 and not self.dynamic_rows
+
+    def _finish_local_plan(self, plan: DispatchPlan) -> DispatchPlan:
+        """EP = 1, one chunk, dropless: no split needs the host counts (all R rows stay here),
+        the grouped GEMM's offsets come from the device counts, and tokens_per_expert is a
+        HostCounts read only where a value is needed. So the forward does not wait for the
+        device: it waited once per MoE layer before, and then the host queued the rest of the
+        layer with the GPU idle (the host-bound 64-expert model on one H200,
+        docs/benchmarks/breakdown.md)."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            raise RuntimeError(
+                "FluidTokenDispatcher: no counts pending; call dispatch_preprocess first"
+            )
+        rows = plan.sorted_indices.shape[0]
+        counts = HostCounts(pending)
+        plan.send_splits.append([rows])
+        plan.recv_splits.append([rows])
+        plan.recv_counts.append(counts)
+        plan.tokens_per_expert.append(counts)
+        plan.offs.append(local_offsets(pending.device))
+        return plan
+
     def _finish_chunk_plan(self, plan: DispatchPlan) -> DispatchPlan:
-        counts = self._take_pending()
         E, G, P, C = self.num_experts, self.num_local_experts, self.ep_size, self.num_chunks
+        if self._local_plan_applies():
+            return self._finish_local_plan(plan)
+        counts = self._take_pending()
         local = counts[:E]
         recv = counts[E:] if P > 1 else local  # P = 1: `_exchange_counts` sent only local
         local_b = [chunk_bounds(n, C) for n in local]
@@ -517,10 +527,11 @@ class FluidTokenDispatcher:
             tokens, probs = self._dedup_expand(tokens, probs, plan)
             return tokens, plan.tokens_per_expert[chunk], probs, plan.offs_for_chunk(chunk)
         counts = plan.recv_counts[chunk]
-        if tokens.shape[0] != sum(counts):
+        expected = sum(plan.recv_splits[chunk])  # = sum(counts), without reading HostCounts
+        if tokens.shape[0] != expected:
             raise RuntimeError(
                 f"dispatch_postprocess: {tokens.shape[0]} received rows, the plan of this layer's "
-                f"forward in flight expects {sum(counts)} (stages of two forwards interleaved?)"
+                f"forward in flight expects {expected} (stages of two forwards interleaved?)"
             )
         tokens = self._reorder(tokens, counts, True)
         probs = self._reorder(probs, counts, True)

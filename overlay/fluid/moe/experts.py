@@ -41,6 +41,7 @@ import torch
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from fluid.moe.counts import HostCounts
 from fluid.moe.expert_loop import has_main_grad, sequential_experts
 from fluid.moe.grouped_gemm import GroupedMMFallbacks, grouped_linear, offsets_for, use_grouped_mm
 from fluid.moe.scale_rows import scale_rows
@@ -165,7 +166,8 @@ class FluidGroupedMLP(MegatronModule):
 
         Args:
             permuted_hidden: `[T, H]`, rows of local expert g contiguous, g ascending.
-            tokens_per_expert: G host ints (list or CPU tensor) summing to T.
+            tokens_per_expert: G host ints (list, CPU tensor or the dispatcher's HostCounts)
+                summing to T.
             permuted_probs: `[T]` routing probability of each row.
             offs: int32 `[G]` cumulative counts on the GPU for the grouped GEMM; computed
                 from tokens_per_expert if None.
@@ -326,7 +328,10 @@ def _fused_weighted_activations():
     return (torch.nn.functional.silu, quick_gelu)
 
 
-def _host_ints(tokens_per_expert) -> list[int]:
+def _host_ints(tokens_per_expert):
+    """The counts as host ints; a HostCounts as it is (its values are read only where used)."""
+    if isinstance(tokens_per_expert, HostCounts):
+        return tokens_per_expert
     if isinstance(tokens_per_expert, torch.Tensor):
         return [int(c) for c in tokens_per_expert.tolist()]
     return [int(c) for c in tokens_per_expert]

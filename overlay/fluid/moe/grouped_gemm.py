@@ -41,6 +41,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from fluid.moe.counts import HostCounts
 from fluid.schedule import accumulate_weight_grad, get_backward_scheduler
 from fluid.schedule.wgrad import (
     accumulate_into,
@@ -121,7 +122,7 @@ def use_grouped_mm(
         return False
     if mode == "on" or not counts:
         return True
-    mean_rows = sum(int(c) for c in counts) / len(counts)
+    mean_rows = x.shape[0] / len(counts)  # counts sum to the rows: no host value read
     return 2.0 * mean_rows * macs_per_row < LOOP_MIN_EXPERT_GFLOP * 1e9
 
 
@@ -329,7 +330,7 @@ def grouped_linear(
         x_TK,
         attach(weight_GNK, attached),
         dw_probe(weight_GNK),
-        tuple(int(c) for c in counts),
+        counts if isinstance(counts, HostCounts) else tuple(int(c) for c in counts),
         offs,
         (weight_GNK,),
         name,
