@@ -13,7 +13,8 @@ PyTorch-profiler flags, `--profile --use-pytorch-profiler --profile-step-start N
 N+1`. Megatron (training.py at the pin) then records iteration N (`ProfilerStep#N`) on every rank
 and writes it with `export_chrome_trace` to `D/torch_profile/rank-<r>.json.gz`: plain JSON, no
 tensorboard package (Megatron's tensorboard writer is skipped with a warning when the package is
-missing). The breakdown is rank 0's; with several ranks, `peer_wait` (from every rank's trace)
+missing). The breakdown is rank 0's, with `host_pace` (each module's host time beside the GPU time it
+launched, and the host's waits for the device); with several ranks, `peer_wait` (from every rank's trace)
 splits each rank's all-to-all kernel time into waiting for the other ranks and the rest.
 
 The script runs under this module's `--worker` mode, which installs
@@ -160,7 +161,7 @@ def _run_one(
     recipe, variant, step, work: Path, out: Path, timeout, keep_mb, script=None, link="nvlink"
 ) -> dict:
     from benchmarks import e2e_job
-    from fluid.testing.bench.breakdown import all_to_all_spans, breakdown, peer_wait
+    from fluid.testing.bench.breakdown import all_to_all_spans, breakdown, host_pace, peer_wait
     from fluid.testing.bench.launch import parse_megatron_log, run_logged
 
     d = work / f"{recipe.name}_{variant}"
@@ -183,6 +184,10 @@ def _run_one(
         res["breakdown"] = breakdown(tp, step=step)
     except Exception as exc:  # keep the run's other results
         res["error"] = f"breakdown: {type(exc).__name__}: {exc}"
+    try:
+        res["host_pace"] = host_pace(tp, step=step)
+    except Exception as exc:
+        res["host_pace"] = {"error": f"{type(exc).__name__}: {exc}"}
     others = [trace_path(d / "tb", r) for r in range(1, recipe.nproc)]
     if others and all(p.exists() for p in others):
         try:
@@ -198,12 +203,17 @@ def _run_one(
 
 
 def _write(out: Path, name: str, doc: dict) -> None:
-    from fluid.testing.bench.breakdown import markdown
+    from fluid.testing.bench.breakdown import host_pace_markdown, markdown
 
     (out / f"breakdown_{name}.json").write_text(json.dumps(doc, indent=1))
     done = {v: r["breakdown"] for v, r in doc["variants"].items() if "breakdown" in r}
     text = f"# {name}: one iteration (step {doc['step']}), rank 0\n\n"
     text += markdown(done) if done else "no breakdown\n"
+    paces = {
+        v: r["host_pace"] for v, r in doc["variants"].items() if "modules" in r.get("host_pace", {})
+    }
+    if paces:
+        text += host_pace_markdown(paces)
     for v, r in doc["variants"].items():
         pw = r.get("peer_wait") or {}
         if pw.get("matched"):

@@ -17,6 +17,8 @@ from fluid.testing.bench.breakdown import (
     all_to_all_spans,
     breakdown,
     categorize,
+    host_pace,
+    host_pace_markdown,
     markdown,
     peer_wait,
 )
@@ -159,6 +161,52 @@ def test_peer_wait_splits_all_to_all_time_into_waiting_and_the_rest():
     # a rank that lists another number of all-to-alls is reported, not paired
     bad = peer_wait({0: s0, 1: s1[:1]})
     assert bad == {"matched": False, "counts": {"0": 2, "1": 1}}
+
+
+def test_host_pace_sets_module_host_time_beside_the_gpu_time_it_launched():
+    """Times in us. Step 5 is host 0..200. FluidMoELayer 10..110 (host 100 us) launches a 20 us
+    kernel and a 4 us memcpy and waits 30 us in cudaStreamSynchronize; the router inside it
+    (20..40) launches a 2 us kernel, which both ranges count. A launch on another thread inside the
+    layer's time (the backward thread) is not the layer's. The GPU-side copy of the layer's range
+    (`gpu_user_annotation`) is not a second call. Outside every module: one cudaEventSynchronize
+    of 5 us inside the step and one in the previous step (not counted)."""
+    ev = [
+        _x("user_annotation", "ProfilerStep#4", -100, 100),
+        _x("user_annotation", "ProfilerStep#5", 0, 200),
+        _x("user_annotation", "nn.Module: FluidMoELayer", 10, 100),
+        _x("gpu_user_annotation", "nn.Module: FluidMoELayer", 50, 60, tid=7),
+        _x("user_annotation", "nn.Module: FluidTopKRouter", 20, 20),
+        *_kernel("router_kernel", 45, 2, 7, corr=1, launch_ts=25),
+        *_kernel("gemm", 60, 20, 7, corr=2, launch_ts=50),
+        *_kernel("Memcpy DtoH", 82, 4, 7, corr=3, launch_ts=60, cat="gpu_memcpy"),
+        _x("cuda_runtime", "cudaStreamSynchronize", 61, 30, correlation=4),
+        *_kernel("bwd_gemm", 90, 8, 7, corr=5, launch_ts=70, launch_tid=2),
+        _x("cuda_runtime", "cudaEventSynchronize", 150, 5, correlation=6),
+        _x("cuda_runtime", "cudaEventSynchronize", -50, 9, correlation=7),
+    ]
+    hp = host_pace({"traceEvents": ev}, step=5)
+    assert list(hp["modules"]) == ["FluidMoELayer", "FluidTopKRouter"]  # by host time
+    layer, router = hp["modules"]["FluidMoELayer"], hp["modules"]["FluidTopKRouter"]
+    assert layer == {
+        "calls": 1,
+        "host_ms": 0.1,
+        "gpu_ms": 0.026,
+        "kernels": 3,
+        "syncs": 1,
+        "sync_ms": 0.03,
+    }
+    assert router == {
+        "calls": 1,
+        "host_ms": 0.02,
+        "gpu_ms": 0.002,
+        "kernels": 1,
+        "syncs": 0,
+        "sync_ms": 0.0,
+    }
+    assert hp["syncs_outside_modules"] == {"count": 1, "ms": 0.005}
+    text = host_pace_markdown({"fluid": hp})
+    assert "| FluidMoELayer | 1 | 0.10 | 0.03 | 3 | 1 | 0.03 |" in text
+    assert "1 device syncs outside modules (0.01 ms waiting)" in text
 
 
 def test_step_choice_and_markdown(tmp_path):
@@ -430,4 +478,9 @@ def test_probe_runs_a_stand_in_end_to_end(tmp_path):
     assert b["step"] == 5 and b["wall_ms"] > 0
     assert b["exclusive_ms"]["host_gap"] == pytest.approx(b["wall_ms"])
     assert (out / "trace_e2e_fine_1gpu_stock.json.gz").exists()
-    assert (out / "breakdown_e2e_fine_1gpu.md").read_text().startswith("# e2e_fine_1gpu")
+    text = (out / "breakdown_e2e_fine_1gpu.md").read_text()
+    assert text.startswith("# e2e_fine_1gpu")
+    # the worker's module scopes reach host_pace: the stand-in's Linear, no GPU time on CPU
+    lin = r["host_pace"]["modules"]["Linear"]
+    assert lin["calls"] >= 1 and lin["host_ms"] > 0 and lin["gpu_ms"] == 0
+    assert "| Linear |" in text

@@ -48,7 +48,8 @@ Outputs (`breakdown`), all in ms over the window:
   - `fractions`: `exclusive_ms / wall_ms`;
   - `host_gaps`: how many idle stretches, the largest (ms after the window's start, length);
     `top_kernels`: per category, the kernel names with the most summed time (ms, count).
-`markdown` renders one or more breakdowns (stock, Fluid) side by side.
+`markdown` renders one or more breakdowns (stock, Fluid) side by side. `host_pace` sets each
+module's host time beside the GPU time it launched, with the host's waits for the device.
 """
 
 from __future__ import annotations
@@ -378,6 +379,112 @@ def peer_wait(spans: dict, top: int = 3) -> dict:
     return out
 
 
+# Runtime calls that block the host until the device reaches a point (a `.item()`, a `.tolist()`
+# or a `non_blocking=False` copy to the host synchronize the stream; an event's `synchronize()`).
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaEventSynchronize", "cudaDeviceSynchronize")
+_MODULE = "nn.Module: "
+
+
+def host_pace(trace, step=None) -> dict:
+    """Who sets the pace, module by module: the host's time in each module's forward against the
+    GPU time of the kernels it launched, and the host's waits for the device.
+
+    For every `nn.Module: <Class>` range (module_scope_hooks) inside the iteration window, per
+    class: calls, `host_ms` (summed range durations), `gpu_ms` and `kernels` (summed durations and
+    count of the GPU events whose launch, by `correlation`, lies inside the range on the same
+    thread), `syncs` and `sync_ms` (SYNC_CALLS inside the range: count, summed duration = the host
+    waiting). Host ms well above GPU ms means the GPU idles through that module unless the host
+    is far enough ahead, and a sync inside it takes that lead away (the queue drains). Also
+    `syncs_outside_modules` (count, ms) for the rest of the window (loss checks, logging, the
+    optimizer). Nested classes are each counted (a TransformerLayer's time includes its MoE
+    layer's). Times in ms."""
+    if not isinstance(trace, dict | list):
+        trace = load(trace)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    rng = _step_range(events, step)
+    lo, hi = (rng[1], rng[2]) if rng else (float("-inf"), float("inf"))
+    gpu = {}
+    for e in events:
+        if e.get("ph") == "X" and e.get("cat") in _GPU_CATS:
+            c = e.get("args", {}).get("correlation")
+            if c is not None:
+                gpu[c] = float(e.get("dur", 0.0))
+    calls_by_tid: dict = {}
+    for e in events:
+        if e.get("ph") == "X" and e.get("cat") in ("cuda_runtime", "cuda_driver"):
+            ts = float(e["ts"])
+            if lo <= ts <= hi:
+                calls_by_tid.setdefault(e.get("tid"), []).append(e)
+    for v in calls_by_tid.values():
+        v.sort(key=lambda e: float(e["ts"]))
+    starts = {t: [float(e["ts"]) for e in v] for t, v in calls_by_tid.items()}
+    from bisect import bisect_left, bisect_right
+
+    modules: dict = {}
+    inside_any: set = set()
+    for m in events:
+        if not (
+            m.get("ph") == "X"
+            and m.get("cat") == "user_annotation"  # not the GPU-side copy of the range
+            and str(m.get("name", "")).startswith(_MODULE)
+        ):
+            continue
+        m0, m1 = float(m["ts"]), float(m["ts"]) + float(m.get("dur", 0.0))
+        if not lo <= m0 <= hi:
+            continue
+        v, st = calls_by_tid.get(m.get("tid"), []), starts.get(m.get("tid"), [])
+        row = modules.setdefault(
+            m["name"][len(_MODULE) :],
+            {"calls": 0, "host_ms": 0.0, "gpu_ms": 0.0, "kernels": 0, "syncs": 0, "sync_ms": 0.0},
+        )
+        row["calls"] += 1
+        row["host_ms"] += (m1 - m0) / 1e3
+        for e in v[bisect_left(st, m0) : bisect_right(st, m1)]:
+            inside_any.add(id(e))
+            c = e.get("args", {}).get("correlation")
+            if c in gpu:
+                row["gpu_ms"] += gpu[c] / 1e3
+                row["kernels"] += 1
+            if e["name"] in SYNC_CALLS:
+                row["syncs"] += 1
+                row["sync_ms"] += float(e.get("dur", 0.0)) / 1e3
+    outside = [
+        e
+        for v in calls_by_tid.values()
+        for e in v
+        if e["name"] in SYNC_CALLS and id(e) not in inside_any
+    ]
+    for row in modules.values():
+        for k in ("host_ms", "gpu_ms", "sync_ms"):
+            row[k] = round(row[k], 4)
+    return {
+        "modules": dict(sorted(modules.items(), key=lambda kv: -kv[1]["host_ms"])),
+        "syncs_outside_modules": {
+            "count": len(outside),
+            "ms": round(sum(float(e.get("dur", 0.0)) for e in outside) / 1e3, 4),
+        },
+    }
+
+
+def host_pace_markdown(results: dict, top: int = 12) -> str:
+    """{label: host_pace()} as one table per label (the `top` modules by host time)."""
+    text = ""
+    for k, hp in results.items():
+        so = hp["syncs_outside_modules"]
+        text += (
+            f"\n{k}: host time per module forward against the GPU time it launched; "
+            f"{so['count']} device syncs outside modules ({so['ms']:.2f} ms waiting)\n\n"
+            "| module | calls | host ms | GPU ms | kernels | syncs | sync wait ms |\n"
+            "| --- | --- | --- | --- | --- | --- | --- |\n"
+        )
+        for name, r in list(hp["modules"].items())[:top]:
+            text += (
+                f"| {name} | {r['calls']} | {r['host_ms']:.2f} | {r['gpu_ms']:.2f} | "
+                f"{r['kernels']} | {r['syncs']} | {r['sync_ms']:.2f} |\n"
+            )
+    return text
+
+
 def _pct(b: dict, c: str) -> str:
     return f"{100 * b['exclusive_ms'][c] / b['wall_ms']:.1f}%" if b["wall_ms"] else "-"
 
@@ -444,6 +551,8 @@ __all__ = [
     "breakdown",
     "categorize",
     "gpu_events",
+    "host_pace",
+    "host_pace_markdown",
     "load",
     "markdown",
     "module_scope_hooks",
