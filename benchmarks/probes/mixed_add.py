@@ -6,11 +6,11 @@ For mixed dtypes torch runs its non-vectorized `unrolled_elementwise_kernel`; on
 model's 1-GPU step that add is the largest kernel (65.6 ms in 176 launches, 2a71cfe,
 docs/benchmarks/breakdown.md), because its grouped expert dW stays unfused (one `torch._grouped_mm`
 cannot accumulate into fp32). This times, on the GPU, for the model's weight shapes: torch's add,
-a Triton kernel (load fp32 and bf16, add in fp32, store: the same rounding, checked bitwise) at
-three block sizes (`tritonBLOCKwWARPS`), and `torch.compile` of the add; with the bytes moved (10 per element) as GB/s
+the Triton kernel of fluid.schedule.main_grad_add (load fp32 and bf16, add in fp32, store: the
+same rounding, checked bitwise) at three block sizes (`tritonBLOCKwWARPS`), and `torch.compile` of the add; with the bytes moved (10 per element) as GB/s
 and the host time per call.
 
-    python3 benchmarks/probes/mixed_add.py --out OUT   # GPU with Triton; writes OUT/mixed_add.json
+    python3 -m benchmarks.probes.mixed_add --out OUT   # GPU, Triton, benchmarks/gpu_env.sh sourced
 """
 
 from __future__ import annotations
@@ -30,19 +30,13 @@ def main() -> int:
     a = ap.parse_args()
     import torch
     import triton
-    import triton.language as tl
 
-    @triton.jit
-    def _acc(out_ptr, g_ptr, n, BLOCK: tl.constexpr):
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        m = offs < n
-        x = tl.load(out_ptr + offs, mask=m)
-        y = tl.load(g_ptr + offs, mask=m).to(tl.float32)
-        tl.store(out_ptr + offs, x + y, mask=m)
+    from fluid.schedule.main_grad_add import triton_launcher
+
+    launchers = {bw: triton_launcher(*bw) for bw in ((4096, 8), (2048, 4), (8192, 8))}
 
     def acc(out, g, block=4096, warps=8):
-        n = out.numel()
-        _acc[(triton.cdiv(n, block),)](out, g, n, BLOCK=block, num_warps=warps)
+        launchers[block, warps](out, g)
 
     @torch.compile(dynamic=False)
     def acc_compiled(out, g):

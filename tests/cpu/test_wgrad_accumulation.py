@@ -290,3 +290,70 @@ def test_auto_keeps_grouped_gemm_experts_unfused(monkeypatch):
         if key[0] != "fused":
             for g, ref in zip(grads, results["unfused", False], strict=True):
                 assert torch.equal(g, ref), key
+
+
+def test_auto_adds_unfused_grouped_bf16_dw_itself(monkeypatch):
+    """Where auto keeps a grouped dW unfused (over FUSED_WGRAD_MAX_GROUPS experts) and dW is bf16
+    with an fp32 main_grad, FluidMoE adds it into main_grad itself (fluid.schedule.main_grad_add:
+    Triton on CUDA, `main_grad.add_` on CPU) and hands autograd the placeholder: the hook sees
+    `grad_added_to_main_grad` set, once per parameter and backward. The sum is the one DDP's hook
+    computes from the handed-over dW (`main_grad.add_(grad)`, the same op on CPU): main_grad after
+    two micro-batches equals unfused's bitwise, scheduler on and off. Explicit `unfused` keeps the
+    hand-over (flag never set)."""
+    import fluid.moe.grouped_gemm as gg
+
+    monkeypatch.setattr(gg, "_grouped_mm_supported", lambda x: True)
+    monkeypatch.setattr(gg, "FUSED_WGRAD_MAX_GROUPS", len(COUNTS) - 1)
+    offs = torch.tensor(COUNTS).cumsum(0).to(torch.int32)
+    results = {}
+    for mode in ("auto", "unfused"):
+        for scheduler_on in (True, False):
+            sched = BackwardScheduler(enabled=scheduler_on)
+            params = _expert_params(torch.bfloat16)
+            seen, nodes = _watch(params)
+            kw = dict(scheduler=sched, wgrad_accumulation=mode, fallbacks=gg.GroupedMMFallbacks())
+            for mb in range(2):
+                gen = torch.Generator().manual_seed(70 + mb)
+                x = torch.randn(T, H, generator=gen).bfloat16()
+                p = torch.rand(T, generator=gen)
+                dy = torch.randn(T, H, generator=gen).bfloat16()
+                h = gg.grouped_linear(x, params[0], COUNTS, offs, **kw)
+                gg.grouped_linear(_swiglu(h, p), params[1], COUNTS, offs, **kw).backward(dy)
+                assert sched.num_pending == 0
+            assert sorted(s[0] for s in seen) == [0, 0, 1, 1]  # each hook once per backward
+            added = {s[3] for s in seen}
+            assert added == ({True} if mode == "auto" else {False}), (mode, scheduler_on)
+            assert {(s[1], s[2]) for s in seen} == {
+                (tuple(q.shape), torch.bfloat16) for q in params
+            }  # placeholder or dW: param-shaped, param dtype
+            results[mode, scheduler_on] = [q.main_grad.clone() for q in params]
+            del nodes
+    for key, grads in results.items():
+        for g, ref in zip(grads, results["unfused", False], strict=True):
+            assert torch.equal(g, ref), key
+
+
+def test_main_grad_add_kernel_choice(monkeypatch):
+    """add_kernel: "reference" on CPU for fp32 main_grad + bf16/fp16 grad of as many elements, both
+    contiguous; None for an fp32 grad, a non-contiguous operand, another size or no main_grad; on
+    CUDA None without Triton (the caller hands dW to autograd)."""
+    import fluid.schedule.main_grad_add as mga
+
+    mg = torch.zeros(4, 6)
+    assert mga.add_kernel(mg, torch.ones(4, 6, dtype=torch.bfloat16)) == "reference"
+    assert mga.add_kernel(mg, torch.ones(2, 2, 6, dtype=torch.float16)) == "reference"
+    assert mga.add_kernel(mg, torch.ones(4, 6)) is None
+    assert mga.add_kernel(mg, torch.ones(6, 4, dtype=torch.bfloat16).t()) is None
+    assert mga.add_kernel(mg.t(), torch.ones(6, 4, dtype=torch.bfloat16)) is None
+    assert mga.add_kernel(mg, torch.ones(4, 5, dtype=torch.bfloat16)) is None
+    assert mga.add_kernel(None, torch.ones(4, 6, dtype=torch.bfloat16)) is None
+    g = torch.randn(4, 6).bfloat16()
+    want = mg.clone().add_(g)
+    mga.add_into(mg, g, "reference")
+    assert torch.equal(mg, want)
+    with pytest.raises(ValueError, match="unknown kernel"):
+        mga.add_into(mg, g, "cuda")
+    if torch.cuda.is_available():  # the no-Triton answer on a GPU machine
+        monkeypatch.setattr(mga, "_triton_add", lambda: None)
+        mgc = torch.zeros(4, 6, device="cuda")
+        assert mga.add_kernel(mgc, torch.ones(4, 6, device="cuda", dtype=torch.bfloat16)) is None
