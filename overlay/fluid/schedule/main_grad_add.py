@@ -12,16 +12,20 @@ docs/benchmarks/breakdown.md). On the 64-expert model's 1-GPU step that add is t
 `add_kernel(main_grad, grad)` names the kernel: "triton" (CUDA, fp32 `main_grad`, bf16/fp16 dW,
 both contiguous, same number of elements, Triton importable), "reference" (the same conditions
 on CPU: `main_grad.add_(grad)`, what Megatron DDP runs; CPU tests run the whole protocol through
-it), or None (anything else: the caller hands dW to autograd and DDP adds it). `add_into` runs it.
+it), or None (anything else, or a Triton kernel that failed its first-use check on the device:
+the caller hands dW to autograd and DDP adds it). `add_into` runs it.
 The reference beside the fast path is `main_grad.add_(grad)` itself.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Optional
 
 import torch
+
+log = logging.getLogger(__name__)
 
 _HALF = (torch.bfloat16, torch.float16)
 _BLOCK, _WARPS = 4096, 8  # measured with 2048/4 and 8192/8 within 2% (the probe's JSON)
@@ -64,9 +68,30 @@ def triton_launcher(block: int = _BLOCK, warps: int = _WARPS):
 
 
 @functools.cache
-def _triton_add():
-    """The launcher at the default setting, or None without Triton."""
-    return triton_launcher()
+def _triton_add(device_index: int = 0):
+    """The launcher at the default setting once it has matched `torch.add_` bitwise on a small
+    tensor of this device (the first call compiles the kernel); None without Triton, or if it
+    fails or differs there (then dW goes to DDP's add, with a warning)."""
+    launch = triton_launcher()
+    if launch is None:
+        return None
+    try:
+        dev = torch.device("cuda", device_index)
+        # no random numbers: the check must not advance the model's RNG streams
+        i = torch.arange(4097, device=dev, dtype=torch.float32)
+        main, g = (i * 0.37).sin() * 1e3, (i * 0.11).cos().bfloat16()
+        want = main.clone().add_(g)
+        launch(main, g)
+        if torch.equal(main, want):
+            return launch
+        problem = "differs from main_grad.add_"
+    except Exception as exc:  # a compile or launch failure: keep training on torch's add
+        problem = f"{type(exc).__name__}: {exc}"
+    log.warning(
+        "FluidMoE: the Triton main_grad add is not used (%s); Megatron DDP adds dW instead",
+        problem,
+    )
+    return None
 
 
 def add_kernel(main_grad: Optional[torch.Tensor], grad: torch.Tensor) -> Optional[str]:
@@ -82,7 +107,7 @@ def add_kernel(main_grad: Optional[torch.Tensor], grad: torch.Tensor) -> Optiona
         return None
     if main_grad.device.type == "cpu":
         return "reference"
-    if main_grad.is_cuda and _triton_add() is not None:
+    if main_grad.is_cuda and _triton_add(main_grad.device.index or 0) is not None:
         return "triton"
     return None
 
@@ -91,7 +116,7 @@ def add_into(main_grad: torch.Tensor, grad: torch.Tensor, kernel: str) -> None:
     """`main_grad += grad` in place with `kernel` from `add_kernel` (same shapes' elements in the
     same order: `grad` may be `[G, N, K]` for a `main_grad` of the same layout)."""
     if kernel == "triton":
-        launch = _triton_add()
+        launch = _triton_add(main_grad.device.index or 0)
         assert launch is not None
         if main_grad.numel():
             launch(main_grad, grad)
