@@ -17,13 +17,11 @@ from fluid.comm.context import current_stream
 
 
 class PendingCounts:
-    """Counts on their way to the host: `get()` waits (the single sync) and returns a list.
-
-    `device` keeps the `[n]` device tensor the copy reads (the local plan's offsets come from it,
-    see FluidTokenDispatcher._finish_local_plan)."""
+    """`[n]` counts on their way to the host: `get()` waits (the single sync) and returns a list;
+    `len()` is n without waiting."""
 
     def __init__(self, counts_device: torch.Tensor):
-        self.device = counts_device
+        self._n = counts_device.shape[0]
         if counts_device.is_cuda:
             self.host = torch.empty(counts_device.shape, dtype=counts_device.dtype, pin_memory=True)
             self.host.copy_(counts_device, non_blocking=True)
@@ -34,7 +32,7 @@ class PendingCounts:
         self._list: Optional[list[int]] = None
 
     def __len__(self) -> int:
-        return self.device.shape[0]
+        return self._n
 
     def get(self) -> list[int]:
         if self._list is None:
@@ -47,7 +45,7 @@ class PendingCounts:
 class HostCounts(Sequence):
     """Rows per local expert as host ints, read from the device only when a value is asked for.
 
-    What the one-chunk EP = 1 plan gives as tokens_per_expert (`_finish_local_plan`): `len()` is
+    What the one-chunk EP = 1 plan gives as tokens_per_expert (FluidTokenDispatcher._finish_local_plan): `len()` is
     known at once; the first value read waits for the device->host copy that dispatch_preprocess
     started (`PendingCounts.get`). On the grouped-GEMM path nothing in the forward reads a value
     (the kernel takes device offsets), and backward reads them (empty experts' dW, the per-expert

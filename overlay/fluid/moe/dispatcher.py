@@ -151,6 +151,8 @@ class DispatchPlan:
             are one per (token, destination rank), rank-major, tokens ascending within a rank.
         offs: per chunk, int32 cumulative tokens_per_expert on the GPU (None on CPU).
         expand_rows: dedup only, `[N]` the received row each expert-major row was copied from.
+        local_offs: EP = 1 with one chunk (`_finish_local_plan`): the int32 offsets made from the
+            device counts in dispatch_preprocess, on the stream that made the counts (None on CPU).
         staged: built through the stage API (`dispatch_preprocess(staged=True)`): the stages may
             run on different streams, so `indices_handoff` / `offs_handoff` carry sorted_indices
             (pre-dispatch stage) and offs (dispatch stage) to their readers (experts, combine).
@@ -169,6 +171,7 @@ class DispatchPlan:
     staged: bool = False
     indices_handoff: Optional[Handoff] = None
     offs_handoff: Optional[Handoff] = None
+    local_offs: Optional[torch.Tensor] = None
 
     def offs_for_chunk(self, chunk: int) -> Optional[torch.Tensor]:
         """`offs[chunk]`, usable on the current stream (see `staged`)."""
@@ -292,6 +295,8 @@ class FluidTokenDispatcher:
         flat_sorted = self._permutation(routing_map, counts_E, num_rows)
         sorted_indices = flat_sorted % num_tokens if num_tokens else flat_sorted
         self.plan = DispatchPlan(hidden_shape, num_tokens, routing_map, sorted_indices)
+        if self._local_plan_applies():  # on this stage's stream, where counts_E was made
+            self.plan.local_offs = local_offsets(counts_E)
         permuted = hidden.index_select(0, sorted_indices)
         # index_select, not [flat_sorted]: same gather, but its backward is a fill + one index_add
         # instead of index_put(accumulate=True), which sorts the indices on CUDA (several
@@ -424,7 +429,7 @@ class FluidTokenDispatcher:
         plan.recv_splits.append([rows])
         plan.recv_counts.append(counts)
         plan.tokens_per_expert.append(counts)
-        plan.offs.append(local_offsets(pending.device))
+        plan.offs.append(plan.local_offs)
         return plan
 
     def _finish_chunk_plan(self, plan: DispatchPlan) -> DispatchPlan:
