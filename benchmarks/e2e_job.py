@@ -17,6 +17,7 @@ from pathlib import Path
 from unittest import mock
 
 from benchmarks import recipes as R
+from benchmarks.tree import with_tree_path
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -228,7 +229,7 @@ def run_variant(
     from fluid.testing.bench.launch import parse_megatron_log, run_logged, steady_median
 
     extra = {**R.BASE_ENV, **R.LINKS[link], **R.variant_env(variant)}
-    env = {**os.environ, **extra}
+    env = with_tree_path({**os.environ, **extra})
     argv = variant_argv(recipe, variant, iters)
     cmd = [
         sys.executable,

@@ -180,9 +180,9 @@ def _torchrun(nproc: int) -> list:
 
 
 def _child_env(link: str) -> dict:
-    env = {**os.environ, **R.BASE_ENV, **R.LINKS[link]}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    return env
+    from benchmarks.tree import with_tree_path
+
+    return with_tree_path({**os.environ, **R.BASE_ENV, **R.LINKS[link]})
 
 
 def run_layer(recipe, link, args, out: Path, meta: dict, timeout: float) -> dict:

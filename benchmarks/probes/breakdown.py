@@ -140,8 +140,9 @@ def run_env(link: str, variant: str, base: dict) -> dict:
     NCCL channels: benchmarks.recipes.LINKS) and the variant's (the combined-1F1B variants' 32
     hardware queues), as benchmarks.run gives the same run."""
     from benchmarks import recipes as R
+    from benchmarks.tree import with_tree_path
 
-    return {**base, **R.BASE_ENV, **R.LINKS[link], **R.variant_env(variant)}
+    return with_tree_path({**base, **R.BASE_ENV, **R.LINKS[link], **R.variant_env(variant)})
 
 
 def check_link(recipe, link: str) -> None:

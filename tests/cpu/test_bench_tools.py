@@ -2,7 +2,8 @@
 busy/idle arithmetic on a hand-made timeline; stage_hooks wrapping a FluidMoELayer's stages and
 restoring them (a GPU run that reports wrong numbers or leaves wrappers behind would cost device
 time); the overlap measures (docs/benchmarks/README.md): at most 1, 0 when nothing overlapped,
-below 0 when overlap cost more than it hid; alternating rounds and their ratio spread."""
+below 0 when overlap cost more than it hid; alternating rounds and their ratio spread; every
+benchmark child importing its own tree's `fluid`; benchmarks.ab's order, summary and dry run."""
 
 import contextlib
 import math
@@ -211,3 +212,102 @@ def test_dry_run_without_out_leaves_the_committed_results_alone(monkeypatch, tmp
     assert bench_run.RAW.resolve() not in seen["out"].resolve().parents
     assert bench_run.main(["e2e_fine_ep2", "--dry-run", "--out", str(tmp_path)]) == 0
     assert seen["out"] == tmp_path
+
+
+def test_every_benchmark_child_imports_its_own_trees_fluid(monkeypatch):
+    """A benchmark run from a copy of the tree (a snapshot of an older commit) measured the
+    `fluid` that benchmarks/gpu_env.sh had put on PYTHONPATH (the first tree's), not its own:
+    every child environment now starts with this tree's overlay and root (benchmarks.tree), for
+    benchmarks.run's layer jobs, the end-to-end runs and the breakdown probe."""
+    import os
+    from pathlib import Path
+
+    from benchmarks import e2e_job
+    from benchmarks import run as bench_run
+    from benchmarks.probes import breakdown as probe
+    from benchmarks.tree import ROOT, with_tree_path
+
+    other = "/elsewhere/overlay" + os.pathsep + "/elsewhere"
+    monkeypatch.setenv("PYTHONPATH", other)
+    want = [str(ROOT / "overlay"), str(ROOT)]
+    env = with_tree_path({"PYTHONPATH": other, "X": "1"})
+    assert env["PYTHONPATH"].split(os.pathsep) == [*want, *other.split(os.pathsep)]
+    assert env["X"] == "1"
+    assert with_tree_path({})["PYTHONPATH"].split(os.pathsep) == want
+    for got in (
+        bench_run._child_env("nvlink"),
+        probe.run_env("nvlink", "fluid", dict(os.environ)),
+    ):
+        assert got["PYTHONPATH"].split(os.pathsep)[:2] == want
+    seen = {}
+
+    def fake_run_logged(cmd, env, log, **kw):
+        seen["env"] = env
+        Path(log).parent.mkdir(parents=True, exist_ok=True)
+        Path(log).write_text("")
+        return {"rc": 0}
+
+    monkeypatch.setattr("fluid.testing.bench.launch.run_logged", fake_run_logged)
+    recipe = __import__("benchmarks.recipes", fromlist=["RECIPES"]).RECIPES["e2e_fine_1gpu"]
+    with contextlib.suppress(Exception):  # only the environment matters here
+        e2e_job.run_variant(recipe, "fluid", "nvlink", Path("/tmp/fluid_tree_test"), 6, 10.0)
+    assert seen["env"]["PYTHONPATH"].split(os.pathsep)[:2] == want
+
+
+def test_ab_order_and_summary():
+    """benchmarks.ab: ABBA order (a drift linear in time weighs both sides equally); the summary
+    pools each side's iterations, head over base below 1 when head is faster, and the ratio per
+    round pair."""
+    from benchmarks.ab import abba_order
+    from benchmarks.ab import summarize as ab_summarize
+
+    assert abba_order(3) == [
+        (0, "base"), (0, "head"), (1, "head"), (1, "base"), (2, "base"), (2, "head"),
+    ]  # fmt: skip
+    runs = [
+        {"round": 0, "side": "base", "ms": 100.0, "iters_ms": [99.0, 100.0, 101.0]},
+        {"round": 0, "side": "head", "ms": 90.0, "iters_ms": [89.0, 90.0, 91.0]},
+        {"round": 1, "side": "head", "ms": 99.0, "iters_ms": [98.0, 99.0, 100.0]},
+        {"round": 1, "side": "base", "ms": 110.0, "iters_ms": [109.0, 110.0, 111.0]},
+    ]
+    s = ab_summarize(runs)
+    assert s["base"]["runs_ms"] == [100.0, 110.0] and s["base"]["iterations"] == 6
+    assert s["base"]["pooled_median_ms"] == 105.0 and s["head"]["pooled_median_ms"] == 94.5
+    assert s["head_over_base"] == round(94.5 / 105.0, 4)
+    assert s["round_ratios"] == [0.9, 0.9]
+    assert ab_summarize(runs[:1])["head_over_base"] is None
+
+
+def test_ab_dry_run_snapshots_and_checks_each_sides_fluid(tmp_path):
+    """`benchmarks.ab --dry-run`: both snapshots written, `import fluid` resolved inside each
+    (a snapshot importing another tree's fluid is refused), the ABBA plan of benchmarks.run
+    commands, nothing run. Both sides are HEAD: a CI clone may hold no older commit."""
+    import json
+    import subprocess
+    import sys
+
+    from benchmarks.tree import ROOT
+
+    out = tmp_path / "ab"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.ab", "--base", "HEAD", "--head", "HEAD",
+         "--recipe", "e2e_fine_1gpu", "--rounds", "2", "--out", str(out), "--dry-run"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads((out / "ab_e2e_fine_1gpu_fluid.json").read_text())
+    for side in ("base", "head"):
+        snap = (out / f"snap_{side}").resolve()
+        assert doc["meta"][f"{side}_fluid"] == str(snap / "overlay" / "fluid")
+        assert (snap / "benchmarks" / "run.py").exists()
+    assert [(p["round"], p["side"]) for p in doc["plan"]] == [
+        (0, "base"), (0, "head"), (1, "head"), (1, "base"),
+    ]  # fmt: skip
+    assert all(p["cmd"][1:4] == ["-m", "benchmarks.run", "e2e_fine_1gpu"] for p in doc["plan"])
+    assert doc["runs"] == [] and not (out / "runs").exists()
+    bad = subprocess.run(
+        [sys.executable, "-m", "benchmarks.ab", "--base", "HEAD", "--head", "HEAD",
+         "--recipe", "moe_fine64_ep4", "--out", str(tmp_path / "x"), "--dry-run"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert bad.returncode != 0 and "not an end-to-end recipe" in bad.stderr

@@ -1,0 +1,212 @@
+"""Two commits of FluidMoE on one end-to-end recipe, alternating on one machine: did a change help?
+
+    python -m benchmarks.ab --base 2a71cfe --head d7f6205 --recipe e2e_fine_1gpu \\
+        [--variant fluid] [--rounds 4] [--iters 10] --out OUT [--budget-s 550] [--dry-run]
+
+Why: a change that does not add a flag (a host-side cut, a kernel swap with the same values) can
+only be timed against the commit before it, and on the 1-GPU hosts an unchanged program's step
+time drifted by 16% within minutes (docs/benchmarks/peers.md), more than such changes move it.
+So the two sides run in ABBA order (base, head, head, base, base, head, ...): a drift that is
+linear in time then weighs both sides equally. Each run is `python -m benchmarks.run RECIPE
+--variants VARIANT --iters N` from a snapshot of its commit (`git archive`, plus the staged
+Megatron tree and wheels linked from this checkout: `.megatron`, `.whl`, `.whl-peers`), so both
+sides share Megatron and the environment and differ only in the commit's own files. Each side's
+runs get its snapshot's `overlay/` first on PYTHONPATH, and before any run the tool checks that
+`import fluid` resolves inside that snapshot (recorded as `meta.<side>_fluid`).
+
+Writes OUT/ab_<recipe>_<variant>.json after every run (a budget or timeout keeps what finished):
+per run its side, round, median ms and post-warm-up iteration times (`iters_ms` of the run's
+JSON), and the summary (`summarize`): each side's pooled median of all its iterations, head over
+base (below 1: head is faster), and the ratio per round pair (same round, adjacent in time),
+whose spread says whether the difference is larger than the drift. `--dry-run` writes the
+snapshots and the plan (every command) without running anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+LINKED = (".megatron", ".whl", ".whl-peers")  # staged outside git, shared by both snapshots
+
+
+def abba_order(rounds: int) -> list:
+    """[(round, side)]: base, head in even rounds and head, base in odd ones."""
+    out = []
+    for r in range(rounds):
+        sides = ("base", "head") if r % 2 == 0 else ("head", "base")
+        out += [(r, s) for s in sides]
+    return out
+
+
+def summarize(runs: list) -> dict:
+    """The comparison from finished runs [{side, round, ms, iters_ms}] (see the module doc)."""
+    pooled = {
+        s: [x for r in runs if r["side"] == s for x in r["iters_ms"]] for s in ("base", "head")
+    }
+    out: dict = {
+        s: {"runs_ms": [r["ms"] for r in runs if r["side"] == s], "iterations": len(v)}
+        for s, v in pooled.items()
+    }
+    for s, v in pooled.items():
+        out[s]["pooled_median_ms"] = round(statistics.median(v), 2) if v else None
+    b, h = out["base"]["pooled_median_ms"], out["head"]["pooled_median_ms"]
+    out["head_over_base"] = round(h / b, 4) if b and h else None
+    by_round: dict = {}
+    for r in runs:
+        by_round.setdefault(r["round"], {})[r["side"]] = r["ms"]
+    out["round_ratios"] = [
+        round(v["head"] / v["base"], 4)
+        for _, v in sorted(by_round.items())
+        if v.get("base") and v.get("head")
+    ]
+    return out
+
+
+def snapshot(rev: str, dest: Path) -> str:
+    """`git archive` of `rev` into `dest` with LINKED paths linked from this checkout; returns the
+    full commit id."""
+    sha = subprocess.run(
+        ["git", "rev-parse", rev], cwd=ROOT, check=True, capture_output=True, text=True
+    ).stdout.strip()
+    dest.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(["git", "archive", sha], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
+    for name in LINKED:
+        if (ROOT / name).exists() and not (dest / name).exists():
+            (dest / name).symlink_to(ROOT / name)
+    return sha
+
+
+def snapshot_env(snap: Path, base: dict) -> dict:
+    """`base` with the snapshot's overlay and root first on PYTHONPATH. Set here, not left to the
+    snapshot's benchmarks.run: a commit from before benchmarks/tree.py passes its children the
+    caller's PYTHONPATH, where `benchmarks/gpu_env.sh` put this checkout's overlay."""
+    env = dict(base)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(snap / "overlay"), str(snap), base.get("PYTHONPATH")) if p
+    )
+    return env
+
+
+def fluid_origin(snap: Path, env: dict) -> str:
+    """The directory `import fluid` resolves to in `snap` under `env` (checked before any run)."""
+    code = "import os, fluid; print(os.path.dirname(os.path.abspath(fluid.__file__)))"
+    return (
+        subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=snap,
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        .stdout.strip()
+        .splitlines()[-1]
+    )
+
+
+def run_command(recipe: str, variant: str, iters: int, sha: str, out: Path, budget_s: float):
+    return [
+        sys.executable, "-m", "benchmarks.run", recipe, "--variants", variant,
+        "--iters", str(iters), "--commit", sha, "--out", str(out), "--budget-s", str(budget_s),
+    ]  # fmt: skip
+
+
+def _result(run_out: Path, recipe: str, variant: str):
+    """(median ms, iteration times) of the variant in a benchmarks.run output, or None."""
+    try:
+        doc = json.loads((run_out / f"{recipe}.json").read_text())
+    except (OSError, ValueError):
+        return None
+    for link in doc.get("links", {}).values():
+        v = link.get("variants", {}).get(variant)
+        if v and v.get("ms") is not None:
+            return v["ms"], list(v.get("iters_ms") or [])
+    return None
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--base", required=True, help="the commit before the change")
+    ap.add_argument("--head", required=True, help="the commit with it")
+    ap.add_argument("--recipe", required=True, help="an end-to-end recipe (benchmarks/recipes.py)")
+    ap.add_argument("--variant", default="fluid")
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--budget-s", type=float, default=550.0, help="start no run after this")
+    ap.add_argument("--dry-run", action="store_true", help="snapshots and plan only")
+    a = ap.parse_args(argv)
+    from benchmarks import recipes as R
+
+    if a.recipe not in R.RECIPES or not isinstance(R.RECIPES[a.recipe], R.E2ERecipe):
+        raise SystemExit(f"--recipe: {a.recipe!r} is not an end-to-end recipe")
+    if a.rounds < 1:
+        raise SystemExit("--rounds must be >= 1")
+    t0 = time.monotonic()
+    shas = {
+        s: snapshot(rev, a.out / f"snap_{s}") for s, rev in (("base", a.base), ("head", a.head))
+    }
+    doc: dict = {
+        "meta": {
+            "command": "python -m benchmarks.ab "
+            + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:])),
+            "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+            "base": shas["base"],
+            "head": shas["head"],
+            "recipe": a.recipe,
+            "variant": a.variant,
+            "iters": a.iters,
+            "rounds": a.rounds,
+            "order": "ABBA",
+        },  # fmt: skip
+        "plan": [],
+        "runs": [],
+    }
+    path = a.out / f"ab_{a.recipe}_{a.variant}.json"
+    envs = {}
+    for side in ("base", "head"):
+        snap = (a.out / f"snap_{side}").resolve()
+        envs[side] = snapshot_env(snap, dict(os.environ))
+        origin = fluid_origin(snap, envs[side])
+        if not Path(origin).is_relative_to(snap):
+            raise SystemExit(f"ab: the {side} snapshot imports fluid from {origin}, not {snap}")
+        doc["meta"][f"{side}_fluid"] = origin
+    for rnd, side in abba_order(a.rounds):
+        run_out = a.out / "runs" / f"{side}_{rnd}"
+        left = a.budget_s - (time.monotonic() - t0)
+        cmd = run_command(a.recipe, a.variant, a.iters, shas[side], run_out, max(left, 0.0))
+        doc["plan"].append({"round": rnd, "side": side, "cwd": f"snap_{side}", "cmd": cmd})
+        if a.dry_run:
+            continue
+        if left <= 0:
+            doc["plan"][-1]["skipped"] = "budget"
+            continue
+        proc = subprocess.run(cmd, cwd=a.out / f"snap_{side}", env=envs[side])
+        got = _result(run_out, a.recipe, a.variant)
+        run = {"round": rnd, "side": side, "rc": proc.returncode}
+        if got is not None:
+            run["ms"], run["iters_ms"] = got
+        doc["runs"].append(run)
+        done = [r for r in doc["runs"] if "ms" in r]
+        doc["summary"] = summarize(done)
+        path.write_text(json.dumps(doc, indent=1) + "\n")
+        print(f"ab: round {rnd} {side}: {run.get('ms')} ms (rc {proc.returncode})", flush=True)
+    if a.dry_run:
+        path.write_text(json.dumps(doc, indent=1) + "\n")
+    print(json.dumps(doc.get("summary", {}), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
