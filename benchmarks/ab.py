@@ -1,7 +1,13 @@
 """Two commits of FluidMoE on one end-to-end recipe, alternating on one machine: did a change help?
 
     python -m benchmarks.ab --base 2a71cfe --head d7f6205 --recipe e2e_fine_1gpu \\
-        [--variant fluid] [--rounds 4] [--iters 10] --out OUT [--budget-s 550] [--dry-run]
+        [--variant fluid] [--rounds 4] [--iters 10] --out OUT [--snapshots DIR]
+        [--budget-s 550] [--dry-run]
+
+On a GPU host (its copy of the tree has no .git) make the snapshots here first,
+`python -m benchmarks.ab ... --snapshots .ab --out /tmp/ab --dry-run` (`.ab/` is git-ignored;
+carry it), then run the same command there without `--dry-run`, `--out` under $OUT; give
+--base and --head as commit ids (there is no git there to resolve `HEAD~1`).
 
 Why: a change that does not add a flag (a host-side cut, a kernel swap with the same values) can
 only be timed against the commit before it, and on the 1-GPU hosts an unchanged program's step
@@ -9,7 +15,8 @@ time drifted by 16% within minutes (docs/benchmarks/peers.md), more than such ch
 So the two sides run in ABBA order (base, head, head, base, base, head, ...): a drift that is
 linear in time then weighs both sides equally. Each run is `python -m benchmarks.run RECIPE
 --variants VARIANT --iters N` from a snapshot of its commit (`git archive`, plus the staged
-Megatron tree and wheels linked from this checkout: `.megatron`, `.whl`, `.whl-peers`), so both
+Megatron tree and wheels linked at run time from the checkout it runs in: `.megatron`, `.whl`,
+`.whl-peers`), so both
 sides share Megatron and the environment and differ only in the commit's own files. Each side's
 runs get its snapshot's `overlay/` first on PYTHONPATH, and before any run the tool checks that
 `import fluid` resolves inside that snapshot (recorded as `meta.<side>_fluid`).
@@ -73,18 +80,40 @@ def summarize(runs: list) -> dict:
 
 
 def snapshot(rev: str, dest: Path) -> str:
-    """`git archive` of `rev` into `dest` with LINKED paths linked from this checkout; returns the
-    full commit id."""
-    sha = subprocess.run(
-        ["git", "rev-parse", rev], cwd=ROOT, check=True, capture_output=True, text=True
-    ).stdout.strip()
+    """`git archive` of `rev` into `dest` (marked with its commit in `dest/.ab_commit`); returns
+    the full commit id. A `dest` already marked with `rev` is reused as it is: a GPU host's copy
+    of the tree has no .git, so the snapshots are made beside the checkout (a dry run) and
+    carried there."""
+    mark = dest / ".ab_commit"
+    if mark.exists():
+        sha = mark.read_text().strip()
+        if sha.startswith(rev) or _rev_parse(rev) == sha:
+            return sha
+        raise SystemExit(f"ab: {dest} holds {sha[:12]}, not {rev}: use another --snapshots folder")
+    sha = _rev_parse(rev)
+    if sha is None:
+        raise SystemExit(f"ab: cannot resolve {rev!r} (no git here?) and {dest} holds no snapshot")
     dest.mkdir(parents=True, exist_ok=True)
     archive = subprocess.run(["git", "archive", sha], cwd=ROOT, check=True, capture_output=True)
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
-    for name in LINKED:
-        if (ROOT / name).exists() and not (dest / name).exists():
-            (dest / name).symlink_to(ROOT / name)
+    mark.write_text(sha + "\n")
     return sha
+
+
+def _rev_parse(rev: str):
+    proc = subprocess.run(["git", "rev-parse", rev], cwd=ROOT, capture_output=True, text=True)
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def link_staged(snap: Path) -> None:
+    """Link LINKED (the staged Megatron tree, wheels) from this checkout into `snap`, replacing
+    links made elsewhere (a snapshot carried to another machine)."""
+    for name in LINKED:
+        target, link = ROOT / name, snap / name
+        if link.is_symlink():
+            link.unlink()
+        if target.exists() and not link.exists():
+            link.symlink_to(target)
 
 
 def snapshot_env(snap: Path, base: dict) -> dict:
@@ -144,6 +173,12 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument(
+        "--snapshots",
+        type=Path,
+        default=None,
+        help="where snap_base/, snap_head/ are (default OUT)",
+    )
     ap.add_argument("--budget-s", type=float, default=550.0, help="start no run after this")
     ap.add_argument("--dry-run", action="store_true", help="snapshots and plan only")
     a = ap.parse_args(argv)
@@ -154,8 +189,10 @@ def main(argv=None) -> int:
     if a.rounds < 1:
         raise SystemExit("--rounds must be >= 1")
     t0 = time.monotonic()
+    snaps = a.snapshots or a.out
+    a.out.mkdir(parents=True, exist_ok=True)
     shas = {
-        s: snapshot(rev, a.out / f"snap_{s}") for s, rev in (("base", a.base), ("head", a.head))
+        s: snapshot(rev, snaps / f"snap_{s}") for s, rev in (("base", a.base), ("head", a.head))
     }
     doc: dict = {
         "meta": {
@@ -176,7 +213,8 @@ def main(argv=None) -> int:
     path = a.out / f"ab_{a.recipe}_{a.variant}.json"
     envs = {}
     for side in ("base", "head"):
-        snap = (a.out / f"snap_{side}").resolve()
+        snap = (snaps / f"snap_{side}").resolve()
+        link_staged(snap)
         envs[side] = snapshot_env(snap, dict(os.environ))
         origin = fluid_origin(snap, envs[side])
         if not Path(origin).is_relative_to(snap):
@@ -186,13 +224,15 @@ def main(argv=None) -> int:
         run_out = a.out / "runs" / f"{side}_{rnd}"
         left = a.budget_s - (time.monotonic() - t0)
         cmd = run_command(a.recipe, a.variant, a.iters, shas[side], run_out, max(left, 0.0))
-        doc["plan"].append({"round": rnd, "side": side, "cwd": f"snap_{side}", "cmd": cmd})
+        doc["plan"].append(
+            {"round": rnd, "side": side, "cwd": str(snaps / f"snap_{side}"), "cmd": cmd}
+        )
         if a.dry_run:
             continue
         if left <= 0:
             doc["plan"][-1]["skipped"] = "budget"
             continue
-        proc = subprocess.run(cmd, cwd=a.out / f"snap_{side}", env=envs[side])
+        proc = subprocess.run(cmd, cwd=snaps / f"snap_{side}", env=envs[side])
         got = _result(run_out, a.recipe, a.variant)
         run = {"round": rnd, "side": side, "rc": proc.returncode}
         if got is not None:

@@ -305,6 +305,25 @@ def test_ab_dry_run_snapshots_and_checks_each_sides_fluid(tmp_path):
     ]  # fmt: skip
     assert all(p["cmd"][1:4] == ["-m", "benchmarks.run", "e2e_fine_1gpu"] for p in doc["plan"])
     assert doc["runs"] == [] and not (out / "runs").exists()
+    # snapshots made once and reused (a GPU host has no git): marked with their commit; a
+    # folder holding another commit is refused
+    sha = (out / "snap_head" / ".ab_commit").read_text().strip()
+    assert len(sha) == 40
+    again = subprocess.run(
+        [sys.executable, "-m", "benchmarks.ab", "--base", sha[:9], "--head", sha,
+         "--recipe", "e2e_fine_1gpu", "--snapshots", str(out), "--out", str(tmp_path / "o2"),
+         "--dry-run"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr[-3000:]
+    (out / "snap_base" / ".ab_commit").write_text("f" * 40 + "\n")
+    other = subprocess.run(
+        [sys.executable, "-m", "benchmarks.ab", "--base", sha, "--head", sha,
+         "--recipe", "e2e_fine_1gpu", "--snapshots", str(out), "--out", str(tmp_path / "o3"),
+         "--dry-run"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert other.returncode != 0 and "use another --snapshots folder" in other.stderr
     bad = subprocess.run(
         [sys.executable, "-m", "benchmarks.ab", "--base", "HEAD", "--head", "HEAD",
          "--recipe", "moe_fine64_ep4", "--out", str(tmp_path / "x"), "--dry-run"],
