@@ -45,38 +45,10 @@ def _world():
 
 def _layer_ops(dedup: bool, scheduler_on: bool) -> collections.Counter:
     """aten ops of the third forward + backward of a fresh tiny layer (the first two warm up)."""
-    from megatron.core.process_groups_config import ProcessGroupCollection
-
-    from fluid.moe import FluidMoELayer
-    from fluid.testing.moe import (
-        emulate_ddp_grads,
-        local_moe_submodules,
-        moe_config,
-        reset_ddp_flags,
-    )
+    from fluid.testing.moe import fine_grained_test_layer, reset_ddp_flags
 
     H = 64
-    cfg = moe_config(
-        hidden=H,
-        ffn=32,
-        num_experts=64,
-        topk=6,
-        ep=1,
-        shared=64,
-        moe_aux_loss_coeff=1e-2,
-        moe_router_load_balancing_type="aux_loss",
-        bias_activation_fusion=False,
-    )
-    cfg.fluid_moe_dedup = "on" if dedup else "off"
-    torch.manual_seed(0)
-    layer = FluidMoELayer(
-        cfg,
-        submodules=local_moe_submodules(),
-        pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
-        num_chunks=1,
-    )
-    layer.set_layer_number(1)  # the router's aux-loss tracker indexes by layer
-    accs = emulate_ddp_grads(layer.parameters())  # noqa: F841  (keeps the DDP hooks alive)
+    layer, accs = fine_grained_test_layer(H, dedup=dedup)  # noqa: F841  (keeps DDP hooks alive)
     sched = layer.scheduler
     sched.enable() if scheduler_on else sched.disable()
     g = torch.Generator().manual_seed(3)

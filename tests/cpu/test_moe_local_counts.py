@@ -36,18 +36,10 @@ def _cpu_offsets(counts, device=None):
 
 
 def _run(monkeypatch, local_plan: bool, scheduler_on: bool):
-    from megatron.core.process_groups_config import ProcessGroupCollection
-
     import fluid.moe.counts as counts_mod
     import fluid.moe.dispatcher as dispatcher
     import fluid.moe.grouped_gemm as gg
-    from fluid.moe import FluidMoELayer
-    from fluid.testing.moe import (
-        emulate_ddp_grads,
-        local_moe_submodules,
-        moe_config,
-        reset_ddp_flags,
-    )
+    from fluid.testing.moe import fine_grained_test_layer, reset_ddp_flags
 
     monkeypatch.setattr(gg, "_grouped_mm_supported", lambda x: True)
     monkeypatch.setattr(dispatcher, "local_offsets", _cpu_offsets)
@@ -65,27 +57,7 @@ def _run(monkeypatch, local_plan: bool, scheduler_on: bool):
     monkeypatch.setattr(counts_mod.PendingCounts, "get", get)
 
     H = 64
-    cfg = moe_config(
-        hidden=H,
-        ffn=32,
-        num_experts=64,
-        topk=6,
-        ep=1,
-        shared=64,
-        moe_aux_loss_coeff=1e-2,
-        moe_router_load_balancing_type="aux_loss",
-        bias_activation_fusion=False,
-    )
-    cfg.fluid_grouped_gemm = "on"
-    torch.manual_seed(0)
-    layer = FluidMoELayer(
-        cfg,
-        submodules=local_moe_submodules(),
-        pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
-        num_chunks=1,
-    )
-    layer.set_layer_number(1)
-    accs = emulate_ddp_grads(layer.parameters())  # noqa: F841  (keeps the DDP hooks alive)
+    layer, accs = fine_grained_test_layer(H, fluid_grouped_gemm="on")  # noqa: F841  (DDP hooks)
     sched = layer.scheduler
     sched.enable() if scheduler_on else sched.disable()
     g = torch.Generator().manual_seed(3)

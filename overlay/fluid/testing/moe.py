@@ -10,7 +10,7 @@ itself the checkpoint-compatibility path.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -220,3 +220,38 @@ def reset_ddp_flags(params) -> None:
     for p in params:
         if hasattr(p, "main_grad"):
             p.grad_added_to_main_grad = False
+
+
+def fine_grained_test_layer(hidden: int = 64, dedup: Optional[bool] = None, **extra):
+    """A tiny FluidMoELayer of the 64-expert model's structure for single-rank CPU tests (64
+    experts top-6, a shared expert, SwiGLU, aux loss, EP = 1, one chunk), seeded, layer number
+    set (the aux-loss tracker indexes by it), under emulated Megatron DDP. `dedup` sets
+    `fluid_moe_dedup` on/off (None: the default); `extra` overrides config fields (`fluid_*` ones
+    are set on the config after it is built, as Megatron's argument mapping does). Needs Megatron's
+    parallel state (fluid.testing.world.single_rank_megatron). Returns `(layer, accs)`: keep
+    `accs` alive (emulate_ddp_grads)."""
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    from fluid.moe import FluidMoELayer
+
+    fields: dict[str, Any] = dict(
+        moe_aux_loss_coeff=1e-2,
+        moe_router_load_balancing_type="aux_loss",
+        bias_activation_fusion=False,
+    )
+    fluid = {k: v for k, v in extra.items() if k.startswith("fluid_")}  # set as pretrain_gpt does
+    fields.update({k: v for k, v in extra.items() if k not in fluid})
+    cfg = moe_config(hidden=hidden, ffn=32, num_experts=64, topk=6, ep=1, shared=64, **fields)
+    if dedup is not None:
+        fluid["fluid_moe_dedup"] = "on" if dedup else "off"
+    for k, v in fluid.items():
+        setattr(cfg, k, v)
+    torch.manual_seed(0)
+    layer = FluidMoELayer(
+        cfg,
+        submodules=local_moe_submodules(),
+        pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
+        num_chunks=1,
+    )
+    layer.set_layer_number(1)
+    return layer, emulate_ddp_grads(layer.parameters())
