@@ -116,17 +116,6 @@ def link_staged(snap: Path) -> None:
             link.symlink_to(target)
 
 
-def snapshot_env(snap: Path, base: dict) -> dict:
-    """`base` with the snapshot's overlay and root first on PYTHONPATH. Set here, not left to the
-    snapshot's benchmarks.run: a commit from before benchmarks/tree.py passes its children the
-    caller's PYTHONPATH, where `benchmarks/gpu_env.sh` put this checkout's overlay."""
-    env = dict(base)
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(snap / "overlay"), str(snap), base.get("PYTHONPATH")) if p
-    )
-    return env
-
-
 def fluid_origin(snap: Path, env: dict) -> str:
     """The directory `import fluid` resolves to in `snap` under `env` (checked before any run)."""
     code = "import os, fluid; print(os.path.dirname(os.path.abspath(fluid.__file__)))"
@@ -183,6 +172,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="snapshots and plan only")
     a = ap.parse_args(argv)
     from benchmarks import recipes as R
+    from benchmarks.tree import with_tree_path
 
     if a.recipe not in R.RECIPES or not isinstance(R.RECIPES[a.recipe], R.E2ERecipe):
         raise SystemExit(f"--recipe: {a.recipe!r} is not an end-to-end recipe")
@@ -215,7 +205,10 @@ def main(argv=None) -> int:
     for side in ("base", "head"):
         snap = (snaps / f"snap_{side}").resolve()
         link_staged(snap)
-        envs[side] = snapshot_env(snap, dict(os.environ))
+        # Set here, not left to the snapshot's benchmarks.run: a commit from before
+        # benchmarks/tree.py passes its children the caller's PYTHONPATH, where
+        # benchmarks/gpu_env.sh put this checkout's overlay.
+        envs[side] = with_tree_path(dict(os.environ), snap)
         origin = fluid_origin(snap, envs[side])
         if not Path(origin).is_relative_to(snap):
             raise SystemExit(f"ab: the {side} snapshot imports fluid from {origin}, not {snap}")

@@ -15,10 +15,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def with_tree_path(env: dict) -> dict:
-    """`env` with PYTHONPATH = ROOT/overlay, ROOT, then what it had (a copy; `env` untouched)."""
+def with_tree_path(env: dict, root: Path = ROOT) -> dict:
+    """`env` with PYTHONPATH = root/overlay, root, then what it had (a copy; `env` untouched).
+    `root`: this tree by default; benchmarks.ab passes a snapshot's."""
     out = dict(env)
     out["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(ROOT / "overlay"), str(ROOT), env.get("PYTHONPATH")) if p
+        p for p in (str(root / "overlay"), str(root), env.get("PYTHONPATH")) if p
     )
     return out

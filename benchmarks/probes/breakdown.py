@@ -13,9 +13,10 @@ PyTorch-profiler flags, `--profile --use-pytorch-profiler --profile-step-start N
 N+1`. Megatron (training.py at the pin) then records iteration N (`ProfilerStep#N`) on every rank
 and writes it with `export_chrome_trace` to `D/torch_profile/rank-<r>.json.gz`: plain JSON, no
 tensorboard package (Megatron's tensorboard writer is skipped with a warning when the package is
-missing). The breakdown is rank 0's, with `host_pace` (each module's host time beside the GPU time it
-launched, and the host's waits for the device); with several ranks, `peer_wait` (from every rank's trace)
-splits each rank's all-to-all kernel time into waiting for the other ranks and the rest.
+missing). The breakdown is rank 0's, with `host_pace` (each module's host time beside the GPU
+time it launched, and the host's waits for the device); with several ranks, `peer_wait` (from
+every rank's trace) splits each rank's all-to-all kernel time into waiting for the other ranks
+and the rest.
 
 The script runs under this module's `--worker` mode, which installs
 `fluid.testing.bench.breakdown.module_scope_hooks` (an `nn.Module: <Class>` range around every
@@ -162,7 +163,13 @@ def _run_one(
     recipe, variant, step, work: Path, out: Path, timeout, keep_mb, script=None, link="nvlink"
 ) -> dict:
     from benchmarks import e2e_job
-    from fluid.testing.bench.breakdown import all_to_all_spans, breakdown, host_pace, peer_wait
+    from fluid.testing.bench.breakdown import (
+        all_to_all_spans,
+        breakdown,
+        host_pace,
+        load,
+        peer_wait,
+    )
     from fluid.testing.bench.launch import parse_megatron_log, run_logged
 
     d = work / f"{recipe.name}_{variant}"
@@ -181,19 +188,21 @@ def _run_one(
         res["error"] = f"no trace at {tp}"
         return res
     res["trace_mb"] = round(tp.stat().st_size / 2**20, 2)
+    trace = tp  # read once below: breakdown, host_pace and peer_wait all use rank 0's
     try:
-        res["breakdown"] = breakdown(tp, step=step)
+        trace = load(tp)
+        res["breakdown"] = breakdown(trace, step=step)
     except Exception as exc:  # keep the run's other results
         res["error"] = f"breakdown: {type(exc).__name__}: {exc}"
     try:
-        res["host_pace"] = host_pace(tp, step=step)
+        res["host_pace"] = host_pace(trace, step=step)
     except Exception as exc:
         res["host_pace"] = {"error": f"{type(exc).__name__}: {exc}"}
     others = [trace_path(d / "tb", r) for r in range(1, recipe.nproc)]
     if others and all(p.exists() for p in others):
         try:
             res["peer_wait"] = peer_wait(
-                {r: all_to_all_spans(p, step=step) for r, p in enumerate([tp, *others])}
+                {r: all_to_all_spans(t, step=step) for r, t in enumerate([trace, *others])}
             )
         except Exception as exc:
             res["peer_wait"] = {"error": f"{type(exc).__name__}: {exc}"}

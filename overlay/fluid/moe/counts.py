@@ -45,9 +45,9 @@ class PendingCounts:
 class HostCounts(Sequence):
     """Rows per local expert as host ints, read from the device only when a value is asked for.
 
-    What the one-chunk EP = 1 plan gives as tokens_per_expert (FluidTokenDispatcher._finish_local_plan): `len()` is
-    known at once; the first value read waits for the device->host copy that dispatch_preprocess
-    started (`PendingCounts.get`). On the grouped-GEMM path nothing in the forward reads a value
+    What the one-chunk EP = 1 plan gives as tokens_per_expert
+    (FluidTokenDispatcher._finish_local_plan): `len()` is known at once; the first value read
+    waits for the device->host copy that dispatch_preprocess started (`PendingCounts.get`). On the grouped-GEMM path nothing in the forward reads a value
     (the kernel takes device offsets), and backward reads them (empty experts' dW, the per-expert
     fused dW) after the forward's copy has long finished: the forward never waits for the device.
     Read in the forward it is the same one wait the host list had (the per-expert loop)."""

@@ -385,14 +385,18 @@ class FluidTokenDispatcher:
             )
         return self.plan
 
-    def _take_pending(self) -> list[int]:
-        """The host counts dispatch_preprocess sent on their way (waits once), then forgets them."""
+    def _pop_pending(self) -> PendingCounts:
+        """The counts dispatch_preprocess sent on their way to the host, forgotten here."""
         if self._pending is None:
             raise RuntimeError(
                 "FluidTokenDispatcher: no counts pending; call dispatch_preprocess first"
             )
-        counts, self._pending = self._pending.get(), None
-        return counts
+        pending, self._pending = self._pending, None
+        return pending
+
+    def _take_pending(self) -> list[int]:
+        """The host counts dispatch_preprocess sent on their way (waits once), then forgets them."""
+        return self._pop_pending().get()
 
     def _finish_plan(self) -> DispatchPlan:
         """Turn the host counts into per-chunk splits (waits for the device->host copy once)."""
@@ -418,13 +422,8 @@ class FluidTokenDispatcher:
         device: it waited once per MoE layer before, and then the host queued the rest of the
         layer with the GPU idle (the host-bound 64-expert model on one H200,
         docs/benchmarks/breakdown.md)."""
-        pending, self._pending = self._pending, None
-        if pending is None:
-            raise RuntimeError(
-                "FluidTokenDispatcher: no counts pending; call dispatch_preprocess first"
-            )
         rows = plan.sorted_indices.shape[0]
-        counts = HostCounts(pending)
+        counts = HostCounts(self._pop_pending())
         plan.send_splits.append([rows])
         plan.recv_splits.append([rows])
         plan.recv_counts.append(counts)

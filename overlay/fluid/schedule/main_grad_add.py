@@ -95,7 +95,7 @@ def _triton_add(device_index: int = 0):
 
 
 def add_kernel(main_grad: Optional[torch.Tensor], grad: torch.Tensor) -> Optional[str]:
-    """ "triton", "reference" or None for `main_grad += grad` (module docstring)."""
+    """The kernel for `main_grad += grad`: "triton", "reference" or None (module docstring)."""
     if (
         main_grad is None
         or main_grad.dtype != torch.float32

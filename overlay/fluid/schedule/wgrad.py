@@ -36,9 +36,9 @@ LinearWithGradAccumulation does. The experts (fluid.moe.grouped_gemm, fluid.moe.
 each expert's dW into its slice `main_grad[g]` the same way, except under auto where dW is one
 grouped GEMM over more than 8 local experts (fluid.moe.grouped_gemm.wgrad_mode_for: one addmm
 per expert measured slower there); that bf16 dW FluidMoE adds into `main_grad` itself with one
-vectorized pass where it can (fluid.schedule.main_grad_add, same sum as DDP's add). Once a parameter's flag is set, every
-later unfused dW of the step goes into `main_grad` directly as well (`engine_weight_grad`): the
-hook would skip it. Scheduler on and off run the same kernel on the same operands.
+vectorized pass where it can (fluid.schedule.main_grad_add, same sum as DDP's add). Once a
+parameter's flag is set, every later unfused dW of the step goes into `main_grad` directly as
+well (`engine_weight_grad`): the hook would skip it. Scheduler on and off run the same kernel on the same operands.
 
 Which backward passes compute dW. A stock layer computes dW exactly when autograd asks for the
 weight's gradient: `loss.backward()` does, `torch.autograd.grad(out, x)` and

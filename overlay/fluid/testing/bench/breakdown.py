@@ -57,6 +57,7 @@ from __future__ import annotations
 import gzip
 import json
 import re
+from bisect import bisect_left, bisect_right
 from pathlib import Path
 
 from fluid.testing.bench.timeline import union_length
@@ -418,8 +419,6 @@ def host_pace(trace, step=None) -> dict:
     for v in calls_by_tid.values():
         v.sort(key=lambda e: float(e["ts"]))
     starts = {t: [float(e["ts"]) for e in v] for t, v in calls_by_tid.items()}
-    from bisect import bisect_left, bisect_right
-
     modules: dict = {}
     inside_any: set = set()
     for m in events:
