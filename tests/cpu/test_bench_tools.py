@@ -332,3 +332,52 @@ def test_ab_dry_run_snapshots_and_checks_each_sides_fluid(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert bad.returncode != 0 and "not an end-to-end recipe" in bad.stderr
+
+
+def test_ab_budget_starts_only_rounds_that_fit(tmp_path, monkeypatch):
+    """benchmarks.ab under --budget-s, with runs of 65 s on a fake clock and a stand-in for
+    benchmarks.run that, as run.py does, skips its variant with less than E2E_MIN_LEFT_S of its
+    budget left: every run ab starts gives a result, and a round runs whole or not at all (ab
+    used to start a run that benchmarks.run then skipped: the head side of a 150 s budget)."""
+    import json
+    import subprocess
+    from pathlib import Path
+
+    from benchmarks import ab
+    from benchmarks.run import E2E_MIN_LEFT_S
+
+    clock = [1000.0]
+    monkeypatch.setattr(ab.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(ab, "snapshot", lambda rev, path: rev * 40)
+    monkeypatch.setattr(ab, "link_staged", lambda snap: None)
+    monkeypatch.setattr(ab, "fluid_origin", lambda snap, env: str(snap / "overlay" / "fluid"))
+
+    def fake_run(cmd, cwd, env):
+        budget = float(cmd[cmd.index("--budget-s") + 1])
+        out = Path(cmd[cmd.index("--out") + 1])
+        clock[0] += 3.0  # start-up, then run.py's budget check
+        if budget - 3.0 >= E2E_MIN_LEFT_S:
+            v = {"ms": 100.0, "iters_ms": [100.0, 100.0]}
+        else:
+            v = {"skipped": "time budget", "ms": None}
+        clock[0] += 62.0
+        out.mkdir(parents=True)
+        doc = {"links": {"nvlink": {"variants": {"fluid": v}}}}
+        (out / "e2e_fine_1gpu.json").write_text(json.dumps(doc))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(ab.subprocess, "run", fake_run)
+    for budget, want in ((150, []), (250, [(0, "base"), (0, "head")]), (420, 4)):
+        out = tmp_path / f"b{budget}"
+        args = ["--base", "a", "--head", "b", "--recipe", "e2e_fine_1gpu", "--rounds", "3",
+                "--out", str(out), "--budget-s", str(budget)]  # fmt: skip
+        assert ab.main(args) == 0
+        doc = json.loads((out / "ab_e2e_fine_1gpu_fluid.json").read_text())
+        ran = [(r["round"], r["side"]) for r in doc["runs"]]
+        assert all("ms" in r for r in doc["runs"]), doc["runs"]  # no run started to be skipped
+        if isinstance(want, int):
+            assert len(ran) == want and ran == [(0, "base"), (0, "head"), (1, "head"), (1, "base")]
+        else:
+            assert ran == want
+        assert len(doc["plan"]) == 6
+        assert sum("skipped" in p for p in doc["plan"]) == 6 - len(ran)
