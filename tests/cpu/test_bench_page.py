@@ -31,3 +31,17 @@ def test_readme_performance_numbers_are_on_the_page():
     page = (ROOT / "docs" / "benchmarks" / "README.md").read_text()
     for num in re.findall(r"\d+\.\d+x", m.group(1)):
         assert num in page, f"README cites {num}, which docs/benchmarks/README.md does not show"
+
+
+def test_one_gpu_overlap_ratio_is_labelled_spread():
+    """On one GPU Fluid with and without the scheduler run the same operations (no all-to-all,
+    every dW inline), so the page must not present their ratio as overlap."""
+    from benchmarks import recipes as R
+    from benchmarks.render import _overlap
+
+    one = R.RECIPES["e2e_fine_1gpu"]
+    two = R.RECIPES["e2e_fine_ep2"]
+    ls = {"overlap": {"median": 1.091, "min": None, "max": None}}
+    assert one.nproc == 1 and "run-to-run spread" in _overlap(one, ls)
+    assert two.nproc == 2 and _overlap(two, ls) == "1.091x"
+    assert _overlap(one, {}) == "-"
