@@ -116,17 +116,9 @@ def test_model_build_validator_names_the_flag(fields, flag):
 
 def _moe_config(**fields):
     """A small Fluid MoE TransformerConfig with `fields` set."""
-    from megatron.core.transformer.transformer_config import TransformerConfig
+    from fluid.testing.moe import tiny_config
 
-    return TransformerConfig(
-        num_layers=2,
-        hidden_size=64,
-        num_attention_heads=4,
-        num_moe_experts=4,
-        use_cpu_initialization=True,
-        use_fluid_moe=True,
-        **fields,
-    )
+    return tiny_config(use_fluid_moe=True, **fields)
 
 
 def test_fused_wgrad_accumulation_is_refused_at_build_without_a_kernel(monkeypatch):

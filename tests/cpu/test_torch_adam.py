@@ -44,25 +44,13 @@ import pytest
 import torch
 
 from fluid.config import FluidConfigError
+from fluid.testing.moe import tiny_config
 
 RTOL, ATOL = 1e-6, 1e-7
 HOOK_GROUP = "megatron.core.torch_adam_hooks"
 
 
 # --- through Megatron's builder --------------------------------------------------------------
-
-
-def _transformer_config(**fields):
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    return TransformerConfig(
-        num_layers=2,
-        hidden_size=64,
-        num_attention_heads=4,
-        num_moe_experts=4,
-        use_cpu_initialization=True,
-        **fields,
-    )
 
 
 @pytest.fixture
@@ -114,7 +102,7 @@ def _build(monkeypatch, decoupled_weight_decay=True, outer=False, **fields):
             self.expert.weight.allreduce = False  # expert-parallel: the second call site
             self.ddp_config = DistributedDataParallelConfig()
 
-    chunk = Chunk(_transformer_config(**fields))
+    chunk = Chunk(tiny_config(**fields))
     with single_rank_megatron():
         opt = get_megatron_optimizer(
             OptimizerConfig(

@@ -56,6 +56,20 @@ def moe_config(
     return TransformerConfig(**kwargs)
 
 
+def tiny_config(**fields) -> TransformerConfig:
+    """The smallest TransformerConfig the config and optimizer tests build (2 layers, hidden 64,
+    4 heads, 4 experts, CPU initialization), with `fields` set; nothing else from Megatron's
+    defaults changed (unlike `moe_config`)."""
+    return TransformerConfig(
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_moe_experts=4,
+        use_cpu_initialization=True,
+        **fields,
+    )
+
+
 def local_moe_submodules():
     """The stock local-spec MoESubmodules (SequentialMLP experts, SharedExpertMLP, TopKRouter)."""
     from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
