@@ -46,35 +46,34 @@ ROOT = Path(__file__).resolve().parent.parent
 LINKED = (".megatron", ".whl", ".whl-peers")  # staged outside git, shared by both snapshots
 
 
-def abba_order(rounds: int) -> list:
+def abba_order(rounds: int, base: str = "base", head: str = "head") -> list:
     """[(round, side)]: base, head in even rounds and head, base in odd ones."""
     out = []
     for r in range(rounds):
-        sides = ("base", "head") if r % 2 == 0 else ("head", "base")
+        sides = (base, head) if r % 2 == 0 else (head, base)
         out += [(r, s) for s in sides]
     return out
 
 
-def summarize(runs: list) -> dict:
-    """The comparison from finished runs [{side, round, ms, iters_ms}] (see the module doc)."""
-    pooled = {
-        s: [x for r in runs if r["side"] == s for x in r["iters_ms"]] for s in ("base", "head")
-    }
+def summarize(runs: list, base: str = "base", head: str = "head") -> dict:
+    """The comparison from finished runs [{side, round, ms, iters_ms}] (see the module doc);
+    `base` and `head` name the two sides (benchmarks.peers.versus: torchtitan against FluidMoE)."""
+    pooled = {s: [x for r in runs if r["side"] == s for x in r["iters_ms"]] for s in (base, head)}
     out: dict = {
         s: {"runs_ms": [r["ms"] for r in runs if r["side"] == s], "iterations": len(v)}
         for s, v in pooled.items()
     }
     for s, v in pooled.items():
         out[s]["pooled_median_ms"] = round(statistics.median(v), 2) if v else None
-    b, h = out["base"]["pooled_median_ms"], out["head"]["pooled_median_ms"]
+    b, h = out[base]["pooled_median_ms"], out[head]["pooled_median_ms"]
     out["head_over_base"] = round(h / b, 4) if b and h else None
     by_round: dict = {}
     for r in runs:
         by_round.setdefault(r["round"], {})[r["side"]] = r["ms"]
     out["round_ratios"] = [
-        round(v["head"] / v["base"], 4)
+        round(v[head] / v[base], 4)
         for _, v in sorted(by_round.items())
-        if v.get("base") and v.get("head")
+        if v.get(base) and v.get(head)
     ]
     return out
 
@@ -156,7 +155,7 @@ def run_command(recipe: str, variant: str, iters: int, sha: str, out: Path, budg
     ]  # fmt: skip
 
 
-def _result(run_out: Path, recipe: str, variant: str):
+def run_result(run_out: Path, recipe: str, variant: str):
     """(median ms, iteration times) of the variant in a benchmarks.run output, or None."""
     try:
         doc = json.loads((run_out / f"{recipe}.json").read_text())
@@ -251,7 +250,7 @@ def main(argv=None) -> int:
         t_run = time.monotonic()
         proc = subprocess.run(cmd, cwd=snaps / f"snap_{side}", env=envs[side])
         longest = max(longest, time.monotonic() - t_run)
-        got = _result(run_out, a.recipe, a.variant)
+        got = run_result(run_out, a.recipe, a.variant)
         run = {"round": rnd, "side": side, "rc": proc.returncode}
         if got is not None:
             run["ms"], run["iters_ms"] = got

@@ -381,3 +381,71 @@ def test_ab_budget_starts_only_rounds_that_fit(tmp_path, monkeypatch):
             assert ran == want
         assert len(doc["plan"]) == 6
         assert sum("skipped" in p for p in doc["plan"]) == 6 - len(ran)
+
+
+def test_versus_alternates_torchtitan_and_fluid(tmp_path, monkeypatch):
+    """benchmarks.peers.versus: torchtitan and FluidMoE in ABBA order in one job (fake clock
+    and runs: torchtitan 480 ms steps, FluidMoE 400 ms iterations); torchtitan gets the link's
+    environment and its wheels first on PYTHONPATH, FluidMoE this tree's overlay; the summary's
+    speedup is torchtitan's pooled median over FluidMoE's, per round too, with model TFLOP/s by
+    one formula; context parallelism and unknown links are refused."""
+    import json
+    import os
+    import subprocess
+    from pathlib import Path
+
+    import pytest
+
+    from benchmarks.peers import versus
+    from benchmarks.tree import ROOT
+    from fluid.testing.bench.flops import tflops_per_gpu
+    from fluid.testing.bench.models import MODELS
+
+    clock = [0.0]
+    monkeypatch.setattr(versus.time, "monotonic", lambda: clock[0])
+    seen = []
+
+    def fake_run(cmd, cwd, env):
+        clock[0] += 70.0
+        seen.append((cmd, env))
+        out = Path(cmd[cmd.index("--out") + 1])
+        if "benchmarks.run" in cmd:
+            out.mkdir(parents=True)
+            v = {"ms": 400.0, "iters_ms": [398.0, 400.0, 402.0]}
+            doc = {"links": {"p2poff": {"variants": {"fluid": v}}}}
+            (out / "e2e_fine_ep2.json").write_text(json.dumps(doc))
+        else:
+            rec = {"model": "fine", "compile": True, "warmup_steps": 3,
+                   "step_times_s": [9.0, 2.0, 1.0, 0.478, 0.480, 0.482]}  # fmt: skip
+            out.write_text(json.dumps([rec]))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(versus.subprocess, "run", fake_run)
+    out = tmp_path / "v"
+    args = ["--recipe", "e2e_fine_ep2", "--link", "p2poff", "--rounds", "2", "--out", str(out),
+            "--peers-site", "/opt/peers", "--commit", "c" * 40]  # fmt: skip
+    assert versus.main(args) == 0
+    doc = json.loads((out / "versus_e2e_fine_ep2_fluid_p2poff.json").read_text())
+    order = [(r["round"], r["side"]) for r in doc["runs"]]
+    assert order == [(0, "torchtitan"), (0, "fluid"), (1, "fluid"), (1, "torchtitan")]
+    tt_cmd, tt_env = seen[0]
+    assert tt_cmd[tt_cmd.index("--models") + 1] == "fine" and "--compile" in tt_cmd
+    assert tt_cmd[tt_cmd.index("--nproc") + 1] == "2" and tt_cmd[tt_cmd.index("--ep") + 1] == "2"
+    assert tt_env["NCCL_P2P_DISABLE"] == "1" and tt_env["NCCL_NVLS_ENABLE"] == "0"
+    assert tt_env["PYTHONPATH"].split(os.pathsep)[0] == "/opt/peers"
+    fl_cmd, fl_env = seen[1]
+    assert fl_cmd[fl_cmd.index("--links") + 1] == "p2poff" and fl_cmd[-2:] == ["--commit", "c" * 40]
+    assert fl_env["PYTHONPATH"].split(os.pathsep)[0] == str(ROOT / "overlay")
+    s = doc["summary"]
+    assert s["torchtitan"]["pooled_median_ms"] == 480.0 and s["fluid"]["pooled_median_ms"] == 400.0
+    assert s["fluid_speedup"] == 1.2 and s["round_speedups"] == [1.2, 1.2]
+    m = MODELS["fine"]
+    tokens = m.global_batch(2) * m.seq // 2
+    assert s["tokens_per_gpu_per_step"] == tokens
+    assert s["fluid"]["tflops_per_gpu"] == round(tflops_per_gpu(m, tokens, 0.4), 1)
+    for bad in (
+        ["--recipe", "e2e_fine_cp2_ep2"],
+        ["--recipe", "e2e_fine_1gpu", "--link", "p2poff"],
+    ):
+        with pytest.raises(SystemExit):
+            versus.main(bad + ["--out", str(tmp_path / "bad"), "--dry-run"])
