@@ -36,6 +36,8 @@ VARIANTS = {
     # Fluid (overlap on / off) with several hardware queues instead of BASE_ENV's one (`_q32`).
     "fluid_q32": {"use_fluid_moe": True},
     "fluid_off_q32": {"use_fluid_moe": True, "fluid_scheduler": False},
+    # Fluid deciding overlap on / off by timing both early in the run (fluid.schedule.overlap_trial)
+    "fluid_measure": {"use_fluid_moe": True, "fluid_overlap": "measure"},
     # Fluid with each bf16 dW added into the fp32 main_grad by DDP's hook, not inside the GEMM
     # (the default, auto; docs/benchmarks/breakdown.md)
     "fluid_unfused": {"use_fluid_moe": True, "fluid_wgrad_accumulation": "unfused"},

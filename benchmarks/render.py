@@ -43,6 +43,7 @@ VNAMES = {
     "fluid_q32": "Fluid, 32 queues",
     "fluid_off_q32": "Fluid, overlap off, 32 queues",
     "fluid_unfused": "Fluid, unfused dW accumulation",
+    "fluid_measure": "Fluid, overlap decided by timing (--fluid-overlap measure)",
     "fluid_foreach": "Fluid, torch's foreach AdamW",
     "stock_jit": "stock, Megatron's torch.compile fusions",
     "fluid_jit": "Fluid, Megatron's torch.compile fusions",

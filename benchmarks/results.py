@@ -19,6 +19,7 @@ RATIOS = {
     "stock_1f1b": ("stock", "stock_1f1b"),  # Megatron's combined 1F1B on stock layers
     "speedup_q32": ("stock", "fluid_q32"),  # Fluid with 32 hardware queues vs stock (one queue)
     "overlap_q32": ("fluid_off_q32", "fluid_q32"),  # overlap on vs off, both with 32 queues
+    "overlap_measure": ("fluid_off", "fluid_measure"),  # overlap decided by timing vs off
     "wgrad_fused": ("fluid_unfused", "fluid"),  # fused fp32 dW accumulation (default) vs unfused
     "fused_adam": ("fluid_foreach", "fluid"),  # torch's fused AdamW (default) vs foreach
     "jit_fusions": ("fluid", "fluid_jit"),  # Megatron's torch.compile fusions on, Fluid

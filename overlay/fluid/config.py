@@ -7,7 +7,8 @@ saved with a checkpoint's args.
     field                    flag                                 default
     fluid_scheduler          --no-fluid-scheduler                 on: dW deferred into all-to-alls
     fluid_scheduler_timing   --fluid-scheduler-timing             off
-    fluid_overlap            --fluid-overlap {auto,always,never}  auto: where the link is slow
+    fluid_overlap            --fluid-overlap {auto,always,never,measure}  auto: where the link
+                                                                  is slow; measure: timed
     fluid_min_window_bytes   --fluid-min-window-bytes N           1 MiB on NCCL, 0 on gloo
     fluid_sm_carveout        --fluid-sm-carveout N                auto: 8 over a slow link, else 0
     fluid_moe_chunks         --fluid-moe-chunks N                 1 (no forward pipelining)
@@ -32,7 +33,7 @@ import os
 import warnings
 from typing import Optional
 
-OVERLAP_CHOICES = ("auto", "always", "never")
+OVERLAP_CHOICES = ("auto", "always", "never", "measure")
 SWITCH_CHOICES = ("auto", "on", "off")
 WGRAD_ACCUMULATION_CHOICES = ("auto", "fused", "unfused")
 TORCH_ADAM_CHOICES = ("auto", "fused", "foreach")

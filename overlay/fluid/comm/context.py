@@ -196,8 +196,10 @@ class CommContext:
     def __post_init__(self):
         if self.group is None:
             raise ValueError("CommContext needs an explicit process group")
-        if self.overlap not in ("auto", "always", "never"):
-            raise ValueError(f"--fluid-overlap must be auto, always or never, not {self.overlap!r}")
+        if self.overlap not in ("auto", "always", "never", "measure"):
+            raise ValueError(
+                f"--fluid-overlap must be auto, always, never or measure, not {self.overlap!r}"
+            )
         mwb = self.min_window_bytes
         if mwb is not None and (isinstance(mwb, bool) or not isinstance(mwb, int) or mwb < 0):
             raise ValueError(f"--fluid-min-window-bytes must be an int >= 0, not {mwb!r}")
@@ -245,8 +247,15 @@ class CommContext:
         return self.stream
 
     def should_overlap(self) -> bool:
-        """Whether compute should be issued while this group's all-to-alls are in flight."""
-        if self.overlap != "auto":
+        """Whether compute should be issued while this group's all-to-alls are in flight.
+        `measure`: what the scheduler's OverlapTrial chose for the micro-batch in flight, the
+        auto policy where it has not chosen (warm-up; fluid.schedule.overlap_trial)."""
+        if self.overlap == "measure":
+            trial = getattr(self.scheduler, "trial", None)
+            choice = trial.choice() if trial is not None else None
+            if choice is not None:
+                return choice
+        elif self.overlap != "auto":
             return self.overlap == "always"
         if not self.is_nccl:
             return True  # gloo: the collective runs on its own thread, overlap is free

@@ -136,6 +136,19 @@ def validate_config(config, pg_collection=None, *, moe: bool = True) -> FluidCon
             "(not installed, or no --gradient-accumulation-fusion): use "
             "--fluid-wgrad-accumulation auto or unfused",
         )
+    if fluid.overlap == "measure":  # fluid.schedule.overlap_trial
+        need(
+            fluid.scheduler,
+            "--fluid-overlap measure times dW deferral, which --no-fluid-scheduler turns off: "
+            "drop one of them",
+        )
+        pp = group_size("pp", config.pipeline_model_parallel_size)
+        need(
+            pp == 1 and not config.overlap_moe_expert_parallel_comm,
+            "--fluid-overlap measure times whole micro-batches, which interleave under "
+            f"--pipeline-model-parallel-size {pp} > 1 or --overlap-moe-expert-parallel-comm: "
+            "use --fluid-overlap auto there",
+        )
     if not moe:
         return fluid
 

@@ -60,6 +60,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from fluid.schedule.overlap_trial import OverlapTrial
+
 log = logging.getLogger(__name__)
 
 
@@ -111,6 +113,11 @@ class BackwardScheduler:
         self._armed_for: Optional[int] = None
         self.trace: Optional[list] = None  # set to a list to record (task name, kind) in run order
         self._comms: "weakref.WeakSet" = weakref.WeakSet()  # live CommContexts (register_comm)
+        # --fluid-overlap measure: the measured decision (made by register_comm for a context
+        # that asks for it) and whether a micro-batch is in flight (forward seen, backward not
+        # ended)
+        self.trial: Optional[OverlapTrial] = None
+        self._microbatch_open = False
         self.reset_stats()
 
     # -- switches ---------------------------------------------------------------------------
@@ -131,8 +138,11 @@ class BackwardScheduler:
 
     def register_comm(self, comm) -> None:
         """Called by every CommContext whose windows this scheduler fills: their policies decide
-        whether deferring can pay at all."""
+        whether deferring can pay at all. A context with `overlap="measure"` gives this
+        scheduler its OverlapTrial (one per scheduler: every context of a model shares it)."""
         self._comms.add(comm)
+        if getattr(comm, "overlap", None) == "measure" and self.trial is None:
+            self.trial = OverlapTrial()
 
     @property
     def num_comms(self) -> int:
@@ -166,31 +176,51 @@ class BackwardScheduler:
         if gid == -1 or not self.defers_dw():
             self.run_inline(fn, name)
             return
+        self._arm_backward_end(gid)
         self._stats["total_dw_tasks"] += 1
         # A different graph task is not a sign of staleness: reentrant activation checkpointing
         # (Megatron's --recompute-granularity full, torch.utils.checkpoint(use_reentrant=True))
         # runs each recomputed layer's backward as a nested graph task while the outer one's
         # tasks are still queued. Stale tasks are detected at the next forward (on_forward).
         self._queue.append(_Task(fn, name, gid, int(carry)))
-        if self._armed_for != gid:
+
+    def _arm_backward_end(self, gid: int) -> None:
+        """Have the engine call `_on_backward_end` when graph task `gid` ends (once per task)."""
+        if gid != -1 and self._armed_for != gid:
             self._armed_for = gid
             torch.autograd.Variable._execution_engine.queue_callback(self._on_backward_end)
+
+    def _measuring(self) -> bool:
+        return self.trial is not None and self.trial.measuring
 
     def run_inline(self, fn: Callable[[], None], name: str = "") -> None:
         """Run a dW closure now, counted as an inline task: `defer` when it does not queue, and
         Fluid ops whose weights are autograd inputs (fluid.schedule.wgrad.weights_attached)."""
         self._stats["total_dw_tasks"] += 1
-        self._run(_Task(fn, name, _graph_task_id()), kind="inline")
+        gid = _graph_task_id()
+        if self._measuring():  # the trial needs every backward's end, deferring or not
+            self._arm_backward_end(gid)
+        self._run(_Task(fn, name, gid), kind="inline")
 
     def on_forward(self) -> None:
-        """Called by Fluid layers at forward: tasks still queued outside backward are stale."""
-        if self._queue and _graph_task_id() == -1:
+        """Called by Fluid layers at forward: tasks still queued outside backward are stale.
+        The first call of a training micro-batch (outside backward, grad enabled) starts it for
+        the OverlapTrial while that measures."""
+        outside = _graph_task_id() == -1
+        if self._queue and outside:
             self._drop_stale("backward did not finish (an exception?)")
+        trial = self.trial
+        if outside and trial is not None and trial.measuring and not self._microbatch_open:
+            if torch.is_grad_enabled():
+                self._microbatch_open = True
+                trial.start_microbatch()
 
     # -- consumer side ----------------------------------------------------------------------
     def run_while(self, handle, comm) -> None:
         """Fill the window of an in-flight all-to-all with queued dW, then wait for it."""
         self._stats["a2a_calls"] += 1
+        if self._measuring():
+            self._arm_backward_end(_graph_task_id())
         # Too small to be worth filling: the queue waits for the next, larger window.
         skip = bool(self._queue) and handle.nbytes < comm.min_window_bytes
         self._stats["skipped_windows"] += skip
@@ -240,6 +270,9 @@ class BackwardScheduler:
     def _on_backward_end(self) -> None:
         self._armed_for = None
         self.flush()
+        if self.trial is not None:
+            self.trial.end_backward()
+            self._microbatch_open = False
 
     def _drop_stale(self, why: str) -> None:
         log.warning("FluidMoE: dropping %d stale dW task(s): %s", len(self._queue), why)
@@ -339,6 +372,8 @@ class BackwardScheduler:
         """
         s: dict[str, Any] = dict(self._stats)
         s.update(enabled=self.enabled, timing=self.timing, pending_dw_tasks=len(self._queue))
+        if self.trial is not None:
+            s["overlap_trial"] = self.trial.stats()
         if not self.timing:
             return s
         if self._windows:
