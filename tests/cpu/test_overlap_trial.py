@@ -53,23 +53,40 @@ def test_trial_order_and_decision(on_ms, off_ms, want):
     assert s["on_ms"] == [on_ms, on_ms] and s["off_ms"] == [off_ms, off_ms]
 
 
-def test_trial_waits_for_unread_times_and_skips_a_microbatch_without_backward():
+def test_trial_waits_for_unread_times_and_redoes_a_microbatch_without_backward():
     clock = FakeClock()
     trial = OverlapTrial(warmup=0, samples=2, clock=clock)
-    # micro-batch 1 (the first "off") has no backward: not counted, so the trial runs on
+    # micro-batch 1 (the first "off") has no backward: not counted
     choices = _drive(trial, clock, 4, 10.0, 12.0, skip_backward={1})
     assert choices == [True, False, False, True]
-    clock.blocked.add(clock.n)  # the last end mark still on the GPU
-    trial.start_microbatch()
-    assert trial.choice() is None and trial.decision is None  # trial over: the link decides
-    assert trial.stats()["off_ms"] == [12.0]
+    clock.blocked.add(clock.n)  # the last end mark (an "on" one) still on the GPU
+    choices = _drive(trial, clock, 2, 10.0, 12.0)
+    # the trial goes on in ABBA order while one "off" is short (a sample is taken when the next
+    # micro-batch starts) and micro-batch 3's time is unread
+    assert choices == [True, False] and trial.decision is None
+    assert trial.stats()["off_ms"] == [12.0] and trial.stats()["on_ms"] == [10.0, 10.0]
     clock.blocked.clear()
-    trial.end_backward()  # that micro-batch ran with the link's setting; not a sample
     trial.start_microbatch()
-    # still one "off" short (micro-batch 1 was dropped): no decision from 2 on / 1 off
-    assert trial.decision is None and trial.stats()["on_ms"] == [10.0, 10.0]
+    assert trial.decision is True and trial.choice() is True
+    assert trial.stats()["off_ms"] == [12.0, 12.0] and len(trial.stats()["on_ms"]) == 3
     with pytest.raises(ValueError):
         OverlapTrial(warmup=-1)
+
+
+def test_trial_gives_up_when_times_never_become_readable(caplog):
+    from fluid.schedule.overlap_trial import MAX_TRIAL_FACTOR
+
+    class NeverReady(FakeClock):
+        def ready(self, mark):
+            return False
+
+    clock = NeverReady()
+    trial = OverlapTrial(warmup=1, samples=2, clock=clock)
+    choices = _drive(trial, clock, 1 + MAX_TRIAL_FACTOR * 2 + 2, 10.0, 12.0)
+    assert choices[0] is None and None not in choices[1 : 1 + MAX_TRIAL_FACTOR * 2]
+    assert choices[-2:] == [None, None]  # the link's policy from then on
+    assert trial.decision is None and not trial.measuring
+    assert "no decision" in caplog.text
 
 
 @pytest.fixture(scope="module")

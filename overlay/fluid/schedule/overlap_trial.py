@@ -7,11 +7,15 @@ it (docs/benchmarks/overlap.md). With `measure` the run decides for itself:
 
 1. The first `warmup` micro-batches follow the auto policy and are not timed (allocator and
    compile warm-up: the first two iterations of the benchmark models take 3-8x a later one).
-2. The next 2 x `samples` micro-batches alternate overlap on and off in ABBA order (on, off,
-   off, on, ...; a drift linear in time weighs both equally), each timed from its first Fluid
-   layer's forward to the end of its backward: CUDA events on the current stream (read only once
-   they completed, never synchronizing) or, on CPU, the host clock.
-3. From then on overlap stays on if the median micro-batch with it was faster, else off.
+2. Then micro-batches alternate overlap on and off in ABBA order (on, off, off, on, ...; a drift
+   linear in time weighs both equally), each timed from its first Fluid layer's forward to the
+   end of its backward: CUDA events on the current stream (read only once they completed, never
+   synchronizing) or, on CPU, the host clock. A micro-batch whose backward never ended (an
+   exception) is not counted.
+3. Once `samples` times of each setting are read (usually at the start of micro-batch
+   warmup + 2 x samples + 1; later if the GPU is behind), overlap stays on if the median
+   micro-batch with it was faster, else off. If that never happens within 8 x `samples` timed
+   micro-batches, the link's policy stays (with a warning).
 
 Each micro-batch keeps one setting from its forward to the end of its backward (a Fluid op picks
 its backward at forward time: `fluid.schedule.wgrad.weights_attached`). Each rank decides from its
@@ -33,6 +37,7 @@ import torch
 log = logging.getLogger(__name__)
 
 ABBA = (True, False, False, True)  # overlap on / off of trial micro-batch i: ABBA[i % 4]
+MAX_TRIAL_FACTOR = 8  # give up (keep the link's policy) after this many x `samples` timed ones
 
 
 class HostClock:
@@ -70,8 +75,7 @@ class OverlapTrial:
     backward, with grad enabled) and `end_backward()` whenever a backward pass it took part in
     ends (a nested one too: the last end before the next micro-batch starts is the outer one's),
     and asks `choice()` for the micro-batch in flight: True / False during the trial and after the
-    decision, None (follow the link's policy) during warm-up and while the trial's last times are
-    still on the GPU.
+    decision, None (follow the link's policy) during warm-up and if the trial gave up.
     """
 
     def __init__(self, warmup: int = 16, samples: int = 4, clock=None):
@@ -85,6 +89,7 @@ class OverlapTrial:
         self._pending: list = []  # (arm, start, end) whose end may still be on the GPU
         self._ms: dict = {True: [], False: []}
         self.decision: Optional[bool] = None
+        self._gave_up = False
 
     def _clk(self):
         if self._clock is None:
@@ -95,7 +100,7 @@ class OverlapTrial:
     @property
     def measuring(self) -> bool:
         """True until the decision: the scheduler then reports micro-batch boundaries."""
-        return self.decision is None
+        return self.decision is None and not self._gave_up
 
     def choice(self) -> Optional[bool]:
         return self.decision if self.decision is not None else self._arm
@@ -107,15 +112,25 @@ class OverlapTrial:
                 self._pending.append((arm, start, end))
             self._open = None
         self._read()
-        if self.decision is not None:
+        if not self.measuring:
             self._arm = None
             return
         i = self._started - self.warmup
         self._started += 1
-        if 0 <= i < 2 * self.samples:
+        if i >= MAX_TRIAL_FACTOR * self.samples:  # times never became readable: keep the link's
+            self._gave_up = True
+            self._arm = None
+            log.warning(
+                "FluidMoE --fluid-overlap measure: no decision after %d timed micro-batches "
+                "(%d with overlap, %d without read); following the link's policy (auto)",
+                i,
+                len(self._ms[True]),
+                len(self._ms[False]),
+            )
+        elif i >= 0:  # ABBA until both sides have `samples` times (a dropped one is redone)
             self._arm = ABBA[i % 4]
             self._open = [self._arm, self._clk().mark(), None]
-        else:  # warm-up, or the trial's last times not read yet
+        else:  # warm-up
             self._arm = None
 
     def end_backward(self) -> None:
