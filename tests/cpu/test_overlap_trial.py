@@ -177,3 +177,18 @@ def test_measure_refused_where_it_cannot_time(_world):
     cfg.pipeline_model_parallel_size = 2
     with pytest.raises(FluidConfigError, match="--pipeline-model-parallel-size 2"):
         validate_config(cfg)
+
+
+def test_training_log_line_reports_the_trial():
+    from fluid.megatron.log_hook import combined_stats, format_stats
+
+    measuring = {
+        "total_dw_tasks": 3,
+        "overlap_trial": {"decision": None, "on_ms": [1.0], "off_ms": []},
+    }
+    assert "overlap measuring (1 on / 0 off timed)" in format_stats(measuring)
+    done = {"overlap_trial": {"decision": False, "on_ms": [12.0, 13.0], "off_ms": [10.0, 11.0]}}
+    assert "overlap measured off (12.5 / 10.5 ms per micro-batch on / off)" in format_stats(done)
+    both = combined_stats([dict(done, total_dw_tasks=1), dict(measuring)])
+    assert both["overlap_trial"] is done["overlap_trial"] and both["total_dw_tasks"] == 4
+    assert "overlap measur" not in format_stats({"total_dw_tasks": 1})

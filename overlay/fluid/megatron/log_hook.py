@@ -8,6 +8,8 @@ own config; timings with --fluid-scheduler-timing), then resets them.
 
 from __future__ import annotations
 
+import statistics
+
 
 def format_stats(stats: dict) -> str:
     keys = [
@@ -29,6 +31,17 @@ def format_stats(stats: dict) -> str:
         parts.append(f"exposed {stats.get('exposed_a2a_ms', 0.0):.2f} ms")
         hf = stats.get("hidden_fraction")
         parts.append("hidden " + ("n/a" if hf is None else f"{hf:.2f}"))
+    trial = stats.get("overlap_trial")  # --fluid-overlap measure
+    if trial is not None:
+        on, off = trial["on_ms"], trial["off_ms"]
+        if trial["decision"] is None:
+            parts.append(f"overlap measuring ({len(on)} on / {len(off)} off timed)")
+        else:
+            med = statistics.median(on), statistics.median(off)
+            parts.append(
+                f"overlap measured {'on' if trial['decision'] else 'off'} "
+                f"({med[0]:.1f} / {med[1]:.1f} ms per micro-batch on / off)"
+            )
     return "[FluidMoE scheduler] " + " | ".join(parts)
 
 
@@ -42,7 +55,7 @@ def combined_stats(stats: list[dict]) -> dict:
         for k, v in s.items():
             if k == "hidden_fraction":
                 continue
-            if isinstance(v, bool) or v is None:
+            if isinstance(v, (bool, dict)) or v is None:  # a dict: the first chunk's trial
                 out.setdefault(k, v)
             elif isinstance(v, (int, float)):
                 out[k] = out.get(k, 0) + v
