@@ -32,6 +32,7 @@ snapshots and the plan (every command) without running anything.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -41,6 +42,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 LINKED = (".megatron", ".whl", ".whl-peers")  # staged outside git, shared by both snapshots
@@ -148,6 +150,55 @@ def starts(left_s: float, second_of_round: bool, longest_s: float) -> bool:
 START_MARGIN_S = 10.0  # a run's start-up before benchmarks.run checks its budget
 
 
+@dataclasses.dataclass
+class PlannedRun:
+    """One run of an alternating job: the command, where and with what environment it runs,
+    `result()` -> (median ms, iteration times ms) or None once it ran, and `before()` (make its
+    output folder) called only if it runs."""
+
+    cmd: list
+    cwd: Path
+    env: dict
+    result: Callable[[], Optional[tuple]]
+    before: Optional[Callable[[], None]] = None
+
+
+def run_alternating(order, plan, doc: dict, path: Path, *, budget_s, t0, dry_run, summarize, tag):
+    """Run `order` ([(round, side)], e.g. abba_order) one run after another: `plan(round, side,
+    left_s)` gives each PlannedRun; a run starts only if `starts` says the budget allows it (a
+    round whole or not at all). Appends to doc["plan"] (the command, or why it was skipped) and
+    doc["runs"] (side, round, rc, ms, iters_ms), sets doc["summary"] = summarize(finished runs)
+    and writes `path` after every run and at the end."""
+    longest = 0.0
+    for i, (rnd, side) in enumerate(order):
+        left = budget_s - (time.monotonic() - t0)
+        run_plan = plan(rnd, side, left)
+        doc["plan"].append(
+            {"round": rnd, "side": side, "cwd": str(run_plan.cwd), "cmd": run_plan.cmd}
+        )
+        if dry_run:
+            continue
+        second = i % 2 == 1
+        if not starts(left, second, longest) or (second and "skipped" in doc["plan"][-2]):
+            doc["plan"][-1]["skipped"] = "budget"
+            continue
+        if run_plan.before is not None:
+            run_plan.before()
+        t_run = time.monotonic()
+        proc = subprocess.run(run_plan.cmd, cwd=run_plan.cwd, env=run_plan.env)
+        longest = max(longest, time.monotonic() - t_run)
+        got = run_plan.result()
+        run = {"round": rnd, "side": side, "rc": proc.returncode}
+        if got is not None:
+            run["ms"], run["iters_ms"] = got
+        doc["runs"].append(run)
+        doc["summary"] = summarize([r for r in doc["runs"] if "ms" in r])
+        path.write_text(json.dumps(doc, indent=1) + "\n")
+        print(f"{tag}: round {rnd} {side}: {run.get('ms')} ms (rc {proc.returncode})", flush=True)
+    path.write_text(json.dumps(doc, indent=1) + "\n")  # the plan with what the budget skipped
+    print(json.dumps(doc.get("summary", {}), indent=1))
+
+
 def run_command(recipe: str, variant: str, iters: int, sha: str, out: Path, budget_s: float):
     return [
         sys.executable, "-m", "benchmarks.run", recipe, "--variants", variant,
@@ -233,34 +284,21 @@ def main(argv=None) -> int:
         if not Path(origin).is_relative_to(snap):
             raise SystemExit(f"ab: the {side} snapshot imports fluid from {origin}, not {snap}")
         doc["meta"][f"{side}_fluid"] = origin
-    longest = 0.0
-    for i, (rnd, side) in enumerate(abba_order(a.rounds)):
+
+    def plan(rnd, side, left):
         run_out = a.out / "runs" / f"{side}_{rnd}"
-        left = a.budget_s - (time.monotonic() - t0)
         cmd = run_command(a.recipe, a.variant, a.iters, shas[side], run_out, max(left, 0.0))
-        doc["plan"].append(
-            {"round": rnd, "side": side, "cwd": str(snaps / f"snap_{side}"), "cmd": cmd}
+        return PlannedRun(
+            cmd,
+            snaps / f"snap_{side}",
+            envs[side],
+            lambda: run_result(run_out, a.recipe, a.variant),
         )
-        if a.dry_run:
-            continue
-        second = i % 2 == 1
-        if not starts(left, second, longest) or (second and "skipped" in doc["plan"][-2]):
-            doc["plan"][-1]["skipped"] = "budget"
-            continue
-        t_run = time.monotonic()
-        proc = subprocess.run(cmd, cwd=snaps / f"snap_{side}", env=envs[side])
-        longest = max(longest, time.monotonic() - t_run)
-        got = run_result(run_out, a.recipe, a.variant)
-        run = {"round": rnd, "side": side, "rc": proc.returncode}
-        if got is not None:
-            run["ms"], run["iters_ms"] = got
-        doc["runs"].append(run)
-        done = [r for r in doc["runs"] if "ms" in r]
-        doc["summary"] = summarize(done)
-        path.write_text(json.dumps(doc, indent=1) + "\n")
-        print(f"ab: round {rnd} {side}: {run.get('ms')} ms (rc {proc.returncode})", flush=True)
-    path.write_text(json.dumps(doc, indent=1) + "\n")  # the plan with what the budget skipped
-    print(json.dumps(doc.get("summary", {}), indent=1))
+
+    run_alternating(
+        abba_order(a.rounds), plan, doc, path, budget_s=a.budget_s, t0=t0, dry_run=a.dry_run,
+        summarize=summarize, tag="ab",
+    )  # fmt: skip
     return 0
 
 

@@ -34,7 +34,6 @@ import json
 import os
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -123,7 +122,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="the plan only")
     a = ap.parse_args(argv)
     from benchmarks import recipes as R
-    from benchmarks.ab import abba_order, starts
+    from benchmarks.ab import PlannedRun, abba_order, run_alternating
     from benchmarks.ab import run_result as fluid_result
     from benchmarks.tree import with_tree_path
 
@@ -166,39 +165,24 @@ def main(argv=None) -> int:
         "torchtitan": torchtitan_env(a.link, a.peers_site),
         "fluid": with_tree_path(dict(os.environ)),
     }
-    longest = 0.0
-    for i, (rnd, side) in enumerate(abba_order(a.rounds, "torchtitan", "fluid")):
-        left = a.budget_s - (time.monotonic() - t0)
+
+    def plan(rnd, side, left):
         if side == "torchtitan":
             out = a.out / "runs" / f"torchtitan_{rnd}.json"
             cmd = torchtitan_command(recipe, compile_on, a.iters, out)
+            result = lambda: torchtitan_result(out, recipe.model, compile_on)  # noqa: E731
         else:
             out = a.out / "runs" / f"fluid_{rnd}"
             cmd = fluid_command(recipe, a.variant, a.link, a.iters, out, max(left, 0.0), a.commit)
-        doc["plan"].append({"round": rnd, "side": side, "cmd": cmd})
-        if a.dry_run:
-            continue
-        second = i % 2 == 1
-        if not starts(left, second, longest) or (second and "skipped" in doc["plan"][-2]):
-            doc["plan"][-1]["skipped"] = "budget"
-            continue
-        out.parent.mkdir(parents=True, exist_ok=True)
-        t_run = time.monotonic()
-        proc = subprocess.run(cmd, cwd=ROOT, env=envs[side])
-        longest = max(longest, time.monotonic() - t_run)
-        if side == "torchtitan":
-            got = torchtitan_result(out, recipe.model, compile_on)
-        else:
-            got = fluid_result(out, a.recipe, a.variant)
-        run = {"round": rnd, "side": side, "rc": proc.returncode}
-        if got is not None:
-            run["ms"], run["iters_ms"] = got
-        doc["runs"].append(run)
-        doc["summary"] = summarize([r for r in doc["runs"] if "ms" in r], recipe)
-        path.write_text(json.dumps(doc, indent=1) + "\n")
-        print(f"versus: round {rnd} {side}: {run.get('ms')} ms (rc {proc.returncode})", flush=True)
-    path.write_text(json.dumps(doc, indent=1) + "\n")
-    print(json.dumps(doc.get("summary", {}), indent=1))
+            result = lambda: fluid_result(out, a.recipe, a.variant)  # noqa: E731
+        return PlannedRun(
+            cmd, ROOT, envs[side], result, lambda: out.parent.mkdir(parents=True, exist_ok=True)
+        )
+
+    run_alternating(
+        abba_order(a.rounds, "torchtitan", "fluid"), plan, doc, path, budget_s=a.budget_s,
+        t0=t0, dry_run=a.dry_run, summarize=lambda runs: summarize(runs, recipe), tag="versus",
+    )  # fmt: skip
     return 0
 
 

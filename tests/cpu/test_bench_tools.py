@@ -396,13 +396,14 @@ def test_versus_alternates_torchtitan_and_fluid(tmp_path, monkeypatch):
 
     import pytest
 
+    from benchmarks import ab
     from benchmarks.peers import versus
     from benchmarks.tree import ROOT
     from fluid.testing.bench.flops import tflops_per_gpu
     from fluid.testing.bench.models import MODELS
 
     clock = [0.0]
-    monkeypatch.setattr(versus.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(ab.time, "monotonic", lambda: clock[0])
     seen = []
 
     def fake_run(cmd, cwd, env):
@@ -420,7 +421,7 @@ def test_versus_alternates_torchtitan_and_fluid(tmp_path, monkeypatch):
             out.write_text(json.dumps([rec]))
         return subprocess.CompletedProcess(cmd, 0)
 
-    monkeypatch.setattr(versus.subprocess, "run", fake_run)
+    monkeypatch.setattr(ab.subprocess, "run", fake_run)  # the runner both tools share
     out = tmp_path / "v"
     args = ["--recipe", "e2e_fine_ep2", "--link", "p2poff", "--rounds", "2", "--out", str(out),
             "--peers-site", "/opt/peers", "--commit", "c" * 40]  # fmt: skip
