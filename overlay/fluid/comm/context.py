@@ -31,6 +31,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from fluid.config import OVERLAP_CHOICES
+
 
 def _c_strtol(text: str) -> int:
     """C's `strtol(text, NULL, 0)`: optional leading space and sign, then the longest hex
@@ -196,9 +198,9 @@ class CommContext:
     def __post_init__(self):
         if self.group is None:
             raise ValueError("CommContext needs an explicit process group")
-        if self.overlap not in ("auto", "always", "never", "measure"):
+        if self.overlap not in OVERLAP_CHOICES:
             raise ValueError(
-                f"--fluid-overlap must be auto, always, never or measure, not {self.overlap!r}"
+                f"--fluid-overlap must be one of {', '.join(OVERLAP_CHOICES)}, not {self.overlap!r}"
             )
         mwb = self.min_window_bytes
         if mwb is not None and (isinstance(mwb, bool) or not isinstance(mwb, int) or mwb < 0):

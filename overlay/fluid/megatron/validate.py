@@ -143,12 +143,15 @@ def validate_config(config, pg_collection=None, *, moe: bool = True) -> FluidCon
             "drop one of them",
         )
         pp = group_size("pp", config.pipeline_model_parallel_size)
-        need(
-            pp == 1 and not config.overlap_moe_expert_parallel_comm,
-            "--fluid-overlap measure times whole micro-batches, which interleave under "
-            f"--pipeline-model-parallel-size {pp} > 1 or --overlap-moe-expert-parallel-comm: "
-            "use --fluid-overlap auto there",
-        )
+        for interleaves, flag in (
+            (pp > 1, f"--pipeline-model-parallel-size {pp}"),
+            (config.overlap_moe_expert_parallel_comm, "--overlap-moe-expert-parallel-comm"),
+        ):
+            need(
+                not interleaves,
+                f"--fluid-overlap measure times whole micro-batches, which interleave under "
+                f"{flag}: use --fluid-overlap auto there",
+            )
     if not moe:
         return fluid
 
