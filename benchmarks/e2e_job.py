@@ -135,8 +135,10 @@ JIT_FUSIONS = {
 }
 
 
-def variant_argv(recipe: R.E2ERecipe, variant: str, iters: int) -> list:
-    fields = R.variant_fields(variant)
+def variant_argv(recipe: R.E2ERecipe, variant: str, iters: int, link: str = "nvlink") -> list:
+    """pretrain_gpt.py's arguments of one variant: the recipe's model, the variant's fields and
+    the link's (an emulated link's flag, recipes.LINK_FIELDS)."""
+    fields = {**R.variant_fields(variant), **R.LINK_FIELDS.get(link, {})}
     drop = {JIT_FUSIONS[k] for k, v in fields.items() if k in JIT_FUSIONS and v is True}
     fields = {k: v for k, v in fields.items() if k not in JIT_FUSIONS}
     return [a for a in model_args(recipe, iters) if a not in drop] + field_flags(fields)
@@ -230,7 +232,7 @@ def run_variant(
 
     extra = {**R.BASE_ENV, **R.LINKS[link], **R.variant_env(variant)}
     env = with_tree_path({**os.environ, **extra})
-    argv = variant_argv(recipe, variant, iters)
+    argv = variant_argv(recipe, variant, iters, link)
     cmd = [
         sys.executable,
         "-m",

@@ -38,6 +38,9 @@ VARIANTS = {
     "fluid_off_q32": {"use_fluid_moe": True, "fluid_scheduler": False},
     # Fluid deciding overlap on / off by timing both early in the run (fluid.schedule.overlap_trial)
     "fluid_measure": {"use_fluid_moe": True, "fluid_overlap": "measure"},
+    # Fluid with forward pipelining: each MoE layer's dispatch and combine cut in two, one half's
+    # all-to-all beside the other half's experts
+    "fluid_chunks2": {"use_fluid_moe": True, "fluid_moe_chunks": 2},
     # Fluid with each bf16 dW added into the fp32 main_grad by DDP's hook, not inside the GEMM
     # (the default, auto; docs/benchmarks/breakdown.md)
     "fluid_unfused": {"use_fluid_moe": True, "fluid_wgrad_accumulation": "unfused"},
@@ -98,7 +101,17 @@ LINKS = {
     "p2poff_1ch": {"NCCL_P2P_DISABLE": "1", "NCCL_MAX_NCHANNELS": "1"},  # ~9 GB/s
 }
 BASE_ENV = {"NCCL_NVLS_ENABLE": "0", "CUDA_DEVICE_MAX_CONNECTIONS": "1"}
-SLOW_LINKS = ("p2poff", "p2poff_1ch")
+# Links emulated on one GPU (fluid.comm.emulated_link): no environment, a flag on Fluid's
+# variants. At EP = 1 each all-to-all is a copy plus the time half its bytes take at that rate;
+# the 64-expert model's plain dispatch at 25 GB/s spends about as long in all-to-alls per step
+# as the EP = 2 runs over the ~9 GB/s link with the deduplicated dispatch (256 ms against 261 ms,
+# docs/benchmarks/overlap.md), 9 GB/s makes it comm-bound.
+LINK_FIELDS = {
+    "emul25": {"fluid_emulate_link_gbps": 25.0},
+    "emul9": {"fluid_emulate_link_gbps": 9.0},
+}
+LINKS.update({name: {} for name in LINK_FIELDS})
+SLOW_LINKS = ("p2poff", "p2poff_1ch", *LINK_FIELDS)
 
 STOCK_SIDE = (
     "Megatron's local stack (no Transformer Engine): SequentialMLP, a Python loop over "
@@ -272,6 +285,17 @@ _RECIPES = [
         "fine-grained model, one GPU (no communication, kernels only)",
         nproc=1,
         ep=1,
+    ),
+    E2ERecipe(
+        "e2e_fine_1gpu_emul",
+        "fine",
+        "fine-grained model, one GPU, the expert all-to-alls emulated as over a slow link "
+        "(testing aid: no NCCL, no second rank; fluid.comm.emulated_link)",
+        nproc=1,
+        ep=1,
+        links=("nvlink", *LINK_FIELDS),
+        variants=("fluid_off", "fluid", "fluid_measure", "fluid_chunks2", "fluid_off#2"),
+        stock_side=None,
     ),
     E2ERecipe(
         "e2e_mixtral_ep2",

@@ -31,6 +31,8 @@ LINK_NAMES = {
     "nvlink": "NVLink",
     "p2poff": "P2P off (~23 GB/s)",
     "p2poff_1ch": "P2P off, 1 channel (~9 GB/s)",
+    "emul25": "emulated, 25 GB/s (one GPU)",
+    "emul9": "emulated, 9 GB/s (one GPU)",
 }
 VNAMES = {
     "stock": "stock",
@@ -44,6 +46,7 @@ VNAMES = {
     "fluid_off_q32": "Fluid, overlap off, 32 queues",
     "fluid_unfused": "Fluid, unfused dW accumulation",
     "fluid_measure": "Fluid, overlap decided by timing (--fluid-overlap measure)",
+    "fluid_chunks2": "Fluid, forward pipelining in 2 chunks (--fluid-moe-chunks 2)",
     "fluid_foreach": "Fluid, torch's foreach AdamW",
     "stock_jit": "stock, Megatron's torch.compile fusions",
     "fluid_jit": "Fluid, Megatron's torch.compile fusions",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import statistics
 
+from benchmarks import recipes as R
 from fluid.testing.bench.overlap import link_hidden_fraction, relative_noise
 
 # (label, numerator variant, denominator variant): ratio num/den > 1 means den is faster.
@@ -20,6 +21,7 @@ RATIOS = {
     "speedup_q32": ("stock", "fluid_q32"),  # Fluid with 32 hardware queues vs stock (one queue)
     "overlap_q32": ("fluid_off_q32", "fluid_q32"),  # overlap on vs off, both with 32 queues
     "overlap_measure": ("fluid_off", "fluid_measure"),  # overlap decided by timing vs off
+    "overlap_chunks2": ("fluid_off", "fluid_chunks2"),  # forward pipelining (2 chunks) vs off
     "wgrad_fused": ("fluid_unfused", "fluid"),  # fused fp32 dW accumulation (default) vs unfused
     "fused_adam": ("fluid_foreach", "fluid"),  # torch's fused AdamW (default) vs foreach
     "jit_fusions": ("fluid", "fluid_jit"),  # Megatron's torch.compile fusions on, Fluid
@@ -33,6 +35,8 @@ HIDDEN_PAIRS = (
     ("fluid", "fluid_off", ""),
     ("fluid_1f1b", "fluid_off", "_1f1b"),
     ("fluid_q32", "fluid_off_q32", "_q32"),
+    ("fluid_measure", "fluid_off", "_measure"),
+    ("fluid_chunks2", "fluid_off", "_chunks2"),
 )
 
 
@@ -113,7 +117,7 @@ def summarize(doc: dict) -> dict:
     nv = links.get("nvlink")
     for on, off, suffix in HIDDEN_PAIRS:
         hf = {}
-        for slow in ("p2poff", "p2poff_1ch"):
+        for slow in R.SLOW_LINKS:
             s = links.get(slow)
             if not (nv and s):
                 continue

@@ -19,6 +19,10 @@ saved with a checkpoint's args.
     fluid_torch_adam         --fluid-torch-adam {auto,fused,foreach}  auto (fused where every
                                                                   parameter is on CUDA; only
                                                                   without TE or apex)
+    fluid_emulate_link_gbps  --fluid-emulate-link-gbps G          unset; EP = 1 only: run the
+                                                                  expert all-to-alls as over a
+                                                                  G GB/s link (testing aid,
+                                                                  fluid.comm.emulated_link)
 
 `FluidConfig.from_config(config)` checks every value (FluidConfigError naming the flag) and returns
 a frozen copy; the Fluid layers read their settings from it and from nowhere else. FluidMoE reads
@@ -50,6 +54,7 @@ FIELDS = {
     "grouped_gemm": ("fluid_grouped_gemm", "--fluid-grouped-gemm"),
     "wgrad_accumulation": ("fluid_wgrad_accumulation", "--fluid-wgrad-accumulation"),
     "torch_adam": ("fluid_torch_adam", "--fluid-torch-adam"),
+    "emulate_link_gbps": ("fluid_emulate_link_gbps", "--fluid-emulate-link-gbps"),
 }
 
 # Environment variables of older versions -> the flag that replaced each.
@@ -91,6 +96,7 @@ class FluidConfig:
     grouped_gemm: str = "auto"
     wgrad_accumulation: str = "auto"
     torch_adam: str = "auto"
+    emulate_link_gbps: Optional[float] = None
 
     def __post_init__(self):
         def bad(name, value, want):
@@ -109,6 +115,11 @@ class FluidConfig:
             bad("wgrad_accumulation", self.wgrad_accumulation, want)
         if self.torch_adam not in TORCH_ADAM_CHOICES:
             bad("torch_adam", self.torch_adam, "expected one of " + ", ".join(TORCH_ADAM_CHOICES))
+        gbps = self.emulate_link_gbps
+        if gbps is not None and (
+            isinstance(gbps, bool) or not isinstance(gbps, (int, float)) or not gbps > 0
+        ):
+            bad("emulate_link_gbps", gbps, "expected a number > 0 (or unset: no emulation)")
         for name, low in (("min_window_bytes", 0), ("sm_carveout", 0), ("moe_chunks", 1)):
             value = getattr(self, name)
             if value is None and name != "moe_chunks":

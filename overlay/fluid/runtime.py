@@ -52,15 +52,20 @@ class FluidRuntime:
         self.scheduler = scheduler
         self._comms: dict = {}  # process group -> CommContext
 
-    def comm(self, group):
+    def comm(self, group, expert_parallel: bool = False):
         """The CommContext of `group` (created on first use with this runtime's settings; its
-        all-to-alls' backward windows are filled by this runtime's scheduler)."""
+        all-to-alls' backward windows are filled by this runtime's scheduler).
+        `expert_parallel`: the MoE layers' group, whose context takes `--fluid-emulate-link-gbps`
+        (fluid.comm.emulated_link)."""
         from fluid.comm.context import CommContext
 
-        ctx = self._comms.get(group)
+        key = (group, expert_parallel)
+        ctx = self._comms.get(key)
         if ctx is None:
-            ctx = CommContext.from_fluid_config(group, self.config, scheduler=self.scheduler)
-            self._comms[group] = ctx
+            ctx = CommContext.from_fluid_config(
+                group, self.config, scheduler=self.scheduler, emulate_link=expert_parallel
+            )
+            self._comms[key] = ctx
         return ctx
 
     @property

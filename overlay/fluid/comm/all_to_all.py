@@ -125,7 +125,7 @@ def fluid_all_to_all(
     Returns:
         `output` `[sum(output_splits), ...]`, or `(output, handle)` with `async_op=True`.
     """
-    if comm.size == 1:
+    if comm.size == 1 and comm.emulated_link is None:  # nothing to send
         out = x
         return (out, CommHandle(0, waited=True)) if async_op else out
     box: list[CommHandle] = []

@@ -31,6 +31,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from fluid.comm.emulated_link import EmulatedLink
 from fluid.config import OVERLAP_CHOICES
 
 
@@ -184,6 +185,9 @@ class CommContext:
         scheduler: the BackwardScheduler that fills this group's backward windows (the model's;
             set by fluid.runtime.FluidRuntime.comm). None: `default_scheduler()`, the one of code
             without a model, so a context built by hand never changes a model's dW deferral.
+        emulated_link: a group of one rank only: run its all-to-alls as over this slow link
+            (`--fluid-emulate-link-gbps`, fluid.comm.emulated_link) instead of skipping them;
+            the context then reports a slow link.
     `CommContext.from_fluid_config(group, fluid_config)` takes the three from a FluidConfig.
     """
 
@@ -194,6 +198,7 @@ class CommContext:
     stream: Optional[torch.cuda.Stream] = None
     _slow_link: Optional[bool] = None
     scheduler: Optional[object] = None
+    emulated_link: Optional[EmulatedLink] = None
 
     def __post_init__(self):
         if self.group is None:
@@ -213,6 +218,15 @@ class CommContext:
         self.size = dist.get_world_size(self.group)
         self.rank = dist.get_rank(self.group)
         self.is_nccl = dist.get_backend(self.group) == "nccl"
+        if self.emulated_link is not None:
+            if self.size != 1:
+                raise ValueError(
+                    f"--fluid-emulate-link-gbps emulates the all-to-alls of a group of one rank; "
+                    f"this group has {self.size}: drop the flag (its link is real)"
+                )
+            if self.is_nccl:
+                self._slow_link = True
+                self.emulated_link.calibrate()
         if self.is_nccl and self._slow_link is None:
             # `_link_is_slow` is a collective over the group: resolved here, where every rank of
             # the group builds its contexts in the same order, not at first use, which
@@ -231,14 +245,19 @@ class CommContext:
         self.scheduler.register_comm(self)  # its policy gates deferral (overlap_possible)
 
     @classmethod
-    def from_fluid_config(cls, group, fluid_config, scheduler=None) -> "CommContext":
-        """A context for `group` with a FluidConfig's overlap, window and carve-out settings."""
+    def from_fluid_config(
+        cls, group, fluid_config, scheduler=None, emulate_link: bool = False
+    ) -> "CommContext":
+        """A context for `group` with a FluidConfig's overlap, window and carve-out settings;
+        `emulate_link` (the expert-parallel group): with the config's emulated link, if set."""
+        gbps = fluid_config.emulate_link_gbps if emulate_link else None
         return cls(
             group,
             overlap=fluid_config.overlap,
             min_window_bytes=fluid_config.min_window_bytes,
             sm_carveout=fluid_config.sm_carveout,
             scheduler=scheduler,
+            emulated_link=EmulatedLink(gbps) if gbps is not None else None,
         )
 
     def comm_stream(self) -> Optional[torch.cuda.Stream]:
@@ -338,7 +357,12 @@ class CommContext:
                 start.record(stream)
             # Synchronous on this stream (ProcessGroupNCCL runs it on the current stream); an
             # async_op=True launch on PG's own stream measured the same.
-            dist.all_to_all_single(output, input, output_splits, input_splits, group=self.group)
+            if self.emulated_link is not None:
+                self.emulated_link.transfer(output, input)
+            else:
+                dist.all_to_all_single(
+                    output, input, output_splits, input_splits, group=self.group
+                )
             done = torch.cuda.Event(enable_timing=timing)
             done.record(stream)
         finally:

@@ -186,6 +186,12 @@ def validate_config(config, pg_collection=None, *, moe: bool = True) -> FluidCon
         "selective recompute of 'moe'/'shared_experts' (--recompute-modules) is not supported "
         "(deferred dW closures would be re-created inside the recompute)",
     )
+    if fluid.emulate_link_gbps is not None:  # fluid.comm.emulated_link
+        need(
+            ep == 1,
+            f"--fluid-emulate-link-gbps emulates a slow expert-parallel link on one GPU; with "
+            f"--expert-model-parallel-size {ep} the link is real: drop the flag",
+        )
     if fluid.moe_dedup == "on":
         need(
             fluid.moe_chunks == 1,

@@ -85,6 +85,7 @@ def resolve_dedup(
         return mode == "on"
     return (
         comm is not None
+        and comm.size > 1  # one rank (an emulated link): nothing to deduplicate
         and comm.slow_link()
         and config.moe_router_topk > 2
         and num_chunks == 1
@@ -184,7 +185,7 @@ class FluidMoELayer(MoELayer):
         self.fluid_runtime = runtime_for(config)
         self.fluid_config = self.fluid_runtime.config
         self.scheduler = self.fluid_runtime.scheduler
-        self.comm = self.fluid_runtime.comm(self.ep_group)
+        self.comm = self.fluid_runtime.comm(self.ep_group, expert_parallel=True)
         if self.use_shared_expert:  # their dW goes to the window after this layer's dispatch
             for m in self.shared_experts.modules():
                 if isinstance(m, (FluidColumnParallelLinear, FluidRowParallelLinear)):
