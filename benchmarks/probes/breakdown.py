@@ -65,11 +65,12 @@ def profile_flags(step: int, tb_dir, nproc: int = 1) -> list:
     ]
 
 
-def probe_argv(recipe, variant: str, step: int, tb_dir) -> list:
-    """pretrain_gpt.py arguments of one run: the recipe's variant for step+1 iterations, profiled."""
+def probe_argv(recipe, variant: str, step: int, tb_dir, link: str = "nvlink") -> list:
+    """pretrain_gpt.py arguments of one run: the recipe's variant for step+1 iterations over
+    `link` (an emulated link is a flag), profiled."""
     from benchmarks import e2e_job
 
-    return e2e_job.variant_argv(recipe, variant, step + 1) + profile_flags(
+    return e2e_job.variant_argv(recipe, variant, step + 1, link) + profile_flags(
         step, tb_dir, recipe.nproc
     )
 
@@ -108,12 +109,12 @@ def dry_run(names, step: int, variants=("stock", "fluid_off", "fluid"), link="nv
         out[r.name] = {}
         check_link(r, link)
         for v in variants:
-            base = e2e_job.variant_argv(r, v, step + 1)
+            base = e2e_job.variant_argv(r, v, step + 1, link)
             bad = e2e_job.check_flag_names(base)
             if bad:
                 raise SystemExit(f"{r.name} {v}: unknown flag(s) {bad}")
             tb = Path("WORK") / f"{r.name}_{v}" / "tb"
-            argv = probe_argv(r, v, step, tb)
+            argv = probe_argv(r, v, step, tb, link)
             out[r.name][v] = {
                 "argv": argv,
                 "cmd": torchrun_cmd(r, "PRETRAIN_GPT", argv),
@@ -175,7 +176,7 @@ def _run_one(
     d = work / f"{recipe.name}_{variant}"
     shutil.rmtree(d, ignore_errors=True)
     (d / "tb").mkdir(parents=True)
-    argv = probe_argv(recipe, variant, step, d / "tb")
+    argv = probe_argv(recipe, variant, step, d / "tb", link)
     cmd = torchrun_cmd(recipe, script or e2e_job.pretrain_script(), argv)
     env = run_env(link, variant, dict(os.environ))
     name = out_name(recipe.name, link)

@@ -14,7 +14,8 @@ of the last GPU event launched inside it. Every GPU interval is clipped to that 
 Each GPU event gets one category by the first matching rule of `categorize` (in this order):
   1. NCCL kernels (`nccl` in the name): `nccl_all_to_all` (SendRecv, AllToAll: NCCL runs an
      all-to-all as grouped send/recv) or `nccl_reduce` (AllReduce, ReduceScatter, AllGather,
-     Broadcast, Reduce); memcpy / memset by `cat`.
+     Broadcast, Reduce); an emulated link's wait (`spin_kernel`, torch.cuda._sleep; see
+     fluid.comm.emulated_link) is an all-to-all too; memcpy / memset by `cat`.
   2. `attention`: kernel names of fused attention (flash, fmha, cudnn, efficient_attention, sdpa),
      or any kernel launched inside an attention scope (`ATTN_SCOPE`: Megatron's unfused
      `DotProductAttention` with its baddbmm/softmax/bmm, FluidCoreAttention, the SDPA op).
@@ -111,6 +112,8 @@ def categorize(name: str, cat: str, scope: tuple = ()) -> str:
         return "memcpy_memset"
     if "nccl" in name.lower():
         return "nccl_all_to_all" if A2A_NAME.search(name) else "nccl_reduce"
+    if "spin_kernel" in name:  # the emulated link's transfer time
+        return "nccl_all_to_all"
     low = name.lower()
     if "memcpy" in low or "memset" in low:
         return "memcpy_memset"
