@@ -40,6 +40,7 @@ VNAMES = {
     "fluid_off": "Fluid, overlap off",
     "fluid": "Fluid",
     "fluid_off#2": "Fluid, overlap off, again",
+    "fluid#2": "Fluid again",
     "fluid_1f1b": "Fluid, combined 1F1B",
     "stock_1f1b": "stock, combined 1F1B",
     "fluid_q32": "Fluid, 32 queues",
@@ -122,13 +123,21 @@ def _x(r, digits=3):
     return s
 
 
-def _overlap(recipe, link_summary) -> str:
-    """The overlap cell. On one GPU there is no all-to-all and Fluid with and without the
-    scheduler run the same operations (every dW inline), so the ratio is run-to-run spread."""
+def _overlap(recipe, link_summary, link: str) -> str:
+    """The overlap cell. On one GPU without an emulated link there is no all-to-all and Fluid
+    with and without the scheduler run the same operations (every dW inline), so the ratio is
+    run-to-run spread."""
     x = _x(link_summary.get("overlap"))
-    if recipe.nproc == 1 and x != "-":
+    if recipe.nproc == 1 and link not in R.LINK_FIELDS and x != "-":
         x += " (one GPU, no all-to-all: the same operations, so run-to-run spread)"
     return x
+
+
+def _link_name(recipe, link: str) -> str:
+    """A link as the page names it; `nvlink` of a one-GPU recipe is no link at all."""
+    if recipe.nproc == 1 and link == "nvlink":
+        return "none (one GPU, no all-to-all)"
+    return LINK_NAMES.get(link, link)
 
 
 def _ms(v, digits=2):
@@ -175,12 +184,19 @@ def _recipe_section(recipe: R.Recipe, doc, commit: str) -> list:
         f"{recipe.what}. Model `{recipe.model}` ({_model_line(recipe.model_spec)}).",
         "",
     ]
-    out.append(
-        f"Stock side: {recipe.stock_side}."
-        if recipe.stock_side
-        else "Stock side: none. Megatron's local stack has no context parallelism (it needs "
-        "Transformer Engine), so Fluid is compared with itself, overlap off against on."
-    )
+    if recipe.stock_side:
+        out.append(f"Stock side: {recipe.stock_side}.")
+    elif any(link in R.LINK_FIELDS for link in recipe.links):
+        out.append(
+            "Stock side: none. The link is emulated in Fluid's expert-parallel group "
+            "(`--fluid-emulate-link-gbps`); stock's layers at EP=1 send nothing, so Fluid is "
+            "compared with itself, overlap off against on."
+        )
+    else:
+        out.append(
+            "Stock side: none. Megatron's local stack has no context parallelism (it needs "
+            "Transformer Engine), so Fluid is compared with itself, overlap off against on."
+        )
     out.append("")
     if doc is None:
         return out + [
@@ -241,7 +257,7 @@ def _recipe_section(recipe: R.Recipe, doc, commit: str) -> list:
         ls = s["links"][link]
         peaks = " / ".join(_ms(ls["peak_gb"].get(v)) for v in variants if "#" not in v)
         out.append(
-            f"| {LINK_NAMES.get(link, link)} | "
+            f"| {_link_name(recipe, link)} | "
             + " | ".join(_ms(ls["ms"].get(v), digits) for v in variants)
             + f" | {peaks} |"
         )
@@ -253,7 +269,7 @@ def _recipe_section(recipe: R.Recipe, doc, commit: str) -> list:
             "",
             "Errors: "
             + "; ".join(
-                f"{LINK_NAMES.get(link, link)}: {e.splitlines()[0][:200]}"
+                f"{_link_name(recipe, link)}: {e.splitlines()[0][:200]}"
                 for link, e in errors.items()
             )
             + ".",
@@ -263,9 +279,7 @@ def _recipe_section(recipe: R.Recipe, doc, commit: str) -> list:
         out += [
             "",
             "Missing or failed: "
-            + "; ".join(
-                f"{LINK_NAMES.get(link, link)}: {', '.join(v)}" for link, v in failed.items()
-            )
+            + "; ".join(f"{_link_name(recipe, link)}: {', '.join(v)}" for link, v in failed.items())
             + " (see the JSON).",
         ]
     if any(s["links"][link].get("tflops") for link in links):
@@ -273,7 +287,7 @@ def _recipe_section(recipe: R.Recipe, doc, commit: str) -> list:
             "",
             "Model TFLOP/s per GPU (Megatron's `--log-throughput`, median): "
             + "; ".join(
-                f"{LINK_NAMES.get(link, link)}: "
+                f"{_link_name(recipe, link)}: "
                 + ", ".join(
                     f"{VNAMES.get(v, v)} {t:.0f}"
                     for v, t in s["links"][link]["tflops"].items()
@@ -300,8 +314,8 @@ def _recipe_section(recipe: R.Recipe, doc, commit: str) -> list:
         for link in links:
             ls = s["links"][link]
             out.append(
-                f"| {LINK_NAMES.get(link, link)} | {_x(ls.get('speedup'))} | {_x(ls.get('kernels'))} | "
-                f"{_overlap(recipe, ls)} | {_x(ls.get('stock_vs_stock'))} |"
+                f"| {_link_name(recipe, link)} | {_x(ls.get('speedup'))} | {_x(ls.get('kernels'))} | "
+                f"{_overlap(recipe, ls, link)} | {_x(ls.get('stock_vs_stock'))} |"
             )
     else:
         out += [
@@ -311,7 +325,7 @@ def _recipe_section(recipe: R.Recipe, doc, commit: str) -> list:
         for link in links:
             ls = s["links"][link]
             out.append(
-                f"| {LINK_NAMES.get(link, link)} | {_overlap(recipe, ls)} | "
+                f"| {_link_name(recipe, link)} | {_overlap(recipe, ls, link)} | "
                 f"{_x(ls.get('fluid_off_vs_fluid_off'))} |"
             )
     others = {
@@ -320,7 +334,7 @@ def _recipe_section(recipe: R.Recipe, doc, commit: str) -> list:
         if k not in TABLE_RATIOS
     }
     extra = [
-        f"{LINK_NAMES.get(link, link)}: "
+        f"{_link_name(recipe, link)}: "
         + ", ".join(
             f"{label} {_x(s['links'][link][k])}"
             for k, label in others.items()
@@ -336,7 +350,7 @@ def _recipe_section(recipe: R.Recipe, doc, commit: str) -> list:
         for v, c in sorted(s["links"][link].get("comm", {}).items()):
             hf = c.get("hidden_fraction")
             comm_rows.append(
-                f"| {LINK_NAMES.get(link, link)} | {VNAMES.get(v, v)} | {_ms(c['a2a_ms_per_step'])} | "
+                f"| {_link_name(recipe, link)} | {VNAMES.get(v, v)} | {_ms(c['a2a_ms_per_step'])} | "
                 f"{_ms(c['hidden_ms_per_step'])} | {_ms(c['exposed_ms_per_step'])} | "
                 f"{c['windows_per_step']:.0f} ({c['filled_windows_per_step']:.0f} filled) | "
                 f"{_ms(c.get('hidden_ms_per_window'), 3)} / {_ms(c.get('exposed_ms_per_window'), 3)} | "
@@ -359,9 +373,10 @@ def _recipe_section(recipe: R.Recipe, doc, commit: str) -> list:
             continue
         out += [
             "",
-            f"Hidden fraction per step against NVLink (measure 2, `{key}`; value [band]): "
+            f"Hidden fraction per step against {_link_name(recipe, 'nvlink')} "
+            f"(measure 2, `{key}`; value [band]): "
             + "; ".join(
-                f"{LINK_NAMES.get(link, link)}: {_frac(h)} (exposed {_ms(h['exposed_on_ms'], digits)}"
+                f"{_link_name(recipe, link)}: {_frac(h)} (exposed {_ms(h['exposed_on_ms'], digits)}"
                 f" ms with overlap, {_ms(h['exposed_off_ms'], digits)} ms without)"
                 for link, h in s[key].items()
             )
@@ -415,7 +430,7 @@ def _summary_table(docs: dict, commit: str) -> list:
             )
             peak = f"{_ms(ls['peak_gb'].get('stock'))} / {_ms(ls['peak_gb'].get('fluid'))}"
             out.append(
-                f"| `{name}`{dry} | {LINK_NAMES.get(link, link)} | {_ms(ls['ms'].get('stock'), digits)} | "
+                f"| `{name}`{dry} | {_link_name(recipe, link)} | {_ms(ls['ms'].get('stock'), digits)} | "
                 f"{_ms(ls['ms'].get('fluid'), digits)} | {ratio} | {noise} | {peak} | "
                 f"`{doc['meta'].get('commit')}` |"
             )

@@ -35,13 +35,20 @@ def test_readme_performance_numbers_are_on_the_page():
 
 def test_one_gpu_overlap_ratio_is_labelled_spread():
     """On one GPU Fluid with and without the scheduler run the same operations (no all-to-all,
-    every dW inline), so the page must not present their ratio as overlap."""
+    every dW inline), so the page must not present their ratio as overlap; over an emulated link
+    (fluid.comm.emulated_link) the all-to-alls exist and the ratio is the overlap. The one-GPU
+    `nvlink` link is named as no link at all."""
     from benchmarks import recipes as R
-    from benchmarks.render import _overlap
+    from benchmarks.render import _link_name, _overlap
 
     one = R.RECIPES["e2e_fine_1gpu"]
     two = R.RECIPES["e2e_fine_ep2"]
+    emul = R.RECIPES["e2e_fine_1gpu_emul"]
     ls = {"overlap": {"median": 1.091, "min": None, "max": None}}
-    assert one.nproc == 1 and "run-to-run spread" in _overlap(one, ls)
-    assert two.nproc == 2 and _overlap(two, ls) == "1.091x"
-    assert _overlap(one, {}) == "-"
+    assert one.nproc == 1 and "run-to-run spread" in _overlap(one, ls, "nvlink")
+    assert two.nproc == 2 and _overlap(two, ls, "nvlink") == "1.091x"
+    assert _overlap(one, {}, "nvlink") == "-"
+    assert "run-to-run spread" in _overlap(emul, ls, "nvlink")
+    assert _overlap(emul, ls, "emul25") == "1.091x"
+    assert _link_name(one, "nvlink").startswith("none") and _link_name(two, "nvlink") == "NVLink"
+    assert _link_name(emul, "emul9") == "emulated, 9 GB/s (one GPU)"

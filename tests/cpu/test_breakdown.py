@@ -231,7 +231,11 @@ def test_step_choice_and_markdown(tmp_path):
         ("ncclDevKernel_ReduceScatter_Sum_bf16_RING_LL", (), "nccl_reduce"),
         ("ncclKernel_SendRecv_RING_SIMPLE_Sum_int8_t", (), "nccl_all_to_all"),
         # an emulated link's transfer time (torch.cuda._sleep), even inside the MoE layer
-        ("at::cuda::(anonymous namespace)::spin_kernel(long)", ("nn.Module: MoELayer",), "nccl_all_to_all"),
+        (
+            "at::cuda::(anonymous namespace)::spin_kernel(long)",
+            ("nn.Module: MoELayer",),
+            "nccl_all_to_all",
+        ),
         ("cutlass::Kernel2<GroupedGemm...>", (), "expert_gemm"),
         ("nvjet_tst_128x256", ("nn.Module: SelfAttention", "nn.Module: Linear"), "gemm_other"),
         ("ampere_bf16_s16816gemm", ("nn.Module: DotProductAttention",), "attention"),

@@ -360,9 +360,7 @@ class CommContext:
             if self.emulated_link is not None:
                 self.emulated_link.transfer(output, input)
             else:
-                dist.all_to_all_single(
-                    output, input, output_splits, input_splits, group=self.group
-                )
+                dist.all_to_all_single(output, input, output_splits, input_splits, group=self.group)
             done = torch.cuda.Event(enable_timing=timing)
             done.record(stream)
         finally:
