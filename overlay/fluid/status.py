@@ -142,6 +142,9 @@ def print_status(config=None) -> dict:
         f" grouped_mm={s['moe']['grouped_mm']}"
         f" wgrad_accumulation={s['moe']['wgrad_accumulation']}"
     )
+    gbps = s["fluid_config"].get("emulate_link_gbps")
+    if gbps is not None:  # a testing aid: say so wherever the status is printed
+        print(f"  emulated link: expert all-to-alls as over {gbps:g} GB/s (EP = 1, one GPU)")
     det = s["deterministic_algorithms"]
     print(
         "  reproducible : "

@@ -88,3 +88,13 @@ def test_emulated_link_refused_where_the_link_is_real(_world, monkeypatch):
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
     with pytest.raises(ValueError, match="--fluid-emulate-link-gbps.*has 2"):
         CommContext(dist.group.WORLD, emulated_link=EmulatedLink(9))
+
+
+def test_status_says_the_link_is_emulated(capsys):
+    import fluid
+    from fluid.config import FluidConfig
+
+    fluid.print_status(FluidConfig(emulate_link_gbps=9.0))
+    assert "emulated link: expert all-to-alls as over 9 GB/s" in capsys.readouterr().out
+    fluid.print_status(FluidConfig())
+    assert "emulated link" not in capsys.readouterr().out
