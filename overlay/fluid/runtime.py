@@ -55,17 +55,16 @@ class FluidRuntime:
     def comm(self, group, expert_parallel: bool = False):
         """The CommContext of `group` (created on first use with this runtime's settings; its
         all-to-alls' backward windows are filled by this runtime's scheduler).
-        `expert_parallel`: the MoE layers' group, whose context takes `--fluid-emulate-link-gbps`
-        (fluid.comm.emulated_link)."""
+        `expert_parallel`: the caller is an MoE layer, whose group's context, when this call
+        creates it, takes `--fluid-emulate-link-gbps` (fluid.comm.emulated_link)."""
         from fluid.comm.context import CommContext
 
-        key = (group, expert_parallel)
-        ctx = self._comms.get(key)
+        ctx = self._comms.get(group)
         if ctx is None:
             ctx = CommContext.from_fluid_config(
                 group, self.config, scheduler=self.scheduler, emulate_link=expert_parallel
             )
-            self._comms[key] = ctx
+            self._comms[group] = ctx
         return ctx
 
     @property

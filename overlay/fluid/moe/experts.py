@@ -41,6 +41,7 @@ import torch
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from fluid.moe.chunk_wgrad import ChunkedWgrad
 from fluid.moe.counts import HostCounts
 from fluid.moe.expert_loop import has_main_grad, sequential_experts
 from fluid.moe.grouped_gemm import GroupedMMFallbacks, grouped_linear, offsets_for, use_grouped_mm
@@ -161,6 +162,8 @@ class FluidGroupedMLP(MegatronModule):
         tokens_per_expert,
         permuted_probs: torch.Tensor,
         offs: Optional[torch.Tensor] = None,
+        wgrad_merge: Optional[ChunkedWgrad] = None,
+        chunk: int = 0,
     ):
         """Run every local expert on its rows.
 
@@ -171,6 +174,9 @@ class FluidGroupedMLP(MegatronModule):
             permuted_probs: `[T]` routing probability of each row.
             offs: int32 `[G]` cumulative counts on the GPU for the grouped GEMM; computed
                 from tokens_per_expert if None.
+            wgrad_merge, chunk: forward pipelining: these rows are chunk `chunk` of the layer's
+                forward, and fc1's and fc2's dW run once over every chunk's rows
+                (fluid.moe.chunk_wgrad).
 
         Returns:
             `([T, H], None)` like Megatron's experts modules.
@@ -184,10 +190,12 @@ class FluidGroupedMLP(MegatronModule):
             permuted_probs = torch.ones_like(permuted_probs)
         if not use_grouped_mm(x, counts, self.macs_per_row, self.grouped_gemm):
             inline = not self.scheduler.defers_dw()
-            if inline and has_main_grad((self.weight1, self.weight2)):
+            if inline and has_main_grad((self.weight1, self.weight2)) and wgrad_merge is None:
                 # Per-expert GEMMs, dW inline anyway, and Megatron DDP's main_grad to add each
                 # expert's dW into: run the experts one after another in backward too, as
-                # SequentialMLP does, with stock's peak memory (see expert_loop).
+                # SequentialMLP does, with stock's peak memory (see expert_loop). Not with
+                # forward chunks, whose dW runs once over all of them (fluid.moe.chunk_wgrad)
+                # whether the scheduler defers it or not, so on and off stay the same sums.
                 out = sequential_experts(
                     x,
                     permuted_probs,
@@ -208,9 +216,16 @@ class FluidGroupedMLP(MegatronModule):
             scheduler=self.scheduler,
             wgrad_accumulation=self.wgrad_accumulation,
         )
-        h = grouped_linear(x, self.weight1, counts, offs, name=f"{self.name}.fc1", **kw)
+        merge1 = merge2 = None
+        if wgrad_merge is not None:
+            merge1, merge2 = wgrad_merge.part(chunk, "fc1"), wgrad_merge.part(chunk, "fc2")
+        h = grouped_linear(
+            x, self.weight1, counts, offs, name=f"{self.name}.fc1", merge=merge1, **kw
+        )
         a = self._weighted_activation(h, permuted_probs)
-        out = grouped_linear(a, self.weight2, counts, offs, name=f"{self.name}.fc2", **kw)
+        out = grouped_linear(
+            a, self.weight2, counts, offs, name=f"{self.name}.fc2", merge=merge2, **kw
+        )
         return out, None
 
     def backward_dw(self) -> None:

@@ -260,7 +260,19 @@ class _GroupedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, x, weight_in, probe, counts, offs, param_box, name, fallbacks, sched, attached, mode
+        ctx,
+        x,
+        weight_in,
+        probe,
+        counts,
+        offs,
+        param_box,
+        name,
+        fallbacks,
+        sched,
+        attached,
+        mode,
+        merge,
     ):
         # param_box = (param,): a tuple, so autograd gives this node no edge to the parameter.
         # A bare Parameter argument would get one, and backward's None for it would run the
@@ -274,6 +286,7 @@ class _GroupedLinear(torch.autograd.Function):
         ctx.counts, ctx.offs, ctx.param, ctx.name = counts, offs, param, name
         ctx.fallbacks, ctx.sched, ctx.attached = fallbacks, sched, attached
         ctx.mode = mode  # --fluid-wgrad-accumulation
+        ctx.merge = merge  # a ChunkPart: this chunk's dW runs merged with the others' (chunk_wgrad)
         ctx.probe_index = None if probe is None else 2  # tensor inputs: x, weight, probe
         ctx.x_requires_grad = x.requires_grad
         return gmm(x, weight, counts, offs, trans_w=True, fallbacks=fallbacks)
@@ -287,49 +300,64 @@ class _GroupedLinear(torch.autograd.Function):
         dx = None
         if ctx.x_requires_grad:
             dx = gmm(dy, w, counts, offs, trans_w=False, fallbacks=fallbacks)
+        none = [None] * 11
         full = dw_wanted(ctx, ctx.probe_index, "grouped_linear")  # False: e.g. autograd.grad
         mode = wgrad_mode_for(ctx.mode, len(counts), _takes_grouped_mm(x, offs))
+        if ctx.attached and not input_grad_wanted(ctx, 1):
+            return dx, *none
+        if not full:
+            if ctx.attached:  # the weight asked for directly: its plain dW (this chunk's)
+                return dx, gmm_wgrad(dy, x, counts, offs, fallbacks), *none[1:]
+            return dx, *none
+
+        merged = None
+        if ctx.merge is not None:  # forward chunks: one dW over all of them (chunk_wgrad)
+            merged = ctx.merge.add(x, dy)
+            ctx.merge = None
+            if merged is None:  # not the last chunk in: its rows wait for the others
+                return dx, *none
+            counts = merged.counts
+            offs = offsets_for(counts, x.device) if offs is not None else None
+
+        def rows():
+            return merged.gather() if merged is not None else (x, dy)
+
+        # decided here, not in the task: a refused `fused` raises from this backward
+        kernel = accumulation_kernel(param, w.device, mode)
         if ctx.attached:
-            if not input_grad_wanted(ctx, 1):
-                return dx, *[None] * 10
-            if not full:  # the weight asked for directly: its plain dW
-                return dx, gmm_wgrad(dy, x, counts, offs, fallbacks), *[None] * 9
-            kernel = accumulation_kernel(param, dy.device, mode)
             box: list = []  # a training backward: one inline scheduler task, as with deferral
 
             def settle():
+                x_, dy_ = rows()
                 if kernel is not None:
-                    gmm_wgrad_into(param.main_grad, dy, x, counts, kernel)
+                    gmm_wgrad_into(param.main_grad, dy_, x_, counts, kernel)
                     box.append(added_to_main_grad(param))
                 else:
-                    dw = [gmm_wgrad(dy, x, counts, offs, fallbacks)]
+                    dw = [gmm_wgrad(dy_, x_, counts, offs, fallbacks)]
                     if added_into_main_grad(param, dw, ctx.mode):
                         box.append(added_to_main_grad(param))
                     else:
                         box.append(engine_weight_grad(param, dw.pop()))
 
             ctx.sched.run_inline(settle, ctx.name)
-            return dx, box.pop(), *[None] * 9
-        if not full:
-            return dx, *[None] * 10
-        # decided here, not in the task: a refused `fused` raises from this backward
-        kernel = accumulation_kernel(param, dy.device, mode)
+            return dx, box.pop(), *none[1:]
 
-        def dw_task(x=x, dy=dy):
+        def dw_task():
             if not param.requires_grad:
                 return
+            x_, dy_ = rows()
             if kernel is not None:
-                gmm_wgrad_into(param.main_grad, dy, x, counts, kernel)
+                gmm_wgrad_into(param.main_grad, dy_, x_, counts, kernel)
                 mark_added_to_main_grad(param)
                 return
-            dw = [gmm_wgrad(dy, x, counts, offs, fallbacks)]
+            dw = [gmm_wgrad(dy_, x_, counts, offs, fallbacks)]
             if added_into_main_grad(param, dw, ctx.mode):
                 mark_added_to_main_grad(param)
             else:
                 accumulate_boxed_weight_grad(param, dw)
 
         ctx.sched.defer(dw_task, ctx.name)
-        return dx, *[None] * 10
+        return dx, *none
 
 
 def grouped_linear(
@@ -342,12 +370,14 @@ def grouped_linear(
     fallbacks: Optional[GroupedMMFallbacks] = None,
     scheduler=None,
     wgrad_accumulation: str = "auto",
+    merge=None,
 ) -> torch.Tensor:
     """`[T, K]` -> `[T, N]` with one `[N, K]` weight per group; dW goes through `scheduler` (the
     model's BackwardScheduler; default `get_backward_scheduler()`), or, where that scheduler
     defers nothing, to autograd (fluid.schedule.wgrad.weights_attached). `offs` None: the
     per-group loop; `fallbacks`: see `gmm`; `wgrad_accumulation`: `--fluid-wgrad-accumulation`
-    (module doc)."""
+    (module doc); `merge`: a forward chunk's `fluid.moe.chunk_wgrad.ChunkPart`, whose dW runs
+    once over every chunk's rows when the last chunk's backward hands its rows over."""
     sched = get_backward_scheduler() if scheduler is None else scheduler
     attached = weights_attached(sched)
     # The probe (fluid.schedule.wgrad.dw_probe) tells backward whether dW is wanted, and keeps
@@ -364,6 +394,7 @@ def grouped_linear(
         sched,
         attached,
         wgrad_accumulation,
+        merge,
     )
 
 

@@ -12,7 +12,8 @@ Shape legend: S sequence, B micro-batch, H hidden; T = S*B local tokens.
      c+1's dispatch is on the wire meanwhile (forward pipelining, `num_chunks` > 1);
   5. wait the combines, unpermute, add the shared output.
 In backward every all-to-all (fluid_all_to_all) lets the BackwardScheduler run the expert dW
-(deferred by FluidGroupedMLP) while the gradient is on the wire.
+(deferred by FluidGroupedMLP) while the gradient is on the wire; with chunks the experts' dW runs
+once over all of them, when the last chunk's backward hands its rows over (fluid.moe.chunk_wgrad).
 
 It is a MoELayer (Megatron checks `isinstance(mlp, MoELayer)` for aux-loss logging and more)
 built by MoELayer.__init__ itself, so every attribute upstream's methods read is set by upstream's
@@ -53,6 +54,7 @@ from fluid.comm import CommContext
 from fluid.config import FluidConfig, FluidConfigError
 from fluid.linear import FluidColumnParallelLinear, FluidRowParallelLinear
 from fluid.megatron.validate import validate_config
+from fluid.moe.chunk_wgrad import ChunkedWgrad
 from fluid.moe.dispatcher import FluidTokenDispatcher
 from fluid.moe.experts import FluidGroupedMLP
 from fluid.moe.router import FluidTopKRouter
@@ -250,8 +252,14 @@ class FluidMoELayer(MoELayer):
         launch(0, 1)
         if C > 1:
             launch(1, 0)
-        # With C > 1 another chunk's all-to-all is in flight during every chunk's experts.
+        # With C > 1 another chunk's all-to-all is in flight during every chunk's experts, and
+        # the experts' dW runs once over all chunks (fluid.moe.chunk_wgrad).
         beside = self.comm.beside_comm if C > 1 else contextlib.nullcontext
+        merge = None
+        if C > 1:
+            plan = disp.plan
+            assert plan is not None  # dispatch_chunks finished it
+            merge = ChunkedWgrad(plan.recv_counts, self.num_local_experts)
 
         combines = []
         for c in range(C):
@@ -265,7 +273,12 @@ class FluidMoELayer(MoELayer):
                 tokens, tok_probs, c
             )
             with beside():
-                out, _ = self.experts(tokens, tokens_per_expert, tok_probs, offs)
+                if merge is None:
+                    out, _ = self.experts(tokens, tokens_per_expert, tok_probs, offs)
+                else:
+                    out, _ = self.experts(
+                        tokens, tokens_per_expert, tok_probs, offs, wgrad_merge=merge, chunk=c
+                    )
             del tokens
             if c + 1 < C:  # chunk c's experts are queued: now the next chunk's launches
                 if c >= 1:
