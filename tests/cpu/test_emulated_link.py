@@ -1,6 +1,7 @@
 """Tier: cpu. `--fluid-emulate-link-gbps` (fluid.comm.emulated_link): at EP = 1 the MoE layer's
 all-to-alls, skipped without it, go through the expert-parallel CommContext, so the backward
-scheduler sees windows and runs deferred dW in them, and the numbers stay those of EP = 1
+scheduler sees windows and runs deferred dW in them; the forward takes the EP > 1 plan (one wait
+for the host counts, as for split sizes over a real group); and the numbers stay those of EP = 1
 bitwise (the one-rank all-to-all is a copy; deferring moves a dW in time, not its value). The
 flag is refused where the link is real (EP > 1) and for values that are not a positive number.
 The transfer time itself (the device wait) is checked on a GPU: tests/gpu/test_emulated_link_gpu.py.
@@ -35,8 +36,19 @@ def _train(n=3, **fluid):
     return layer, grads, layer.scheduler.get_stats(), outs
 
 
-def test_emulated_link_opens_windows_with_the_same_numbers(_world):
+def test_emulated_link_opens_windows_with_the_same_numbers(_world, monkeypatch):
+    from fluid.moe.dispatcher import FluidTokenDispatcher
+
+    local_plans = []
+    real = FluidTokenDispatcher._finish_local_plan
+    monkeypatch.setattr(
+        FluidTokenDispatcher,
+        "_finish_local_plan",
+        lambda self, plan: local_plans.append(1) or real(self, plan),
+    )
     layer, grads, stats, outs = _train(fluid_emulate_link_gbps=9.0)
+    # the EP > 1 plan (one wait for the host counts per forward), not EP = 1's wait-free one
+    assert local_plans == []
     comm = layer.comm
     assert comm.emulated_link is not None and comm.emulated_link.gbps == 9.0
     assert layer.token_dispatcher.dedup is False  # one rank: nothing to deduplicate
@@ -45,7 +57,7 @@ def test_emulated_link_opens_windows_with_the_same_numbers(_world):
     assert stats["overlapped_dw_tasks"] > 0, stats
 
     plain_layer, plain_grads, plain_stats, plain_outs = _train()
-    assert plain_layer.comm.emulated_link is None
+    assert plain_layer.comm.emulated_link is None and len(local_plans) == 3
     assert plain_stats["overlapped_windows"] == 0  # no all-to-all at EP = 1: nothing to fill
     assert plain_stats["total_dw_tasks"] == stats["total_dw_tasks"]
     for (o, dx), (po, pdx) in zip(outs, plain_outs, strict=True):

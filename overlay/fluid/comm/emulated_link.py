@@ -21,9 +21,9 @@ real link gives:
   - NCCL's kernels hold SMs (one block per channel) and memory bandwidth for the whole transfer;
     here one thread block spins (`torch.cuda._sleep`) and the copy runs at device-memory speed;
   - there is no other rank, so no skew between ranks reaching the same collective (what made
-    Megatron's combined 1F1B lose at EP = 2, docs/benchmarks/overlap.md);
-  - the EP > 1 forward's wait for the split sizes (one device->host copy per MoE layer,
-    fluid.moe.dispatcher) does not exist at EP = 1.
+    Megatron's combined 1F1B lose at EP = 2, docs/benchmarks/overlap.md).
+The MoE layer keeps the EP > 1 forward's one wait for split sizes per layer (the dispatcher takes
+its EP > 1 plan over an emulated link), so chunked and plain forwards compare as at EP > 1.
 On a CPU group (gloo) the emulated all-to-all is gloo's own one-rank all-to-all, without a wait:
 the CPU tests check that the layers take the all-to-all path (windows, deferred dW) with the same
 numbers.

@@ -412,8 +412,16 @@ class FluidTokenDispatcher:
         return plan
 
     def _local_plan_applies(self) -> bool:
-        """EP = 1, one chunk, dropless (the deduplicated dispatch builds its own plan)."""
-        return self.ep_size == 1 and self.num_chunks == 1 and not self.dynamic_rows
+        """EP = 1, one chunk, dropless (the deduplicated dispatch builds its own plan), and no
+        emulated link: over one (fluid.comm.emulated_link) the layer takes the EP > 1 plan and
+        waits for the host counts once per forward, as it does for split sizes over a real
+        group, so emulated runs keep that wait and compare chunked with plain as EP > 1 would."""
+        return (
+            self.ep_size == 1
+            and self.num_chunks == 1
+            and not self.dynamic_rows
+            and getattr(self.comm, "emulated_link", None) is None
+        )
 
     def _finish_local_plan(self, plan: DispatchPlan) -> DispatchPlan:
         """EP = 1, one chunk, dropless: no split needs the host counts (all R rows stay here),
