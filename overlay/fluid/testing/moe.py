@@ -236,14 +236,26 @@ def reset_ddp_flags(params) -> None:
             p.grad_added_to_main_grad = False
 
 
-def fine_grained_test_layer(hidden: int = 64, dedup: Optional[bool] = None, **extra):
-    """A tiny FluidMoELayer of the 64-expert model's structure for single-rank CPU tests (64
-    experts top-6, a shared expert, SwiGLU, aux loss, EP = 1, one chunk), seeded, layer number
-    set (the aux-loss tracker indexes by it), under emulated Megatron DDP. `dedup` sets
-    `fluid_moe_dedup` on/off (None: the default); `extra` overrides config fields (`fluid_*` ones
-    are set on the config after it is built, as Megatron's argument mapping does). Needs Megatron's
-    parallel state (fluid.testing.world.single_rank_megatron). Returns `(layer, accs)`: keep
-    `accs` alive (emulate_ddp_grads)."""
+def fine_grained_test_layer(
+    hidden: int = 64,
+    dedup: Optional[bool] = None,
+    *,
+    ffn: int = 32,
+    shared: int = 64,
+    num_chunks: int = 1,
+    device=None,
+    dtype: torch.dtype = torch.float32,
+    state: Optional[dict] = None,
+    **extra,
+):
+    """A tiny FluidMoELayer of the 64-expert model's structure for single-rank tests (64
+    experts top-6, a shared expert, SwiGLU, aux loss, EP = 1, `num_chunks` chunks), seeded, layer
+    number set (the aux-loss tracker indexes by it), on `device` in `dtype` (default CPU, fp32),
+    weights from `state` if given, under emulated Megatron DDP. `dedup` sets `fluid_moe_dedup`
+    on/off (None: the default); `extra` overrides config fields (`fluid_*` ones are set on the
+    config after it is built, as Megatron's argument mapping does). Needs Megatron's parallel state
+    (fluid.testing.world.single_rank_megatron on CPU). Returns `(layer, accs)`: keep `accs` alive
+    (emulate_ddp_grads)."""
     from megatron.core.process_groups_config import ProcessGroupCollection
 
     from fluid.moe import FluidMoELayer
@@ -255,7 +267,9 @@ def fine_grained_test_layer(hidden: int = 64, dedup: Optional[bool] = None, **ex
     )
     fluid = {k: v for k, v in extra.items() if k.startswith("fluid_")}  # set as pretrain_gpt does
     fields.update({k: v for k, v in extra.items() if k not in fluid})
-    cfg = moe_config(hidden=hidden, ffn=32, num_experts=64, topk=6, ep=1, shared=64, **fields)
+    cfg = moe_config(
+        hidden=hidden, ffn=ffn, num_experts=64, topk=6, ep=1, shared=shared, dtype=dtype, **fields
+    )
     if dedup is not None:
         fluid["fluid_moe_dedup"] = "on" if dedup else "off"
     for k, v in fluid.items():
@@ -265,7 +279,11 @@ def fine_grained_test_layer(hidden: int = 64, dedup: Optional[bool] = None, **ex
         cfg,
         submodules=local_moe_submodules(),
         pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
-        num_chunks=1,
+        num_chunks=num_chunks,
     )
+    if device is not None:
+        layer = layer.to(device)
     layer.set_layer_number(1)
+    if state is not None:
+        layer.load_state_dict(state)
     return layer, emulate_ddp_grads(layer.parameters())
