@@ -16,12 +16,15 @@ once all C are in, runs the weight's dW once over the rows of every chunk. The d
 every (expert g, source rank r) segment of n rows at `floor(c*n/C)` (chunk_bounds), so taking,
 for each g and r, the pieces of chunks 0..C-1 in order gives back exactly the rows of that
 segment with one chunk, in the same order: the merged dW is the one-chunk dW, the same GEMM on the
-same rows (bitwise where the inputs are: tests/cpu/test_chunk_wgrad.py). The gather costs one copy
-of x and dy (about 0.2 ms per layer and micro-batch for the 64-expert model); the dW then runs in
-the window where the last chunk's part arrives, one task instead of C.
+same rows. The gather writes each chunk's rows once into a fresh `[T, K]` / `[T, N]` buffer (for
+the 64-expert model about 0.4 GB per layer and micro-batch, estimated at 0.2 ms on an H200 from
+the bytes); the dW then runs in the window where the last chunk's part arrives, one task instead
+of C.
 
-The reference beside it is the per-chunk dW it replaces: the sum over chunks of `dy_c^T x_c` per
-expert, which the test compares within an fp32 bound.
+Checked against the one-chunk layout it must reproduce (tests/cpu/test_chunk_wgrad.py: the
+merged rows bitwise on cut segments; a layer's gradients with 2 chunks against 1 within an fp32
+bound, and scheduler on vs off bitwise; tests/gpu/chunk_wgrad_script.py the same on the grouped
+GEMM path).
 """
 
 from __future__ import annotations
@@ -118,13 +121,20 @@ class MergedRows:
         self.counts = merged_counts(chunk_counts, num_local_experts)
 
     def gather(self) -> tuple[torch.Tensor, torch.Tensor]:
-        order_np = merge_order(self._chunk_counts, self._num_local_experts)
-        xs = [x for x, _ in self._parts]
-        dys = [dy for _, dy in self._parts]
-        order = torch.from_numpy(order_np)
-        if xs[0].is_cuda:
-            order = order.pin_memory().to(xs[0].device, non_blocking=True)
-        return torch.cat(xs).index_select(0, order), torch.cat(dys).index_select(0, order)
+        order = merge_order(self._chunk_counts, self._num_local_experts)
+        dest = np.empty_like(order)  # where each concatenated row goes: the inverse of `order`
+        dest[order] = np.arange(order.shape[0], dtype=np.int64)
+        dest_t = torch.from_numpy(dest)
+        x0, dy0 = self._parts[0]
+        if x0.is_cuda:
+            dest_t = dest_t.pin_memory().to(x0.device, non_blocking=True)
+        rows = [x.shape[0] for x, _ in self._parts]
+        x_all = x0.new_empty((sum(rows), x0.shape[1]))
+        dy_all = dy0.new_empty((sum(rows), dy0.shape[1]))
+        for (x, dy), d in zip(self._parts, dest_t.split(rows), strict=True):
+            x_all.index_copy_(0, d, x)  # distinct destinations: every row written once
+            dy_all.index_copy_(0, d, dy)
+        return x_all, dy_all
 
 
 class ChunkPart:
