@@ -174,9 +174,10 @@ def _measure(recipe, steps: dict, layers: dict, args, cuda, device) -> dict:
 # -- MoE layer --------------------------------------------------------------------------------
 
 
-def build_moe(recipe: R.MoELayerRecipe, cuda, device, ws, variants=None):
+def build_moe(recipe: R.MoELayerRecipe, cuda, device, ws, variants=None, link: str = "nvlink"):
     """Model-parallel state (EP = recipe.ep), one layer per variant holding the same weights, the
-    inputs, and a fwd+bwd step per variant. Returns (layers, steps, shape); the probes use it too."""
+    inputs, and a fwd+bwd step per variant; Fluid's variants over an emulated `link` get its flag
+    (recipes.LINK_FIELDS). Returns (layers, steps, shape); the probes use it too."""
     from megatron.core import parallel_state
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.transformer.moe.moe_layer import MoELayer
@@ -238,6 +239,7 @@ def build_moe(recipe: R.MoELayerRecipe, cuda, device, ws, variants=None):
             continue
         fields = R.variant_fields(name)
         if fields.get("use_fluid_moe"):
+            fields.update(R.LINK_FIELDS.get(link, {}))
             layer = FluidMoELayer(cfg(fields), submodules=sub, pg_collection=pg).to(device)
             if layers:  # the weights of the first layer built (stock's), through its state dict
                 layer.load_state_dict(next(iter(layers.values())).state_dict(), strict=True)
@@ -268,7 +270,7 @@ def build_moe(recipe: R.MoELayerRecipe, cuda, device, ws, variants=None):
 
 
 def moe_job(recipe: R.MoELayerRecipe, args, cuda, device, ws) -> dict:
-    layers, steps, shape = build_moe(recipe, cuda, device, ws)
+    layers, steps, shape = build_moe(recipe, cuda, device, ws, link=args.link)
     res = _measure(recipe, steps, layers, args, cuda, device)
     res["shape"] = shape
     del layers, steps

@@ -369,6 +369,28 @@ _RECIPES = [
         links=ALL_LINKS,
         variants=E2E_EP_VARIANTS,
     ),
+    # One GPU, the expert all-to-alls emulated (fluid.comm.emulated_link): the overlap of one MoE
+    # layer per shape, Fluid against itself (stock's layers at EP = 1 send nothing).
+    *[
+        MoELayerRecipe(
+            f"moe_{model}_1gpu_emul",
+            model,
+            f"{what} MoE layer, one GPU, {tokens} tokens, the all-to-alls emulated as over a slow "
+            "link (testing aid: no NCCL, no second rank; fluid.comm.emulated_link)",
+            nproc=1,
+            ep=1,
+            tokens=tokens,
+            links=("nvlink", *LINK_FIELDS),
+            variants=("fluid_off", "fluid", "fluid_off#2"),
+            stock_side=None,
+        )
+        for model, what, tokens in (
+            ("fine", "64-expert top-6 (shared expert)", 4096),
+            ("mixtral", "Mixtral-like", 4096),
+            ("qwen3moe", "128-expert top-8", 8192),
+            ("olmoe", "64-expert top-8", 2048),
+        )
+    ],
 ]
 RECIPES = {r.name: r for r in _RECIPES}
 

@@ -211,3 +211,22 @@ def test_hidden_fraction_pools_the_iterations_of_repeated_variants():
     assert "pooled_ms" not in s["links"]["p2poff_1ch"]  # no repeats there: the run's medians
     # exposed: on 121 - 98 = 23, off 151 - 99.5 = 51.5 (per-run medians: 121 - 130, 151 - 101)
     assert s["e2e_hidden_fraction"]["p2poff_1ch"]["value"] == pytest.approx(1 - 23 / 51.5)
+
+
+def test_emulated_links_only_on_one_gpu_fluid_recipes():
+    """An emulated link (fluid.comm.emulated_link) exists only at EP = 1 and only in Fluid's
+    layers: a recipe listing one runs on one GPU without a stock variant, and its Fluid variants
+    get the link's flag on that link only."""
+    import benchmarks.e2e_job as E
+    from benchmarks import recipes as R
+
+    emulated = [r for r in R.RECIPES.values() if set(r.links) & set(R.LINK_FIELDS)]
+    assert {r.kind for r in emulated} == {"e2e", "moe"}
+    for r in emulated:
+        assert r.nproc == 1 and r.ep == 1 and r.stock_side is None, r.name
+        assert not [v for v in r.variants if R.base_variant(v).startswith("stock")], r.name
+        assert "nvlink" in r.links, r.name  # the same layers without a link: the fast side
+    e2e = R.RECIPES["e2e_fine_1gpu_emul"]
+    argv = E.variant_argv(e2e, "fluid", 10, "emul9")
+    assert argv[argv.index("--fluid-emulate-link-gbps") + 1] == "9.0"
+    assert "--fluid-emulate-link-gbps" not in E.variant_argv(e2e, "fluid", 10, "nvlink")
