@@ -136,9 +136,12 @@ JIT_FUSIONS = {
 
 
 def variant_argv(recipe: R.E2ERecipe, variant: str, iters: int, link: str = "nvlink") -> list:
-    """pretrain_gpt.py's arguments of one variant: the recipe's model, the variant's fields and
-    the link's (an emulated link's flag, recipes.LINK_FIELDS)."""
-    fields = {**R.variant_fields(variant), **R.LINK_FIELDS.get(link, {})}
+    """pretrain_gpt.py's arguments of one variant: the recipe's model, the variant's fields and,
+    for Fluid's variants, the link's (an emulated link's flag, recipes.LINK_FIELDS; stock's
+    layers have nothing to emulate, as in benchmarks.layer_job)."""
+    fields = R.variant_fields(variant)
+    if fields.get("use_fluid_moe"):
+        fields.update(R.LINK_FIELDS.get(link, {}))
     drop = {JIT_FUSIONS[k] for k, v in fields.items() if k in JIT_FUSIONS and v is True}
     fields = {k: v for k, v in fields.items() if k not in JIT_FUSIONS}
     return [a for a in model_args(recipe, iters) if a not in drop] + field_flags(fields)

@@ -230,3 +230,4 @@ def test_emulated_links_only_on_one_gpu_fluid_recipes():
     argv = E.variant_argv(e2e, "fluid", 10, "emul9")
     assert argv[argv.index("--fluid-emulate-link-gbps") + 1] == "9.0"
     assert "--fluid-emulate-link-gbps" not in E.variant_argv(e2e, "fluid", 10, "nvlink")
+    assert "--fluid-emulate-link-gbps" not in E.variant_argv(e2e, "stock", 10, "emul9")
