@@ -319,25 +319,25 @@ class _GroupedLinear(torch.autograd.Function):
             counts = merged.counts
             offs = offsets_for(counts, x.device) if offs is not None else None
 
-        def rows():
-            return merged.gather() if merged is not None else (x, dy)
-
         # decided here, not in the task: a refused `fused` raises from this backward
         kernel = accumulation_kernel(param, w.device, mode)
+
+        def compute_dw() -> list:
+            """The dW, added into main_grad where a kernel does that (returns []), else boxed
+            (`[dW]`) for the caller to hand over."""
+            x_, dy_ = merged.gather() if merged is not None else (x, dy)
+            if kernel is not None:
+                gmm_wgrad_into(param.main_grad, dy_, x_, counts, kernel)
+                return []
+            dw = [gmm_wgrad(dy_, x_, counts, offs, fallbacks)]
+            return [] if added_into_main_grad(param, dw, ctx.mode) else dw
+
         if ctx.attached:
             box: list = []  # a training backward: one inline scheduler task, as with deferral
 
             def settle():
-                x_, dy_ = rows()
-                if kernel is not None:
-                    gmm_wgrad_into(param.main_grad, dy_, x_, counts, kernel)
-                    box.append(added_to_main_grad(param))
-                else:
-                    dw = [gmm_wgrad(dy_, x_, counts, offs, fallbacks)]
-                    if added_into_main_grad(param, dw, ctx.mode):
-                        box.append(added_to_main_grad(param))
-                    else:
-                        box.append(engine_weight_grad(param, dw.pop()))
+                dw = compute_dw()
+                box.append(engine_weight_grad(param, dw.pop()) if dw else added_to_main_grad(param))
 
             ctx.sched.run_inline(settle, ctx.name)
             return dx, box.pop(), *none[1:]
@@ -345,16 +345,11 @@ class _GroupedLinear(torch.autograd.Function):
         def dw_task():
             if not param.requires_grad:
                 return
-            x_, dy_ = rows()
-            if kernel is not None:
-                gmm_wgrad_into(param.main_grad, dy_, x_, counts, kernel)
-                mark_added_to_main_grad(param)
-                return
-            dw = [gmm_wgrad(dy_, x_, counts, offs, fallbacks)]
-            if added_into_main_grad(param, dw, ctx.mode):
-                mark_added_to_main_grad(param)
-            else:
+            dw = compute_dw()
+            if dw:
                 accumulate_boxed_weight_grad(param, dw)
+            else:
+                mark_added_to_main_grad(param)
 
         ctx.sched.defer(dw_task, ctx.name)
         return dx, *none

@@ -273,12 +273,9 @@ class FluidMoELayer(MoELayer):
                 tokens, tok_probs, c
             )
             with beside():
-                if merge is None:
-                    out, _ = self.experts(tokens, tokens_per_expert, tok_probs, offs)
-                else:
-                    out, _ = self.experts(
-                        tokens, tokens_per_expert, tok_probs, offs, wgrad_merge=merge, chunk=c
-                    )
+                out, _ = self.experts(
+                    tokens, tokens_per_expert, tok_probs, offs, wgrad_merge=merge, chunk=c
+                )
             del tokens
             if c + 1 < C:  # chunk c's experts are queued: now the next chunk's launches
                 if c >= 1:
