@@ -420,7 +420,7 @@ class FluidTokenDispatcher:
             self.ep_size == 1
             and self.num_chunks == 1
             and not self.dynamic_rows
-            and getattr(self.comm, "emulated_link", None) is None
+            and self.comm.emulated_link is None
         )
 
     def _finish_local_plan(self, plan: DispatchPlan) -> DispatchPlan:
